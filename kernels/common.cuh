@@ -1,0 +1,220 @@
+// Device helpers shared by the forward and backward kernels: element conversions, 16-byte
+// vector access, Welford/Chan statistics, warp and block reductions, fast division.
+//
+// Every reduction here combines in a fixed order (lane order, then warp order), so the same
+// inputs give the same bits on every run: no atomics anywhere.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "params.h"
+
+namespace gn {
+
+constexpr int kWarp = 32;
+
+// ---------------------------------------------------------------------------------------------
+// Element conversions: everything is computed in f32.
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16-byte vectors. `kVec<T>` elements move in one 128-bit access when the pointer is 16-byte
+// aligned; the host decides that once per launch (see `vectorizable` in src/gpu/plan.rs) and
+// picks the scalar instantiation otherwise.
+
+template <typename T> constexpr int kVec = 16 / sizeof(T);
+
+template <typename T> struct alignas(16) Vec16 {
+  T v[kVec<T>];
+};
+
+template <typename T> __device__ __forceinline__ Vec16<T> load16(const T* p) {
+  // Assumes: p is 16-byte aligned; p may point to global or shared memory (generic load).
+  uint4 raw = *reinterpret_cast<const uint4*>(p);
+  return *reinterpret_cast<Vec16<T>*>(&raw);
+}
+
+template <typename T> __device__ __forceinline__ void store16(T* p, const Vec16<T>& v) {
+  // Assumes: p is 16-byte aligned.
+  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&v);
+}
+
+// Copies `n` elements from global `src` to shared `dst` with every thread of the block.
+// Assumes: with VEC, src and dst are 16-byte aligned and n is a multiple of kVec<T>.
+template <typename T, bool VEC>
+__device__ __forceinline__ void copy_to_shared(T* dst, const T* __restrict__ src, uint32_t n) {
+  if constexpr (VEC) {
+    constexpr int U = 4;  // loads in flight per thread before the stores
+    const uint32_t nv = n / kVec<T>;
+    uint32_t i = threadIdx.x;
+    for (; i + (U - 1) * blockDim.x < nv; i += U * blockDim.x) {
+      Vec16<T> r[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) r[u] = load16(src + (size_t)(i + u * blockDim.x) * kVec<T>);
+#pragma unroll
+      for (int u = 0; u < U; ++u) store16(dst + (size_t)(i + u * blockDim.x) * kVec<T>, r[u]);
+    }
+    for (; i < nv; i += blockDim.x) store16(dst + (size_t)i * kVec<T>, load16(src + (size_t)i * kVec<T>));
+  } else {
+    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fast unsigned division by a divisor fixed for the kernel (Granlund-Montgomery): one mul-hi,
+// one add and one shift instead of a ~20-instruction division. Exact for every 32-bit n.
+struct DivU32 {
+  uint32_t d, m, shift;
+  __device__ __forceinline__ explicit DivU32(uint32_t divisor) : d(divisor) {
+    // Assumes: divisor >= 1. m = floor((2^shift - d) * 2^32 / d) + 1, by shift-and-subtract long
+    // division: a 64-bit `/` would compile to an out-of-line call with a stack frame.
+    shift = 0;
+    while (shift < 32 && (1ull << shift) < divisor) ++shift;
+    uint64_t r = (1ull << shift) - divisor;  // < divisor, so every partial remainder fits
+    uint32_t q = 0;
+#pragma unroll 1
+    for (int i = 0; i < 32; ++i) {
+      r <<= 1;
+      q <<= 1;
+      if (r >= divisor) {
+        r -= divisor;
+        q |= 1u;
+      }
+    }
+    m = q + 1u;
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const {
+    uint64_t t = __umulhi(n, m);
+    return (uint32_t)((t + n) >> shift);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Statistics. A Welford state about a pivot: count, mean of (x - pivot), sum of squared
+// deviations. `combine` is Chan's merge and short-circuits empty partners, so identity lanes
+// and empty chunks need no special case at the call site.
+struct Welford {
+  float n, mean, m2;
+  __device__ __forceinline__ Welford() : n(0.f), mean(0.f), m2(0.f) {}
+  __device__ __forceinline__ Welford(float n_, float mean_, float m2_) : n(n_), mean(mean_), m2(m2_) {}
+};
+
+__device__ __forceinline__ Welford combine(const Welford& a, const Welford& b) {
+  if (b.n == 0.f) return a;
+  if (a.n == 0.f) return b;
+  const float n = a.n + b.n;
+  const float wb = b.n / n;
+  const float delta = b.mean - a.mean;
+  return Welford(n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions. Assumptions for the block versions: blockDim.x is a multiple of 32 and at most
+// 1024; `scratch` holds at least 32 elements of the reduced type; every thread of the block calls
+// them (they contain __syncthreads). The result is returned to every thread.
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float2 warp_sum(float2 v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+  }
+  return v;
+}
+
+template <typename V>
+__device__ __forceinline__ V block_sum(V v, V* scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int nwarps = blockDim.x / kWarp;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  V r = lane < nwarps ? scratch[lane] : V{};
+  r = warp_sum(r);
+  return r;
+}
+
+// Merges `count` Welford partials `parts[i] = (mean, m2)` with counts `count_of(i)` in index order,
+// with one warp. Assumes: called by all 32 lanes of one warp. The merge tree is fixed (lane i takes
+// i, i+32, ...; then a butterfly), so the result does not depend on scheduling.
+template <typename CountOf>
+__device__ __forceinline__ Welford warp_merge(const float* parts, uint32_t count, CountOf count_of) {
+  const int lane = threadIdx.x % kWarp;
+  Welford w;
+  for (uint32_t i = lane; i < count; i += kWarp) {
+    w = combine(w, Welford(count_of(i), parts[2 * i], parts[2 * i + 1]));
+  }
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    Welford other(__shfl_xor_sync(0xffffffffu, w.n, o), __shfl_xor_sync(0xffffffffu, w.mean, o),
+                  __shfl_xor_sync(0xffffffffu, w.m2, o));
+    // Combine in lane order so both partners compute bit-identical results.
+    w = (lane & o) ? combine(other, w) : combine(w, other);
+  }
+  return w;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunk geometry (see GnChunking in params.h). A chunk is `nseg` contiguous segments of `seglen`
+// values: channels [c0, c0 + nseg) of the row, spatial values [s0, s0 + seglen) of each.
+struct Chunk {
+  uint64_t row;     // n * G + g
+  uint32_t k;       // chunk index within the row
+  uint32_t c0;      // first channel within the group
+  uint32_t nseg;    // channels in the chunk
+  uint32_t s0;      // first spatial index
+  uint32_t seglen;  // spatial values per channel in the chunk
+  __device__ __forceinline__ uint32_t len() const { return nseg * seglen; }
+};
+
+__device__ __forceinline__ Chunk chunk_of(uint64_t block, const GnChunking& ch, uint32_t d,
+                                          uint32_t s) {
+  Chunk c;
+  c.row = block / ch.chunks;
+  c.k = (uint32_t)(block % ch.chunks);
+  if (ch.pieces == 1) {
+    c.c0 = c.k * ch.cpb;
+    c.nseg = min(ch.cpb, d - c.c0);
+    c.s0 = 0;
+    c.seglen = s;
+  } else {
+    c.c0 = c.k / ch.pieces;
+    c.nseg = 1;
+    c.s0 = (c.k % ch.pieces) * ch.piece_len;
+    c.seglen = min(ch.piece_len, s - c.s0);
+  }
+  return c;
+}
+
+// Number of values in chunk k of a row (for merging partials without storing counts).
+__device__ __forceinline__ uint32_t chunk_len(uint32_t k, const GnChunking& ch, uint32_t d,
+                                              uint32_t s) {
+  if (ch.pieces == 1) return min(ch.cpb, d - k * ch.cpb) * s;
+  const uint32_t s0 = (k % ch.pieces) * ch.piece_len;
+  return min(ch.piece_len, s - s0);
+}
+
+// Offset of the chunk's first value in the (N, C, S) tensor.
+__device__ __forceinline__ uint64_t chunk_offset(const Chunk& c, uint32_t d, uint32_t s) {
+  return c.row * (uint64_t)d * s + (uint64_t)c.c0 * s + c.s0;
+}
+
+}  // namespace gn

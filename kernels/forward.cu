@@ -1,0 +1,178 @@
+// GroupNorm forward, NCHW: y = (x - mean) * rstd * weight[c] + bias[c], saved mean/rstd in f32.
+//
+// Two paths, chosen per shape on the host (src/gpu/plan.rs):
+// - fused (one block per row, chunks == 1): the row is copied into shared memory once, its
+//   statistics are computed exactly (two passes over the on-chip copy, about a per-row pivot) and
+//   it is normalized from the same copy: one read of x, one write of y.
+// - split (chunks > 1, for few or long rows): `partial` computes each chunk's (mean, m2) about the
+//   row's pivot from an on-chip copy; `apply` merges a row's partials in a fixed order (Chan) and
+//   normalizes its chunk, re-reading x (usually from L2).
+//
+// The pivot is the row's first value: subtracting it before accumulating and before normalizing
+// makes the error scale with the spread of the row, not with its offset (x = 1e4 + noise).
+#include "common.cuh"
+
+namespace gn {
+
+constexpr int kFwdThreads = 512;
+
+// Chunk statistics about `pivot`, two exact passes over `buf` (shared memory). Returns
+// (mean of x - pivot, sum of squared deviations) to every thread.
+template <typename T>
+__device__ __forceinline__ float2 chunk_stats(const T* buf, uint32_t n, float pivot,
+                                              float* scratch) {
+  float s = 0.f;
+  for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) s += to_f32(buf[i]) - pivot;
+  s = block_sum(s, scratch);
+  const float mean = n ? s / (float)n : 0.f;
+  float q = 0.f;
+  for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float d = to_f32(buf[i]) - pivot - mean;
+    q += d * d;
+  }
+  q = block_sum(q, scratch);
+  return make_float2(mean, q);
+}
+
+// y = ((x - pivot) - mshift) * (rstd * w[c]) + b[c] over one chunk; src may be shared or global.
+// Assumes: with VEC, src/dst are 16-byte aligned and seglen is a multiple of kVec<T>, so a vector
+// never crosses a channel.
+template <typename T, typename P, bool VEC>
+__device__ __forceinline__ void normalize_chunk(const T* src, T* __restrict__ dst, const Chunk& c,
+                                                uint32_t chan0, float pivot, float mshift,
+                                                float rstd, const P* __restrict__ w,
+                                                const P* __restrict__ b) {
+  const DivU32 seg(c.seglen);
+  const uint32_t n = c.len();
+  auto affine = [&](uint32_t j, float& a, float& sh) {
+    const uint32_t ch = chan0 + c.c0 + seg.div(j);
+    a = w ? rstd * to_f32(w[ch]) : rstd;
+    sh = b ? to_f32(b[ch]) : 0.f;
+  };
+  if constexpr (VEC) {
+    constexpr int V = kVec<T>;
+    for (uint32_t i = threadIdx.x; i < n / V; i += blockDim.x) {
+      float a, sh;
+      affine(i * V, a, sh);
+      Vec16<T> v = load16(src + (size_t)i * V);
+#pragma unroll
+      for (int e = 0; e < V; ++e) v.v[e] = from_f32<T>((to_f32(v.v[e]) - pivot - mshift) * a + sh);
+      store16(dst + (size_t)i * V, v);
+    }
+  } else {
+    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
+      float a, sh;
+      affine(i, a, sh);
+      dst[i] = from_f32<T>((to_f32(src[i]) - pivot - mshift) * a + sh);
+    }
+  }
+}
+
+__device__ __forceinline__ float rstd_of(float m2, float count, float eps) {
+  const float var = count > 0.f ? m2 / count : 0.f;
+  return 1.0f / sqrtf(var + eps);
+}
+
+// One block per row; the whole row lives in dynamic shared memory (d * s * sizeof(T) bytes).
+template <typename T, typename P, bool VEC>
+__device__ void fwd_fused(const GnFwdParams& p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float scratch[kWarp];
+  T* buf = reinterpret_cast<T*>(smem_raw);
+  const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
+  const uint64_t off = chunk_offset(c, p.d, p.s);
+  const uint32_t n = c.len();
+  copy_to_shared<T, VEC>(buf, static_cast<const T*>(p.x) + off, n);
+  __syncthreads();
+  const float pivot = n ? to_f32(buf[0]) : 0.f;
+  const float2 st = chunk_stats(buf, n, pivot, scratch);
+  const float rstd = rstd_of(st.y, (float)n, p.eps);
+  if (threadIdx.x == 0) {
+    p.mean[c.row] = pivot + st.x;
+    p.rstd[c.row] = rstd;
+  }
+  const uint32_t chan0 = (uint32_t)(c.row % p.groups) * p.d;
+  normalize_chunk<T, P, VEC>(buf, static_cast<T*>(p.y) + off, c, chan0, pivot, st.x, rstd,
+                             static_cast<const P*>(p.weight), static_cast<const P*>(p.bias));
+}
+
+// Split path, pass 1: (mean about the row's pivot, m2) of each chunk into p.partials.
+template <typename T, bool VEC>
+__device__ void fwd_partial(const GnFwdParams& p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float scratch[kWarp];
+  T* buf = reinterpret_cast<T*>(smem_raw);
+  const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
+  const T* x = static_cast<const T*>(p.x);
+  const uint64_t row_off = c.row * (uint64_t)p.d * p.s;
+  const uint32_t n = c.len();
+  copy_to_shared<T, VEC>(buf, x + chunk_offset(c, p.d, p.s), n);
+  __syncthreads();
+  const float pivot = to_f32(x[row_off]);
+  const float2 st = chunk_stats(buf, n, pivot, scratch);
+  if (threadIdx.x == 0) {
+    float* out = p.partials + 2 * (c.row * p.chunking.chunks + c.k);
+    out[0] = st.x;
+    out[1] = st.y;
+  }
+}
+
+// Split path, pass 2: merge the row's partials (fixed order), save the statistics (chunk 0),
+// normalize this block's chunk from global memory.
+template <typename T, typename P, bool VEC>
+__device__ void fwd_apply(const GnFwdParams& p) {
+  __shared__ float2 merged;
+  const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
+  const T* x = static_cast<const T*>(p.x);
+  const uint64_t row_off = c.row * (uint64_t)p.d * p.s;
+  if (threadIdx.x < kWarp) {
+    const GnChunking ch = p.chunking;
+    const uint32_t d = p.d, s = p.s;
+    const Welford w = warp_merge(p.partials + 2 * c.row * ch.chunks, ch.chunks,
+                                 [&](uint32_t k) { return (float)chunk_len(k, ch, d, s); });
+    if (threadIdx.x == 0) merged = make_float2(w.mean, rstd_of(w.m2, w.n, p.eps));
+  }
+  __syncthreads();
+  const float pivot = to_f32(x[row_off]);
+  const float mshift = merged.x, rstd = merged.y;
+  if (c.k == 0 && threadIdx.x == 0) {
+    p.mean[c.row] = pivot + mshift;
+    p.rstd[c.row] = rstd;
+  }
+  const uint64_t off = chunk_offset(c, p.d, p.s);
+  const uint32_t chan0 = (uint32_t)(c.row % p.groups) * p.d;
+  normalize_chunk<T, P, VEC>(x + off, static_cast<T*>(p.y) + off, c, chan0, pivot, mshift, rstd,
+                             static_cast<const P*>(p.weight), static_cast<const P*>(p.bias));
+}
+
+}  // namespace gn
+
+// Entry points: groupnorm_fwd_{fused,apply}_<T>_<P>_<vec|scalar>, groupnorm_fwd_partial_<T>_<..>.
+#define GN_FWD_TP(NAME, T, P, VEC)                                                             \
+  extern "C" __global__ void __launch_bounds__(gn::kFwdThreads, 1)                                \
+      groupnorm_fwd_fused_##NAME(const GnFwdParams p) {                                        \
+    gn::fwd_fused<T, P, VEC>(p);                                                               \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(gn::kFwdThreads, 1)                                \
+      groupnorm_fwd_apply_##NAME(const GnFwdParams p) {                                        \
+    gn::fwd_apply<T, P, VEC>(p);                                                               \
+  }
+
+#define GN_FWD_T(NAME, T, VEC)                                                                 \
+  extern "C" __global__ void __launch_bounds__(gn::kFwdThreads, 1)                                \
+      groupnorm_fwd_partial_##NAME(const GnFwdParams p) {                                      \
+    gn::fwd_partial<T, VEC>(p);                                                                \
+  }
+
+#define GN_FWD_ALL(VNAME, VEC)                                                                 \
+  GN_FWD_TP(f32_f32_##VNAME, float, float, VEC)                                                \
+  GN_FWD_TP(f16_f16_##VNAME, __half, __half, VEC)                                              \
+  GN_FWD_TP(f16_f32_##VNAME, __half, float, VEC)                                               \
+  GN_FWD_TP(bf16_bf16_##VNAME, __nv_bfloat16, __nv_bfloat16, VEC)                              \
+  GN_FWD_TP(bf16_f32_##VNAME, __nv_bfloat16, float, VEC)                                       \
+  GN_FWD_T(f32_##VNAME, float, VEC)                                                            \
+  GN_FWD_T(f16_##VNAME, __half, VEC)                                                           \
+  GN_FWD_T(bf16_##VNAME, __nv_bfloat16, VEC)
+
+GN_FWD_ALL(vec, true)
+GN_FWD_ALL(scalar, false)

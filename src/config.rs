@@ -1,0 +1,285 @@
+//! Configuration and shapes: what a GroupNorm is, and the validated geometry of one call.
+//!
+//! [`GroupNorm`] holds what does not change between calls (groups, channels, eps, layout).
+//! [`Geometry`] is what one call's input dims mean for it: `N`, `C`, `G`, `D = C / G`, `S` and
+//! `L = D * S`, checked once, so the CPU and GPU paths work from the same validated numbers.
+
+use crate::dtype::{check_param_dtype, Element};
+use crate::{Error, Result};
+
+/// Memory order of an activation tensor whose logical dims are `(N, C, *spatial)`.
+///
+/// Dims are always passed in the logical order `(N, C, *spatial)`, as PyTorch does for
+/// channels-last tensors; the layout says how those elements lie in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// Contiguous `(N, C, *spatial)`: a group row is one run of `L = D * S` values.
+    #[default]
+    Nchw,
+    /// Channels-last, contiguous `(N, *spatial, C)`: a group row is `S` runs of `D` values,
+    /// `C` apart.
+    Nhwc,
+}
+
+impl Layout {
+    /// Short name (`nchw`, `nhwc`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Layout::Nchw => "nchw",
+            Layout::Nhwc => "nhwc",
+        }
+    }
+}
+
+/// A validated Group Normalization configuration.
+///
+/// ```
+/// use groupnorm::{GroupNorm, Layout};
+/// let gn = GroupNorm::new(32, 320)?.eps(1e-6)?.layout(Layout::Nhwc);
+/// assert_eq!(gn.channels_per_group(), 10);
+/// # Ok::<(), groupnorm::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GroupNorm {
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    layout: Layout,
+}
+
+/// The `eps` PyTorch uses by default.
+pub const DEFAULT_EPS: f64 = 1e-5;
+
+impl GroupNorm {
+    /// `groups` groups over `channels` channels, eps 1e-5, NCHW.
+    ///
+    /// Errors: `groups == 0`, `channels == 0`, or `channels % groups != 0`.
+    pub fn new(groups: usize, channels: usize) -> Result<Self> {
+        if groups == 0 {
+            return Err(Error::ZeroGroups);
+        }
+        if channels == 0 {
+            return Err(Error::ZeroChannels);
+        }
+        if channels % groups != 0 {
+            return Err(Error::GroupsDoNotDivideChannels { groups, channels });
+        }
+        Ok(GroupNorm {
+            groups,
+            channels,
+            eps: DEFAULT_EPS,
+            layout: Layout::Nchw,
+        })
+    }
+
+    /// Sets eps, added to the variance before the square root. Errors if negative or not finite.
+    pub fn eps(mut self, eps: f64) -> Result<Self> {
+        if !eps.is_finite() || eps < 0.0 {
+            return Err(Error::InvalidEps { eps });
+        }
+        self.eps = eps;
+        Ok(self)
+    }
+
+    /// Sets the memory layout of activations.
+    pub fn layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Number of groups `G`.
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    /// Number of channels `C`.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// Channels per group `D = C / G`.
+    pub fn channels_per_group(&self) -> usize {
+        self.channels / self.groups
+    }
+
+    /// The configured eps.
+    pub fn get_eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// The configured layout.
+    pub fn get_layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Validates input dims `(N, C, *spatial)` against this configuration.
+    pub fn geometry(&self, dims: &[usize]) -> Result<Geometry> {
+        if dims.len() < 2 {
+            return Err(Error::TooFewDims {
+                got: dims.len(),
+                dims: dims.to_vec(),
+            });
+        }
+        if dims[1] != self.channels {
+            return Err(Error::ChannelMismatch {
+                expected: self.channels,
+                got: dims[1],
+                dims: dims.to_vec(),
+            });
+        }
+        let too_large = |why: &str| Error::TooLarge {
+            dims: dims.to_vec(),
+            why: why.to_string(),
+        };
+        let spatial = dims[2..]
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| too_large("the spatial size overflows usize"))?;
+        let n = dims[0];
+        let numel = n
+            .checked_mul(self.channels)
+            .and_then(|v| v.checked_mul(spatial))
+            .ok_or_else(|| too_large("the element count overflows usize"))?;
+        // Byte sizes must fit too, for the widest dtype, or no allocation could describe them.
+        if numel.checked_mul(4).is_none() || numel > isize::MAX as usize / 4 {
+            return Err(too_large("the byte size of an f32 tensor overflows isize"));
+        }
+        let d = self.channels / self.groups;
+        Ok(Geometry {
+            n,
+            c: self.channels,
+            g: self.groups,
+            d,
+            s: spatial,
+            layout: self.layout,
+            dims: dims.to_vec(),
+        })
+    }
+
+    /// Checks parameter lengths (`C` each) and dtypes (f32 or the activation dtype).
+    pub(crate) fn check_params<T: Element, P: Element>(
+        &self,
+        weight: Option<&[P]>,
+        bias: Option<&[P]>,
+    ) -> Result<()> {
+        for (name, p) in [("weight", weight), ("bias", bias)] {
+            if let Some(p) = p {
+                check_param_dtype::<T, P>(name)?;
+                check_len(name, p.len(), self.channels, "one value per channel")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Returns a [`Error::LengthMismatch`] unless `got == expected`.
+pub(crate) fn check_len(name: &'static str, got: usize, expected: usize, what: &str) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            name,
+            expected,
+            got,
+            what: what.to_string(),
+        })
+    }
+}
+
+/// The validated geometry of one call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Batch size `N`.
+    pub n: usize,
+    /// Channels `C`.
+    pub c: usize,
+    /// Groups `G`.
+    pub g: usize,
+    /// Channels per group `D = C / G`.
+    pub d: usize,
+    /// Spatial size `S`: the product of the trailing dims (1 when there are none).
+    pub s: usize,
+    /// Memory layout of the activations.
+    pub layout: Layout,
+    /// The logical dims `(N, C, *spatial)` as given.
+    pub dims: Vec<usize>,
+}
+
+impl Geometry {
+    /// Values in one group row, `L = D * S`.
+    pub fn row_len(&self) -> usize {
+        self.d * self.s
+    }
+
+    /// Number of group rows, `N * G` (also the length of `mean` and `rstd`).
+    pub fn rows(&self) -> usize {
+        self.n * self.g
+    }
+
+    /// Total number of activation elements, `N * C * S`.
+    pub fn numel(&self) -> usize {
+        self.n * self.c * self.s
+    }
+
+    /// Offset of element `(n, c, s)` in memory for this layout.
+    #[inline(always)]
+    pub fn offset(&self, n: usize, c: usize, s: usize) -> usize {
+        match self.layout {
+            Layout::Nchw => (n * self.c + c) * self.s + s,
+            Layout::Nhwc => (n * self.s + s) * self.c + c,
+        }
+    }
+
+    /// Checks that an activation buffer (`x`, `dy`, `y`, `dx`) has `N * C * S` elements.
+    pub(crate) fn check_activation(&self, name: &'static str, len: usize) -> Result<()> {
+        check_len(name, len, self.numel(), &format!("the product of dims {:?}", self.dims))
+    }
+
+    /// Checks that `mean`/`rstd` have `N * G` elements.
+    pub(crate) fn check_stats(&self, stats: &Stats) -> Result<()> {
+        let what = format!("N * G = {} * {}", self.n, self.g);
+        check_len("mean", stats.mean.len(), self.rows(), &what)?;
+        check_len("rstd", stats.rstd.len(), self.rows(), &what)
+    }
+}
+
+/// Per-group statistics saved by the forward pass for the backward pass, f32, shape `(N, G)`
+/// row-major: `mean[n * G + g]`, `rstd[n * G + g] = 1 / sqrt(var + eps)` with the biased variance.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Mean of each group row.
+    pub mean: Vec<f32>,
+    /// Reciprocal standard deviation of each group row.
+    pub rstd: Vec<f32>,
+}
+
+/// Gradients from the backward pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grads<T, P> {
+    /// Gradient with respect to the input, same dims and layout as `x`.
+    pub dx: Vec<T>,
+    /// Gradient with respect to the weight (`C` values), present when a weight was given.
+    pub dweight: Option<Vec<P>>,
+    /// Gradient with respect to the bias (`C` values), present when asked for.
+    pub dbias: Option<Vec<P>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_follow_the_layout() {
+        let gn = GroupNorm::new(2, 4).unwrap();
+        let g = gn.geometry(&[2, 4, 3]).unwrap();
+        assert_eq!(g.offset(1, 2, 1), (4 + 2) * 3 + 1);
+        let g = gn.layout(Layout::Nhwc).geometry(&[2, 4, 3]).unwrap();
+        assert_eq!(g.offset(1, 2, 1), (3 + 1) * 4 + 2);
+    }
+
+    #[test]
+    fn two_dim_input_has_unit_spatial() {
+        let g = GroupNorm::new(2, 4).unwrap().geometry(&[3, 4]).unwrap();
+        assert_eq!((g.n, g.s, g.d, g.row_len(), g.rows()), (3, 1, 2, 2, 6));
+    }
+}

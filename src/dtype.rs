@@ -1,0 +1,190 @@
+//! Element types: activations in f32, f16 or bf16; parameters in f32 or the activation type.
+
+use half::{bf16, f16};
+use std::fmt;
+
+/// The runtime name of an element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl DType {
+    /// Size of one element in bytes.
+    pub const fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Short name used in kernel names and reports (`f32`, `f16`, `bf16`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    /// Distance from 1.0 to the next representable value (2^-23, 2^-10, 2^-7).
+    pub const fn epsilon(self) -> f64 {
+        match self {
+            DType::F32 => 1.1920928955078125e-7,
+            DType::F16 => 9.765625e-4,
+            DType::BF16 => 7.8125e-3,
+        }
+    }
+
+    /// Unit in the last place of `v` in this dtype (the spacing of representable values at `|v|`),
+    /// with the subnormal spacing as a floor.
+    pub fn ulp(self, v: f64) -> f64 {
+        let (mant_bits, min_exp) = match self {
+            DType::F32 => (23, -126),
+            DType::F16 => (10, -14),
+            DType::BF16 => (7, -126),
+        };
+        let a = v.abs();
+        let e = if a > 0.0 && a.is_finite() {
+            (a.log2().floor() as i32).max(min_exp)
+        } else {
+            min_exp
+        };
+        2f64.powi(e - mant_bits)
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// An element type the crate computes on: `f32`, [`f16`] or [`bf16`].
+///
+/// Sealed: the kernels exist for these three only. Conversions to f32 are exact; conversions
+/// from f32 and f64 round to nearest even.
+pub trait Element:
+    sealed::Sealed + Copy + Default + Send + Sync + PartialEq + fmt::Debug + 'static
+{
+    /// The runtime tag of this type.
+    const DTYPE: DType;
+    /// Exact widening to f32.
+    fn to_f32(self) -> f32;
+    /// Rounding narrowing from f32.
+    fn from_f32(v: f32) -> Self;
+    /// Exact widening to f64.
+    fn to_f64(self) -> f64;
+    /// Rounding narrowing from f64 (one rounding, not two).
+    fn from_f64(v: f64) -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        f16::to_f64(self)
+    }
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        f16::from_f64(v)
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        bf16::to_f64(self)
+    }
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        bf16::from_f64(v)
+    }
+}
+
+/// Checks that parameters of type `P` may accompany activations of type `T`:
+/// `P` must be f32 or `T` itself (the mixed-precision rule).
+pub(crate) fn check_param_dtype<T: Element, P: Element>(name: &'static str) -> crate::Result<()> {
+    if P::DTYPE == T::DTYPE || P::DTYPE == DType::F32 {
+        Ok(())
+    } else {
+        Err(crate::Error::DtypeMismatch {
+            name,
+            activation: T::DTYPE,
+            param: P::DTYPE,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ulp_matches_known_spacings() {
+        assert_eq!(DType::F32.ulp(1.0), f32::EPSILON as f64);
+        assert_eq!(DType::F16.ulp(1.0), 2f64.powi(-10));
+        assert_eq!(DType::BF16.ulp(1.5), 2f64.powi(-7));
+        assert_eq!(DType::F16.ulp(1000.0), 0.5);
+        // subnormal floor
+        assert_eq!(DType::F16.ulp(0.0), 2f64.powi(-24));
+        assert_eq!(DType::F32.ulp(1e-45), 2f64.powi(-149));
+    }
+
+    #[test]
+    fn from_f64_rounds_once() {
+        // 1 + 2^-11 + 2^-30 is just above the f16 midpoint: one rounding gives 1 + 2^-10,
+        // rounding through f32 first would also (f32 keeps 2^-30); check the value directly.
+        let v = 1.0 + 2f64.powi(-11) + 2f64.powi(-30);
+        assert_eq!(<f16 as Element>::from_f64(v).to_f64(), 1.0 + 2f64.powi(-10));
+    }
+}

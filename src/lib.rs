@@ -1,0 +1,39 @@
+//! # groupnorm
+//!
+//! Group Normalization (Wu & He, 2018) with the semantics of PyTorch's
+//! `torch.nn.functional.group_norm`, forward and backward, for activations in f32, f16 and bf16
+//! and parameters in f32 or the activation dtype.
+//!
+//! The crate is laid out as separate rooms:
+//!
+//! - [`config`]: the validated configuration ([`GroupNorm`]) and the geometry of one call;
+//! - [`dtype`]: the element types;
+//! - [`error`]: the one error type;
+//! - [`cpu`]: the CPU path, with an f64 [`cpu::reference`] that is the ground truth for every
+//!   other path, and the fast parallel path behind [`GroupNorm::forward`] and
+//!   [`GroupNorm::backward`];
+//! - [`gpu`]: the CUDA runtime (driver probe, device handle, embedded kernels).
+//!
+//! ```
+//! use groupnorm::GroupNorm;
+//! // (N=3, C=4), two groups of two channels, no affine parameters
+//! let x = [5.0f32, 4., 7., 2., 1., 6., 2., 3., 4., 8., 1., 9.];
+//! let gn = GroupNorm::new(2, 4)?;
+//! let (y, stats) = gn.forward(&x, &[3, 4], None::<&[f32]>, None)?;
+//! assert!((y[0] - 1.0).abs() < 1e-4 && (y[1] + 1.0).abs() < 1e-4);
+//! assert_eq!(stats.mean.len(), 3 * 2);
+//! # Ok::<(), groupnorm::Error>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod cpu;
+pub mod dtype;
+pub mod error;
+pub mod gpu;
+
+pub use config::{Geometry, Grads, GroupNorm, Layout, Stats, DEFAULT_EPS};
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use half::{bf16, f16};

@@ -39,7 +39,7 @@ fn main() {
     let sources = kernel_sources(Path::new("kernels"));
     let require = env::var("GROUPNORM_REQUIRE_NVCC").is_ok_and(|v| v == "1");
 
-    let modules = match find_nvcc() {
+    let (modules, entry_points) = match find_nvcc() {
         Some(nvcc) => compile_all(&nvcc, &sources, &out_dir),
         None if require => panic!(
             "GROUPNORM_REQUIRE_NVCC=1 but nvcc was not found (looked at $NVCC, $CUDA_HOME/bin, \
@@ -51,10 +51,10 @@ fn main() {
                  only; the GPU API will return KernelsNotBuilt). Install the CUDA toolkit or run \
                  scripts/install-nvcc.sh and set NVCC to build them."
             );
-            Vec::new()
+            (Vec::new(), Vec::new())
         }
     };
-    write_module_table(&out_dir, &modules);
+    write_module_table(&out_dir, &modules, &entry_points);
 }
 
 /// Every `*.cu` file under `dir` (compiled), with a rerun trigger on each file there (headers too).
@@ -116,8 +116,13 @@ fn archs() -> Vec<u32> {
     archs
 }
 
-/// Compiles each source on its own thread; returns `(module name, fatbin path)` pairs.
-fn compile_all(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Vec<(String, PathBuf)> {
+/// Compiles each source on its own thread; returns `(module name, fatbin path)` pairs and the
+/// names of every entry point (from ptxas's report).
+fn compile_all(
+    nvcc: &Path,
+    sources: &[PathBuf],
+    out_dir: &Path,
+) -> (Vec<(String, PathBuf)>, Vec<String>) {
     let archs = archs();
     let results: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = sources
@@ -145,7 +150,15 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) -> Vec<(String,
     if !failures.is_empty() {
         panic!("kernel build failed:\n\n{}", failures.join("\n\n"));
     }
-    modules
+    let mut names: Vec<String> = report
+        .lines()
+        .filter_map(|l| l.split("Compiling entry function '").nth(1))
+        .filter_map(|rest| rest.split('\'').next())
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names.dedup();
+    (modules, names)
 }
 
 fn compile_one(
@@ -225,7 +238,7 @@ fn find_spills(log: &str) -> Vec<String> {
     spills
 }
 
-fn write_module_table(out_dir: &Path, modules: &[(String, PathBuf)]) {
+fn write_module_table(out_dir: &Path, modules: &[(String, PathBuf)], entry_points: &[String]) {
     let mut src = String::from(
         "/// Fatbins compiled from `kernels/*.cu` by build.rs: (module name, image).\n\
          pub(crate) static MODULES: &[(&str, &[u8])] = &[\n",
@@ -248,6 +261,13 @@ fn write_module_table(out_dir: &Path, modules: &[(String, PathBuf)]) {
         src,
         "/// Compute capabilities with SASS in the fatbins (the last also as PTX); empty without nvcc.\n\
          pub(crate) static ARCHS: &str = {archs:?};"
+    )
+    .expect("write to String");
+    writeln!(
+        src,
+        "/// Every kernel entry point in the fatbins.\n\
+         #[allow(dead_code)]\n\
+         pub(crate) static ENTRY_POINTS: &[&str] = &{entry_points:?};"
     )
     .expect("write to String");
     fs::write(out_dir.join("kernels.rs"), src).expect("write kernels.rs");

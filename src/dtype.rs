@@ -77,7 +77,16 @@ mod sealed {
 /// Sealed: the kernels exist for these three only. Conversions to f32 are exact; conversions
 /// from f32 and f64 round to nearest even.
 pub trait Element:
-    sealed::Sealed + Copy + Default + Send + Sync + PartialEq + fmt::Debug + 'static
+    sealed::Sealed
+    + Copy
+    + Default
+    + Send
+    + Sync
+    + PartialEq
+    + fmt::Debug
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + 'static
 {
     /// The runtime tag of this type.
     const DTYPE: DType;
@@ -127,7 +136,7 @@ impl Element for f16 {
     }
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
-        f16::from_f64(v)
+        f16::from_f32(f64_to_f32_round_odd(v))
     }
 }
 
@@ -147,8 +156,26 @@ impl Element for bf16 {
     }
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
-        bf16::from_f64(v)
+        bf16::from_f32(f64_to_f32_round_odd(v))
     }
+}
+
+/// f64 to f32 rounding to odd: truncate, and set the last bit if anything was cut off. A second
+/// rounding to nearest from there into a format at least two bits narrower (f16: 11 bits, bf16: 8,
+/// against f32's 24) gives the correctly rounded result, which `half`'s own `from_f64` does not
+/// (with F16C it converts through a rounded f32 and can round twice).
+fn f64_to_f32_round_odd(v: f64) -> f32 {
+    let f = v as f32;
+    if !f.is_finite() || f as f64 == v {
+        return f;
+    }
+    // the truncation of v: f itself, or its neighbour towards zero when f rounded away
+    let t = if (f as f64).abs() > v.abs() {
+        f32::from_bits(f.to_bits() - 1)
+    } else {
+        f
+    };
+    f32::from_bits(t.to_bits() | 1)
 }
 
 /// Checks that parameters of type `P` may accompany activations of type `T`:
@@ -182,9 +209,21 @@ mod tests {
 
     #[test]
     fn from_f64_rounds_once() {
-        // 1 + 2^-11 + 2^-30 is just above the f16 midpoint: one rounding gives 1 + 2^-10,
-        // rounding through f32 first would also (f32 keeps 2^-30); check the value directly.
+        // 1 + 2^-11 + 2^-30 is just above the f16 midpoint between 1 and 1 + 2^-10: one rounding
+        // gives 1 + 2^-10; rounding to f32 first lands on the midpoint and ties to even, 1.0.
         let v = 1.0 + 2f64.powi(-11) + 2f64.powi(-30);
         assert_eq!(<f16 as Element>::from_f64(v).to_f64(), 1.0 + 2f64.powi(-10));
+        assert_eq!(<f16 as Element>::from_f64(-v).to_f64(), -(1.0 + 2f64.powi(-10)));
+        // and just below the midpoint stays down
+        let v = 1.0 + 2f64.powi(-11) - 2f64.powi(-30);
+        assert_eq!(<f16 as Element>::from_f64(v).to_f64(), 1.0);
+        // bf16: midpoint between 1 and 1 + 2^-7, nudged up
+        let v = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
+        assert_eq!(<bf16 as Element>::from_f64(v).to_f64(), 1.0 + 2f64.powi(-7));
+        // exact midpoints still tie to even, and specials pass through
+        assert_eq!(<f16 as Element>::from_f64(1.0 + 2f64.powi(-11)).to_f64(), 1.0);
+        assert!(<f16 as Element>::from_f64(f64::NAN).to_f64().is_nan());
+        assert_eq!(<bf16 as Element>::from_f64(1e300).to_f64(), f64::INFINITY);
+        assert_eq!(<f16 as Element>::from_f64(1e-300).to_f64(), 0.0);
     }
 }

@@ -1,0 +1,139 @@
+//! The launch layer: the only place that calls into the kernels. Everything it receives has been
+//! validated by the caller (src/gpu/ops.rs): shapes, lengths, dtypes, contexts and the plan.
+
+use super::params::{BwdParams, FwdParams};
+use super::plan::{Plan, PARAM_THREADS, THREADS};
+use super::runtime::Gpu;
+use crate::{DType, Error, Result};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// `groupnorm_<kind>_<T>[_<P>]_<vec|scalar>`, the names kernels/ exports.
+pub(crate) fn kernel_name(kind: &str, t: DType, p: Option<DType>, vec: Option<bool>) -> String {
+    let mut name = format!("groupnorm_{kind}_{t}");
+    if let Some(p) = p {
+        name.push('_');
+        name.push_str(p.name());
+    }
+    if let Some(vec) = vec {
+        name.push_str(if vec { "_vec" } else { "_scalar" });
+    }
+    name
+}
+
+fn launch<A: DeviceRepr>(
+    gpu: &Gpu,
+    name: &str,
+    blocks: u32,
+    threads: u32,
+    smem: u32,
+    params: &A,
+) -> Result<()> {
+    let f = gpu.function(name)?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let mut builder = gpu.stream().launch_builder(&f);
+    builder.arg(params);
+    // SAFETY: `name` is one of kernels/'s entry points, all of which take exactly one argument,
+    // the #[repr(C)] parameter struct `A` mirrors (layout asserted on both sides). The caller
+    // validated every pointer in it against the dims and the plan: each buffer lives in this
+    // Gpu's context, holds the elements the kernel will touch, and stays borrowed (with cudarc's
+    // read/write guards) until this returns, so stream ordering protects it afterwards. Grid,
+    // block and shared-memory sizes come from `plan`, which keeps them within the device limits.
+    unsafe { builder.launch(cfg) }
+        .map(|_| ())
+        .map_err(|e| Error::driver(format!("launching `{name}`"), e))
+}
+
+/// Forward: fused, or partial then apply.
+pub(crate) fn forward(gpu: &Gpu, plan: &Plan, t: DType, p: DType, params: &FwdParams) -> Result<()> {
+    if params.rows == 0 {
+        return Ok(());
+    }
+    if plan.fused {
+        let name = kernel_name("fwd_fused", t, Some(p), Some(plan.vec));
+        launch(gpu, &name, plan.blocks, THREADS, plan.smem_bytes, params)
+    } else {
+        let name = kernel_name("fwd_partial", t, None, Some(plan.vec));
+        launch(gpu, &name, plan.blocks, THREADS, plan.smem_bytes, params)?;
+        let name = kernel_name("fwd_apply", t, Some(p), Some(plan.vec));
+        launch(gpu, &name, plan.blocks, THREADS, 0, params)
+    }
+}
+
+/// Backward: fused, or partial then dx; then the parameter gradients when asked for.
+pub(crate) fn backward(
+    gpu: &Gpu,
+    plan: &Plan,
+    t: DType,
+    p: DType,
+    channels: usize,
+    params: &BwdParams,
+) -> Result<()> {
+    if params.rows > 0 {
+        if plan.fused {
+            let name = kernel_name("bwd_fused", t, Some(p), Some(plan.vec));
+            launch(gpu, &name, plan.blocks, THREADS, plan.smem_bytes, params)?;
+        } else {
+            let name = kernel_name("bwd_partial", t, None, Some(plan.vec));
+            launch(gpu, &name, plan.blocks, THREADS, 0, params)?;
+            let name = kernel_name("bwd_dx", t, Some(p), Some(plan.vec));
+            launch(gpu, &name, plan.blocks, THREADS, 0, params)?;
+        }
+    }
+    if params.dweight != 0 || params.dbias != 0 {
+        let name = kernel_name("bwd_params", p, None, None);
+        let blocks = channels.div_ceil(PARAM_THREADS as usize) as u32;
+        launch(gpu, &name, blocks, PARAM_THREADS, 0, params)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_names_match_the_exported_ones() {
+        assert_eq!(
+            kernel_name("fwd_fused", DType::F16, Some(DType::F32), Some(true)),
+            "groupnorm_fwd_fused_f16_f32_vec"
+        );
+        assert_eq!(
+            kernel_name("fwd_partial", DType::BF16, None, Some(false)),
+            "groupnorm_fwd_partial_bf16_scalar"
+        );
+        assert_eq!(kernel_name("bwd_params", DType::F32, None, None), "groupnorm_bwd_params_f32");
+    }
+
+    /// Every name `forward`/`backward` can ask for exists in the fatbins (checked against the
+    /// entry points ptxas compiled), for every dtype pair the API accepts.
+    #[test]
+    fn every_launchable_kernel_was_compiled() {
+        let built = crate::gpu::runtime::entry_points();
+        if built.is_empty() {
+            assert!(!crate::gpu::kernels_built());
+            eprintln!("skipping: built without nvcc, no kernels to check");
+            return;
+        }
+        let mut wanted = Vec::new();
+        for t in [DType::F32, DType::F16, DType::BF16] {
+            for p in [t, DType::F32] {
+                for vec in [true, false] {
+                    for kind in ["fwd_fused", "fwd_apply", "bwd_fused", "bwd_dx"] {
+                        wanted.push(kernel_name(kind, t, Some(p), Some(vec)));
+                    }
+                    for kind in ["fwd_partial", "bwd_partial"] {
+                        wanted.push(kernel_name(kind, t, None, Some(vec)));
+                    }
+                }
+            }
+            wanted.push(kernel_name("bwd_params", t, None, None));
+        }
+        for name in &wanted {
+            assert!(built.contains(&name.as_str()), "kernel `{name}` is not in the fatbins");
+        }
+    }
+}

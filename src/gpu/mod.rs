@@ -1,0 +1,24 @@
+//! The GPU path: CUDA kernels from `kernels/`, launched through `cudarc` on the caller's stream.
+//!
+//! - [`runtime`]: driver probe, [`Gpu`] device handle, the embedded kernels loaded once per context;
+//! - [`tensor`]: [`DeviceTensor`], [`DeviceStats`], [`DeviceGrads`];
+//! - [`ops`]: [`GpuGroupNorm`], the safe forward and backward;
+//! - `plan` (which kernels and chunking a shape gets), `params` (the kernels' argument structs)
+//!   and `launch` (the one place that launches kernels, and the only `unsafe`).
+//!
+//! A machine without a driver or a device gets [`Error::NoDriver`](crate::Error::NoDriver) or
+//! [`Error::NoDevice`](crate::Error::NoDevice) from [`Gpu::new`], never a panic; a binary built
+//! without nvcc gets [`Error::KernelsNotBuilt`](crate::Error::KernelsNotBuilt).
+
+mod launch;
+pub mod ops;
+mod params;
+mod plan;
+pub mod runtime;
+pub mod tensor;
+
+pub use ops::GpuGroupNorm;
+pub use plan::DeviceLimits;
+pub use runtime::{built_archs, driver_present, kernels_built, Gpu};
+pub use tensor::{download, upload, DeviceGrads, DeviceStats, DeviceTensor};
+pub use cudarc::driver::{CudaSlice, CudaStream};

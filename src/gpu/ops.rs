@@ -1,0 +1,347 @@
+//! Safe forward and backward on device tensors: validation, planning, then one call into the
+//! launch layer. Nothing here synchronizes the host; the only allocations are the outputs of the
+//! allocating variants and the plan-owned workspace, which grows on the first call for a larger
+//! shape and is reused after (so a warmed-up call can be captured in a CUDA graph).
+
+use super::launch;
+use super::params::{BwdParams, FwdParams};
+use super::plan::{self, Pass, Shape};
+use super::runtime::Gpu;
+use super::tensor::{zeros, DeviceGrads, DeviceStats, DeviceTensor};
+use crate::config::check_len;
+use crate::dtype::check_param_dtype;
+use crate::{Element, Error, Geometry, GroupNorm, Layout, Result};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+
+/// A [`GroupNorm`] bound to a [`Gpu`], owning the workspace its launches need.
+///
+/// One per stream: two threads that each own one can run concurrently.
+///
+/// ```no_run
+/// use groupnorm::{gpu::{DeviceTensor, Gpu}, GroupNorm, Layout};
+/// let gpu = Gpu::new(0)?;
+/// let gn = GroupNorm::new(32, 320)?;
+/// let mut op = gn.on_gpu(&gpu);
+/// let host = vec![0.5f32; 2 * 320 * 64];
+/// let x = DeviceTensor::from_host(&gpu, &host, &[2, 320, 64], Layout::Nchw)?;
+/// let (y, stats) = op.forward(&x, None::<&cudarc::driver::CudaSlice<f32>>, None)?;
+/// let y_host = y.to_host(&gpu)?;
+/// # Ok::<(), groupnorm::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct GpuGroupNorm {
+    gn: GroupNorm,
+    gpu: Gpu,
+    workspace: Option<CudaSlice<f32>>,
+}
+
+impl GroupNorm {
+    /// Binds this configuration to a device (and to the device handle's stream).
+    pub fn on_gpu(&self, gpu: &Gpu) -> GpuGroupNorm {
+        GpuGroupNorm {
+            gn: *self,
+            gpu: gpu.clone(),
+            workspace: None,
+        }
+    }
+}
+
+fn ptr<T>(p: CUdeviceptr, offset: usize) -> CUdeviceptr {
+    p + (offset * std::mem::size_of::<T>()) as u64
+}
+
+fn same_context<T>(gpu: &Gpu, name: &'static str, s: &CudaSlice<T>) -> Result<()> {
+    if s.context().cu_ctx() == gpu.context().cu_ctx() {
+        Ok(())
+    } else {
+        Err(Error::Unsupported {
+            what: format!("`{name}` lives in another CUDA context than this GpuGroupNorm's"),
+        })
+    }
+}
+
+fn check_tensor<T: Element>(
+    gpu: &Gpu,
+    geo: &Geometry,
+    name: &'static str,
+    t: &DeviceTensor<T>,
+) -> Result<()> {
+    if t.dims() != geo.dims.as_slice() {
+        return Err(Error::ShapeMismatch {
+            name,
+            expected: geo.dims.clone(),
+            got: t.dims().to_vec(),
+        });
+    }
+    if t.layout() != geo.layout {
+        return Err(Error::LayoutMismatch {
+            name,
+            expected: geo.layout,
+            got: t.layout(),
+        });
+    }
+    same_context(gpu, name, t.buffer())
+}
+
+fn check_param<T: Element, P: Element>(
+    gpu: &Gpu,
+    name: &'static str,
+    p: Option<&CudaSlice<P>>,
+    channels: usize,
+) -> Result<()> {
+    if let Some(p) = p {
+        check_param_dtype::<T, P>(name)?;
+        check_len(name, p.len(), channels, "one value per channel")?;
+        same_context(gpu, name, p)?;
+    }
+    Ok(())
+}
+
+impl GpuGroupNorm {
+    /// The configuration.
+    pub fn config(&self) -> &GroupNorm {
+        &self.gn
+    }
+
+    /// The device handle (and stream) launches go to.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Validated geometry of `x`, refusing what the GPU path does not do yet.
+    fn geometry<T: Element>(&self, x: &DeviceTensor<T>) -> Result<Geometry> {
+        let geo = self.gn.geometry(x.dims())?;
+        check_tensor(&self.gpu, &geo, "x", x)?;
+        if geo.layout == Layout::Nhwc {
+            return Err(Error::Unsupported {
+                what: "NHWC (channels-last) tensors on the GPU yet: use the CPU path or an NCHW \
+                       tensor"
+                    .into(),
+            });
+        }
+        Ok(geo)
+    }
+
+    fn shape<T: Element>(geo: &Geometry) -> Shape {
+        Shape {
+            n: geo.n,
+            c: geo.c,
+            g: geo.g,
+            d: geo.d,
+            s: geo.s,
+            elem_bytes: T::DTYPE.size(),
+        }
+    }
+
+    /// A workspace of at least `floats` f32 values, grown (never shrunk) as needed.
+    fn workspace(&mut self, floats: usize) -> Result<CUdeviceptr> {
+        if floats == 0 {
+            return Ok(0);
+        }
+        if self.workspace.as_ref().is_none_or(|w| w.len() < floats) {
+            self.workspace = None; // free the old one before asking for the larger one
+            self.workspace = Some(zeros(self.gpu.stream(), floats)?);
+        }
+        let ws = self.workspace.as_mut().expect("allocated above");
+        let (p, _guard) = ws.device_ptr_mut(self.gpu.stream());
+        Ok(p)
+    }
+
+    /// Forward pass into new buffers: returns `y` (same dims and layout as `x`) and the saved
+    /// statistics.
+    pub fn forward<T, P>(
+        &mut self,
+        x: &DeviceTensor<T>,
+        weight: Option<&CudaSlice<P>>,
+        bias: Option<&CudaSlice<P>>,
+    ) -> Result<(DeviceTensor<T>, DeviceStats)>
+    where
+        T: Element,
+        P: Element,
+    {
+        let geo = self.geometry(x)?;
+        let mut y = DeviceTensor::zeros(&self.gpu, x.dims(), x.layout())?;
+        let mut stats = DeviceStats::zeros(&self.gpu, geo.rows())?;
+        self.forward_into(x, weight, bias, &mut y, &mut stats)?;
+        Ok((y, stats))
+    }
+
+    /// Forward pass into caller-owned buffers (no allocation beyond the workspace's first growth).
+    pub fn forward_into<T, P>(
+        &mut self,
+        x: &DeviceTensor<T>,
+        weight: Option<&CudaSlice<P>>,
+        bias: Option<&CudaSlice<P>>,
+        y: &mut DeviceTensor<T>,
+        stats: &mut DeviceStats,
+    ) -> Result<()>
+    where
+        T: Element,
+        P: Element,
+    {
+        let geo = self.geometry(x)?;
+        check_tensor(&self.gpu, &geo, "y", y)?;
+        check_param::<T, P>(&self.gpu, "weight", weight, geo.c)?;
+        check_param::<T, P>(&self.gpu, "bias", bias, geo.c)?;
+        check_len("stats", stats.rows, geo.rows(), "N * G rows")?;
+        for (name, s) in [("mean", &stats.mean), ("rstd", &stats.rstd)] {
+            same_context(&self.gpu, name, s)?;
+            if s.len() < geo.rows() {
+                check_len(name, s.len(), geo.rows(), "N * G rows")?;
+            }
+        }
+        let stream = self.gpu.stream().clone();
+        let (xp, _gx) = x.buffer().device_ptr(&stream);
+        let y_offset = y.offset();
+        let (yp, _gy) = y.buffer_mut().device_ptr_mut(&stream);
+        let (xp, yp) = (ptr::<T>(xp, x.offset()), ptr::<T>(yp, y_offset));
+        let aligned = xp % 16 == 0 && yp % 16 == 0;
+        let plan = plan::plan(
+            Self::shape::<T>(&geo),
+            Pass::Forward,
+            self.gpu.limits(),
+            aligned,
+            &geo.dims,
+        )?;
+        let ws = self.workspace(plan.workspace_floats)?;
+        let (wp, _gw) = weight.map(|w| w.device_ptr(&stream)).unzip();
+        let (bp, _gb) = bias.map(|b| b.device_ptr(&stream)).unzip();
+        let (mp, _gm) = stats.mean.device_ptr_mut(&stream);
+        let (rp, _gr) = stats.rstd.device_ptr_mut(&stream);
+        let params = FwdParams {
+            x: xp,
+            y: yp,
+            weight: wp.unwrap_or(0),
+            bias: bp.unwrap_or(0),
+            mean: mp,
+            rstd: rp,
+            partials: ws,
+            rows: geo.rows() as u64,
+            groups: geo.g as u32,
+            d: geo.d as u32,
+            s: geo.s as u32,
+            eps: self.gn.get_eps() as f32,
+            chunking: plan.chunking,
+        };
+        launch::forward(&self.gpu, &plan, T::DTYPE, P::DTYPE, &params)
+    }
+
+    /// Backward pass into new buffers. `dweight` is computed when `weight` is given, `dbias` when
+    /// `want_dbias`.
+    pub fn backward<T, P>(
+        &mut self,
+        dy: &DeviceTensor<T>,
+        x: &DeviceTensor<T>,
+        stats: &DeviceStats,
+        weight: Option<&CudaSlice<P>>,
+        want_dbias: bool,
+    ) -> Result<DeviceGrads<T, P>>
+    where
+        T: Element,
+        P: Element,
+    {
+        let geo = self.geometry(x)?;
+        let mut dx = DeviceTensor::zeros(&self.gpu, x.dims(), x.layout())?;
+        let mut dweight = match weight {
+            Some(_) => Some(zeros::<P>(self.gpu.stream(), geo.c)?),
+            None => None,
+        };
+        let mut dbias = match want_dbias {
+            true => Some(zeros::<P>(self.gpu.stream(), geo.c)?),
+            false => None,
+        };
+        self.backward_into(
+            dy,
+            x,
+            stats,
+            weight,
+            &mut dx,
+            dweight.as_mut(),
+            dbias.as_mut(),
+        )?;
+        Ok(DeviceGrads { dx, dweight, dbias })
+    }
+
+    /// Backward pass into caller-owned buffers. `dweight` may only be asked for with a weight.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_into<T, P>(
+        &mut self,
+        dy: &DeviceTensor<T>,
+        x: &DeviceTensor<T>,
+        stats: &DeviceStats,
+        weight: Option<&CudaSlice<P>>,
+        dx: &mut DeviceTensor<T>,
+        dweight: Option<&mut CudaSlice<P>>,
+        dbias: Option<&mut CudaSlice<P>>,
+    ) -> Result<()>
+    where
+        T: Element,
+        P: Element,
+    {
+        let geo = self.geometry(x)?;
+        check_tensor(&self.gpu, &geo, "dy", dy)?;
+        check_tensor(&self.gpu, &geo, "dx", dx)?;
+        check_param::<T, P>(&self.gpu, "weight", weight, geo.c)?;
+        check_param::<T, P>(&self.gpu, "dweight", dweight.as_deref(), geo.c)?;
+        check_param::<T, P>(&self.gpu, "dbias", dbias.as_deref(), geo.c)?;
+        if dweight.is_some() && weight.is_none() {
+            return Err(Error::Unsupported {
+                what: "dweight without a weight: pass the weight the forward pass used".into(),
+            });
+        }
+        check_len("stats", stats.rows, geo.rows(), "N * G rows")?;
+        for (name, s) in [("mean", &stats.mean), ("rstd", &stats.rstd)] {
+            same_context(&self.gpu, name, s)?;
+            if s.len() < geo.rows() {
+                check_len(name, s.len(), geo.rows(), "N * G rows")?;
+            }
+        }
+        let stream = self.gpu.stream().clone();
+        let (dyp, _gdy) = dy.buffer().device_ptr(&stream);
+        let (xp, _gx) = x.buffer().device_ptr(&stream);
+        let dx_offset = dx.offset();
+        let (dxp, _gdx) = dx.buffer_mut().device_ptr_mut(&stream);
+        let dyp = ptr::<T>(dyp, dy.offset());
+        let xp = ptr::<T>(xp, x.offset());
+        let dxp = ptr::<T>(dxp, dx_offset);
+        let aligned = xp % 16 == 0 && dyp % 16 == 0 && dxp % 16 == 0;
+        let plan = plan::plan(
+            Self::shape::<T>(&geo),
+            Pass::Backward,
+            self.gpu.limits(),
+            aligned,
+            &geo.dims,
+        )?;
+        let ws = self.workspace(plan.workspace_floats)?;
+        let (wp, _gw) = weight.map(|w| w.device_ptr(&stream)).unzip();
+        let (dwp, _gdw) = dweight.map(|w| w.device_ptr_mut(&stream)).unzip();
+        let (dbp, _gdb) = dbias.map(|b| b.device_ptr_mut(&stream)).unzip();
+        let (mp, _gm) = stats.mean.device_ptr(&stream);
+        let (rp, _gr) = stats.rstd.device_ptr(&stream);
+        let row_len = geo.row_len();
+        let params = BwdParams {
+            dy: dyp,
+            x: xp,
+            mean: mp,
+            rstd: rp,
+            weight: wp.unwrap_or(0),
+            dx: dxp,
+            dweight: dwp.unwrap_or(0),
+            dbias: dbp.unwrap_or(0),
+            partials: ws,
+            rows: geo.rows() as u64,
+            batch: geo.n as u32,
+            groups: geo.g as u32,
+            d: geo.d as u32,
+            s: geo.s as u32,
+            inv_row_len: if row_len > 0 {
+                (1.0 / row_len as f64) as f32
+            } else {
+                0.0
+            },
+            chunking: plan.chunking,
+        };
+        launch::backward(&self.gpu, &plan, T::DTYPE, P::DTYPE, geo.c, &params)
+    }
+}

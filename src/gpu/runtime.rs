@@ -1,0 +1,270 @@
+//! The CUDA runtime: finding the driver and a device, loading the embedded kernels once per
+//! context, and looking kernels up by name.
+
+use super::plan::DeviceLimits;
+use crate::{Error, Result};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUresult};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Compute capabilities the embedded kernels were built for (SASS for each, PTX for the last),
+/// comma-separated; empty when the crate was built without nvcc.
+pub fn built_archs() -> &'static str {
+    embedded::ARCHS
+}
+
+/// Names of every kernel entry point in the embedded fatbins.
+pub(crate) fn entry_points() -> &'static [&'static str] {
+    embedded::ENTRY_POINTS
+}
+
+/// Whether this binary carries GPU kernels at all.
+pub fn kernels_built() -> bool {
+    !embedded::MODULES.is_empty()
+}
+
+/// Whether the CUDA driver library can be loaded on this machine. Never panics.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to open libcuda by its usual names and closes it again; it runs no
+    // library code beyond the loader's.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// A CUDA device ready to run the crate's kernels: its context, a stream, and the loaded kernels.
+///
+/// Cheap to clone; clones share the context, the stream and the loaded module.
+#[derive(Clone, Debug)]
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: Arc<Kernels>,
+    limits: DeviceLimits,
+    name: String,
+    capability: (i32, i32),
+}
+
+impl Gpu {
+    /// Opens device `ordinal`: probes the driver first (so a machine without one gets
+    /// [`Error::NoDriver`], never a panic), then the device, then loads the kernels (once per
+    /// context; later calls reuse them).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            return Err(Error::NoDriver);
+        }
+        let count = match CudaContext::device_count() {
+            Ok(n) => n.max(0) as usize,
+            Err(DriverError(CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
+            Err(e) => return Err(Error::driver("initializing the CUDA driver", e)),
+        };
+        if ordinal >= count {
+            return Err(Error::NoDevice { ordinal, count });
+        }
+        if !kernels_built() {
+            return Err(Error::KernelsNotBuilt);
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| Error::driver(format!("creating a context on device {ordinal}"), e))?;
+        let attr = |a: CUdevice_attribute, what: &str| {
+            ctx.attribute(a)
+                .map_err(|e| Error::driver(format!("querying {what}"), e))
+        };
+        let sms = attr(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            "the SM count",
+        )?;
+        let smem = attr(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            "the shared memory per block",
+        )?;
+        let major = attr(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            "the compute capability",
+        )?;
+        let minor = attr(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+            "the compute capability",
+        )?;
+        let name = ctx.name().unwrap_or_else(|_| format!("CUDA device {ordinal}"));
+        let limits = DeviceLimits {
+            sms: sms.max(1) as usize,
+            // keep room for the kernels' static shared memory (reduction scratch)
+            smem_per_block: (smem.max(0) as usize).saturating_sub(1024),
+        };
+        let kernels = Kernels::for_context(&ctx, (major, minor), limits)?;
+        let stream = ctx.default_stream();
+        Ok(Gpu {
+            ctx,
+            stream,
+            kernels,
+            limits,
+            name,
+            capability: (major, minor),
+        })
+    }
+
+    /// The same device with work issued on `stream` (which must belong to this device's context).
+    pub fn with_stream(&self, stream: Arc<CudaStream>) -> Result<Self> {
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(Error::Unsupported {
+                what: "a stream of another CUDA context than this Gpu's".into(),
+            });
+        }
+        Ok(Gpu {
+            stream,
+            ..self.clone()
+        })
+    }
+
+    /// A new stream on this device, for work that should overlap with other streams.
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        self.ctx
+            .new_stream()
+            .map_err(|e| Error::driver("creating a stream", e))
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream this handle issues work on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device's name, as the driver reports it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compute capability (major, minor).
+    pub fn capability(&self) -> (i32, i32) {
+        self.capability
+    }
+
+    /// Streaming multiprocessor count.
+    pub fn sm_count(&self) -> usize {
+        self.limits.sms
+    }
+
+    pub(crate) fn limits(&self) -> DeviceLimits {
+        self.limits
+    }
+
+    pub(crate) fn function(&self, name: &str) -> Result<CudaFunction> {
+        self.kernels.function(name)
+    }
+
+    /// Waits until all work issued on this handle's stream has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::driver("synchronizing the stream", e))
+    }
+}
+
+/// The embedded modules loaded into one context, and the functions looked up so far.
+pub(crate) struct Kernels {
+    modules: Vec<Arc<CudaModule>>,
+    functions: RwLock<HashMap<String, CudaFunction>>,
+    limits: DeviceLimits,
+}
+
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernels")
+            .field("modules", &self.modules.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One entry per context that has loaded the kernels: cudarc loads a module anew on every
+/// `load_module` call, so the crate keeps its own cache. Keyed by the context handle.
+type ModuleCache = Mutex<Vec<(usize, Arc<Kernels>)>>;
+
+fn cache() -> &'static ModuleCache {
+    static CACHE: OnceLock<ModuleCache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+impl Kernels {
+    fn for_context(
+        ctx: &Arc<CudaContext>,
+        capability: (i32, i32),
+        limits: DeviceLimits,
+    ) -> Result<Arc<Self>> {
+        let key = ctx.cu_ctx() as usize;
+        let mut cache = cache().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, k)) = cache.iter().find(|(k, _)| *k == key) {
+            return Ok(k.clone());
+        }
+        let mut modules = Vec::with_capacity(embedded::MODULES.len());
+        for (name, image) in embedded::MODULES {
+            let module = ctx
+                .load_module(Ptx::from_binary(image.to_vec()))
+                .map_err(|e| match e {
+                    DriverError(CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU) => Error::Unsupported {
+                        what: format!(
+                            "a device of compute capability {}.{}: the kernels were built for \
+                             sm_{{{}}} (set GROUPNORM_CUDA_ARCHS and rebuild)",
+                            capability.0,
+                            capability.1,
+                            built_archs()
+                        ),
+                    },
+                    e => Error::driver(format!("loading the `{name}` kernel module"), e),
+                })?;
+            modules.push(module);
+        }
+        let kernels = Arc::new(Kernels {
+            modules,
+            functions: RwLock::new(HashMap::new()),
+            limits,
+        });
+        cache.push((key, kernels.clone()));
+        Ok(kernels)
+    }
+
+    fn function(&self, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self
+            .functions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            return Ok(f.clone());
+        }
+        let mut last_err = None;
+        for module in &self.modules {
+            match module.load_function(name) {
+                Ok(f) => {
+                    // Let the kernel use all the dynamic shared memory the device allows a block;
+                    // each launch still asks only for what its plan needs.
+                    let static_smem = f.shared_size_bytes().unwrap_or(0).max(0) as usize;
+                    let dynamic = self.limits.smem_per_block.saturating_sub(static_smem);
+                    f.set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        dynamic as i32,
+                    )
+                    .map_err(|e| Error::driver(format!("configuring kernel `{name}`"), e))?;
+                    self.functions
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.to_string(), f.clone());
+                    return Ok(f);
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(Error::KernelMissing {
+            name: name.to_string(),
+            source: last_err.unwrap_or(DriverError(CUresult::CUDA_ERROR_NOT_FOUND)),
+        })
+    }
+}

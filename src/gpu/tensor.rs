@@ -1,0 +1,235 @@
+//! Device tensors: a `cudarc` buffer with the dims and layout that give it meaning.
+
+use super::runtime::Gpu;
+use crate::config::{check_len, Stats};
+use crate::{Element, Error, Layout, Result};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, DriverError, ValidAsZeroBits};
+use std::sync::Arc;
+
+/// Wraps an allocation failure with its size, and any other driver error with what was done.
+pub(crate) fn alloc_error(bytes: usize, what: &str, e: DriverError) -> Error {
+    if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Error::OutOfMemory { bytes, source: e }
+    } else {
+        Error::driver(what.to_string(), e)
+    }
+}
+
+/// Copies a host slice to a new device buffer on `stream`.
+pub fn upload<T: DeviceRepr>(stream: &Arc<CudaStream>, host: &[T]) -> Result<CudaSlice<T>> {
+    stream
+        .clone_htod(host)
+        .map_err(|e| alloc_error(std::mem::size_of_val(host), "copying to the device", e))
+}
+
+/// Copies a device buffer back to the host (synchronizes with `stream`).
+pub fn download<T: DeviceRepr>(stream: &Arc<CudaStream>, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+    stream
+        .clone_dtoh(dev)
+        .map_err(|e| Error::driver("copying to the host", e))
+}
+
+/// A zeroed device buffer of `len` elements (at least one, as the driver refuses empty ones).
+pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    len: usize,
+) -> Result<CudaSlice<T>> {
+    let bytes = len.max(1) * std::mem::size_of::<T>();
+    stream
+        .alloc_zeros::<T>(len.max(1))
+        .map_err(|e| alloc_error(bytes, "allocating device memory", e))
+}
+
+/// An activation tensor on the device: logical dims `(N, C, *spatial)`, a layout, and a buffer
+/// holding its `N * C * S` elements from element `offset` on.
+///
+/// The offset lets a tensor be a view into a larger buffer, including one that starts at an
+/// element that is not 16-byte aligned (the kernels then take their scalar path).
+#[derive(Debug)]
+pub struct DeviceTensor<T> {
+    data: CudaSlice<T>,
+    offset: usize,
+    dims: Vec<usize>,
+    layout: Layout,
+}
+
+fn numel(dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Error::TooLarge {
+            dims: dims.to_vec(),
+            why: "the element count overflows usize".into(),
+        })
+}
+
+impl<T: Element> DeviceTensor<T> {
+    /// Wraps a device buffer holding exactly the tensor's elements.
+    pub fn new(data: CudaSlice<T>, dims: &[usize], layout: Layout) -> Result<Self> {
+        Self::with_offset(data, 0, dims, layout)
+    }
+
+    /// Wraps the elements `offset..offset + numel` of a device buffer.
+    pub fn with_offset(
+        data: CudaSlice<T>,
+        offset: usize,
+        dims: &[usize],
+        layout: Layout,
+    ) -> Result<Self> {
+        let n = numel(dims)?;
+        let needed = offset.checked_add(n).ok_or_else(|| Error::TooLarge {
+            dims: dims.to_vec(),
+            why: "offset plus element count overflows usize".into(),
+        })?;
+        if data.len() < needed {
+            return Err(Error::LengthMismatch {
+                name: "data",
+                expected: needed,
+                got: data.len(),
+                what: format!("offset {offset} plus the product of dims {dims:?}"),
+            });
+        }
+        Ok(DeviceTensor {
+            data,
+            offset,
+            dims: dims.to_vec(),
+            layout,
+        })
+    }
+
+    /// Copies a host slice holding the tensor in `layout` order to the device.
+    pub fn from_host(gpu: &Gpu, host: &[T], dims: &[usize], layout: Layout) -> Result<Self> {
+        check_len("host", host.len(), numel(dims)?, "the product of the dims")?;
+        let data = if host.is_empty() {
+            zeros(gpu.stream(), 0)?
+        } else {
+            upload(gpu.stream(), host)?
+        };
+        Ok(DeviceTensor {
+            data,
+            offset: 0,
+            dims: dims.to_vec(),
+            layout,
+        })
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(gpu: &Gpu, dims: &[usize], layout: Layout) -> Result<Self> {
+        let n = numel(dims)?;
+        Ok(DeviceTensor {
+            data: zeros(gpu.stream(), n)?,
+            offset: 0,
+            dims: dims.to_vec(),
+            layout,
+        })
+    }
+
+    /// Copies the tensor's elements back to the host, in its layout's order.
+    pub fn to_host(&self, gpu: &Gpu) -> Result<Vec<T>> {
+        let n = self.numel();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let view = self.data.slice(self.offset..self.offset + n);
+        gpu.stream()
+            .clone_dtoh(&view)
+            .map_err(|e| Error::driver("copying to the host", e))
+    }
+
+    /// Logical dims `(N, C, *spatial)`.
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    /// Memory layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// Element offset of the tensor in its buffer.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// The underlying buffer.
+    pub fn buffer(&self) -> &CudaSlice<T> {
+        &self.data
+    }
+
+    /// The underlying buffer, mutably.
+    pub fn buffer_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.data
+    }
+
+    /// Gives the buffer back.
+    pub fn into_buffer(self) -> CudaSlice<T> {
+        self.data
+    }
+}
+
+/// Forward statistics on the device, f32, `(N, G)`: what [`Stats`] is on the host.
+#[derive(Debug)]
+pub struct DeviceStats {
+    /// Mean of each group row.
+    pub mean: CudaSlice<f32>,
+    /// Reciprocal standard deviation of each group row.
+    pub rstd: CudaSlice<f32>,
+    /// Number of rows, `N * G` (the buffers may be longer: the driver refuses empty ones).
+    pub rows: usize,
+}
+
+impl DeviceStats {
+    /// Zeroed statistics for `rows` group rows.
+    pub fn zeros(gpu: &Gpu, rows: usize) -> Result<Self> {
+        Ok(DeviceStats {
+            mean: zeros(gpu.stream(), rows)?,
+            rstd: zeros(gpu.stream(), rows)?,
+            rows,
+        })
+    }
+
+    /// Uploads host statistics.
+    pub fn from_host(gpu: &Gpu, stats: &Stats) -> Result<Self> {
+        check_len("rstd", stats.rstd.len(), stats.mean.len(), "as many as mean")?;
+        let rows = stats.mean.len();
+        if rows == 0 {
+            return Self::zeros(gpu, 0);
+        }
+        Ok(DeviceStats {
+            mean: upload(gpu.stream(), &stats.mean)?,
+            rstd: upload(gpu.stream(), &stats.rstd)?,
+            rows,
+        })
+    }
+
+    /// Copies the statistics to the host.
+    pub fn to_host(&self, gpu: &Gpu) -> Result<Stats> {
+        if self.rows == 0 {
+            return Ok(Stats::default());
+        }
+        let get = |s: &CudaSlice<f32>| {
+            gpu.stream()
+                .clone_dtoh(&s.slice(0..self.rows))
+                .map_err(|e| Error::driver("copying to the host", e))
+        };
+        Ok(Stats {
+            mean: get(&self.mean)?,
+            rstd: get(&self.rstd)?,
+        })
+    }
+}
+
+/// Gradients on the device.
+#[derive(Debug)]
+pub struct DeviceGrads<T, P> {
+    /// Gradient with respect to the input.
+    pub dx: DeviceTensor<T>,
+    /// Gradient with respect to the weight, when a weight was given.
+    pub dweight: Option<CudaSlice<P>>,
+    /// Gradient with respect to the bias, when asked for.
+    pub dbias: Option<CudaSlice<P>>,
+}

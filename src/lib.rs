@@ -6,6 +6,7 @@
 //!
 //! The crate is laid out as separate rooms:
 //!
+//! - [`accuracy`]: the accuracy targets every path is held to, and their error measures;
 //! - [`config`]: the validated configuration ([`GroupNorm`]) and the geometry of one call;
 //! - [`dtype`]: the element types;
 //! - [`error`]: the one error type;
@@ -27,6 +28,7 @@
 
 #![warn(missing_docs)]
 
+pub mod accuracy;
 pub mod config;
 pub mod cpu;
 pub mod dtype;
@@ -37,3 +39,8 @@ pub use config::{Geometry, Grads, GroupNorm, Layout, Stats, DEFAULT_EPS};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+
+/// The README's examples, compiled (and the CPU one run) as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

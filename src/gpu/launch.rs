@@ -48,7 +48,13 @@ fn launch<A: DeviceRepr>(
 }
 
 /// Forward: fused, or partial then apply.
-pub(crate) fn forward(gpu: &Gpu, plan: &Plan, t: DType, p: DType, params: &FwdParams) -> Result<()> {
+pub(crate) fn forward(
+    gpu: &Gpu,
+    plan: &Plan,
+    t: DType,
+    p: DType,
+    params: &FwdParams,
+) -> Result<()> {
     if params.rows == 0 {
         return Ok(());
     }
@@ -105,7 +111,10 @@ mod tests {
             kernel_name("fwd_partial", DType::BF16, None, Some(false)),
             "groupnorm_fwd_partial_bf16_scalar"
         );
-        assert_eq!(kernel_name("bwd_params", DType::F32, None, None), "groupnorm_bwd_params_f32");
+        assert_eq!(
+            kernel_name("bwd_params", DType::F32, None, None),
+            "groupnorm_bwd_params_f32"
+        );
     }
 
     /// Every name `forward`/`backward` can ask for exists in the fatbins (checked against the
@@ -133,7 +142,10 @@ mod tests {
             wanted.push(kernel_name("bwd_params", t, None, None));
         }
         for name in &wanted {
-            assert!(built.contains(&name.as_str()), "kernel `{name}` is not in the fatbins");
+            assert!(
+                built.contains(&name.as_str()),
+                "kernel `{name}` is not in the fatbins"
+            );
         }
     }
 }

@@ -17,8 +17,8 @@ mod plan;
 pub mod runtime;
 pub mod tensor;
 
+pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 pub use ops::GpuGroupNorm;
 pub use plan::DeviceLimits;
-pub use runtime::{built_archs, driver_present, kernels_built, Gpu};
+pub use runtime::{built_archs, driver_present, entry_points, kernels_built, Gpu};
 pub use tensor::{download, upload, DeviceGrads, DeviceStats, DeviceTensor};
-pub use cudarc::driver::{CudaSlice, CudaStream};

@@ -89,7 +89,14 @@ pub(crate) fn plan(
     ptrs_aligned: bool,
     dims: &[usize],
 ) -> Result<Plan> {
-    let Shape { n, c, g, d, s, elem_bytes } = shape;
+    let Shape {
+        n,
+        c,
+        g,
+        d,
+        s,
+        elem_bytes,
+    } = shape;
     let too_large = |why: String| Error::TooLarge {
         dims: dims.to_vec(),
         why,
@@ -112,21 +119,20 @@ pub(crate) fn plan(
     let fused_cap = fused_budget / (on_chip * elem_bytes);
     let enough_rows = rows >= dev.sms;
     let worth_splitting = row_len >= 2 * MIN_CHUNK;
-    let chunking;
     let fused = row_len <= fused_cap && (enough_rows || !worth_splitting);
-    if fused {
-        chunking = Chunking {
+    let chunking = if fused {
+        Chunking {
             chunks: 1,
             cpb: d as u32,
             pieces: 1,
             piece_len: s as u32,
-        };
+        }
     } else {
         let split_cap = SPLIT_SMEM_BUDGET.min(dev.smem_per_block) / elem_bytes;
         let target_blocks = SPLIT_BLOCKS_PER_SM * dev.sms;
         let total = rows.saturating_mul(row_len);
         let target = (total / target_blocks.max(1)).clamp(MIN_CHUNK.min(split_cap), split_cap);
-        chunking = if s <= target {
+        if s <= target {
             let cpb = (target / s).clamp(1, d);
             Chunking {
                 chunks: d.div_ceil(cpb) as u32,
@@ -149,8 +155,8 @@ pub(crate) fn plan(
                 pieces: pieces as u32,
                 piece_len: piece_len as u32,
             }
-        };
-    }
+        }
+    };
     let blocks = rows as u64 * chunking.chunks as u64;
     if blocks > MAX_BLOCKS {
         return Err(too_large(format!(
@@ -226,7 +232,10 @@ mod tests {
         let mut next = 0u64;
         for k in 0..p.chunking.chunks {
             let (c0, nseg, s0, seglen) = chunk_of(k, p.chunking, d, s);
-            assert!(nseg >= 1 && seglen >= 1, "empty chunk {k} in {p:?} for {sh:?}");
+            assert!(
+                nseg >= 1 && seglen >= 1,
+                "empty chunk {k} in {p:?} for {sh:?}"
+            );
             let start = c0 as u64 * s as u64 + s0 as u64;
             assert_eq!(start, next, "chunk {k} not contiguous in {p:?} for {sh:?}");
             next = start + nseg as u64 * seglen as u64;
@@ -240,7 +249,11 @@ mod tests {
             };
             assert!(on_chip <= dev.smem_per_block as u64);
         }
-        assert_eq!(next, sh.d as u64 * sh.s as u64, "chunks miss values in {p:?}");
+        assert_eq!(
+            next,
+            sh.d as u64 * sh.s as u64,
+            "chunks miss values in {p:?}"
+        );
         assert_eq!(p.blocks as usize, sh.n * sh.g * p.chunking.chunks as usize);
     }
 
@@ -270,7 +283,14 @@ mod tests {
 
     #[test]
     fn one_batch_stable_diffusion_shape_uses_every_sm() {
-        let p = plan(shape(1, 320, 32, 64 * 64, 2), Pass::Forward, H100, true, &[]).unwrap();
+        let p = plan(
+            shape(1, 320, 32, 64 * 64, 2),
+            Pass::Forward,
+            H100,
+            true,
+            &[],
+        )
+        .unwrap();
         assert!(!p.fused);
         assert!(p.blocks as usize >= 2 * H100.sms, "{p:?}");
         assert!(p.vec);
@@ -278,7 +298,14 @@ mod tests {
 
     #[test]
     fn many_short_rows_are_fused_and_read_once() {
-        let p = plan(shape(16, 320, 32, 32 * 32, 2), Pass::Forward, H100, true, &[]).unwrap();
+        let p = plan(
+            shape(16, 320, 32, 32 * 32, 2),
+            Pass::Forward,
+            H100,
+            true,
+            &[],
+        )
+        .unwrap();
         assert!(p.fused && p.vec, "{p:?}");
         assert_eq!(p.workspace_floats, 0);
         assert_eq!(p.smem_bytes as usize, 10 * 1024 * 2);
@@ -301,7 +328,13 @@ mod tests {
 
     #[test]
     fn oversized_dims_are_typed_errors() {
-        let e = plan(shape(1, 1, 1, 1 << 33, 4), Pass::Forward, H100, true, &[1, 1, 1 << 33]);
+        let e = plan(
+            shape(1, 1, 1, 1 << 33, 4),
+            Pass::Forward,
+            H100,
+            true,
+            &[1, 1, 1 << 33],
+        );
         assert!(matches!(e, Err(Error::TooLarge { .. })), "{e:?}");
     }
 }

@@ -3,8 +3,8 @@
 
 use super::plan::DeviceLimits;
 use crate::{Error, Result};
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUresult};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUresult};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -19,8 +19,8 @@ pub fn built_archs() -> &'static str {
     embedded::ARCHS
 }
 
-/// Names of every kernel entry point in the embedded fatbins.
-pub(crate) fn entry_points() -> &'static [&'static str] {
+/// Names of every kernel entry point in the embedded fatbins (empty without nvcc).
+pub fn entry_points() -> &'static [&'static str] {
     embedded::ENTRY_POINTS
 }
 
@@ -90,7 +90,9 @@ impl Gpu {
             CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
             "the compute capability",
         )?;
-        let name = ctx.name().unwrap_or_else(|_| format!("CUDA device {ordinal}"));
+        let name = ctx
+            .name()
+            .unwrap_or_else(|_| format!("CUDA device {ordinal}"));
         let limits = DeviceLimits {
             sms: sms.max(1) as usize,
             // keep room for the kernels' static shared memory (reduction scratch)
@@ -161,6 +163,24 @@ impl Gpu {
         self.kernels.function(name)
     }
 
+    /// Records a timing event on this handle's stream; two of them measure the GPU time of the
+    /// work issued between them (see [`Gpu::elapsed_ms`]).
+    pub fn timing_event(&self) -> Result<CudaEvent> {
+        self.stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| Error::driver("recording a timing event", e))
+    }
+
+    /// Milliseconds of GPU time between two timing events, waiting for the second to complete.
+    pub fn elapsed_ms(start: &CudaEvent, end: &CudaEvent) -> Result<f64> {
+        end.synchronize()
+            .map_err(|e| Error::driver("waiting for a timing event", e))?;
+        start
+            .elapsed_ms(end)
+            .map(f64::from)
+            .map_err(|e| Error::driver("reading a timing event", e))
+    }
+
     /// Waits until all work issued on this handle's stream has finished.
     pub fn synchronize(&self) -> Result<()> {
         self.stream
@@ -200,26 +220,28 @@ impl Kernels {
         limits: DeviceLimits,
     ) -> Result<Arc<Self>> {
         let key = ctx.cu_ctx() as usize;
-        let mut cache = cache().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut cache = cache()
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some((_, k)) = cache.iter().find(|(k, _)| *k == key) {
             return Ok(k.clone());
         }
         let mut modules = Vec::with_capacity(embedded::MODULES.len());
         for (name, image) in embedded::MODULES {
-            let module = ctx
-                .load_module(Ptx::from_binary(image.to_vec()))
-                .map_err(|e| match e {
-                    DriverError(CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU) => Error::Unsupported {
-                        what: format!(
-                            "a device of compute capability {}.{}: the kernels were built for \
+            let module =
+                ctx.load_module(Ptx::from_binary(image.to_vec()))
+                    .map_err(|e| match e {
+                        DriverError(CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU) => Error::Unsupported {
+                            what: format!(
+                                "a device of compute capability {}.{}: the kernels were built for \
                              sm_{{{}}} (set GROUPNORM_CUDA_ARCHS and rebuild)",
-                            capability.0,
-                            capability.1,
-                            built_archs()
-                        ),
-                    },
-                    e => Error::driver(format!("loading the `{name}` kernel module"), e),
-                })?;
+                                capability.0,
+                                capability.1,
+                                built_archs()
+                            ),
+                        },
+                        e => Error::driver(format!("loading the `{name}` kernel module"), e),
+                    })?;
             modules.push(module);
         }
         let kernels = Arc::new(Kernels {

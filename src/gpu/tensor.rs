@@ -194,7 +194,12 @@ impl DeviceStats {
 
     /// Uploads host statistics.
     pub fn from_host(gpu: &Gpu, stats: &Stats) -> Result<Self> {
-        check_len("rstd", stats.rstd.len(), stats.mean.len(), "as many as mean")?;
+        check_len(
+            "rstd",
+            stats.rstd.len(),
+            stats.mean.len(),
+            "as many as mean",
+        )?;
         let rows = stats.mean.len();
         if rows == 0 {
             return Self::zeros(gpu, 0);

@@ -60,7 +60,8 @@ fn main() {
 /// Every `*.cu` file under `dir` (compiled), with a rerun trigger on each file there (headers too).
 fn kernel_sources(dir: &Path) -> Vec<PathBuf> {
     let mut sources = Vec::new();
-    let entries = fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()));
+    let entries =
+        fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()));
     for entry in entries {
         let path = entry.expect("readable kernels/ entry").path();
         println!("cargo::rerun-if-changed={}", path.display());
@@ -131,7 +132,10 @@ fn compile_all(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| panic!("a kernel compile thread panicked")))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| panic!("a kernel compile thread panicked"))
+            })
             .collect()
     });
     let mut report = String::new();
@@ -186,7 +190,8 @@ fn compile_one(
         } else {
             format!("sm_{a}")
         };
-        cmd.arg("-gencode").arg(format!("arch=compute_{a},code={code}"));
+        cmd.arg("-gencode")
+            .arg(format!("arch=compute_{a},code={code}"));
     }
     if let Some(ccbin) = env::var_os("NVCC_CCBIN") {
         cmd.arg("-ccbin").arg(ccbin);
@@ -223,7 +228,10 @@ fn find_spills(log: &str) -> Vec<String> {
     let mut spills = Vec::new();
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-            current = rest.replace("' for '", " for ").trim_end_matches('\'').to_string();
+            current = rest
+                .replace("' for '", " for ")
+                .trim_end_matches('\'')
+                .to_string();
         }
         if line.contains("spill stores") {
             let nonzero = line
@@ -244,8 +252,12 @@ fn write_module_table(out_dir: &Path, modules: &[(String, PathBuf)], entry_point
          pub(crate) static MODULES: &[(&str, &[u8])] = &[\n",
     );
     for (name, path) in modules {
-        writeln!(src, "    ({name:?}, include_bytes!({:?})),", path.display().to_string())
-            .expect("write to String");
+        writeln!(
+            src,
+            "    ({name:?}, include_bytes!({:?})),",
+            path.display().to_string()
+        )
+        .expect("write to String");
     }
     src.push_str("];\n");
     let archs = if modules.is_empty() {

@@ -232,7 +232,12 @@ impl Geometry {
 
     /// Checks that an activation buffer (`x`, `dy`, `y`, `dx`) has `N * C * S` elements.
     pub(crate) fn check_activation(&self, name: &'static str, len: usize) -> Result<()> {
-        check_len(name, len, self.numel(), &format!("the product of dims {:?}", self.dims))
+        check_len(
+            name,
+            len,
+            self.numel(),
+            &format!("the product of dims {:?}", self.dims),
+        )
     }
 
     /// Checks that `mean`/`rstd` have `N * G` elements.

@@ -213,7 +213,10 @@ mod tests {
         // gives 1 + 2^-10; rounding to f32 first lands on the midpoint and ties to even, 1.0.
         let v = 1.0 + 2f64.powi(-11) + 2f64.powi(-30);
         assert_eq!(<f16 as Element>::from_f64(v).to_f64(), 1.0 + 2f64.powi(-10));
-        assert_eq!(<f16 as Element>::from_f64(-v).to_f64(), -(1.0 + 2f64.powi(-10)));
+        assert_eq!(
+            <f16 as Element>::from_f64(-v).to_f64(),
+            -(1.0 + 2f64.powi(-10))
+        );
         // and just below the midpoint stays down
         let v = 1.0 + 2f64.powi(-11) - 2f64.powi(-30);
         assert_eq!(<f16 as Element>::from_f64(v).to_f64(), 1.0);
@@ -221,7 +224,10 @@ mod tests {
         let v = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
         assert_eq!(<bf16 as Element>::from_f64(v).to_f64(), 1.0 + 2f64.powi(-7));
         // exact midpoints still tie to even, and specials pass through
-        assert_eq!(<f16 as Element>::from_f64(1.0 + 2f64.powi(-11)).to_f64(), 1.0);
+        assert_eq!(
+            <f16 as Element>::from_f64(1.0 + 2f64.powi(-11)).to_f64(),
+            1.0
+        );
         assert!(<f16 as Element>::from_f64(f64::NAN).to_f64().is_nan());
         assert_eq!(<bf16 as Element>::from_f64(1e300).to_f64(), f64::INFINITY);
         assert_eq!(<f16 as Element>::from_f64(1e-300).to_f64(), 0.0);

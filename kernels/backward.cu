@@ -4,51 +4,91 @@
 //   dx = rstd * (w * dy - sum(w * dy) / L - xhat * sum(w * dy * xhat) / L)
 //   dweight[c] = sum over n, s of dy * xhat        dbias[c] = sum over n, s of dy
 //
-// Everything derives from per-(n, c) sums of dy and dy * xhat: the row sums are
-// sum_c w[c] * (those), and the parameter gradients are their sums over n. So:
-// - fused (chunks == 1): one block holds the row's x and dy in shared memory, writes the
-//   per-(n, c) sums, forms the row sums and writes dx from the same copy: x and dy read once.
-// - split (chunks > 1): `partial` writes per-(n, c, piece) sums for its chunk; `dx` re-reads them
-//   for its row and writes dx for its chunk.
-// - `params` reduces the per-(n, c, piece) sums over n and pieces in a fixed order into dweight
-//   and dbias. No atomics: the same inputs give the same bits.
+// The saved mean is f32: on a row offset by 1e4 it is off by up to half an ulp (5e-4), which
+// would shift every xhat of the row. So the sums also carry sum(x - mean), whose row mean `delta`
+// is that rounding error, and xhat is taken as (x - mean - delta) * rstd. With
+//   sdy = sum dy, sdyx = sum dy * (x - mean) * rstd, sxm = sum (x - mean)   (per (n, c, piece))
+// a row's terms are delta = sum(sxm) / L, m1 = sum_c w sdy / L,
+// m2 = sum_c w (sdyx - delta * rstd * sdy) / L; dweight[c] = sum_n (sdyx - delta_n rstd_n sdy).
+//
+// - fused (chunks == 1): one block holds the row's x and dy in shared memory, writes its
+//   per-channel sums and its row record (m1, m2, delta), and writes dx from the same copy: x and
+//   dy read once.
+// - split (chunks > 1): `partial` writes per-(n, c, piece) sums for its chunk; `rows` (one block
+//   per row) turns them into the row record once; `dx` reads the record and writes its chunk.
+// - `params` reduces the sums over n and pieces, in a fixed order, into dweight and dbias.
+// No atomics: the same inputs give the same bits.
+//
+// Workspace (f32): 3 * N * C * P partial sums, then 3 * N * G row records.
 #include "common.cuh"
 
 namespace gn {
 
 constexpr int kBwdThreads = 512;
+constexpr int kRowThreads = 256;
 constexpr int kParamThreads = 256;
 // Segments at least this long are reduced by the whole block; shorter ones one warp each.
 constexpr uint32_t kBlockSegment = 2048;
 
-// Calls out(j, {sum dy, sum dy * xhat}) once for each segment j of the chunk, from a single thread
-// (thread 0 for block-reduced segments, lane 0 of the owning warp otherwise). xs/dys point at the
-// chunk's first value, in shared or global memory.
+struct Sums3 {
+  float dy, dyx, xm;  // sum dy, sum dy * (x - mean) * rstd, sum (x - mean)
+};
+
+__device__ __forceinline__ Sums3 operator+(Sums3 a, Sums3 b) {
+  return Sums3{a.dy + b.dy, a.dyx + b.dyx, a.xm + b.xm};
+}
+
+__device__ __forceinline__ Sums3 warp_sum(Sums3 v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    v.dy += __shfl_xor_sync(0xffffffffu, v.dy, o);
+    v.dyx += __shfl_xor_sync(0xffffffffu, v.dyx, o);
+    v.xm += __shfl_xor_sync(0xffffffffu, v.xm, o);
+  }
+  return v;
+}
+
+// Index of the 3 sums of (sample n, global channel c, piece p).
+__device__ __forceinline__ size_t partial_index(uint64_t n, uint32_t channels, uint32_t c,
+                                                uint32_t pieces, uint32_t p) {
+  return 3 * (((size_t)n * channels + c) * pieces + p);
+}
+
+// The row records follow the partial sums in the workspace.
+__device__ __forceinline__ float* row_records(const GnBwdParams& p) {
+  return p.partials + 3 * (size_t)p.batch * p.groups * p.d * p.chunking.pieces;
+}
+
+// Calls out(j, sums) once for each segment j of the chunk, from a single thread (thread 0 for
+// block-reduced segments, lane 0 of the owning warp otherwise). xs/dys point at the chunk's first
+// value, in shared or global memory.
 // Assumes: with VEC, xs/dys are 16-byte aligned and seglen is a multiple of kVec<T>.
 template <typename T, bool VEC, typename Out>
 __device__ __forceinline__ void segment_sums(const T* xs, const T* dys, const Chunk& c, float mean,
-                                             float rstd, float2* scratch, Out out) {
+                                             float rstd, Sums3* scratch, Out out) {
   constexpr int V = VEC ? kVec<T> : 1;
-  auto add = [&](float2& acc, const T* xp, const T* dyp) {
+  auto add = [=](Sums3& acc, const T* xp, const T* dyp) {
     if constexpr (VEC) {
       const Vec16<T> xv = load16(xp), dv = load16(dyp);
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const float dy = to_f32(dv.v[e]);
-        acc.x += dy;
-        acc.y += dy * ((to_f32(xv.v[e]) - mean) * rstd);
+        const float dy = to_f32(dv.v[e]), xm = to_f32(xv.v[e]) - mean;
+        acc.dy += dy;
+        acc.dyx += dy * (xm * rstd);
+        acc.xm += xm;
       }
     } else {
-      const float dy = to_f32(*dyp);
-      acc.x += dy;
-      acc.y += dy * ((to_f32(*xp) - mean) * rstd);
+      const float dy = to_f32(*dyp), xm = to_f32(*xp) - mean;
+      acc.dy += dy;
+      acc.dyx += dy * (xm * rstd);
+      acc.xm += xm;
     }
   };
   const uint32_t nv = c.seglen / V;
   if (c.seglen >= kBlockSegment) {
     for (uint32_t j = 0; j < c.nseg; ++j) {
       const size_t base = (size_t)j * c.seglen;
-      float2 acc = make_float2(0.f, 0.f);
+      Sums3 acc{0.f, 0.f, 0.f};
       for (uint32_t i = threadIdx.x; i < nv; i += blockDim.x) {
         add(acc, xs + base + (size_t)i * V, dys + base + (size_t)i * V);
       }
@@ -59,7 +99,7 @@ __device__ __forceinline__ void segment_sums(const T* xs, const T* dys, const Ch
     const uint32_t lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     for (uint32_t j = warp; j < c.nseg; j += blockDim.x / kWarp) {
       const size_t base = (size_t)j * c.seglen;
-      float2 acc = make_float2(0.f, 0.f);
+      Sums3 acc{0.f, 0.f, 0.f};
       for (uint32_t i = lane; i < nv; i += kWarp) {
         add(acc, xs + base + (size_t)i * V, dys + base + (size_t)i * V);
       }
@@ -69,38 +109,40 @@ __device__ __forceinline__ void segment_sums(const T* xs, const T* dys, const Ch
   }
 }
 
-// Index of the (sum dy, sum dy * xhat) pair for channel c (global), piece p of sample n.
-__device__ __forceinline__ size_t partial_index(uint64_t n, uint32_t channels, uint32_t c,
-                                                uint32_t pieces, uint32_t p) {
-  return 2 * (((size_t)n * channels + c) * pieces + p);
-}
-
-// (sum w * dy, sum w * dy * xhat) / L of one row, from its D * P per-(channel, piece) sums, each
-// thread taking a fixed share: the same bits on every run, for the fused and the split path alike.
+// A row's record (m1, m2, delta) from its D * P partial sums, each thread taking a fixed share:
+// the same bits on every run, for the fused and the split path alike. Returned to every thread.
 template <typename P>
-__device__ __forceinline__ float2 row_means(const GnBwdParams& p, uint64_t sample, uint32_t chan0,
-                                            const P* __restrict__ w, float2* scratch) {
+__device__ __forceinline__ float3 row_record(const GnBwdParams& p, uint64_t sample, uint32_t chan0,
+                                             float rstd, const P* __restrict__ w,
+                                             Sums3* scratch) {
   const uint32_t pieces = p.chunking.pieces;
   const float* parts = p.partials + partial_index(sample, p.groups * p.d, chan0, pieces, 0);
   const DivU32 per_channel(pieces);
-  float2 total = make_float2(0.f, 0.f);
-  for (uint32_t e = threadIdx.x; e < p.d * pieces; e += blockDim.x) {
-    const float wc = w ? to_f32(w[chan0 + per_channel.div(e)]) : 1.f;
-    total.x += wc * parts[2 * e];
-    total.y += wc * parts[2 * e + 1];
+  const uint64_t entries = (uint64_t)p.d * pieces;
+  Sums3 t{0.f, 0.f, 0.f};  // (sum w sdy, sum w sdyx, sum sxm)
+  for (uint64_t e = threadIdx.x; e < entries; e += blockDim.x) {
+    const float wc = w ? to_f32(w[chan0 + per_channel.div((uint32_t)e)]) : 1.f;
+    const float* s = parts + 3 * e;
+    t.dy += wc * s[0];
+    t.dyx += wc * s[1];
+    t.xm += s[2];
   }
-  total = block_sum(total, scratch);
-  return make_float2(total.x * p.inv_row_len, total.y * p.inv_row_len);
+  t = block_sum(t, scratch);
+  const float inv_l = p.inv_row_len;
+  const float delta = t.xm * inv_l;
+  // sum w (sdyx - delta rstd sdy) = sum w sdyx - delta rstd sum w sdy
+  return make_float3(t.dy * inv_l, (t.dyx - delta * rstd * t.dy) * inv_l, delta);
 }
 
-// dx over one chunk: dx = rstd * (w * dy - m1 - xhat * m2).
+// dx over one chunk: dx = rstd * (w * dy - m1 - xhat * m2), xhat = (x - mean - delta) * rstd.
 template <typename T, typename P, bool VEC>
 __device__ __forceinline__ void dx_chunk(const T* xs, const T* dys, T* __restrict__ dx,
                                          const Chunk& c, uint32_t chan0, float mean, float rstd,
-                                         float m1, float m2, const P* __restrict__ w) {
+                                         float3 rec, const P* __restrict__ w) {
   const DivU32 seg(c.seglen);
   const uint32_t n = c.len();
-  auto weight = [&](uint32_t j) { return w ? to_f32(w[chan0 + c.c0 + seg.div(j)]) : 1.f; };
+  const float m1 = rec.x, m2 = rec.y, delta = rec.z;
+  auto weight = [=](uint32_t j) { return w ? to_f32(w[chan0 + c.c0 + seg.div(j)]) : 1.f; };
   if constexpr (VEC) {
     constexpr int V = kVec<T>;
     for (uint32_t i = threadIdx.x; i < n / V; i += blockDim.x) {
@@ -109,24 +151,33 @@ __device__ __forceinline__ void dx_chunk(const T* xs, const T* dys, T* __restric
       Vec16<T> out;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const float xhat = (to_f32(xv.v[e]) - mean) * rstd;
+        const float xhat = ((to_f32(xv.v[e]) - mean) - delta) * rstd;
         out.v[e] = from_f32<T>(rstd * (wc * to_f32(dv.v[e]) - m1 - xhat * m2));
       }
       store16(dx + (size_t)i * V, out);
     }
   } else {
     for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const float xhat = (to_f32(xs[i]) - mean) * rstd;
+      const float xhat = ((to_f32(xs[i]) - mean) - delta) * rstd;
       dx[i] = from_f32<T>(rstd * (weight(i) * to_f32(dys[i]) - m1 - xhat * m2));
     }
   }
+}
+
+// Writes the 3 sums of segment j into the partials (consecutive segments are consecutive
+// channels; with pieces > 1 a chunk has a single segment).
+__device__ __forceinline__ void store_sums(float* parts, uint32_t j, uint32_t pieces, Sums3 s) {
+  float* out = parts + 3 * (size_t)j * pieces;
+  out[0] = s.dy;
+  out[1] = s.dyx;
+  out[2] = s.xm;
 }
 
 // One block per row, x and dy of the row in dynamic shared memory (2 * d * s * sizeof(T) bytes).
 template <typename T, typename P, bool VEC>
 __device__ void bwd_fused(const GnBwdParams& p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float2 scratch[kWarp];
+  __shared__ Sums3 scratch[kWarp];
   const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
   const uint32_t n = c.len();
   T* xs = reinterpret_cast<T*>(smem_raw);
@@ -141,19 +192,23 @@ __device__ void bwd_fused(const GnBwdParams& p) {
   const uint32_t channels = p.groups * p.d;
   const P* w = static_cast<const P*>(p.weight);
   float* const parts = p.partials + partial_index(sample, channels, chan0 + c.c0, 1, 0);
-  segment_sums<T, VEC>(xs, dys, c, mean, rstd, scratch, [=](uint32_t j, float2 s) {
-    parts[2 * j] = s.x;
-    parts[2 * j + 1] = s.y;
-  });
+  segment_sums<T, VEC>(xs, dys, c, mean, rstd, scratch,
+                       [=](uint32_t j, Sums3 s) { store_sums(parts, j, 1, s); });
   __syncthreads();  // the row's sums, written above by this block, are visible to all its threads
-  const float2 m = row_means<P>(p, sample, chan0, w, scratch);
-  dx_chunk<T, P, VEC>(xs, dys, static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, m.x, m.y, w);
+  const float3 rec = row_record<P>(p, sample, chan0, rstd, w, scratch);
+  if (threadIdx.x == 0) {
+    float* r = row_records(p) + 3 * c.row;
+    r[0] = rec.x;
+    r[1] = rec.y;
+    r[2] = rec.z;
+  }
+  dx_chunk<T, P, VEC>(xs, dys, static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, rec, w);
 }
 
 // Split path, pass 1: per-(n, c, piece) sums for this block's chunk, streamed from global memory.
 template <typename T, bool VEC>
 __device__ void bwd_partial(const GnBwdParams& p) {
-  __shared__ float2 scratch[kWarp];
+  __shared__ Sums3 scratch[kWarp];
   const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
   const uint64_t off = chunk_offset(c, p.d, p.s);
   const float mean = p.mean[c.row], rstd = p.rstd[c.row];
@@ -164,44 +219,62 @@ __device__ void bwd_partial(const GnBwdParams& p) {
   const uint32_t piece = pieces > 1 ? c.k % pieces : 0;
   float* const parts = p.partials + partial_index(sample, channels, chan0 + c.c0, pieces, piece);
   segment_sums<T, VEC>(static_cast<const T*>(p.x) + off, static_cast<const T*>(p.dy) + off, c,
-                       mean, rstd, scratch, [=](uint32_t j, float2 s) {
-                         // consecutive segments are consecutive channels (pieces > 1: one segment)
-                         parts[2 * (size_t)j * pieces] = s.x;
-                         parts[2 * (size_t)j * pieces + 1] = s.y;
-                       });
+                       mean, rstd, scratch,
+                       [=](uint32_t j, Sums3 s) { store_sums(parts, j, pieces, s); });
 }
 
-// Split path, pass 2: the row's sums from its D * P partials (fixed assignment to threads), then
-// dx for this block's chunk.
+// Split path, pass 2: one block per row turns the row's partial sums into its record, once.
+template <typename P>
+__device__ void bwd_rows(const GnBwdParams& p) {
+  __shared__ Sums3 scratch[kWarp];
+  const uint64_t row = blockIdx.x;
+  const float rstd = p.rstd[row];
+  const float3 rec = row_record<P>(p, row / p.groups, (uint32_t)(row % p.groups) * p.d, rstd,
+                                   static_cast<const P*>(p.weight), scratch);
+  if (threadIdx.x == 0) {
+    float* r = row_records(p) + 3 * row;
+    r[0] = rec.x;
+    r[1] = rec.y;
+    r[2] = rec.z;
+  }
+}
+
+// Split path, pass 3: dx for this block's chunk from the row's record.
 template <typename T, typename P, bool VEC>
 __device__ void bwd_dx(const GnBwdParams& p) {
-  __shared__ float2 scratch[kWarp];
   const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
   const float mean = p.mean[c.row], rstd = p.rstd[c.row];
-  const uint64_t sample = c.row / p.groups;
   const uint32_t chan0 = (uint32_t)(c.row % p.groups) * p.d;
-  const P* w = static_cast<const P*>(p.weight);
-  const float2 m = row_means<P>(p, sample, chan0, w, scratch);
+  const float* r = row_records(p) + 3 * c.row;
+  const float3 rec = make_float3(r[0], r[1], r[2]);
   const uint64_t off = chunk_offset(c, p.d, p.s);
   dx_chunk<T, P, VEC>(static_cast<const T*>(p.x) + off, static_cast<const T*>(p.dy) + off,
-                      static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, m.x, m.y, w);
+                      static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, rec,
+                      static_cast<const P*>(p.weight));
 }
 
-// dweight[c] = sum over n, pieces of sum(dy * xhat); dbias[c] likewise of sum(dy). One thread per
-// channel, n in order.
+// dweight[c] = sum over n, pieces of (sdyx - delta_n rstd_n sdy); dbias[c] likewise of sdy.
+// One thread per channel, n in order. Runs after the row records are written.
 template <typename P>
 __device__ void bwd_params(const GnBwdParams& p) {
   const uint32_t channels = p.groups * p.d;
   const uint32_t c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= channels) return;
   const uint32_t pieces = p.chunking.pieces;
+  const uint32_t g = c / p.d;
+  const float* records = row_records(p);
   float sdy = 0.f, sdyx = 0.f;
   for (uint32_t n = 0; n < p.batch; ++n) {
+    const uint64_t row = (uint64_t)n * p.groups + g;
+    const float shift = records[3 * row + 2] * p.rstd[row];  // delta * rstd
+    float ndy = 0.f, ndyx = 0.f;
     for (uint32_t q = 0; q < pieces; ++q) {
       const float* part = p.partials + partial_index(n, channels, c, pieces, q);
-      sdy += part[0];
-      sdyx += part[1];
+      ndy += part[0];
+      ndyx += part[1];
     }
+    sdy += ndy;
+    sdyx += ndyx - shift * ndy;
   }
   if (p.dweight) static_cast<P*>(p.dweight)[c] = from_f32<P>(sdyx);
   if (p.dbias) static_cast<P*>(p.dbias)[c] = from_f32<P>(sdy);
@@ -210,19 +283,19 @@ __device__ void bwd_params(const GnBwdParams& p) {
 }  // namespace gn
 
 // Entry points: groupnorm_bwd_{fused,dx}_<T>_<P>_<vec|scalar>, groupnorm_bwd_partial_<T>_<..>,
-// groupnorm_bwd_params_<P>.
+// groupnorm_bwd_{rows,params}_<P>.
 #define GN_BWD_TP(NAME, T, P, VEC)                                                             \
-  extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                                \
+  extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                             \
       groupnorm_bwd_fused_##NAME(const GnBwdParams p) {                                        \
     gn::bwd_fused<T, P, VEC>(p);                                                               \
   }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                                \
+  extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                             \
       groupnorm_bwd_dx_##NAME(const GnBwdParams p) {                                           \
     gn::bwd_dx<T, P, VEC>(p);                                                                  \
   }
 
 #define GN_BWD_T(NAME, T, VEC)                                                                 \
-  extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                                \
+  extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                             \
       groupnorm_bwd_partial_##NAME(const GnBwdParams p) {                                      \
     gn::bwd_partial<T, VEC>(p);                                                                \
   }
@@ -241,6 +314,10 @@ GN_BWD_ALL(vec, true)
 GN_BWD_ALL(scalar, false)
 
 #define GN_BWD_P(NAME, P)                                                                      \
+  extern "C" __global__ void __launch_bounds__(gn::kRowThreads)                                \
+      groupnorm_bwd_rows_##NAME(const GnBwdParams p) {                                         \
+    gn::bwd_rows<P>(p);                                                                        \
+  }                                                                                            \
   extern "C" __global__ void __launch_bounds__(gn::kParamThreads)                              \
       groupnorm_bwd_params_##NAME(const GnBwdParams p) {                                       \
     gn::bwd_params<P>(p);                                                                      \

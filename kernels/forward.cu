@@ -5,8 +5,12 @@
 //   statistics are computed exactly (two passes over the on-chip copy, about a per-row pivot) and
 //   it is normalized from the same copy: one read of x, one write of y.
 // - split (chunks > 1, for few or long rows): `partial` computes each chunk's (mean, m2) about the
-//   row's pivot from an on-chip copy; `apply` merges a row's partials in a fixed order (Chan) and
-//   normalizes its chunk, re-reading x (usually from L2).
+//   row's pivot from an on-chip copy; `merge` (one warp per row) merges a row's partials once, in
+//   a fixed order (Chan), and saves the statistics; `apply` normalizes each chunk, re-reading x
+//   (usually from L2).
+//
+// Split-path workspace (f32): 2 * rows * K chunk partials, then 2 * rows row records
+// (mean about the pivot, rstd).
 //
 // The pivot is the row's first value: subtracting it before accumulating and before normalizing
 // makes the error scale with the spread of the row, not with its offset (x = 1e4 + noise).
@@ -117,37 +121,48 @@ __device__ void fwd_partial(const GnFwdParams& p) {
   }
 }
 
-// Split path, pass 2: merge the row's partials (fixed order), save the statistics (chunk 0),
-// normalize this block's chunk from global memory.
+// The split path's per-row records follow the chunk partials in the workspace.
+__device__ __forceinline__ float* fwd_row_records(const GnFwdParams& p) {
+  return p.partials + 2 * p.rows * p.chunking.chunks;
+}
+
+// Split path, pass 2: one warp per row merges the row's partials (fixed order), saves the
+// statistics and the row record for `apply`.
+template <typename T>
+__device__ void fwd_merge(const GnFwdParams& p) {
+  const uint64_t row = blockIdx.x;
+  const GnChunking ch = p.chunking;
+  const uint32_t d = p.d, s = p.s;
+  const Welford w = warp_merge(p.partials + 2 * row * ch.chunks, ch.chunks,
+                               [=](uint32_t k) { return (float)chunk_len(k, ch, d, s); });
+  if (threadIdx.x == 0) {
+    const float pivot = to_f32(static_cast<const T*>(p.x)[row * (uint64_t)d * s]);
+    const float rstd = rstd_of(w.m2, w.n, p.eps);
+    p.mean[row] = pivot + w.mean;
+    p.rstd[row] = rstd;
+    float* rec = fwd_row_records(p) + 2 * row;
+    rec[0] = w.mean;
+    rec[1] = rstd;
+  }
+}
+
+// Split path, pass 3: normalize this block's chunk from global memory with its row's record.
 template <typename T, typename P, bool VEC>
 __device__ void fwd_apply(const GnFwdParams& p) {
-  __shared__ float2 merged;
   const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
   const T* x = static_cast<const T*>(p.x);
-  const uint64_t row_off = c.row * (uint64_t)p.d * p.s;
-  if (threadIdx.x < kWarp) {
-    const GnChunking ch = p.chunking;
-    const uint32_t d = p.d, s = p.s;
-    const Welford w = warp_merge(p.partials + 2 * c.row * ch.chunks, ch.chunks,
-                                 [&](uint32_t k) { return (float)chunk_len(k, ch, d, s); });
-    if (threadIdx.x == 0) merged = make_float2(w.mean, rstd_of(w.m2, w.n, p.eps));
-  }
-  __syncthreads();
-  const float pivot = to_f32(x[row_off]);
-  const float mshift = merged.x, rstd = merged.y;
-  if (c.k == 0 && threadIdx.x == 0) {
-    p.mean[c.row] = pivot + mshift;
-    p.rstd[c.row] = rstd;
-  }
+  const float pivot = to_f32(x[c.row * (uint64_t)p.d * p.s]);
+  const float* rec = fwd_row_records(p) + 2 * c.row;
   const uint64_t off = chunk_offset(c, p.d, p.s);
   const uint32_t chan0 = (uint32_t)(c.row % p.groups) * p.d;
-  normalize_chunk<T, P, VEC>(x + off, static_cast<T*>(p.y) + off, c, chan0, pivot, mshift, rstd,
+  normalize_chunk<T, P, VEC>(x + off, static_cast<T*>(p.y) + off, c, chan0, pivot, rec[0], rec[1],
                              static_cast<const P*>(p.weight), static_cast<const P*>(p.bias));
 }
 
 }  // namespace gn
 
-// Entry points: groupnorm_fwd_{fused,apply}_<T>_<P>_<vec|scalar>, groupnorm_fwd_partial_<T>_<..>.
+// Entry points: groupnorm_fwd_{fused,apply}_<T>_<P>_<vec|scalar>, groupnorm_fwd_partial_<T>_<..>,
+// groupnorm_fwd_merge_<T>.
 #define GN_FWD_TP(NAME, T, P, VEC)                                                             \
   extern "C" __global__ void __launch_bounds__(gn::kFwdThreads, 1)                                \
       groupnorm_fwd_fused_##NAME(const GnFwdParams p) {                                        \
@@ -176,3 +191,13 @@ __device__ void fwd_apply(const GnFwdParams& p) {
 
 GN_FWD_ALL(vec, true)
 GN_FWD_ALL(scalar, false)
+
+// One warp per row; the row's first value (the pivot) is read with the row's element type.
+#define GN_FWD_MERGE(NAME, T)                                                                  \
+  extern "C" __global__ void __launch_bounds__(gn::kWarp)                                      \
+      groupnorm_fwd_merge_##NAME(const GnFwdParams p) {                                        \
+    gn::fwd_merge<T>(p);                                                                       \
+  }
+GN_FWD_MERGE(f32, float)
+GN_FWD_MERGE(f16, __half)
+GN_FWD_MERGE(bf16, __nv_bfloat16)

@@ -11,7 +11,7 @@ mod gpu_support;
 use common::*;
 use gpu_support::*;
 use groupnorm::cpu::reference;
-use groupnorm::gpu::{CudaSlice, DeviceStats, DeviceTensor, Gpu, GpuGroupNorm};
+use groupnorm::gpu::{CudaSlice, DeviceStats, DeviceTensor, Gpu, Path};
 use groupnorm::{bf16, f16, Element, Error, GroupNorm, Layout, Stats};
 
 /// How one parity case is built.
@@ -56,9 +56,10 @@ fn poisoned_stats(gpu: &Gpu, rows: usize) -> DeviceStats {
     .expect("stats")
 }
 
-/// Forward and backward of one shape on the GPU against the f64 reference.
+/// Forward and backward of one shape on the GPU against the f64 reference, through every kernel
+/// path: the planner's choice, the split path, and the fused path where the row fits on chip.
 fn parity<T: Element, P: Element>(gpu: &Gpu, dims: &[usize], groups: usize, seed: u64, o: Opts) {
-    let ctx = format!(
+    let case = format!(
         "{dims:?} G={groups} {}/{} affine={} misaligned={} mean={}",
         T::DTYPE,
         P::DTYPE,
@@ -81,43 +82,8 @@ fn parity<T: Element, P: Element>(gpu: &Gpu, dims: &[usize], groups: usize, seed
         (None, None)
     };
     let off = usize::from(o.misalign);
-
-    // forward
     let reference = reference::forward(&gn, &x, dims, wh, bh).unwrap();
-    let mut op: GpuGroupNorm = gn.on_gpu(gpu);
-    let xd = tensor(gpu, &x, dims, off);
-    let mut yd = tensor(gpu, &nans::<T>(numel), dims, off);
-    let mut stats = poisoned_stats(gpu, rows);
-    let (wd, bd) = (up(gpu, &w), up(gpu, &b));
-    let (wd, bd) = if o.affine {
-        (Some(&wd), Some(&bd))
-    } else {
-        (None, None)
-    };
-    op.forward_into(&xd, wd, bd, &mut yd, &mut stats)
-        .unwrap_or_else(|e| panic!("{ctx}: forward: {e}"));
-    let y = yd.to_host(gpu).unwrap();
-    let host_stats = stats.to_host(gpu).unwrap();
-    assert_forward_close(&y, &reference.y, o.f32_abs, &format!("{ctx}: y"));
-    assert_stats_close(&host_stats, &reference, o.f32_abs, &format!("{ctx}: stats"));
-
-    // backward, from the statistics the GPU saved (as a training step would)
     let grads = reference::backward(&gn, &dy, &x, dims, wh).unwrap();
-    let dyd = tensor(gpu, &dy, dims, off);
-    let mut dxd = tensor(gpu, &nans::<T>(numel), dims, off);
-    let mut dw = up(gpu, &nans::<P>(c));
-    let mut db = up(gpu, &nans::<P>(c));
-    op.backward_into(
-        &dyd,
-        &xd,
-        &stats,
-        wd,
-        &mut dxd,
-        if o.affine { Some(&mut dw) } else { None },
-        Some(&mut db),
-    )
-    .unwrap_or_else(|e| panic!("{ctx}: backward: {e}"));
-    let dx = dxd.to_host(gpu).unwrap();
     let w64 = o.affine.then(|| to_f64(&w));
     let scale = dx_scale(
         &to_f64(&dy),
@@ -127,11 +93,57 @@ fn parity<T: Element, P: Element>(gpu: &Gpu, dims: &[usize], groups: usize, seed
         w64.as_deref(),
         &reference.rstd,
     );
-    assert_dx_close(&dx, &grads.dx, scale, &format!("{ctx}: dx"));
-    if o.affine {
-        assert_param_grad_close(&down(gpu, &dw), &grads.dweight, "dweight", &ctx);
+    let xd = tensor(gpu, &x, dims, off);
+    let dyd = tensor(gpu, &dy, dims, off);
+    let (wd, bd) = (up(gpu, &w), up(gpu, &b));
+    let (wd, bd) = if o.affine {
+        (Some(&wd), Some(&bd))
+    } else {
+        (None, None)
+    };
+
+    for path in [Path::Auto, Path::Split, Path::Fused] {
+        let ctx = format!("{case} path={path:?}");
+        let mut op = gn.on_gpu(gpu).with_path(path);
+        // forward, into outputs poisoned with NaN
+        let mut yd = tensor(gpu, &nans::<T>(numel), dims, off);
+        let mut stats = poisoned_stats(gpu, rows);
+        match op.forward_into(&xd, wd, bd, &mut yd, &mut stats) {
+            Ok(()) => {}
+            // the fused path refuses rows that do not fit on chip: that is its contract
+            Err(Error::Unsupported { .. }) if path == Path::Fused => continue,
+            Err(e) => panic!("{ctx}: forward: {e}"),
+        }
+        let y = yd.to_host(gpu).unwrap();
+        let host_stats = stats.to_host(gpu).unwrap();
+        assert_forward_close(&y, &reference.y, o.f32_abs, &format!("{ctx}: y"));
+        assert_stats_close(&host_stats, &reference, o.f32_abs, &format!("{ctx}: stats"));
+
+        // backward, from the statistics the GPU saved (as a training step would)
+        let mut dxd = tensor(gpu, &nans::<T>(numel), dims, off);
+        let mut dw = up(gpu, &nans::<P>(c));
+        let mut db = up(gpu, &nans::<P>(c));
+        match op.backward_into(
+            &dyd,
+            &xd,
+            &stats,
+            wd,
+            &mut dxd,
+            if o.affine { Some(&mut dw) } else { None },
+            Some(&mut db),
+        ) {
+            Ok(()) => {}
+            // backward keeps x and dy on chip: a row can fit forward and not backward
+            Err(Error::Unsupported { .. }) if path == Path::Fused => continue,
+            Err(e) => panic!("{ctx}: backward: {e}"),
+        }
+        let dx = dxd.to_host(gpu).unwrap();
+        assert_dx_close(&dx, &grads.dx, scale, &format!("{ctx}: dx"));
+        if o.affine {
+            assert_param_grad_close(&down(gpu, &dw), &grads.dweight, "dweight", &ctx);
+        }
+        assert_param_grad_close(&down(gpu, &db), &grads.dbias, "dbias", &ctx);
     }
-    assert_param_grad_close(&down(gpu, &db), &grads.dbias, "dbias", &ctx);
 }
 
 /// Runs `parity` for every dtype pair the API accepts.
@@ -212,7 +224,7 @@ fn batch_and_group_extremes() {
         (&[3, 96, 37], 8),      // odd S: scalar kernels
         (&[64, 96], 12),        // 2-D input
         (&[2, 16, 3, 5, 7], 4), // 5-D input
-        (&[300, 32, 8, 8], 32), // many rows: fused path
+        (&[300, 32, 8, 8], 32), // many rows: the planner's fused case
     ];
     for (i, &(dims, g)) in shapes.iter().enumerate() {
         all_dtypes(&gpu, dims, g, 300 + i as u64, PLAIN);
@@ -260,9 +272,10 @@ fn misaligned_sub_slices() {
         misalign: true,
         ..PLAIN
     };
-    all_dtypes(&gpu, &[2, 320, 8, 8], 32, 600, o); // few rows: split path
-    all_dtypes(&gpu, &[200, 64, 8, 8], 32, 601, o); // many rows: fused path
+    all_dtypes(&gpu, &[2, 320, 8, 8], 32, 600, o);
+    all_dtypes(&gpu, &[200, 64, 8, 8], 32, 601, o);
     all_dtypes(&gpu, &[1, 320, 64, 64], 32, 602, o);
+    all_dtypes(&gpu, &[1, 8, 1 << 16], 2, 603, o); // one channel split into pieces
 }
 
 #[test]
@@ -276,9 +289,11 @@ fn large_offset_rows_f32() {
             f32_abs: F32_FORWARD_OFFSET_ABS,
             ..PLAIN
         };
-        parity::<f32, f32>(&gpu, &[2, 64, 32, 32], 32, 700 + i as u64, o); // split
-        parity::<f32, f32>(&gpu, &[300, 32, 8, 8], 32, 710 + i as u64, o); // fused
-        parity::<f32, f32>(&gpu, &[1, 4, 1 << 20], 2, 720 + i as u64, o); // pieces
+        // every path runs on each (see `parity`); the last shape splits channels into pieces
+        parity::<f32, f32>(&gpu, &[2, 64, 32, 32], 32, 700 + i as u64, o);
+        parity::<f32, f32>(&gpu, &[300, 32, 8, 8], 32, 710 + i as u64, o);
+        parity::<f32, f32>(&gpu, &[1, 4, 1 << 20], 2, 720 + i as u64, o);
+        parity::<f16, f32>(&gpu, &[2, 320, 32, 32], 32, 730 + i as u64, o);
     }
 }
 
@@ -293,7 +308,10 @@ fn non_finite_values_stay_in_their_group() {
         &[300, 32, 8, 8],
         &[1, 8, 1 << 16],
     ] {
-        for bad in [f32::NAN, f32::INFINITY] {
+        for (bad, path) in [f32::NAN, f32::INFINITY]
+            .into_iter()
+            .flat_map(|b| [(b, Path::Auto), (b, Path::Split)])
+        {
             let groups = if dims[1] == 8 { 4 } else { 32 };
             let gn = GroupNorm::new(groups, dims[1]).unwrap();
             let (c, s) = (dims[1], dims[2..].iter().product::<usize>());
@@ -302,7 +320,7 @@ fn non_finite_values_stay_in_their_group() {
             // poison row (n = 0, g = 1), somewhere in its middle
             x[d * s + d * s / 2] = bad;
             let xd = DeviceTensor::from_host(&gpu, &x, dims, Layout::Nchw).unwrap();
-            let mut op = gn.on_gpu(&gpu);
+            let mut op = gn.on_gpu(&gpu).with_path(path);
             let (y, stats) = op.forward(&xd, None::<&CudaSlice<f32>>, None).unwrap();
             let y = y.to_host(&gpu).unwrap();
             let reference = reference::forward(&gn, &x, dims, None::<&[f32]>, None).unwrap();
@@ -362,34 +380,39 @@ fn deterministic_over_20_runs() {
         let b = up(&gpu, &normal_vec::<f32>(&mut r, c, 0.0, 0.5));
         let xd = DeviceTensor::from_host(&gpu, &x, dims, Layout::Nchw).unwrap();
         let dyd = DeviceTensor::from_host(&gpu, &dy, dims, Layout::Nchw).unwrap();
-        let mut op = gn.on_gpu(&gpu);
-        let mut first = None;
-        for run in 0..20 {
-            let (y, stats) = op.forward(&xd, Some(&w), Some(&b)).unwrap();
-            let g = op.backward(&dyd, &xd, &stats, Some(&w), true).unwrap();
-            let bits = (
-                y.to_host(&gpu)
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>(),
-                g.dx.to_host(&gpu)
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>(),
-                down(&gpu, g.dweight.as_ref().unwrap())
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>(),
-                down(&gpu, g.dbias.as_ref().unwrap())
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>(),
-            );
-            match &first {
-                None => first = Some(bits),
-                Some(f) => assert!(f == &bits, "{dims:?}: run {run} differs from run 0"),
+        for path in [Path::Auto, Path::Split] {
+            let mut op = gn.on_gpu(&gpu).with_path(path);
+            let mut first = None;
+            for run in 0..20 {
+                let (y, stats) = op.forward(&xd, Some(&w), Some(&b)).unwrap();
+                let g = op.backward(&dyd, &xd, &stats, Some(&w), true).unwrap();
+                let bits = (
+                    y.to_host(&gpu)
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    g.dx.to_host(&gpu)
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    down(&gpu, g.dweight.as_ref().unwrap())
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    down(&gpu, g.dbias.as_ref().unwrap())
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                );
+                match &first {
+                    None => first = Some(bits),
+                    Some(f) => assert!(
+                        f == &bits,
+                        "{dims:?} {path:?}: run {run} differs from run 0"
+                    ),
+                }
             }
         }
     }
@@ -567,4 +590,34 @@ fn bad_input_is_a_typed_error() {
         .backward(&other, &x, &stats, None::<&CudaSlice<f16>>, true)
         .unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { name: "dy", .. }), "{e}");
+    // parameter dtype is checked even when no parameter is passed
+    let e = op.forward(&x, None::<&CudaSlice<bf16>>, None).unwrap_err();
+    assert!(matches!(e, Error::DtypeMismatch { .. }), "{e}");
+    // an output whose buffer was swapped for a shorter one after construction
+    let mut y = DeviceTensor::<f16>::zeros(&gpu, &[2, 4, 3], Layout::Nchw).unwrap();
+    *y.buffer_mut() = up(&gpu, &[f16::ZERO; 5]);
+    let mut stats = DeviceStats::zeros(&gpu, 4).unwrap();
+    let e = op
+        .forward_into(&x, None::<&CudaSlice<f16>>, None, &mut y, &mut stats)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::LengthMismatch {
+                name: "y",
+                got: 5,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // forcing the fused path on a row that cannot fit is refused, not launched
+    let long = DeviceTensor::<f32>::zeros(&gpu, &[1, 1, 1 << 22], Layout::Nchw).unwrap();
+    let e = GroupNorm::new(1, 1)
+        .unwrap()
+        .on_gpu(&gpu)
+        .with_path(Path::Fused)
+        .forward(&long, None::<&CudaSlice<f32>>, None)
+        .unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
 }

@@ -47,7 +47,12 @@ fn launch<A: DeviceRepr>(
         .map_err(|e| Error::driver(format!("launching `{name}`"), e))
 }
 
-/// Forward: fused, or partial then apply.
+/// Threads of the forward merge kernel: one warp per row.
+const MERGE_THREADS: u32 = 32;
+/// Threads of the backward row kernel (`kRowThreads`).
+const ROW_THREADS: u32 = 256;
+
+/// Forward: fused, or partial, merge, apply.
 pub(crate) fn forward(
     gpu: &Gpu,
     plan: &Plan,
@@ -64,12 +69,14 @@ pub(crate) fn forward(
     } else {
         let name = kernel_name("fwd_partial", t, None, Some(plan.vec));
         launch(gpu, &name, plan.blocks, THREADS, plan.smem_bytes, params)?;
+        let name = kernel_name("fwd_merge", t, None, None);
+        launch(gpu, &name, params.rows as u32, MERGE_THREADS, 0, params)?;
         let name = kernel_name("fwd_apply", t, Some(p), Some(plan.vec));
         launch(gpu, &name, plan.blocks, THREADS, 0, params)
     }
 }
 
-/// Backward: fused, or partial then dx; then the parameter gradients when asked for.
+/// Backward: fused, or partial, rows, dx; then the parameter gradients when asked for.
 pub(crate) fn backward(
     gpu: &Gpu,
     plan: &Plan,
@@ -85,6 +92,8 @@ pub(crate) fn backward(
         } else {
             let name = kernel_name("bwd_partial", t, None, Some(plan.vec));
             launch(gpu, &name, plan.blocks, THREADS, 0, params)?;
+            let name = kernel_name("bwd_rows", p, None, None);
+            launch(gpu, &name, params.rows as u32, ROW_THREADS, 0, params)?;
             let name = kernel_name("bwd_dx", t, Some(p), Some(plan.vec));
             launch(gpu, &name, plan.blocks, THREADS, 0, params)?;
         }
@@ -140,6 +149,8 @@ mod tests {
                 }
             }
             wanted.push(kernel_name("bwd_params", t, None, None));
+            wanted.push(kernel_name("bwd_rows", t, None, None));
+            wanted.push(kernel_name("fwd_merge", t, None, None));
         }
         for name in &wanted {
             assert!(

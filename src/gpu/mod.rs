@@ -19,6 +19,6 @@ pub mod tensor;
 
 pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 pub use ops::GpuGroupNorm;
-pub use plan::DeviceLimits;
+pub use plan::{DeviceLimits, Path};
 pub use runtime::{built_archs, driver_present, entry_points, kernels_built, Gpu};
 pub use tensor::{download, upload, DeviceGrads, DeviceStats, DeviceTensor};

@@ -5,7 +5,7 @@
 
 use super::launch;
 use super::params::{BwdParams, FwdParams};
-use super::plan::{self, Pass, Shape};
+use super::plan::{self, Pass, Path, Shape};
 use super::runtime::Gpu;
 use super::tensor::{zeros, DeviceGrads, DeviceStats, DeviceTensor};
 use crate::config::check_len;
@@ -33,6 +33,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 pub struct GpuGroupNorm {
     gn: GroupNorm,
     gpu: Gpu,
+    path: Path,
     workspace: Option<CudaSlice<f32>>,
 }
 
@@ -42,6 +43,7 @@ impl GroupNorm {
         GpuGroupNorm {
             gn: *self,
             gpu: gpu.clone(),
+            path: Path::Auto,
             workspace: None,
         }
     }
@@ -81,6 +83,20 @@ fn check_tensor<T: Element>(
             got: t.layout(),
         });
     }
+    // the buffer may have been swapped through `buffer_mut` since the tensor was built
+    let needed = t.offset() + t.numel();
+    if t.buffer().len() < needed {
+        return Err(Error::LengthMismatch {
+            name,
+            expected: needed,
+            got: t.buffer().len(),
+            what: format!(
+                "offset {} plus the product of dims {:?}",
+                t.offset(),
+                t.dims()
+            ),
+        });
+    }
     same_context(gpu, name, t.buffer())
 }
 
@@ -109,6 +125,13 @@ impl GpuGroupNorm {
         &self.gpu
     }
 
+    /// Forces a kernel path (the default, [`Path::Auto`], lets the planner choose per shape).
+    /// Forcing [`Path::Fused`] makes rows that do not fit on chip an error.
+    pub fn with_path(mut self, path: Path) -> Self {
+        self.path = path;
+        self
+    }
+
     /// Validated geometry of `x`, refusing what the GPU path does not do yet.
     fn geometry<T: Element>(&self, x: &DeviceTensor<T>) -> Result<Geometry> {
         let geo = self.gn.geometry(x.dims())?;
@@ -134,18 +157,13 @@ impl GpuGroupNorm {
         }
     }
 
-    /// A workspace of at least `floats` f32 values, grown (never shrunk) as needed.
-    fn workspace(&mut self, floats: usize) -> Result<CUdeviceptr> {
-        if floats == 0 {
-            return Ok(0);
-        }
-        if self.workspace.as_ref().is_none_or(|w| w.len() < floats) {
+    /// Makes the workspace at least `floats` f32 values long: grown (never shrunk) as needed.
+    fn reserve_workspace(&mut self, floats: usize) -> Result<()> {
+        if floats > 0 && self.workspace.as_ref().is_none_or(|w| w.len() < floats) {
             self.workspace = None; // free the old one before asking for the larger one
             self.workspace = Some(zeros(self.gpu.stream(), floats)?);
         }
-        let ws = self.workspace.as_mut().expect("allocated above");
-        let (p, _guard) = ws.device_ptr_mut(self.gpu.stream());
-        Ok(p)
+        Ok(())
     }
 
     /// Forward pass into new buffers: returns `y` (same dims and layout as `x`) and the saved
@@ -182,6 +200,7 @@ impl GpuGroupNorm {
     {
         let geo = self.geometry(x)?;
         check_tensor(&self.gpu, &geo, "y", y)?;
+        check_param_dtype::<T, P>("weight")?;
         check_param::<T, P>(&self.gpu, "weight", weight, geo.c)?;
         check_param::<T, P>(&self.gpu, "bias", bias, geo.c)?;
         check_len("stats", stats.rows, geo.rows(), "N * G rows")?;
@@ -200,11 +219,17 @@ impl GpuGroupNorm {
         let plan = plan::plan(
             Self::shape::<T>(&geo),
             Pass::Forward,
+            self.path,
             self.gpu.limits(),
             aligned,
             &geo.dims,
         )?;
-        let ws = self.workspace(plan.workspace_floats)?;
+        self.reserve_workspace(plan.workspace_floats)?;
+        let (ws, _gws) = self
+            .workspace
+            .as_mut()
+            .map(|w| w.device_ptr_mut(&stream))
+            .unzip();
         let (wp, _gw) = weight.map(|w| w.device_ptr(&stream)).unzip();
         let (bp, _gb) = bias.map(|b| b.device_ptr(&stream)).unzip();
         let (mp, _gm) = stats.mean.device_ptr_mut(&stream);
@@ -216,7 +241,7 @@ impl GpuGroupNorm {
             bias: bp.unwrap_or(0),
             mean: mp,
             rstd: rp,
-            partials: ws,
+            partials: ws.unwrap_or(0),
             rows: geo.rows() as u64,
             groups: geo.g as u32,
             d: geo.d as u32,
@@ -282,6 +307,7 @@ impl GpuGroupNorm {
         let geo = self.geometry(x)?;
         check_tensor(&self.gpu, &geo, "dy", dy)?;
         check_tensor(&self.gpu, &geo, "dx", dx)?;
+        check_param_dtype::<T, P>("weight")?;
         check_param::<T, P>(&self.gpu, "weight", weight, geo.c)?;
         check_param::<T, P>(&self.gpu, "dweight", dweight.as_deref(), geo.c)?;
         check_param::<T, P>(&self.gpu, "dbias", dbias.as_deref(), geo.c)?;
@@ -309,11 +335,17 @@ impl GpuGroupNorm {
         let plan = plan::plan(
             Self::shape::<T>(&geo),
             Pass::Backward,
+            self.path,
             self.gpu.limits(),
             aligned,
             &geo.dims,
         )?;
-        let ws = self.workspace(plan.workspace_floats)?;
+        self.reserve_workspace(plan.workspace_floats)?;
+        let (ws, _gws) = self
+            .workspace
+            .as_mut()
+            .map(|w| w.device_ptr_mut(&stream))
+            .unzip();
         let (wp, _gw) = weight.map(|w| w.device_ptr(&stream)).unzip();
         let (dwp, _gdw) = dweight.map(|w| w.device_ptr_mut(&stream)).unzip();
         let (dbp, _gdb) = dbias.map(|b| b.device_ptr_mut(&stream)).unzip();
@@ -329,7 +361,7 @@ impl GpuGroupNorm {
             dx: dxp,
             dweight: dwp.unwrap_or(0),
             dbias: dbp.unwrap_or(0),
-            partials: ws,
+            partials: ws.unwrap_or(0),
             rows: geo.rows() as u64,
             batch: geo.n as u32,
             groups: geo.g as u32,

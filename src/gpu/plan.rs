@@ -39,6 +39,19 @@ pub struct DeviceLimits {
     pub smem_per_block: usize,
 }
 
+/// Which kernel path a launch takes: chosen per shape, or forced (for tests and benchmarks that
+/// compare the paths).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// The planner decides from the shape and the device.
+    #[default]
+    Auto,
+    /// One block per row with the row on chip; an error where a row does not fit.
+    Fused,
+    /// Rows split across blocks, partials merged in a fixed order.
+    Split,
+}
+
 /// Which pass is being planned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Pass {
@@ -85,6 +98,7 @@ pub(crate) fn vec_width(elem_bytes: usize) -> usize {
 pub(crate) fn plan(
     shape: Shape,
     pass: Pass,
+    path: Path,
     dev: DeviceLimits,
     ptrs_aligned: bool,
     dims: &[usize],
@@ -119,7 +133,22 @@ pub(crate) fn plan(
     let fused_cap = fused_budget / (on_chip * elem_bytes);
     let enough_rows = rows >= dev.sms;
     let worth_splitting = row_len >= 2 * MIN_CHUNK;
-    let fused = row_len <= fused_cap && (enough_rows || !worth_splitting);
+    let fused = match path {
+        Path::Auto => row_len <= fused_cap && (enough_rows || !worth_splitting),
+        Path::Split => false,
+        // forced: up to everything the device allows one block, not just the tuned budget
+        Path::Fused if on_chip * row_len * elem_bytes <= dev.smem_per_block => true,
+        Path::Fused => {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "the fused path for rows of {row_len} values: it keeps {on_chip} tensor(s) of \
+                     the row on chip, {} bytes, over the {} bytes a block may use here",
+                    on_chip * row_len * elem_bytes,
+                    dev.smem_per_block
+                ),
+            })
+        }
+    };
     let chunking = if fused {
         Chunking {
             chunks: 1,
@@ -174,10 +203,12 @@ pub(crate) fn plan(
         (false, Pass::Forward) => chunk_elems * elem_bytes,
         (false, Pass::Backward) => 0,
     };
+    // forward split: (mean, m2) per chunk, then (mean, rstd) per row;
+    // backward: (sum dy, sum dy xhat, sum x - mean) per (n, c, piece), then (m1, m2, delta) per row
     let workspace_floats = match pass {
         Pass::Forward if fused => 0,
-        Pass::Forward => 2 * rows * chunking.chunks as usize,
-        Pass::Backward => 2 * n * c * chunking.pieces as usize,
+        Pass::Forward => 2 * rows * chunking.chunks as usize + 2 * rows,
+        Pass::Backward => 3 * n * c * chunking.pieces as usize + 3 * rows,
     };
     Ok(Plan {
         fused,
@@ -227,7 +258,7 @@ mod tests {
     /// Every value of a row belongs to exactly one chunk, chunks are contiguous and in order,
     /// fit their shared-memory budget, and keep vector alignment when `vec`.
     fn check_covers(sh: Shape, pass: Pass, dev: DeviceLimits) {
-        let p = plan(sh, pass, dev, true, &[sh.n, sh.c, sh.s]).unwrap();
+        let p = plan(sh, pass, Path::Auto, dev, true, &[sh.n, sh.c, sh.s]).unwrap();
         let (d, s) = (sh.d as u32, sh.s as u32);
         let mut next = 0u64;
         for k in 0..p.chunking.chunks {
@@ -286,6 +317,7 @@ mod tests {
         let p = plan(
             shape(1, 320, 32, 64 * 64, 2),
             Pass::Forward,
+            Path::Auto,
             H100,
             true,
             &[],
@@ -301,6 +333,7 @@ mod tests {
         let p = plan(
             shape(16, 320, 32, 32 * 32, 2),
             Pass::Forward,
+            Path::Auto,
             H100,
             true,
             &[],
@@ -313,17 +346,69 @@ mod tests {
 
     #[test]
     fn odd_spatial_sizes_take_the_scalar_kernels() {
-        let p = plan(shape(2, 6, 3, 35, 2), Pass::Forward, H100, true, &[]).unwrap();
+        let p = plan(
+            shape(2, 6, 3, 35, 2),
+            Pass::Forward,
+            Path::Auto,
+            H100,
+            true,
+            &[],
+        )
+        .unwrap();
         assert!(!p.vec);
-        let p = plan(shape(2, 6, 3, 64, 2), Pass::Forward, H100, false, &[]).unwrap();
+        let p = plan(
+            shape(2, 6, 3, 64, 2),
+            Pass::Forward,
+            Path::Auto,
+            H100,
+            false,
+            &[],
+        )
+        .unwrap();
         assert!(!p.vec, "misaligned pointers must take the scalar kernels");
     }
 
     #[test]
     fn empty_rows_are_fused_no_ops() {
-        let p = plan(shape(2, 4, 2, 0, 4), Pass::Forward, H100, true, &[]).unwrap();
+        let p = plan(
+            shape(2, 4, 2, 0, 4),
+            Pass::Forward,
+            Path::Auto,
+            H100,
+            true,
+            &[],
+        )
+        .unwrap();
         assert!(p.fused);
         assert_eq!(p.smem_bytes, 0);
+    }
+
+    #[test]
+    fn paths_can_be_forced() {
+        let sh = shape(1, 320, 32, 64 * 64, 2);
+        for pass in [Pass::Forward, Pass::Backward] {
+            let p = plan(sh, pass, Path::Fused, H100, true, &[]).unwrap();
+            assert!(p.fused && p.chunking.chunks == 1, "{p:?}");
+            let p = plan(
+                shape(300, 32, 32, 64, 4),
+                pass,
+                Path::Split,
+                H100,
+                true,
+                &[],
+            )
+            .unwrap();
+            assert!(!p.fused && p.workspace_floats > 0, "{p:?}");
+        }
+        let e = plan(
+            shape(1, 4, 1, 1 << 20, 4),
+            Pass::Forward,
+            Path::Fused,
+            T4,
+            true,
+            &[],
+        );
+        assert!(matches!(e, Err(Error::Unsupported { .. })), "{e:?}");
     }
 
     #[test]
@@ -331,6 +416,7 @@ mod tests {
         let e = plan(
             shape(1, 1, 1, 1 << 33, 4),
             Pass::Forward,
+            Path::Auto,
             H100,
             true,
             &[1, 1, 1 << 33],

@@ -93,12 +93,15 @@ impl Gpu {
         let name = ctx
             .name()
             .unwrap_or_else(|_| format!("CUDA device {ordinal}"));
+        let smem_optin = smem.max(0) as usize;
         let limits = DeviceLimits {
             sms: sms.max(1) as usize,
-            // keep room for the kernels' static shared memory (reduction scratch)
-            smem_per_block: (smem.max(0) as usize).saturating_sub(1024),
+            // The planner's budget for dynamic shared memory: 1 KiB under the device's limit
+            // leaves room for the kernels' static shared memory (at most 384 bytes of reduction
+            // scratch), which the same limit covers.
+            smem_per_block: smem_optin.saturating_sub(1024),
         };
-        let kernels = Kernels::for_context(&ctx, (major, minor), limits)?;
+        let kernels = Kernels::for_context(&ctx, (major, minor), smem_optin)?;
         let stream = ctx.default_stream();
         Ok(Gpu {
             ctx,
@@ -193,7 +196,8 @@ impl Gpu {
 pub(crate) struct Kernels {
     modules: Vec<Arc<CudaModule>>,
     functions: RwLock<HashMap<String, CudaFunction>>,
-    limits: DeviceLimits,
+    /// The device's shared memory per block (opt-in), static and dynamic together.
+    smem_optin: usize,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -217,7 +221,7 @@ impl Kernels {
     fn for_context(
         ctx: &Arc<CudaContext>,
         capability: (i32, i32),
-        limits: DeviceLimits,
+        smem_optin: usize,
     ) -> Result<Arc<Self>> {
         let key = ctx.cu_ctx() as usize;
         let mut cache = cache()
@@ -247,7 +251,7 @@ impl Kernels {
         let kernels = Arc::new(Kernels {
             modules,
             functions: RwLock::new(HashMap::new()),
-            limits,
+            smem_optin,
         });
         cache.push((key, kernels.clone()));
         Ok(kernels)
@@ -266,10 +270,11 @@ impl Kernels {
         for module in &self.modules {
             match module.load_function(name) {
                 Ok(f) => {
-                    // Let the kernel use all the dynamic shared memory the device allows a block;
-                    // each launch still asks only for what its plan needs.
+                    // Let the kernel use all the dynamic shared memory the device allows a block
+                    // beside its static scratch (the planner stays 1 KiB under this); each launch
+                    // still asks only for what its plan needs.
                     let static_smem = f.shared_size_bytes().unwrap_or(0).max(0) as usize;
-                    let dynamic = self.limits.smem_per_block.saturating_sub(static_smem);
+                    let dynamic = self.smem_optin.saturating_sub(static_smem);
                     f.set_attribute(
                         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         dynamic as i32,

@@ -72,7 +72,7 @@ mod sealed {
     impl Sealed for half::bf16 {}
 }
 
-/// An element type the crate computes on: `f32`, [`f16`] or [`bf16`].
+/// An element type the crate computes on: `f32`, [`struct@f16`] or [`struct@bf16`].
 ///
 /// Sealed: the kernels exist for these three only. Conversions to f32 are exact; conversions
 /// from f32 and f64 round to nearest even.

@@ -1,0 +1,159 @@
+//! The CPU path: the methods [`GroupNorm::forward`], [`GroupNorm::forward_into`] and
+//! [`GroupNorm::backward`] on host slices, and the f64 [`reference`](mod@reference) they are
+//! tested against.
+//!
+//! The fast path accumulates in f32 (the precision the GPU kernels use), runs in parallel over
+//! group rows with rayon (and inside rows when rows are few and long), and is deterministic: the
+//! same inputs give the same bits, whatever the number of threads, because every reduction has a
+//! fixed shape (pairwise trees over fixed chunks; `dweight`/`dbias` summed over `n` in order).
+//!
+//! Numerics, in short: each group row subtracts a pivot (its first value) before accumulating
+//! and before normalizing, so the error follows the spread of the row rather than its offset;
+//! chunks of 256 values get exact two-pass statistics and merge with Chan's formula. A NaN or
+//! Inf in a row makes that row's outputs NaN and leaves the others alone. `S = 0` gives empty
+//! outputs with statistics mean 0 and `rstd = 1 / sqrt(eps)` per row; `N = 0` gives empty
+//! everything.
+//!
+//! Every method validates all of its arguments before computing anything and reports a bad
+//! argument as an [`Error`](crate::Error), never a panic.
+
+pub mod reference;
+
+mod fast;
+
+use crate::config::check_len;
+use crate::dtype::{check_param_dtype, Element};
+use crate::{Geometry, Grads, GroupNorm, Result, Stats};
+
+impl GroupNorm {
+    /// Validates the arguments of a forward pass and returns the geometry.
+    fn check_forward<T: Element, P: Element>(
+        &self,
+        x: &[T],
+        dims: &[usize],
+        weight: Option<&[P]>,
+        bias: Option<&[P]>,
+    ) -> Result<Geometry> {
+        let geo = self.geometry(dims)?;
+        geo.check_activation("x", x.len())?;
+        self.check_params::<T, P>(weight, bias)?;
+        Ok(geo)
+    }
+
+    /// Forward pass on the CPU: returns `y` (same dims and layout as `x`) and the per-group
+    /// statistics for [`GroupNorm::backward`].
+    ///
+    /// `x` has logical dims `dims = (N, C, *spatial)` and lies in memory in this configuration's
+    /// [`Layout`](crate::Layout). `weight` and `bias` hold one value per channel, in f32 or
+    /// `T`; a missing weight counts as 1 and a missing bias as 0.
+    ///
+    /// Errors: bad dims (fewer than two, wrong channel count, too large), `x` not of
+    /// `N * C * S` elements, a parameter not of `C` elements or of a dtype other than f32 or `T`.
+    ///
+    /// ```
+    /// use groupnorm::GroupNorm;
+    /// let gn = GroupNorm::new(1, 1)?;
+    /// let (y, stats) = gn.forward(&[1.0f32, 2.0, 3.0], &[1, 1, 3], Some(&[2.0f32][..]), None)?;
+    /// assert_eq!(stats.mean, vec![2.0]);
+    /// assert!((y[2] - 2.0 * 1.22474).abs() < 1e-4);
+    /// # Ok::<(), groupnorm::Error>(())
+    /// ```
+    pub fn forward<T: Element, P: Element>(
+        &self,
+        x: &[T],
+        dims: &[usize],
+        weight: Option<&[P]>,
+        bias: Option<&[P]>,
+    ) -> Result<(Vec<T>, Stats)> {
+        let geo = self.check_forward(x, dims, weight, bias)?;
+        let mut y = vec![T::default(); geo.numel()];
+        let mut stats = Stats {
+            mean: vec![0.0; geo.rows()],
+            rstd: vec![0.0; geo.rows()],
+        };
+        fast::forward(
+            &geo,
+            self.get_eps() as f32,
+            x,
+            weight,
+            bias,
+            &mut y,
+            &mut stats.mean,
+            &mut stats.rstd,
+        );
+        Ok((y, stats))
+    }
+
+    /// Forward pass on the CPU into caller-owned buffers. The computation allocates nothing,
+    /// in either layout (its working state lives on the stack).
+    ///
+    /// `y` must have `N * C * S` elements and `stats.mean`, `stats.rstd` `N * G` elements each;
+    /// they are overwritten. Errors as [`GroupNorm::forward`], plus those lengths. Nothing is
+    /// written when an error is returned.
+    pub fn forward_into<T: Element, P: Element>(
+        &self,
+        x: &[T],
+        dims: &[usize],
+        weight: Option<&[P]>,
+        bias: Option<&[P]>,
+        y: &mut [T],
+        stats: &mut Stats,
+    ) -> Result<()> {
+        let geo = self.check_forward(x, dims, weight, bias)?;
+        geo.check_activation("y", y.len())?;
+        geo.check_stats(stats)?;
+        fast::forward(
+            &geo,
+            self.get_eps() as f32,
+            x,
+            weight,
+            bias,
+            y,
+            &mut stats.mean,
+            &mut stats.rstd,
+        );
+        Ok(())
+    }
+
+    /// Backward pass on the CPU: gradients with respect to `x`, the weight and the bias.
+    ///
+    /// `dy` and `x` have dims `dims` in this configuration's layout; `stats` are the statistics
+    /// the forward pass saved for this `x`. `dweight` is `Some` exactly when `weight` is, and
+    /// `dbias` exactly when `want_dbias` is true; both have `C` values of type `P`.
+    ///
+    /// Errors: as [`GroupNorm::forward`] for `dims`, `x` and `weight`, plus `dy` not of
+    /// `N * C * S` elements, `stats.mean`/`stats.rstd` not of `N * G` elements, and `P` other
+    /// than f32 or `T` when a weight is given or `dbias` is wanted.
+    ///
+    /// The result is deterministic: the same inputs give the same bits on every run.
+    pub fn backward<T: Element, P: Element>(
+        &self,
+        dy: &[T],
+        x: &[T],
+        dims: &[usize],
+        stats: &Stats,
+        weight: Option<&[P]>,
+        want_dbias: bool,
+    ) -> Result<Grads<T, P>> {
+        let geo = self.geometry(dims)?;
+        geo.check_activation("dy", dy.len())?;
+        geo.check_activation("x", x.len())?;
+        geo.check_stats(stats)?;
+        if let Some(w) = weight {
+            check_param_dtype::<T, P>("weight")?;
+            check_len("weight", w.len(), geo.c, "one value per channel")?;
+        }
+        if want_dbias {
+            check_param_dtype::<T, P>("dbias")?;
+        }
+        let mut dx = vec![T::default(); geo.numel()];
+        let (dweight, dbias) =
+            fast::backward(&geo, dy, x, &stats.mean, &stats.rstd, weight, &mut dx);
+        let narrow = |v: Vec<f32>| v.into_iter().map(P::from_f32).collect::<Vec<P>>();
+        Ok(Grads {
+            dx,
+            dweight: weight.map(|_| narrow(dweight)),
+            dbias: want_dbias.then(|| narrow(dbias)),
+        })
+    }
+}

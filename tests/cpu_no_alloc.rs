@@ -1,0 +1,114 @@
+//! `GroupNorm::forward_into` allocates nothing for its computation, in either layout, whatever
+//! the shape: a counting global allocator watches every thread while it runs.
+//!
+//! This binary holds a single test so that nothing else allocates while it counts.
+
+use groupnorm::{f16, GroupNorm, Layout, Stats};
+use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
+        if COUNTING.load(Ordering::SeqCst) {
+            ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        }
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
+        // SAFETY: `ptr` came from `System.alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::SeqCst) {
+            ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        }
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Runs `forward_into` once to warm up (thread pool, thread-locals), then counts the
+/// allocations of a second run.
+fn allocations_of_forward_into<T: groupnorm::Element>(gn: &GroupNorm, dims: &[usize]) -> usize {
+    let numel: usize = dims.iter().product();
+    let rows = dims[0] * gn.groups();
+    let x: Vec<T> = (0..numel)
+        .map(|i| T::from_f32(((i * 7919) % 1000) as f32 / 250.0 - 2.0))
+        .collect();
+    let w: Vec<f32> = (0..gn.channels()).map(|i| 1.0 + i as f32 / 100.0).collect();
+    let mut y = vec![T::default(); numel];
+    let mut stats = Stats {
+        mean: vec![0.0; rows],
+        rstd: vec![0.0; rows],
+    };
+    gn.forward_into(&x, dims, Some(&w), Some(&w), &mut y, &mut stats)
+        .unwrap();
+    ALLOCATIONS.store(0, Ordering::SeqCst);
+    COUNTING.store(true, Ordering::SeqCst);
+    let r = gn.forward_into(&x, dims, Some(&w), Some(&w), &mut y, &mut stats);
+    COUNTING.store(false, Ordering::SeqCst);
+    r.unwrap();
+    ALLOCATIONS.load(Ordering::SeqCst)
+}
+
+/// Fewest allocations over a few runs: rayon's own bookkeeping (work-stealing deques, epoch
+/// garbage) allocates now and then, a forward pass that allocated would do so every time.
+fn fewest_allocations<T: groupnorm::Element>(gn: &GroupNorm, dims: &[usize]) -> usize {
+    (0..5)
+        .map(|_| allocations_of_forward_into::<T>(gn, dims))
+        .min()
+        .unwrap_or(0)
+}
+
+#[test]
+fn forward_into_allocates_nothing_beyond_argument_validation() {
+    // The baseline: a one-element tensor. What it allocates is argument validation (today 4:
+    // the dims copied into `Geometry`, and the messages of the `x`, `y` and stats length checks,
+    // formatted before they are known to be needed), the same for every shape.
+    let one = GroupNorm::new(1, 1).unwrap();
+    let baseline = fewest_allocations::<f32>(&one, &[1, 1]);
+    assert!(
+        baseline <= 4,
+        "a one-element forward_into allocates {baseline} times; validation accounts for 4"
+    );
+
+    // Small and large rows, narrow and wide channels (C > 256 takes other NHWC paths), a long
+    // row split across threads.
+    let shapes: [(&[usize], usize); 5] = [
+        (&[2, 320, 32, 32], 32),
+        (&[1, 64, 64, 64], 32),
+        (&[3, 6, 7, 5], 3),
+        (&[2, 600, 9], 1),
+        (&[1, 2, 1 << 18], 1),
+    ];
+    for (dims, groups) in shapes {
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            let gn = GroupNorm::new(groups, dims[1]).unwrap().layout(layout);
+            let a = fewest_allocations::<f32>(&gn, dims);
+            assert_eq!(
+                a,
+                baseline,
+                "{dims:?} {} f32: {a} allocations",
+                layout.name()
+            );
+            let a = fewest_allocations::<f16>(&gn, dims);
+            assert_eq!(
+                a,
+                baseline,
+                "{dims:?} {} f16: {a} allocations",
+                layout.name()
+            );
+        }
+    }
+}

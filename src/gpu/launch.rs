@@ -60,20 +60,9 @@ pub(crate) fn forward(
     p: DType,
     params: &FwdParams,
 ) -> Result<()> {
-    if params.rows == 0 {
-        return Ok(());
-    }
-    if plan.fused {
-        let name = kernel_name("fwd_fused", t, Some(p), Some(plan.vec));
-        launch(gpu, &name, plan.blocks, THREADS, plan.smem_bytes, params)
-    } else {
-        let name = kernel_name("fwd_partial", t, None, Some(plan.vec));
-        launch(gpu, &name, plan.blocks, THREADS, plan.smem_bytes, params)?;
-        let name = kernel_name("fwd_merge", t, None, None);
-        launch(gpu, &name, params.rows as u32, MERGE_THREADS, 0, params)?;
-        let name = kernel_name("fwd_apply", t, Some(p), Some(plan.vec));
-        launch(gpu, &name, plan.blocks, THREADS, 0, params)
-    }
+    forward_sequence(plan, t, p, params, |name, blocks, threads, smem, a| {
+        launch(gpu, name, blocks, threads, smem, a)
+    })
 }
 
 /// Backward: fused, or partial, rows, dx; then the parameter gradients when asked for.
@@ -85,23 +74,168 @@ pub(crate) fn backward(
     channels: usize,
     params: &BwdParams,
 ) -> Result<()> {
+    backward_sequence(
+        plan,
+        t,
+        p,
+        channels,
+        params,
+        |name, blocks, threads, smem, a| launch(gpu, name, blocks, threads, smem, a),
+    )
+}
+
+/// The forward pass's kernels, in order, each handed to `launch` as (kernel name, blocks,
+/// threads per block, dynamic shared memory bytes, parameters). The GPU path and the host
+/// emulator (`emulate`, feature `emulate`) share this one sequence.
+pub(crate) fn forward_sequence<L>(
+    plan: &Plan,
+    t: DType,
+    p: DType,
+    params: &FwdParams,
+    mut launch: L,
+) -> Result<()>
+where
+    L: FnMut(&str, u32, u32, u32, &FwdParams) -> Result<()>,
+{
+    if params.rows == 0 {
+        return Ok(());
+    }
+    if plan.fused {
+        let name = kernel_name("fwd_fused", t, Some(p), Some(plan.vec));
+        launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)
+    } else {
+        let name = kernel_name("fwd_partial", t, None, Some(plan.vec));
+        launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)?;
+        let name = kernel_name("fwd_merge", t, None, None);
+        launch(&name, params.rows as u32, MERGE_THREADS, 0, params)?;
+        let name = kernel_name("fwd_apply", t, Some(p), Some(plan.vec));
+        launch(&name, plan.blocks, THREADS, 0, params)
+    }
+}
+
+/// The backward pass's kernels, in order, as [`forward_sequence`].
+pub(crate) fn backward_sequence<L>(
+    plan: &Plan,
+    t: DType,
+    p: DType,
+    channels: usize,
+    params: &BwdParams,
+    mut launch: L,
+) -> Result<()>
+where
+    L: FnMut(&str, u32, u32, u32, &BwdParams) -> Result<()>,
+{
     if params.rows > 0 {
         if plan.fused {
             let name = kernel_name("bwd_fused", t, Some(p), Some(plan.vec));
-            launch(gpu, &name, plan.blocks, THREADS, plan.smem_bytes, params)?;
+            launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)?;
         } else {
             let name = kernel_name("bwd_partial", t, None, Some(plan.vec));
-            launch(gpu, &name, plan.blocks, THREADS, 0, params)?;
+            launch(&name, plan.blocks, THREADS, 0, params)?;
             let name = kernel_name("bwd_rows", p, None, None);
-            launch(gpu, &name, params.rows as u32, ROW_THREADS, 0, params)?;
+            launch(&name, params.rows as u32, ROW_THREADS, 0, params)?;
             let name = kernel_name("bwd_dx", t, Some(p), Some(plan.vec));
-            launch(gpu, &name, plan.blocks, THREADS, 0, params)?;
+            launch(&name, plan.blocks, THREADS, 0, params)?;
         }
     }
     if params.dweight != 0 || params.dbias != 0 {
         let name = kernel_name("bwd_params", p, None, None);
         let blocks = channels.div_ceil(PARAM_THREADS as usize) as u32;
-        launch(gpu, &name, blocks, PARAM_THREADS, 0, params)?;
+        launch(&name, blocks, PARAM_THREADS, 0, params)?;
+    }
+    Ok(())
+}
+
+/// Threads of the baseline kernels (`kBaseThreads`).
+const BASE_THREADS: u32 = 256;
+
+/// Grid of the baseline's elementwise kernels: enough blocks to fill any GPU, grid-stride beyond.
+fn elementwise_blocks(numel: u64) -> u32 {
+    numel.div_ceil(BASE_THREADS as u64).clamp(1, 65_536) as u32
+}
+
+/// The unfused baseline forward (PyTorch's structure), on the GPU.
+pub(crate) fn forward_baseline(gpu: &Gpu, t: DType, p: DType, params: &FwdParams) -> Result<()> {
+    forward_baseline_sequence(t, p, params, |name, blocks, threads, smem, a| {
+        launch(gpu, name, blocks, threads, smem, a)
+    })
+}
+
+/// The unfused baseline backward, on the GPU.
+pub(crate) fn backward_baseline(
+    gpu: &Gpu,
+    t: DType,
+    p: DType,
+    channels: usize,
+    params: &BwdParams,
+) -> Result<()> {
+    backward_baseline_sequence(t, p, channels, params, |name, blocks, threads, smem, a| {
+        launch(gpu, name, blocks, threads, smem, a)
+    })
+}
+
+/// The baseline forward's kernels, in order (as [`forward_sequence`]): row statistics (one block
+/// per row), then an elementwise normalize kernel.
+pub(crate) fn forward_baseline_sequence<L>(
+    t: DType,
+    p: DType,
+    params: &FwdParams,
+    mut launch: L,
+) -> Result<()>
+where
+    L: FnMut(&str, u32, u32, u32, &FwdParams) -> Result<()>,
+{
+    if params.rows == 0 {
+        return Ok(());
+    }
+    let numel = params.rows * params.d as u64 * params.s as u64;
+    launch(
+        &kernel_name("base_stats", t, None, None),
+        params.rows as u32,
+        BASE_THREADS,
+        0,
+        params,
+    )?;
+    let name = kernel_name("base_norm", t, Some(p), None);
+    launch(&name, elementwise_blocks(numel), BASE_THREADS, 0, params)
+}
+
+/// The baseline backward's kernels, in order: per-(n, c) sums, per-row coefficients, elementwise
+/// dx, then dweight/dbias. Workspace: 2 * N * C + 2 * N * G floats.
+pub(crate) fn backward_baseline_sequence<L>(
+    t: DType,
+    p: DType,
+    channels: usize,
+    params: &BwdParams,
+    mut launch: L,
+) -> Result<()>
+where
+    L: FnMut(&str, u32, u32, u32, &BwdParams) -> Result<()>,
+{
+    if params.rows > 0 {
+        let numel = params.rows * params.d as u64 * params.s as u64;
+        let sums = params.batch as u64 * channels as u64;
+        if sums > i32::MAX as u64 {
+            return Err(Error::Unsupported {
+                what: format!("the baseline backward for {sums} (n, c) pairs"),
+            });
+        }
+        launch(
+            &kernel_name("base_bwd_sums", t, None, None),
+            sums as u32,
+            BASE_THREADS,
+            0,
+            params,
+        )?;
+        let name = kernel_name("base_bwd_coeffs", p, None, None);
+        launch(&name, params.rows as u32, BASE_THREADS, 0, params)?;
+        let name = kernel_name("base_bwd_dx", t, Some(p), None);
+        launch(&name, elementwise_blocks(numel), BASE_THREADS, 0, params)?;
+    }
+    if params.dweight != 0 || params.dbias != 0 {
+        let name = kernel_name("base_bwd_params", p, None, None);
+        let blocks = channels.div_ceil(BASE_THREADS as usize) as u32;
+        launch(&name, blocks, BASE_THREADS, 0, params)?;
     }
     Ok(())
 }
@@ -151,6 +285,32 @@ mod tests {
             wanted.push(kernel_name("bwd_params", t, None, None));
             wanted.push(kernel_name("bwd_rows", t, None, None));
             wanted.push(kernel_name("fwd_merge", t, None, None));
+            for kind in [
+                "base_stats",
+                "base_bwd_sums",
+                "base_bwd_coeffs",
+                "base_bwd_params",
+            ] {
+                wanted.push(kernel_name(kind, t, None, None));
+            }
+            for p in [t, DType::F32] {
+                for kind in ["base_norm", "base_bwd_dx"] {
+                    wanted.push(kernel_name(kind, t, Some(p), None));
+                }
+            }
+            for kind in [
+                "base_stats",
+                "base_bwd_sums",
+                "base_bwd_coeffs",
+                "base_bwd_params",
+            ] {
+                wanted.push(kernel_name(kind, t, None, None));
+            }
+            for p in [t, DType::F32] {
+                for kind in ["base_norm", "base_bwd_dx"] {
+                    wanted.push(kernel_name(kind, t, Some(p), None));
+                }
+            }
         }
         for name in &wanted {
             assert!(

@@ -157,6 +157,31 @@ impl GpuGroupNorm {
         }
     }
 
+    /// Describes the kernel path this op takes for activations of type `T` with `dims` (assuming
+    /// 16-byte aligned buffers), e.g. `fused` or `split x10 (1 ch/chunk)`, for reports.
+    pub fn describe_path<T: Element>(&self, dims: &[usize], backward: bool) -> Result<String> {
+        let geo = self.gn.geometry(dims)?;
+        let pass = if backward {
+            Pass::Backward
+        } else {
+            Pass::Forward
+        };
+        let p = plan::plan(
+            Self::shape::<T>(&geo),
+            pass,
+            self.path,
+            self.gpu.limits(),
+            true,
+            &geo.dims,
+        )?;
+        let ch = p.chunking;
+        Ok(match (p.fused, ch.pieces) {
+            (true, _) => "fused".to_string(),
+            (false, 1) => format!("split x{} ({} ch/chunk)", ch.chunks, ch.cpb),
+            (false, pieces) => format!("split x{} ({pieces} pieces/ch)", ch.chunks),
+        })
+    }
+
     /// Makes the workspace at least `floats` f32 values long: grown (never shrunk) as needed.
     fn reserve_workspace(&mut self, floats: usize) -> Result<()> {
         if floats > 0 && self.workspace.as_ref().is_none_or(|w| w.len() < floats) {
@@ -186,18 +211,39 @@ impl GpuGroupNorm {
     }
 
     /// Forward pass into caller-owned buffers (no allocation beyond the workspace's first growth).
-    pub fn forward_into<T, P>(
+    pub fn forward_into<T: Element, P: Element>(
         &mut self,
         x: &DeviceTensor<T>,
         weight: Option<&CudaSlice<P>>,
         bias: Option<&CudaSlice<P>>,
         y: &mut DeviceTensor<T>,
         stats: &mut DeviceStats,
-    ) -> Result<()>
-    where
-        T: Element,
-        P: Element,
-    {
+    ) -> Result<()> {
+        self.run_forward(x, weight, bias, y, stats, false)
+    }
+
+    /// The same forward pass through the unfused baseline `groupnorm bench` compares against:
+    /// a statistics kernel, then a separate normalize kernel, as PyTorch structures it.
+    pub fn forward_baseline_into<T: Element, P: Element>(
+        &mut self,
+        x: &DeviceTensor<T>,
+        weight: Option<&CudaSlice<P>>,
+        bias: Option<&CudaSlice<P>>,
+        y: &mut DeviceTensor<T>,
+        stats: &mut DeviceStats,
+    ) -> Result<()> {
+        self.run_forward(x, weight, bias, y, stats, true)
+    }
+
+    fn run_forward<T: Element, P: Element>(
+        &mut self,
+        x: &DeviceTensor<T>,
+        weight: Option<&CudaSlice<P>>,
+        bias: Option<&CudaSlice<P>>,
+        y: &mut DeviceTensor<T>,
+        stats: &mut DeviceStats,
+        baseline: bool,
+    ) -> Result<()> {
         let geo = self.geometry(x)?;
         check_tensor(&self.gpu, &geo, "y", y)?;
         check_param_dtype::<T, P>("weight")?;
@@ -249,7 +295,11 @@ impl GpuGroupNorm {
             eps: self.gn.get_eps() as f32,
             chunking: plan.chunking,
         };
-        launch::forward(&self.gpu, &plan, T::DTYPE, P::DTYPE, &params)
+        if baseline {
+            launch::forward_baseline(&self.gpu, T::DTYPE, P::DTYPE, &params)
+        } else {
+            launch::forward(&self.gpu, &plan, T::DTYPE, P::DTYPE, &params)
+        }
     }
 
     /// Backward pass into new buffers. `dweight` is computed when `weight` is given, `dbias` when
@@ -290,7 +340,7 @@ impl GpuGroupNorm {
 
     /// Backward pass into caller-owned buffers. `dweight` may only be asked for with a weight.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_into<T, P>(
+    pub fn backward_into<T: Element, P: Element>(
         &mut self,
         dy: &DeviceTensor<T>,
         x: &DeviceTensor<T>,
@@ -299,11 +349,38 @@ impl GpuGroupNorm {
         dx: &mut DeviceTensor<T>,
         dweight: Option<&mut CudaSlice<P>>,
         dbias: Option<&mut CudaSlice<P>>,
-    ) -> Result<()>
-    where
-        T: Element,
-        P: Element,
-    {
+    ) -> Result<()> {
+        self.run_backward(dy, x, stats, weight, dx, dweight, dbias, false)
+    }
+
+    /// The same backward pass through the unfused baseline (PyTorch's structure: per-(n, c) sums,
+    /// per-row coefficients, an elementwise dx kernel, then dweight/dbias).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_baseline_into<T: Element, P: Element>(
+        &mut self,
+        dy: &DeviceTensor<T>,
+        x: &DeviceTensor<T>,
+        stats: &DeviceStats,
+        weight: Option<&CudaSlice<P>>,
+        dx: &mut DeviceTensor<T>,
+        dweight: Option<&mut CudaSlice<P>>,
+        dbias: Option<&mut CudaSlice<P>>,
+    ) -> Result<()> {
+        self.run_backward(dy, x, stats, weight, dx, dweight, dbias, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_backward<T: Element, P: Element>(
+        &mut self,
+        dy: &DeviceTensor<T>,
+        x: &DeviceTensor<T>,
+        stats: &DeviceStats,
+        weight: Option<&CudaSlice<P>>,
+        dx: &mut DeviceTensor<T>,
+        dweight: Option<&mut CudaSlice<P>>,
+        dbias: Option<&mut CudaSlice<P>>,
+        baseline: bool,
+    ) -> Result<()> {
         let geo = self.geometry(x)?;
         check_tensor(&self.gpu, &geo, "dy", dy)?;
         check_tensor(&self.gpu, &geo, "dx", dx)?;
@@ -340,7 +417,13 @@ impl GpuGroupNorm {
             aligned,
             &geo.dims,
         )?;
-        self.reserve_workspace(plan.workspace_floats)?;
+        // the baseline keeps (sum dy x, sum dy) per (n, c) and two coefficients per row
+        let floats = if baseline {
+            2 * geo.n * geo.c + 2 * geo.rows()
+        } else {
+            plan.workspace_floats
+        };
+        self.reserve_workspace(floats)?;
         let (ws, _gws) = self
             .workspace
             .as_mut()
@@ -374,6 +457,10 @@ impl GpuGroupNorm {
             },
             chunking: plan.chunking,
         };
-        launch::backward(&self.gpu, &plan, T::DTYPE, P::DTYPE, geo.c, &params)
+        if baseline {
+            launch::backward_baseline(&self.gpu, T::DTYPE, P::DTYPE, geo.c, &params)
+        } else {
+            launch::backward(&self.gpu, &plan, T::DTYPE, P::DTYPE, geo.c, &params)
+        }
     }
 }

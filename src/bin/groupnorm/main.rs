@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! groupnorm demo     worked examples and a Stable Diffusion shape, GPU when present, CPU otherwise
+//! groupnorm bench    timings, GB/s and % of copy bandwidth, beside an unfused baseline
+//! groupnorm check    randomized parity with the f64 reference
 //! groupnorm apply    forward on .npy files
 //! groupnorm grad     backward on .npy files
 //! groupnorm info     what this binary and machine can do (kernels, driver, device)
@@ -11,9 +13,12 @@
 //! its accuracy target or the machine cannot run the request (no GPU), 2 bad input.
 
 mod args;
+mod bench;
+mod check;
 mod demo;
 mod files;
 mod npy;
+mod shapes;
 
 use std::process::ExitCode;
 
@@ -22,6 +27,9 @@ const USAGE: &str = "usage: groupnorm <command> [flags]
 commands:
   demo    run the worked examples and a realistic shape, forward and backward, on the GPU when
           one is usable and on the CPU always; print parity with the f64 reference and timings
+  bench   time forward and backward per shape and dtype, GB/s and % of copy bandwidth, beside
+          an unfused baseline (groupnorm bench --help)
+  check   randomized parity with the f64 reference over a shape set (groupnorm check --help)
   apply   forward pass on .npy files (groupnorm apply --help)
   grad    backward pass on .npy files (groupnorm grad --help)
   info    print what this binary and machine can do: kernels, driver, device
@@ -38,8 +46,12 @@ fn main() -> ExitCode {
             demo::print_environment();
             return ExitCode::SUCCESS;
         }
+        Some("bench") if wants_help => return usage(bench::USAGE),
+        Some("check") if wants_help => return usage(check::USAGE),
         Some("apply") if wants_help => return usage(files::APPLY_USAGE),
         Some("grad") if wants_help => return usage(files::GRAD_USAGE),
+        Some("bench") => bench::run(rest),
+        Some("check") => check::run(rest),
         Some("apply") => files::apply(rest),
         Some("grad") => files::grad(rest),
         Some("help" | "-h" | "--help") => return usage(USAGE),

@@ -1,0 +1,496 @@
+//! `groupnorm bench`: time per shape, dtype and pass, achieved bandwidth at minimum traffic, and
+//! the ratio to the device's copy bandwidth measured in the same run; the same for an unfused
+//! baseline structured as PyTorch's kernels. Without a GPU it times the CPU fast path against
+//! `memcpy` instead, and says so.
+//!
+//! Minimum traffic: forward reads x and writes y (2 tensor passes), backward reads x and dy and
+//! writes dx (3). Parameters and statistics are not counted.
+
+use super::args::{Args, UsageError};
+use super::check::{parse_dtypes, parse_path, Rng};
+use super::files::Failure;
+use super::shapes::{self, Shape};
+use cudarc::driver::sys::CUdevice_attribute;
+use groupnorm::gpu::{self, CudaSlice, DeviceStats, DeviceTensor, Gpu, Path};
+use groupnorm::{bf16, f16, DType, Element, GroupNorm, Layout};
+use std::fmt::Write as _;
+use std::time::Instant;
+
+pub const USAGE: &str = "usage: groupnorm bench [--shapes sd|small|large|all|2x320x64x64:32,...]
+       [--dtype f16,f32|all|bf16] [--pass fwd|bwd|both] [--runs 50] [--warmup 10]
+       [--path auto|fused|split] [--device auto|gpu|cpu] [--no-baseline]
+       [--csv FILE] [--json FILE]
+  GPU: median of --runs timed runs (CUDA events) after --warmup, inputs rotated when they fit in
+  L2; GB/s at minimum traffic and % of the device-to-device copy bandwidth measured first.
+  Defaults: --shapes sd --dtype f16,f32 --pass both (CPU: --shapes small --runs 10).";
+
+/// One measured row; the CSV and JSON columns, shared with scripts/bench_torch.py.
+pub struct Row {
+    pub implementation: &'static str,
+    pub device: String,
+    pub shape: String,
+    pub dtype: String,
+    pub pass: &'static str,
+    pub path: String,
+    pub time_ms: f64,
+    pub gbps: f64,
+    pub pct_copy: f64,
+    pub copy_gbps: f64,
+}
+
+pub const CSV_HEADER: &str = "impl,device,shape,dtype,pass,path,time_ms,gbps,pct_copy,copy_gbps";
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+struct Config {
+    shapes: Vec<Shape>,
+    dtypes: Vec<(DType, DType)>,
+    passes: Vec<&'static str>,
+    runs: usize,
+    warmup: usize,
+    path: Path,
+    baseline: bool,
+}
+
+pub fn run(raw: &[String]) -> Result<(), Failure> {
+    let args = Args::parse(
+        raw,
+        &[
+            "shapes", "dtype", "pass", "runs", "warmup", "path", "device", "csv", "json",
+        ],
+        &["no-baseline"],
+    )?;
+    let gpu = match args.get("device").unwrap_or("auto") {
+        "gpu" => Some(Gpu::new(0)?),
+        "cpu" => None,
+        "auto" => match Gpu::new(0) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                eprintln!("bench: no usable GPU ({e}): benchmarking the CPU path against memcpy");
+                None
+            }
+        },
+        other => {
+            return Err(UsageError(format!("--device: `{other}` is not auto, gpu or cpu")).into())
+        }
+    };
+    let on_gpu = gpu.is_some();
+    let default_shapes = if on_gpu { "sd" } else { "small" };
+    let cfg = Config {
+        shapes: shapes::parse(args.get("shapes").unwrap_or(default_shapes))?,
+        dtypes: parse_dtypes(args.get("dtype").unwrap_or("f16,f32"))?
+            .into_iter()
+            // f16/bf16 activations are benchmarked with f32 parameters (autocast pipelines)
+            .filter(|&(t, p)| t == DType::F32 || p == DType::F32)
+            .collect(),
+        passes: match args.get("pass").unwrap_or("both") {
+            "fwd" => vec!["fwd"],
+            "bwd" => vec!["bwd"],
+            "both" => vec!["fwd", "bwd"],
+            other => {
+                return Err(UsageError(format!("--pass: `{other}` is not fwd, bwd or both")).into())
+            }
+        },
+        runs: args.parsed("runs", if on_gpu { 50 } else { 10 })?,
+        warmup: args.parsed("warmup", if on_gpu { 10 } else { 2 })?,
+        path: parse_path(args.get("path").unwrap_or("auto"))?,
+        baseline: !args.on("no-baseline"),
+    };
+    if cfg.runs == 0 {
+        return Err(UsageError("--runs must be at least 1".into()).into());
+    }
+    let rows = match &gpu {
+        Some(g) => bench_gpu(g, &cfg)?,
+        None => bench_cpu(&cfg)?,
+    };
+    print_table(&rows);
+    if let Some(p) = args.get("csv") {
+        std::fs::write(p, csv(&rows)).map_err(|e| UsageError(format!("--csv {p}: {e}")))?;
+    }
+    if let Some(p) = args.get("json") {
+        std::fs::write(p, json(&rows)).map_err(|e| UsageError(format!("--json {p}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Tensor passes of minimum traffic.
+fn passes_of(pass: &str) -> f64 {
+    if pass == "fwd" {
+        2.0
+    } else {
+        3.0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU
+
+/// Device-to-device copy bandwidth (bytes read plus written per second), median of 20 copies of
+/// 512 MiB (or a quarter of free memory), far beyond any L2.
+fn copy_bandwidth(gpu: &Gpu) -> Result<f64, Failure> {
+    let (free, _) = gpu
+        .context()
+        .mem_get_info()
+        .map_err(|e| Failure(format!("querying memory: {e}"), 1))?;
+    let bytes = (512usize << 20).min(free / 4) & !0xFFFF;
+    let stream = gpu.stream();
+    let src: CudaSlice<u8> = stream
+        .alloc_zeros(bytes)
+        .map_err(|e| Failure(format!("allocating the copy buffers: {e}"), 1))?;
+    let mut dst: CudaSlice<u8> = stream
+        .alloc_zeros(bytes)
+        .map_err(|e| Failure(format!("allocating the copy buffers: {e}"), 1))?;
+    let mut times = Vec::new();
+    for i in 0..23 {
+        let start = gpu.timing_event()?;
+        stream
+            .memcpy_dtod(&src, &mut dst)
+            .map_err(|e| Failure(format!("copying: {e}"), 1))?;
+        let end = gpu.timing_event()?;
+        let ms = Gpu::elapsed_ms(&start, &end)?;
+        if i >= 3 {
+            times.push(ms);
+        }
+    }
+    Ok(2.0 * bytes as f64 / median(times) / 1e6)
+}
+
+fn bench_gpu(gpu: &Gpu, cfg: &Config) -> Result<Vec<Row>, Failure> {
+    let l2 = gpu
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .unwrap_or(0)
+        .max(0) as usize;
+    eprintln!(
+        "bench: {} (L2 {} MiB); measuring copy bandwidth ...",
+        gpu.name(),
+        l2 >> 20
+    );
+    let copy = copy_bandwidth(gpu)?;
+    eprintln!("bench: device-to-device copy {copy:.0} GB/s (read + write)");
+    let mut rows = Vec::new();
+    for shape in &cfg.shapes {
+        for &(t, p) in &cfg.dtypes {
+            eprintln!("bench: {} {t}/{p} ...", shape.label());
+            let r = match (t, p) {
+                (DType::F32, _) => gpu_shape::<f32, f32>(gpu, cfg, shape, l2, copy),
+                (DType::F16, DType::F16) => gpu_shape::<f16, f16>(gpu, cfg, shape, l2, copy),
+                (DType::F16, _) => gpu_shape::<f16, f32>(gpu, cfg, shape, l2, copy),
+                (DType::BF16, DType::BF16) => gpu_shape::<bf16, bf16>(gpu, cfg, shape, l2, copy),
+                (DType::BF16, _) => gpu_shape::<bf16, f32>(gpu, cfg, shape, l2, copy),
+            };
+            match r {
+                Ok(mut v) => rows.append(&mut v),
+                // a shape that does not fit this device is reported and skipped, not fatal
+                Err(groupnorm::Error::OutOfMemory { bytes, .. }) => {
+                    eprintln!(
+                        "bench: {} skipped: out of device memory ({bytes} bytes)",
+                        shape.label()
+                    )
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Median GPU milliseconds of `runs` calls after `warmup`, each call timed by its own events.
+fn time_gpu(
+    gpu: &Gpu,
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut(usize) -> groupnorm::Result<()>,
+) -> groupnorm::Result<f64> {
+    for i in 0..warmup {
+        f(i)?;
+    }
+    let mut times = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let start = gpu.timing_event()?;
+        f(i)?;
+        let end = gpu.timing_event()?;
+        times.push(Gpu::elapsed_ms(&start, &end)?);
+    }
+    Ok(median(times))
+}
+
+fn gpu_shape<T: Element, P: Element>(
+    gpu: &Gpu,
+    cfg: &Config,
+    shape: &Shape,
+    l2: usize,
+    copy: f64,
+) -> groupnorm::Result<Vec<Row>> {
+    let dims = &shape.dims;
+    let c = dims[1];
+    let gn = GroupNorm::new(shape.groups, c)?;
+    let bytes = shape.numel() * T::DTYPE.size();
+    // enough copies of the inputs that consecutive runs do not find them in L2
+    let copies = if 2 * bytes < 3 * l2 {
+        (3 * l2).div_ceil(2 * bytes.max(1)).clamp(2, 16)
+    } else {
+        1
+    };
+    let mut rng = Rng::new(7);
+    let x: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);
+    let dy: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);
+    let xs: Vec<DeviceTensor<T>> = (0..copies)
+        .map(|_| DeviceTensor::from_host(gpu, &x, dims, Layout::Nchw))
+        .collect::<Result<_, _>>()?;
+    let dys: Vec<DeviceTensor<T>> = (0..copies)
+        .map(|_| DeviceTensor::from_host(gpu, &dy, dims, Layout::Nchw))
+        .collect::<Result<_, _>>()?;
+    let w = gpu::upload(gpu.stream(), &rng.normal_vec::<P>(c, 1.0, 0.1))?;
+    let b = gpu::upload(gpu.stream(), &rng.normal_vec::<P>(c, 0.0, 0.1))?;
+    let mut y = DeviceTensor::<T>::zeros(gpu, dims, Layout::Nchw)?;
+    let mut stats = DeviceStats::zeros(gpu, dims[0] * shape.groups)?;
+    let mut dx = DeviceTensor::<T>::zeros(gpu, dims, Layout::Nchw)?;
+    let mut dw = gpu::upload(gpu.stream(), &vec![P::default(); c])?;
+    let mut db = gpu::upload(gpu.stream(), &vec![P::default(); c])?;
+    let mut op = gn.on_gpu(gpu).with_path(cfg.path);
+    let mut rows = Vec::new();
+    let dtype = format!("{}/{}", T::DTYPE, P::DTYPE);
+    let mut push = |implementation, pass: &'static str, path: String, ms: f64| {
+        let gbps = passes_of(pass) * bytes as f64 / ms / 1e6;
+        rows.push(Row {
+            implementation,
+            device: gpu.name().to_string(),
+            shape: shape.label(),
+            dtype: dtype.clone(),
+            pass,
+            path,
+            time_ms: ms,
+            gbps,
+            pct_copy: 100.0 * gbps / copy,
+            copy_gbps: copy,
+        });
+    };
+    // statistics for the backward passes
+    op.forward_into(&xs[0], Some(&w), Some(&b), &mut y, &mut stats)?;
+    for &pass in &cfg.passes {
+        let path = op.describe_path::<T>(dims, pass == "bwd")?;
+        let ms = if pass == "fwd" {
+            time_gpu(gpu, cfg.warmup, cfg.runs, |i| {
+                op.forward_into(&xs[i % copies], Some(&w), Some(&b), &mut y, &mut stats)
+            })?
+        } else {
+            time_gpu(gpu, cfg.warmup, cfg.runs, |i| {
+                let k = i % copies;
+                op.backward_into(
+                    &dys[k],
+                    &xs[k],
+                    &stats,
+                    Some(&w),
+                    &mut dx,
+                    Some(&mut dw),
+                    Some(&mut db),
+                )
+            })?
+        };
+        push("groupnorm", pass, path, ms);
+        if cfg.baseline {
+            let ms = if pass == "fwd" {
+                time_gpu(gpu, cfg.warmup, cfg.runs, |i| {
+                    op.forward_baseline_into(
+                        &xs[i % copies],
+                        Some(&w),
+                        Some(&b),
+                        &mut y,
+                        &mut stats,
+                    )
+                })?
+            } else {
+                time_gpu(gpu, cfg.warmup, cfg.runs, |i| {
+                    let k = i % copies;
+                    op.backward_baseline_into(
+                        &dys[k],
+                        &xs[k],
+                        &stats,
+                        Some(&w),
+                        &mut dx,
+                        Some(&mut dw),
+                        Some(&mut db),
+                    )
+                })?
+            };
+            push("baseline", pass, "unfused".into(), ms);
+        }
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU
+
+/// Host memcpy bandwidth (bytes read plus written per second), median of 7 copies of 256 MiB.
+fn memcpy_bandwidth() -> f64 {
+    let bytes = 256usize << 20;
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&mut dst);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    2.0 * bytes as f64 / median(times) / 1e6
+}
+
+fn bench_cpu(cfg: &Config) -> Result<Vec<Row>, Failure> {
+    eprintln!("bench: measuring memcpy bandwidth ...");
+    let copy = memcpy_bandwidth();
+    eprintln!(
+        "bench: memcpy {copy:.1} GB/s (read + write), {} threads",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let mut rows = Vec::new();
+    for shape in &cfg.shapes {
+        for &(t, p) in &cfg.dtypes {
+            eprintln!("bench: {} {t}/{p} ...", shape.label());
+            let mut v = match (t, p) {
+                (DType::F32, _) => cpu_shape::<f32, f32>(cfg, shape, copy)?,
+                (DType::F16, DType::F16) => cpu_shape::<f16, f16>(cfg, shape, copy)?,
+                (DType::F16, _) => cpu_shape::<f16, f32>(cfg, shape, copy)?,
+                (DType::BF16, DType::BF16) => cpu_shape::<bf16, bf16>(cfg, shape, copy)?,
+                (DType::BF16, _) => cpu_shape::<bf16, f32>(cfg, shape, copy)?,
+            };
+            rows.append(&mut v);
+        }
+    }
+    Ok(rows)
+}
+
+fn cpu_shape<T: Element, P: Element>(
+    cfg: &Config,
+    shape: &Shape,
+    copy: f64,
+) -> Result<Vec<Row>, Failure> {
+    let dims = &shape.dims;
+    let c = dims[1];
+    let gn = GroupNorm::new(shape.groups, c)?;
+    let mut rng = Rng::new(7);
+    let x: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);
+    let dy: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);
+    let w: Vec<P> = rng.normal_vec(c, 1.0, 0.1);
+    let b: Vec<P> = rng.normal_vec(c, 0.0, 0.1);
+    let mut y = vec![T::default(); x.len()];
+    let (_, mut stats) = gn.forward(&x, dims, Some(&w), Some(&b))?;
+    let bytes = shape.numel() * T::DTYPE.size();
+    let mut rows = Vec::new();
+    for &pass in &cfg.passes {
+        let mut times = Vec::new();
+        for i in 0..cfg.warmup + cfg.runs {
+            let t = Instant::now();
+            if pass == "fwd" {
+                gn.forward_into(&x, dims, Some(&w), Some(&b), &mut y, &mut stats)?;
+            } else {
+                std::hint::black_box(gn.backward(&dy, &x, dims, &stats, Some(&w), true)?);
+            }
+            if i >= cfg.warmup {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let ms = median(times);
+        let gbps = passes_of(pass) * bytes as f64 / ms / 1e6;
+        rows.push(Row {
+            implementation: "groupnorm-cpu",
+            device: "cpu".into(),
+            shape: shape.label(),
+            dtype: format!("{}/{}", T::DTYPE, P::DTYPE),
+            pass,
+            path: "cpu fast".into(),
+            time_ms: ms,
+            gbps,
+            pct_copy: 100.0 * gbps / copy,
+            copy_gbps: copy,
+        });
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<14} {:<20} {:<9} {:<4} {:<26} {:>10} {:>9} {:>7}",
+        "impl", "shape", "dtype", "pass", "path", "time ms", "GB/s", "% copy"
+    );
+    for r in rows {
+        println!(
+            "{:<14} {:<20} {:<9} {:<4} {:<26} {:>10.4} {:>9.1} {:>6.1}%",
+            r.implementation, r.shape, r.dtype, r.pass, r.path, r.time_ms, r.gbps, r.pct_copy
+        );
+    }
+    if let Some(r) = rows.first() {
+        println!(
+            "copy bandwidth (read + write) on {}: {:.1} GB/s",
+            r.device, r.copy_gbps
+        );
+    }
+}
+
+pub fn csv(rows: &[Row]) -> String {
+    let mut s = String::from(CSV_HEADER);
+    s.push('\n');
+    for r in rows {
+        writeln!(
+            s,
+            "{},{},{},{},{},{},{:.6},{:.2},{:.2},{:.2}",
+            r.implementation,
+            r.device.replace(',', " "),
+            r.shape,
+            r.dtype,
+            r.pass,
+            r.path.replace(',', " "),
+            r.time_ms,
+            r.gbps,
+            r.pct_copy,
+            r.copy_gbps
+        )
+        .expect("write to String");
+    }
+    s
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+pub fn json(rows: &[Row]) -> String {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"impl\":{},\"device\":{},\"shape\":{},\"dtype\":{},\"pass\":{},\"path\":{},\
+                 \"time_ms\":{},\"gbps\":{},\"pct_copy\":{},\"copy_gbps\":{}}}",
+                json_str(r.implementation),
+                json_str(&r.device),
+                json_str(&r.shape),
+                json_str(&r.dtype),
+                json_str(r.pass),
+                json_str(&r.path),
+                r.time_ms,
+                r.gbps,
+                r.pct_copy,
+                r.copy_gbps
+            )
+        })
+        .collect();
+    format!("[\n  {}\n]\n", items.join(",\n  "))
+}

@@ -131,4 +131,30 @@ mod tests {
         assert!(parse("320").is_err());
         assert!(parse("medium").is_err());
     }
+
+    /// scripts/bench_torch.py keeps its own copy of the `sd` set (it runs where no Rust is);
+    /// the two must time the same shapes. Read relative to the working directory, which is the
+    /// repository root under cargo and on the GPU machine alike.
+    #[test]
+    fn the_torch_script_times_the_same_sd_shapes() {
+        let script =
+            std::fs::read_to_string("scripts/bench_torch.py").expect("scripts/bench_torch.py");
+        let block = script
+            .split("# BEGIN SD SHAPES")
+            .nth(1)
+            .and_then(|s| s.split("# END SD SHAPES").next())
+            .expect("SD SHAPES markers");
+        let nums: Vec<usize> = block
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|t| !t.is_empty())
+            .map(|t| t.parse().unwrap())
+            .collect();
+        let python: Vec<(usize, usize)> = nums.chunks(2).map(|p| (p[0], p[1])).collect();
+        let rust: Vec<(usize, usize)> = sd()
+            .iter()
+            .filter(|s| s.dims[0] == 1)
+            .map(|s| (s.dims[1], s.dims[2]))
+            .collect();
+        assert_eq!(python, rust);
+    }
 }

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Put `groupnorm bench --csv` and `scripts/bench_torch.py --csv` results side by side.
+
+    python3 scripts/compare_bench.py ours.csv torch.csv [--svg plot.svg] [--markdown]
+
+Rows are matched on (shape, activation dtype, pass). Prints, per row: our time, the unfused
+baseline's, PyTorch's, our % of copy bandwidth, and the speedups; then geometric means over the
+rows, over f16 and f32 separately, and over N = 1 shapes. `--svg` draws % of copy bandwidth per
+shape (ours, baseline, PyTorch) as a plain SVG file (no plotting library needed).
+Standard library only.
+"""
+import argparse
+import csv
+import math
+import sys
+
+
+def load(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def key(row):
+    return (row["shape"], row["dtype"].split("/")[0], row["pass"])
+
+
+def geomean(v):
+    v = [x for x in v if x and x > 0]
+    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ours")
+    ap.add_argument("torch", nargs="?")
+    ap.add_argument("--svg")
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = ap.parse_args()
+
+    ours, base, torch, torch_silu = {}, {}, {}, {}
+    for r in load(args.ours):
+        {"groupnorm": ours, "groupnorm-cpu": ours, "baseline": base}.get(r["impl"], {})[key(r)] = r
+    if args.torch:
+        for r in load(args.torch):
+            {"torch": torch, "torch-gn-silu": torch_silu}.get(r["impl"], {})[key(r)] = r
+    if not ours:
+        sys.exit("compare_bench: no `groupnorm` rows in " + args.ours)
+
+    head = ["shape", "dtype", "pass", "path", "ours ms", "% copy", "baseline ms", "torch ms",
+            "vs baseline", "vs torch"]
+    lines = []
+    speed_base, speed_torch, pct = {}, {}, {}
+    for k, r in ours.items():
+        t = float(r["time_ms"])
+        b = float(base[k]["time_ms"]) if k in base else None
+        p = float(torch[k]["time_ms"]) if k in torch else None
+        group = (k[1], k[2])
+        pct.setdefault(group, []).append(float(r["pct_copy"]))
+        if b:
+            speed_base.setdefault(group, []).append(b / t)
+        if p:
+            speed_torch.setdefault(group, []).append(p / t)
+            if k[0].startswith("1x"):
+                speed_torch.setdefault(("N=1", k[2]), []).append(p / t)
+        lines.append([k[0], r["dtype"], k[2], r["path"], f"{t:.4f}", f"{float(r['pct_copy']):.1f}",
+                      f"{b:.4f}" if b else "-", f"{p:.4f}" if p else "-",
+                      f"{b / t:.2f}x" if b else "-", f"{p / t:.2f}x" if p else "-"])
+
+    if args.markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for l in lines:
+            print("| " + " | ".join(l) + " |")
+    else:
+        widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+        print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+        for l in lines:
+            print("  ".join(c.ljust(w) for c, w in zip(l, widths)))
+    print()
+    for group in sorted(pct):
+        msg = f"geomean {group[0]} {group[1]}: {geomean(pct[group]):.1f}% of copy bandwidth"
+        if group in speed_base:
+            msg += f", {geomean(speed_base[group]):.2f}x the baseline"
+        if group in speed_torch:
+            msg += f", {geomean(speed_torch[group]):.2f}x PyTorch"
+        print(msg)
+    for p in ("fwd", "bwd"):
+        if ("N=1", p) in speed_torch:
+            print(f"geomean N = 1 shapes {p}: {geomean(speed_torch[('N=1', p)]):.2f}x PyTorch")
+
+    if args.svg:
+        write_svg(args.svg, ours, base, torch)
+        print(f"wrote {args.svg}")
+
+
+def write_svg(path, ours, base, torch):
+    keys = sorted(ours, key=lambda k: (k[2], k[1], k[0]))
+    series = [("ours", ours, "#1f77b4"), ("baseline", base, "#ff7f0e"), ("PyTorch", torch, "#2ca02c")]
+    bar, gap, left, top, height = 6, 10, 60, 30, 300
+    width = left + len(keys) * (3 * bar + gap) + 20
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + height + 170}" '
+           f'font-family="sans-serif" font-size="10">',
+           f'<text x="{left}" y="18" font-size="13">% of measured copy bandwidth per shape '
+           f'(higher is better; 100% = the copy floor)</text>']
+    for pctl in (0, 25, 50, 75, 100):
+        y = top + height - pctl / 100 * height
+        out.append(f'<line x1="{left}" x2="{width - 10}" y1="{y}" y2="{y}" stroke="#ddd"/>')
+        out.append(f'<text x="{left - 5}" y="{y + 3}" text-anchor="end">{pctl}%</text>')
+    for i, k in enumerate(keys):
+        x0 = left + i * (3 * bar + gap)
+        for j, (_, data, color) in enumerate(series):
+            if k in data:
+                v = min(float(data[k]["pct_copy"]), 120.0)
+                h = v / 100 * height
+                out.append(f'<rect x="{x0 + j * bar}" y="{top + height - h}" width="{bar - 1}" '
+                           f'height="{h}" fill="{color}"/>')
+        lx, ly = x0 + bar, top + height + 8
+        out.append(f'<text x="{lx}" y="{ly}" transform="rotate(70 {lx} {ly})">'
+                   f'{k[0]} {k[1]} {k[2]}</text>')
+    for j, (name, _, color) in enumerate(series):
+        out.append(f'<rect x="{left + j * 90}" y="{top + height + 150}" width="10" height="10" '
+                   f'fill="{color}"/><text x="{left + j * 90 + 14}" y="{top + height + 159}">{name}</text>')
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -114,6 +114,18 @@ fn check_param<T: Element, P: Element>(
     Ok(())
 }
 
+/// Statistics must describe `N * G` rows, in buffers long enough and of this context.
+fn check_stats(gpu: &Gpu, geo: &Geometry, stats: &DeviceStats) -> Result<()> {
+    check_len("stats", stats.rows, geo.rows(), "N * G rows")?;
+    for (name, s) in [("mean", &stats.mean), ("rstd", &stats.rstd)] {
+        same_context(gpu, name, s)?;
+        if s.len() < geo.rows() {
+            check_len(name, s.len(), geo.rows(), "N * G rows")?;
+        }
+    }
+    Ok(())
+}
+
 impl GpuGroupNorm {
     /// The configuration.
     pub fn config(&self) -> &GroupNorm {
@@ -249,13 +261,7 @@ impl GpuGroupNorm {
         check_param_dtype::<T, P>("weight")?;
         check_param::<T, P>(&self.gpu, "weight", weight, geo.c)?;
         check_param::<T, P>(&self.gpu, "bias", bias, geo.c)?;
-        check_len("stats", stats.rows, geo.rows(), "N * G rows")?;
-        for (name, s) in [("mean", &stats.mean), ("rstd", &stats.rstd)] {
-            same_context(&self.gpu, name, s)?;
-            if s.len() < geo.rows() {
-                check_len(name, s.len(), geo.rows(), "N * G rows")?;
-            }
-        }
+        check_stats(&self.gpu, &geo, stats)?;
         let stream = self.gpu.stream().clone();
         let (xp, _gx) = x.buffer().device_ptr(&stream);
         let y_offset = y.offset();
@@ -393,13 +399,7 @@ impl GpuGroupNorm {
                 what: "dweight without a weight: pass the weight the forward pass used".into(),
             });
         }
-        check_len("stats", stats.rows, geo.rows(), "N * G rows")?;
-        for (name, s) in [("mean", &stats.mean), ("rstd", &stats.rstd)] {
-            same_context(&self.gpu, name, s)?;
-            if s.len() < geo.rows() {
-                check_len(name, s.len(), geo.rows(), "N * G rows")?;
-            }
-        }
+        check_stats(&self.gpu, &geo, stats)?;
         let stream = self.gpu.stream().clone();
         let (dyp, _gdy) = dy.buffer().device_ptr(&stream);
         let (xp, _gx) = x.buffer().device_ptr(&stream);

@@ -38,10 +38,11 @@ def sd():
 def parse_shapes(spec):
     named = {"sd": sd, "small": lambda: SMALL, "large": lambda: LARGE,
              "all": lambda: SMALL + sd() + LARGE}
-    if spec in named:
-        return named[spec]()
     out = []
     for one in spec.split(","):
+        if one in named:
+            out += named[one]()
+            continue
         dims, _, groups = one.partition(":")
         out.append((tuple(int(d) for d in dims.split("x")), int(groups or 32)))
     return out

@@ -81,38 +81,41 @@ pub fn large() -> Vec<Shape> {
     ]
 }
 
-/// Parses a set name (`sd`, `small`, `large`, `all`) or comma-separated explicit shapes
-/// (`2x320x64x64:32`, groups default 32).
+/// Parses a comma-separated list of set names (`sd`, `small`, `large`, `all`) and explicit
+/// shapes (`2x320x64x64:32`, groups default 32), in order.
 pub fn parse(spec: &str) -> Result<Vec<Shape>, UsageError> {
-    match spec {
-        "sd" => return Ok(sd()),
-        "small" => return Ok(small()),
-        "large" => return Ok(large()),
-        "all" => return Ok([small(), sd(), large()].concat()),
-        _ => {}
+    let mut out = Vec::new();
+    for one in spec.split(',') {
+        match one {
+            "sd" => out.extend(sd()),
+            "small" => out.extend(small()),
+            "large" => out.extend(large()),
+            "all" => out.extend([small(), sd(), large()].concat()),
+            _ => out.push(parse_one(one)?),
+        }
     }
-    spec.split(',')
-        .map(|one| {
-            let bad = || {
-                UsageError(format!(
-                    "--shapes: `{one}` is neither a set (sd, small, large, all) nor a shape like \
-                     2x320x64x64:32"
-                ))
-            };
-            let (dims, groups) = match one.split_once(':') {
-                Some((d, g)) => (d, g.parse().map_err(|_| bad())?),
-                None => (one, 32),
-            };
-            let dims: Vec<usize> = dims
-                .split('x')
-                .map(|d| d.parse().map_err(|_| bad()))
-                .collect::<Result<_, _>>()?;
-            if dims.len() < 2 {
-                return Err(bad());
-            }
-            Ok(Shape::new(&dims, groups))
-        })
-        .collect()
+    Ok(out)
+}
+
+fn parse_one(one: &str) -> Result<Shape, UsageError> {
+    let bad = || {
+        UsageError(format!(
+            "--shapes: `{one}` is neither a set (sd, small, large, all) nor a shape like \
+             2x320x64x64:32"
+        ))
+    };
+    let (dims, groups) = match one.split_once(':') {
+        Some((d, g)) => (d, g.parse().map_err(|_| bad())?),
+        None => (one, 32),
+    };
+    let dims: Vec<usize> = dims
+        .split('x')
+        .map(|d| d.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    if dims.len() < 2 {
+        return Err(bad());
+    }
+    Ok(Shape::new(&dims, groups))
 }
 
 #[cfg(test)]
@@ -130,6 +133,7 @@ mod tests {
         assert!(parse("2x320:abc").is_err());
         assert!(parse("320").is_err());
         assert!(parse("medium").is_err());
+        assert_eq!(parse("small,1x64x8").unwrap().len(), small().len() + 1);
     }
 
     /// scripts/bench_torch.py keeps its own copy of the `sd` set (it runs where no Rust is);

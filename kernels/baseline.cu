@@ -23,7 +23,7 @@ __device__ __forceinline__ Welford block_welford(Welford w) {
   s2[threadIdx.x] = w.m2;
   __syncthreads();
   for (int stride = kBaseThreads / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) {
+    if ((int)threadIdx.x < stride) {
       const Welford o = combine(Welford(sn[threadIdx.x], sm[threadIdx.x], s2[threadIdx.x]),
                                 Welford(sn[threadIdx.x + stride], sm[threadIdx.x + stride],
                                         s2[threadIdx.x + stride]));

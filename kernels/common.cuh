@@ -4,8 +4,14 @@
 // Every reduction here combines in a fixed order (lane order, then warp order), so the same
 // inputs give the same bits on every run: no atomics anywhere.
 #pragma once
+// --- host emulation switch (cargo feature `emulate`, tests/emu/): see host_emu.h ---
+#ifdef GN_HOST_EMULATION
+#include "host_emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
+// --- end host emulation switch ---
 #include <stdint.h>
 
 #include "params.h"

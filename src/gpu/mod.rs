@@ -10,6 +10,9 @@
 //! [`Error::NoDevice`](crate::Error::NoDevice) from [`Gpu::new`], never a panic; a binary built
 //! without nvcc gets [`Error::KernelsNotBuilt`](crate::Error::KernelsNotBuilt).
 
+#[cfg(feature = "emulate")]
+#[doc(hidden)]
+pub mod emulate;
 mod launch;
 pub mod ops;
 mod params;

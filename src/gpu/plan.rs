@@ -133,22 +133,26 @@ pub(crate) fn plan(
     let fused_cap = fused_budget / (on_chip * elem_bytes);
     let enough_rows = rows >= dev.sms;
     let worth_splitting = row_len >= 2 * MIN_CHUNK;
-    let fused = match path {
-        Path::Auto => row_len <= fused_cap && (enough_rows || !worth_splitting),
-        Path::Split => false,
-        // forced: up to everything the device allows one block, not just the tuned budget
-        Path::Fused if on_chip * row_len * elem_bytes <= dev.smem_per_block => true,
-        Path::Fused => {
-            return Err(Error::Unsupported {
-                what: format!(
+    // An empty row (S = 0) has nothing to split: the fused kernel writes its statistics without
+    // reading x, where the split kernels would read a pivot past the end (and `target / s` below
+    // would divide by zero).
+    let fused = row_len == 0
+        || match path {
+            Path::Auto => row_len <= fused_cap && (enough_rows || !worth_splitting),
+            Path::Split => false,
+            // forced: up to everything the device allows one block, not just the tuned budget
+            Path::Fused if on_chip * row_len * elem_bytes <= dev.smem_per_block => true,
+            Path::Fused => {
+                return Err(Error::Unsupported {
+                    what: format!(
                     "the fused path for rows of {row_len} values: it keeps {on_chip} tensor(s) of \
                      the row on chip, {} bytes, over the {} bytes a block may use here",
                     on_chip * row_len * elem_bytes,
                     dev.smem_per_block
                 ),
-            })
-        }
-    };
+                })
+            }
+        };
     let chunking = if fused {
         Chunking {
             chunks: 1,

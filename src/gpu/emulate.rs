@@ -1,0 +1,736 @@
+//! Host emulator of the CUDA kernels (cargo feature `emulate`; for tests, not a public API).
+//!
+//! build.rs compiles the real `kernels/*.cu` with a C++ host compiler (kernels/host_emu.h,
+//! tests/emu/) into a static library; this module runs them on host slices through the crate's
+//! own planning (`src/gpu/plan.rs`) and launch sequence (`src/gpu/launch.rs`), with the
+//! parameter structs filled as `ops.rs` fills them, but with host addresses. So a machine without
+//! a GPU runs the kernels' arithmetic, indexing, chunking and synchronization, and tests hold them
+//! to the f64 reference (tests/gpu_emulated.rs).
+//!
+//! Each block's threads run as fibers on the calling OS thread, so a launch is deterministic
+//! under a given [`Schedule`]; running under another schedule and comparing bits finds races.
+//! Outputs of the allocating [`forward`] and [`backward`], and the workspace, start as NaN, so an
+//! element a kernel forgets to write shows; the workspace and [`HostBuffer`]s carry guard zones
+//! that detect stray writes.
+//!
+//! Argument errors are returned as the GPU path returns them. A kernel that fails (threads that
+//! can never meet at a barrier, a write past its shared memory or out of the workspace, a launch
+//! the driver would refuse) is a bug in the kernels or the plan, the equivalent of a GPU fault:
+//! these functions panic with the emulator's diagnosis.
+//!
+//! The kernels are trusted as on the GPU: every pointer handed to them is checked against the
+//! dims here, but a kernel that indexed out of its buffers would corrupt host memory. The guard
+//! zones exist to catch exactly that in tests.
+
+use super::launch;
+use super::params::{BwdParams, Chunking, FwdParams};
+use super::plan::{self, DeviceLimits, Pass, Path, Plan, Shape};
+use crate::config::check_len;
+use crate::dtype::check_param_dtype;
+use crate::{DType, Element, Error, Geometry, Grads, GroupNorm, Layout, Result, Stats};
+use std::ffi::{c_char, c_void, CStr, CString};
+
+extern "C" {
+    fn gn_emu_launch(
+        kernel: *const c_char,
+        grid: u32,
+        block: u32,
+        smem_bytes: u32,
+        params: *const c_void,
+    ) -> i32;
+    fn gn_emu_last_error() -> *const c_char;
+    fn gn_emu_set_schedule(policy: u32, seed: u64) -> i32;
+    fn gn_emu_kernel_count() -> usize;
+    fn gn_emu_kernel_name(i: usize) -> *const c_char;
+    fn gn_emu_float2half_rn(f: f32) -> u16;
+    fn gn_emu_half2float(h: u16) -> f32;
+    fn gn_emu_float2bfloat16_rn(f: f32) -> u16;
+    fn gn_emu_bfloat162float(b: u16) -> f32;
+}
+
+/// Prefix of the kernels that test the emulator itself (tests/emu/emu_selftest.cpp).
+pub const SELFTEST_PREFIX: &str = "gn_emu_selftest_";
+
+/// Elements of guard zone on each side of a [`HostBuffer`] and of the workspace.
+const GUARD: usize = 64;
+/// The value guard zones hold (exact in every dtype, and nothing a kernel computes here).
+const GUARD_VALUE: f32 = -24576.0;
+
+/// The order in which an emulated launch runs its blocks, and the ready threads of a block
+/// between barriers. The kernels must give the same bits under every order: a difference is a
+/// race (a missing `__syncthreads`, or blocks of one launch depending on each other).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Schedule {
+    /// Blocks in ascending order; in a block, one warp runs as far as the barriers let it
+    /// before the next starts (lowest warp first, lanes ascending), so warps drift apart as far
+    /// as they can (the default).
+    #[default]
+    Forward,
+    /// As `Forward`, in descending order of blocks, warps and lanes.
+    Reverse,
+    /// Blocks, warps and lanes in orders drawn from a generator with this seed.
+    Shuffled(u64),
+    /// Ascending, one thread at a time across the whole block: warps in near lockstep.
+    RoundRobin,
+}
+
+/// Sets the [`Schedule`] of emulated launches made from the calling OS thread.
+pub fn set_schedule(schedule: Schedule) {
+    let (policy, seed) = match schedule {
+        Schedule::Forward => (0, 0),
+        Schedule::Reverse => (1, 0),
+        Schedule::Shuffled(seed) => (2, seed),
+        Schedule::RoundRobin => (3, 0),
+    };
+    // SAFETY: plain values; the C side only stores them in thread-local variables.
+    let rc = unsafe { gn_emu_set_schedule(policy, seed) };
+    debug_assert_eq!(rc, 0);
+}
+
+/// One kernel launch an emulated call made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Launch {
+    /// The entry point.
+    pub kernel: String,
+    /// Grid size.
+    pub blocks: u32,
+    /// Threads per block.
+    pub threads: u32,
+    /// Dynamic shared memory, bytes.
+    pub smem_bytes: u32,
+}
+
+/// What an emulated call ran: the plan the crate's planner chose, and the launches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Trace {
+    /// One block per row (else the split path).
+    pub fused: bool,
+    /// The 16-byte vector kernels (else the scalar ones).
+    pub vec: bool,
+    /// Chunks per row.
+    pub chunks: u32,
+    /// Channels per chunk (when `pieces == 1`).
+    pub cpb: u32,
+    /// Pieces per channel.
+    pub pieces: u32,
+    /// Spatial values per piece.
+    pub piece_len: u32,
+    /// f32 workspace the plan asked for.
+    pub workspace_floats: usize,
+    /// The launches, in order.
+    pub launches: Vec<Launch>,
+}
+
+impl Trace {
+    fn new(plan: &Plan) -> Trace {
+        let Chunking {
+            chunks,
+            cpb,
+            pieces,
+            piece_len,
+        } = plan.chunking;
+        Trace {
+            fused: plan.fused,
+            vec: plan.vec,
+            chunks,
+            cpb,
+            pieces,
+            piece_len,
+            workspace_floats: plan.workspace_floats,
+            launches: Vec::new(),
+        }
+    }
+
+    /// Total blocks over all launches (what an emulated call costs).
+    pub fn total_blocks(&self) -> u64 {
+        self.launches.iter().map(|l| l.blocks as u64).sum()
+    }
+}
+
+/// A host buffer whose data starts `misalign` elements past a 16-byte boundary, between guard
+/// zones that detect stray writes ([`HostBuffer::guards_intact`]). (Not `Clone`: a clone's
+/// data would lie elsewhere, with another alignment.)
+#[derive(Debug)]
+pub struct HostBuffer<T> {
+    buf: Vec<T>,
+    start: usize,
+    len: usize,
+}
+
+impl<T: Element> HostBuffer<T> {
+    /// A copy of `data`, starting `misalign` elements past a 16-byte boundary.
+    pub fn new(data: &[T], misalign: usize) -> Self {
+        let mut b = Self::filled(data.len(), T::default(), misalign);
+        b.as_mut_slice().copy_from_slice(data);
+        b
+    }
+
+    /// `len` copies of `value`, starting `misalign` elements past a 16-byte boundary.
+    pub fn filled(len: usize, value: T, misalign: usize) -> Self {
+        let size = std::mem::size_of::<T>();
+        let per_16 = 16 / size;
+        let guard = T::from_f32(GUARD_VALUE);
+        let mut buf = vec![guard; len + 2 * GUARD + per_16 + misalign];
+        // the Vec never reallocates after this, so the address (and its alignment) stays
+        let base = buf.as_ptr() as usize + GUARD * size;
+        let skip = (16 - base % 16) % 16 / size;
+        let start = GUARD + skip + misalign;
+        buf[start..start + len].fill(value);
+        HostBuffer { buf, start, len }
+    }
+
+    /// The data.
+    pub fn as_slice(&self) -> &[T] {
+        &self.buf[self.start..self.start + self.len]
+    }
+
+    /// The data, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
+
+    /// A copy of the data.
+    pub fn to_vec(&self) -> Vec<T> {
+        self.as_slice().to_vec()
+    }
+
+    /// Whether every element outside the data still holds the guard value.
+    pub fn guards_intact(&self) -> bool {
+        let guard = T::from_f32(GUARD_VALUE);
+        let (before, rest) = self.buf.split_at(self.start);
+        before.iter().chain(&rest[self.len..]).all(|&v| v == guard)
+    }
+}
+
+/// Elements `p` lies past a 16-byte boundary.
+fn misalignment<T>(p: *const T) -> usize {
+    (p as usize % 16) / std::mem::size_of::<T>()
+}
+
+/// Runs one kernel of the emulator on the calling thread; `Err` holds the emulator's diagnosis.
+///
+/// # Safety
+///
+/// `params` must be the parameter struct `kernel` takes (`GnFwdParams` or `GnBwdParams`, see
+/// params.h), and every pointer in it valid for what the kernel reads and writes with the given
+/// grid: the same contract as a GPU launch.
+unsafe fn launch_raw(
+    kernel: &str,
+    blocks: u32,
+    threads: u32,
+    smem_bytes: u32,
+    params: *const c_void,
+) -> std::result::Result<(), String> {
+    let name = CString::new(kernel).map_err(|_| format!("kernel name `{kernel}` with a NUL"))?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call; the caller guarantees
+    // `params` and the pointers in it (see this function's contract).
+    let rc = unsafe { gn_emu_launch(name.as_ptr(), blocks, threads, smem_bytes, params) };
+    if rc == 0 {
+        return Ok(());
+    }
+    // SAFETY: gn_emu_last_error returns a NUL-terminated thread-local buffer that stays valid
+    // until the next launch from this thread; it is copied out at once.
+    let why = unsafe { CStr::from_ptr(gn_emu_last_error()) }
+        .to_string_lossy()
+        .into_owned();
+    Err(format!("emulating `{kernel}` (code {rc}): {why}"))
+}
+
+/// A launcher for the shared launch sequence: checks what the driver would refuse, runs the
+/// kernel on the host and records it in `trace`. Panics where the launch fails (see the module
+/// documentation).
+fn launcher<'a, A>(
+    limits: DeviceLimits,
+    trace: &'a mut Trace,
+) -> impl FnMut(&str, u32, u32, u32, &A) -> Result<()> + 'a {
+    move |name, blocks, threads, smem, params| {
+        assert!(
+            smem as usize <= limits.smem_per_block,
+            "launching `{name}`: {smem} bytes of dynamic shared memory, over the {} this device \
+             allows a block (the driver would refuse the launch)",
+            limits.smem_per_block
+        );
+        trace.launches.push(Launch {
+            kernel: name.to_string(),
+            blocks,
+            threads,
+            smem_bytes: smem,
+        });
+        // SAFETY: the launch sequences pass `FwdParams` to the forward kernels and `BwdParams`
+        // to the backward ones (the names say which), #[repr(C)] mirrors of params.h. The
+        // callers below filled them from slices checked against the dims and the plan, which
+        // stay borrowed until the sequence returns.
+        let r = unsafe {
+            launch_raw(
+                name,
+                blocks,
+                threads,
+                smem,
+                params as *const A as *const c_void,
+            )
+        };
+        if let Err(why) = r {
+            panic!("emulated launch failed: {why}");
+        }
+        Ok(())
+    }
+}
+
+fn check_geometry(gn: &GroupNorm, dims: &[usize]) -> Result<Geometry> {
+    let geo = gn.geometry(dims)?;
+    if geo.layout == Layout::Nhwc {
+        return Err(Error::Unsupported {
+            what: "NHWC (channels-last) tensors on the GPU yet: use the CPU path or an NCHW \
+                   tensor"
+                .into(),
+        });
+    }
+    Ok(geo)
+}
+
+fn shape<T: Element>(geo: &Geometry) -> Shape {
+    Shape {
+        n: geo.n,
+        c: geo.c,
+        g: geo.g,
+        d: geo.d,
+        s: geo.s,
+        elem_bytes: T::DTYPE.size(),
+    }
+}
+
+fn check_param<T: Element, P: Element>(
+    name: &'static str,
+    p: Option<&[P]>,
+    channels: usize,
+) -> Result<()> {
+    if let Some(p) = p {
+        check_param_dtype::<T, P>(name)?;
+        check_len(name, p.len(), channels, "one value per channel")?;
+    }
+    Ok(())
+}
+
+fn check_stats(mean: usize, rstd: usize, rows: usize) -> Result<()> {
+    for (name, len) in [("mean", mean), ("rstd", rstd)] {
+        if len < rows {
+            check_len(name, len, rows, "N * G rows")?;
+        }
+    }
+    Ok(())
+}
+
+fn addr<T>(s: &[T]) -> u64 {
+    s.as_ptr() as u64
+}
+
+fn addr_mut<T>(s: &mut [T]) -> u64 {
+    s.as_mut_ptr() as u64
+}
+
+/// A NaN-poisoned workspace of `floats` values between guard zones.
+fn workspace(floats: usize) -> HostBuffer<f32> {
+    HostBuffer::filled(floats, f32::NAN, 0)
+}
+
+fn check_workspace(ws: &HostBuffer<f32>) {
+    assert!(
+        ws.guards_intact(),
+        "a kernel wrote outside the workspace the plan sized"
+    );
+}
+
+/// Forward pass of the kernels on the host into caller-owned buffers, as
+/// [`GpuGroupNorm::forward_into`](super::GpuGroupNorm::forward_into) with `path` forced and a
+/// device of `limits`. The vector kernels run when `x` and `y` are 16-byte aligned (and the
+/// shape allows); the returned [`Trace`] says what ran.
+///
+/// Panics where a kernel fails (see the module documentation).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_into<T: Element, P: Element>(
+    gn: &GroupNorm,
+    path: Path,
+    limits: DeviceLimits,
+    x: &[T],
+    dims: &[usize],
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
+    y: &mut [T],
+    stats: &mut Stats,
+) -> Result<Trace> {
+    let geo = check_geometry(gn, dims)?;
+    geo.check_activation("x", x.len())?;
+    geo.check_activation("y", y.len())?;
+    check_param_dtype::<T, P>("weight")?;
+    check_param::<T, P>("weight", weight, geo.c)?;
+    check_param::<T, P>("bias", bias, geo.c)?;
+    check_stats(stats.mean.len(), stats.rstd.len(), geo.rows())?;
+    let (xp, yp) = (addr(x), addr_mut(y));
+    let aligned = xp % 16 == 0 && yp % 16 == 0;
+    let plan = plan::plan(
+        shape::<T>(&geo),
+        Pass::Forward,
+        path,
+        limits,
+        aligned,
+        &geo.dims,
+    )?;
+    let mut ws = workspace(plan.workspace_floats);
+    // as ops.rs fills them, with host addresses
+    let params = FwdParams {
+        x: xp,
+        y: yp,
+        weight: weight.map_or(0, addr),
+        bias: bias.map_or(0, addr),
+        mean: addr_mut(&mut stats.mean),
+        rstd: addr_mut(&mut stats.rstd),
+        partials: if plan.workspace_floats > 0 {
+            addr_mut(ws.as_mut_slice())
+        } else {
+            0
+        },
+        rows: geo.rows() as u64,
+        groups: geo.g as u32,
+        d: geo.d as u32,
+        s: geo.s as u32,
+        eps: gn.get_eps() as f32,
+        chunking: plan.chunking,
+    };
+    let mut trace = Trace::new(&plan);
+    launch::forward_sequence(
+        &plan,
+        T::DTYPE,
+        P::DTYPE,
+        &params,
+        launcher(limits, &mut trace),
+    )?;
+    check_workspace(&ws);
+    Ok(trace)
+}
+
+/// Backward pass of the kernels on the host into caller-owned buffers, as
+/// [`GpuGroupNorm::backward_into`](super::GpuGroupNorm::backward_into) with `path` forced and a
+/// device of `limits`. `dweight` may only be asked for with a weight.
+///
+/// Panics where a kernel fails (see the module documentation).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into<T: Element, P: Element>(
+    gn: &GroupNorm,
+    path: Path,
+    limits: DeviceLimits,
+    dy: &[T],
+    x: &[T],
+    dims: &[usize],
+    stats: &Stats,
+    weight: Option<&[P]>,
+    dx: &mut [T],
+    dweight: Option<&mut [P]>,
+    dbias: Option<&mut [P]>,
+) -> Result<Trace> {
+    let geo = check_geometry(gn, dims)?;
+    geo.check_activation("dy", dy.len())?;
+    geo.check_activation("x", x.len())?;
+    geo.check_activation("dx", dx.len())?;
+    check_param_dtype::<T, P>("weight")?;
+    check_param::<T, P>("weight", weight, geo.c)?;
+    check_param::<T, P>("dweight", dweight.as_deref(), geo.c)?;
+    check_param::<T, P>("dbias", dbias.as_deref(), geo.c)?;
+    if dweight.is_some() && weight.is_none() {
+        return Err(Error::Unsupported {
+            what: "dweight without a weight: pass the weight the forward pass used".into(),
+        });
+    }
+    check_stats(stats.mean.len(), stats.rstd.len(), geo.rows())?;
+    let (dyp, xp, dxp) = (addr(dy), addr(x), addr_mut(dx));
+    let aligned = xp % 16 == 0 && dyp % 16 == 0 && dxp % 16 == 0;
+    let plan = plan::plan(
+        shape::<T>(&geo),
+        Pass::Backward,
+        path,
+        limits,
+        aligned,
+        &geo.dims,
+    )?;
+    let mut ws = workspace(plan.workspace_floats);
+    let row_len = geo.row_len();
+    // as ops.rs fills them, with host addresses
+    let params = BwdParams {
+        dy: dyp,
+        x: xp,
+        mean: addr(&stats.mean),
+        rstd: addr(&stats.rstd),
+        weight: weight.map_or(0, addr),
+        dx: dxp,
+        dweight: dweight.map_or(0, addr_mut),
+        dbias: dbias.map_or(0, addr_mut),
+        partials: if plan.workspace_floats > 0 {
+            addr_mut(ws.as_mut_slice())
+        } else {
+            0
+        },
+        rows: geo.rows() as u64,
+        batch: geo.n as u32,
+        groups: geo.g as u32,
+        d: geo.d as u32,
+        s: geo.s as u32,
+        inv_row_len: if row_len > 0 {
+            (1.0 / row_len as f64) as f32
+        } else {
+            0.0
+        },
+        chunking: plan.chunking,
+    };
+    let mut trace = Trace::new(&plan);
+    launch::backward_sequence(
+        &plan,
+        T::DTYPE,
+        P::DTYPE,
+        geo.c,
+        &params,
+        launcher(limits, &mut trace),
+    )?;
+    check_workspace(&ws);
+    Ok(trace)
+}
+
+fn limits(sms: usize, smem_per_block: usize) -> DeviceLimits {
+    DeviceLimits {
+        sms,
+        smem_per_block,
+    }
+}
+
+fn check_guards<T: Element>(name: &str, b: &HostBuffer<T>) {
+    assert!(b.guards_intact(), "a kernel wrote outside `{name}`");
+}
+
+/// Forward pass of the kernels on the host, into new NaN-filled outputs: `y` is placed with the
+/// same alignment as `x`, so an aligned `x` runs the vector kernels where the shape allows and a
+/// misaligned one the scalar kernels.
+///
+/// Panics where a kernel fails (see the module documentation).
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Element, P: Element>(
+    gn: &GroupNorm,
+    path: Path,
+    x: &[T],
+    dims: &[usize],
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
+    sms: usize,
+    smem_per_block: usize,
+) -> Result<(Vec<T>, Stats)> {
+    let geo = check_geometry(gn, dims)?;
+    let mut y = HostBuffer::filled(geo.numel(), T::from_f32(f32::NAN), misalignment(x.as_ptr()));
+    let mut stats = Stats {
+        mean: vec![f32::NAN; geo.rows()],
+        rstd: vec![f32::NAN; geo.rows()],
+    };
+    forward_into(
+        gn,
+        path,
+        limits(sms, smem_per_block),
+        x,
+        dims,
+        weight,
+        bias,
+        y.as_mut_slice(),
+        &mut stats,
+    )?;
+    check_guards("y", &y);
+    Ok((y.to_vec(), stats))
+}
+
+/// Backward pass of the kernels on the host, into new NaN-filled outputs (`dx` placed with the
+/// same alignment as `x`). `dweight` is computed when `weight` is given, `dbias` when
+/// `want_dbias`.
+///
+/// Panics where a kernel fails (see the module documentation).
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Element, P: Element>(
+    gn: &GroupNorm,
+    path: Path,
+    dy: &[T],
+    x: &[T],
+    dims: &[usize],
+    stats: &Stats,
+    weight: Option<&[P]>,
+    want_dbias: bool,
+    sms: usize,
+    smem_per_block: usize,
+) -> Result<Grads<T, P>> {
+    let geo = check_geometry(gn, dims)?;
+    let nan_p = P::from_f32(f32::NAN);
+    let mut dx = HostBuffer::filled(geo.numel(), T::from_f32(f32::NAN), misalignment(x.as_ptr()));
+    let mut dweight = weight.map(|_| HostBuffer::filled(geo.c, nan_p, 0));
+    let mut dbias = want_dbias.then(|| HostBuffer::filled(geo.c, nan_p, 0));
+    backward_into(
+        gn,
+        path,
+        limits(sms, smem_per_block),
+        dy,
+        x,
+        dims,
+        stats,
+        weight,
+        dx.as_mut_slice(),
+        dweight.as_mut().map(|b| b.as_mut_slice()),
+        dbias.as_mut().map(|b| b.as_mut_slice()),
+    )?;
+    check_guards("dx", &dx);
+    for (name, b) in [("dweight", &dweight), ("dbias", &dbias)] {
+        if let Some(b) = b {
+            check_guards(name, b);
+        }
+    }
+    Ok(Grads {
+        dx: dx.to_vec(),
+        dweight: dweight.map(|b| b.to_vec()),
+        dbias: dbias.map(|b| b.to_vec()),
+    })
+}
+
+/// Every kernel of `kernels/*.cu` the emulator can run (its launch table, built by build.rs from
+/// the preprocessed sources), sorted; without the emulator's own self-test kernels.
+pub fn kernel_names() -> Vec<String> {
+    table()
+        .into_iter()
+        .filter(|n| !n.starts_with(SELFTEST_PREFIX))
+        .collect()
+}
+
+fn table() -> Vec<String> {
+    // SAFETY: no arguments; returns the length of a static table.
+    let n = unsafe { gn_emu_kernel_count() };
+    (0..n)
+        .map(|i| {
+            // SAFETY: i < count, so the C side returns a pointer to a static NUL-terminated
+            // string literal.
+            unsafe { CStr::from_ptr(gn_emu_kernel_name(i)) }
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+/// Every kernel name the shared launch sequences (`src/gpu/launch.rs`) can ask for, over
+/// every dtype pair the API accepts, both paths, both kinds of kernel and with or without
+/// parameter gradients: found by running the sequences with a launcher that only records.
+pub fn launchable_kernels() -> Vec<String> {
+    let mut names = Vec::new();
+    for t in [DType::F32, DType::F16, DType::BF16] {
+        for p in [t, DType::F32] {
+            for fused in [true, false] {
+                for vec in [true, false] {
+                    let plan = Plan {
+                        fused,
+                        vec,
+                        chunking: Chunking::default(),
+                        blocks: 1,
+                        smem_bytes: 0,
+                        workspace_floats: 0,
+                    };
+                    let mut record = |name: &str, _: u32, _: u32, _: u32| {
+                        names.push(name.to_string());
+                        Ok(())
+                    };
+                    let fwd = FwdParams {
+                        rows: 1,
+                        ..FwdParams::default()
+                    };
+                    launch::forward_sequence(&plan, t, p, &fwd, |n, b, th, s, _: &FwdParams| {
+                        record(n, b, th, s)
+                    })
+                    .expect("recording cannot fail");
+                    let bwd = BwdParams {
+                        rows: 1,
+                        dweight: 1,
+                        dbias: 1,
+                        ..BwdParams::default()
+                    };
+                    launch::backward_sequence(
+                        &plan,
+                        t,
+                        p,
+                        1,
+                        &bwd,
+                        |n, b, th, s, _: &BwdParams| record(n, b, th, s),
+                    )
+                    .expect("recording cannot fail");
+                }
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Runs one of the emulator's self-test kernels (tests/emu/emu_selftest.cpp) with forward
+/// parameters whose `x`, `y` and `mean` point at the given buffers and whose `s` is `s`.
+/// `Err` holds the emulator's diagnosis of a failed launch.
+///
+/// # Panics
+///
+/// Where `name` is not a self-test kernel, `x` or `y` holds fewer than `blocks * threads` values
+/// or `mean` fewer than `blocks` (the self-test kernels index them so).
+#[allow(clippy::too_many_arguments)]
+pub fn run_selftest(
+    name: &str,
+    blocks: u32,
+    threads: u32,
+    smem_bytes: u32,
+    s: u32,
+    x: &[f32],
+    y: &mut [f32],
+    mean: &mut [f32],
+) -> std::result::Result<(), String> {
+    assert!(
+        name.starts_with(SELFTEST_PREFIX),
+        "`{name}` is not a self-test kernel ({SELFTEST_PREFIX}*)"
+    );
+    let total = blocks as usize * threads as usize;
+    assert!(x.len() >= total && y.len() >= total && mean.len() >= blocks as usize);
+    let params = FwdParams {
+        x: addr(x),
+        y: addr_mut(y),
+        mean: addr_mut(mean),
+        s,
+        ..FwdParams::default()
+    };
+    // SAFETY: the self-test kernels take GnFwdParams and touch only x[i], y[i] for i < blocks *
+    // threads, mean[block] and dynamic shared memory (the emulator's own), all checked above.
+    unsafe {
+        launch_raw(
+            name,
+            blocks,
+            threads,
+            smem_bytes,
+            &params as *const FwdParams as *const c_void,
+        )
+    }
+}
+
+/// The emulator's f32 → f16 conversion (`__float2half_rn`), as bits.
+pub fn f32_to_f16_bits(v: f32) -> u16 {
+    // SAFETY: a pure function of its argument.
+    unsafe { gn_emu_float2half_rn(v) }
+}
+
+/// The emulator's f16 → f32 conversion (`__half2float`).
+pub fn f16_bits_to_f32(h: u16) -> f32 {
+    // SAFETY: a pure function of its argument.
+    unsafe { gn_emu_half2float(h) }
+}
+
+/// The emulator's f32 → bf16 conversion (`__float2bfloat16_rn`), as bits.
+pub fn f32_to_bf16_bits(v: f32) -> u16 {
+    // SAFETY: a pure function of its argument.
+    unsafe { gn_emu_float2bfloat16_rn(v) }
+}
+
+/// The emulator's bf16 → f32 conversion (`__bfloat162float`).
+pub fn bf16_bits_to_f32(b: u16) -> f32 {
+    // SAFETY: a pure function of its argument.
+    unsafe { gn_emu_bfloat162float(b) }
+}

@@ -24,7 +24,8 @@
 
 use super::launch;
 use super::params::{BwdParams, Chunking, FwdParams};
-use super::plan::{self, DeviceLimits, Pass, Path, Plan, Shape};
+use super::plan::{DeviceLimits, Pass, Path, Plan};
+use super::raw::{self, BackwardPtrs, ForwardPtrs, Problem};
 use crate::config::check_len;
 use crate::dtype::check_param_dtype;
 use crate::{DType, Element, Error, Geometry, Grads, GroupNorm, Layout, Result, Stats};
@@ -288,17 +289,6 @@ fn check_geometry(gn: &GroupNorm, dims: &[usize]) -> Result<Geometry> {
     Ok(geo)
 }
 
-fn shape<T: Element>(geo: &Geometry) -> Shape {
-    Shape {
-        n: geo.n,
-        c: geo.c,
-        g: geo.g,
-        d: geo.d,
-        s: geo.s,
-        elem_bytes: T::DTYPE.size(),
-    }
-}
-
 fn check_param<T: Element, P: Element>(
     name: &'static str,
     p: Option<&[P]>,
@@ -365,37 +355,24 @@ pub fn forward_into<T: Element, P: Element>(
     check_param::<T, P>("weight", weight, geo.c)?;
     check_param::<T, P>("bias", bias, geo.c)?;
     check_stats(stats.mean.len(), stats.rstd.len(), geo.rows())?;
-    let (xp, yp) = (addr(x), addr_mut(y));
-    let aligned = xp % 16 == 0 && yp % 16 == 0;
-    let plan = plan::plan(
-        shape::<T>(&geo),
-        Pass::Forward,
-        path,
-        limits,
-        aligned,
-        &geo.dims,
-    )?;
-    let mut ws = workspace(plan.workspace_floats);
-    // as ops.rs fills them, with host addresses
-    let params = FwdParams {
-        x: xp,
-        y: yp,
+    let problem = problem::<T, P>(gn, path, &geo);
+    let mut ws = workspace(raw::workspace_floats(limits, &problem, Pass::Forward)?);
+    let ws_ptr = if ws.as_slice().is_empty() {
+        0
+    } else {
+        addr_mut(ws.as_mut_slice())
+    };
+    let ws_bytes = ws.as_slice().len() * 4;
+    let ptrs = ForwardPtrs {
+        x: addr(x),
+        y: addr_mut(y),
         weight: weight.map_or(0, addr),
         bias: bias.map_or(0, addr),
         mean: addr_mut(&mut stats.mean),
         rstd: addr_mut(&mut stats.rstd),
-        partials: if plan.workspace_floats > 0 {
-            addr_mut(ws.as_mut_slice())
-        } else {
-            0
-        },
-        rows: geo.rows() as u64,
-        groups: geo.g as u32,
-        d: geo.d as u32,
-        s: geo.s as u32,
-        eps: gn.get_eps() as f32,
-        chunking: plan.chunking,
     };
+    // the raw layer's own validation, planning and parameter filling, with host addresses
+    let (plan, params) = raw::prepare_forward(limits, &problem, &ptrs, ws_ptr, ws_bytes, false)?;
     let mut trace = Trace::new(&plan);
     launch::forward_sequence(
         &plan,
@@ -441,45 +418,26 @@ pub fn backward_into<T: Element, P: Element>(
         });
     }
     check_stats(stats.mean.len(), stats.rstd.len(), geo.rows())?;
-    let (dyp, xp, dxp) = (addr(dy), addr(x), addr_mut(dx));
-    let aligned = xp % 16 == 0 && dyp % 16 == 0 && dxp % 16 == 0;
-    let plan = plan::plan(
-        shape::<T>(&geo),
-        Pass::Backward,
-        path,
-        limits,
-        aligned,
-        &geo.dims,
-    )?;
-    let mut ws = workspace(plan.workspace_floats);
-    let row_len = geo.row_len();
-    // as ops.rs fills them, with host addresses
-    let params = BwdParams {
-        dy: dyp,
-        x: xp,
+    let problem = problem::<T, P>(gn, path, &geo);
+    let mut ws = workspace(raw::workspace_floats(limits, &problem, Pass::Backward)?);
+    let ws_ptr = if ws.as_slice().is_empty() {
+        0
+    } else {
+        addr_mut(ws.as_mut_slice())
+    };
+    let ws_bytes = ws.as_slice().len() * 4;
+    let ptrs = BackwardPtrs {
+        dy: addr(dy),
+        x: addr(x),
         mean: addr(&stats.mean),
         rstd: addr(&stats.rstd),
         weight: weight.map_or(0, addr),
-        dx: dxp,
+        dx: addr_mut(dx),
         dweight: dweight.map_or(0, addr_mut),
         dbias: dbias.map_or(0, addr_mut),
-        partials: if plan.workspace_floats > 0 {
-            addr_mut(ws.as_mut_slice())
-        } else {
-            0
-        },
-        rows: geo.rows() as u64,
-        batch: geo.n as u32,
-        groups: geo.g as u32,
-        d: geo.d as u32,
-        s: geo.s as u32,
-        inv_row_len: if row_len > 0 {
-            (1.0 / row_len as f64) as f32
-        } else {
-            0.0
-        },
-        chunking: plan.chunking,
     };
+    let (plan, params, _) =
+        raw::prepare_backward(limits, &problem, &ptrs, ws_ptr, ws_bytes, false)?;
     let mut trace = Trace::new(&plan);
     launch::backward_sequence(
         &plan,
@@ -491,6 +449,23 @@ pub fn backward_into<T: Element, P: Element>(
     )?;
     check_workspace(&ws);
     Ok(trace)
+}
+
+/// The raw layer's description of an emulated call.
+fn problem<'a, T: Element, P: Element>(
+    gn: &GroupNorm,
+    path: Path,
+    geo: &'a Geometry,
+) -> Problem<'a> {
+    Problem {
+        dims: &geo.dims,
+        groups: geo.g,
+        eps: gn.get_eps(),
+        layout: geo.layout,
+        dtype: T::DTYPE,
+        param_dtype: P::DTYPE,
+        path,
+    }
 }
 
 fn limits(sms: usize, smem_per_block: usize) -> DeviceLimits {

@@ -5,7 +5,9 @@ use super::params::{BwdParams, FwdParams};
 use super::plan::{Plan, PARAM_THREADS, THREADS};
 use super::runtime::Gpu;
 use crate::{DType, Error, Result};
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::{result, DeviceRepr};
+use std::ffi::c_void;
 
 /// `groupnorm_<kind>_<T>[_<P>]_<vec|scalar>`, the names kernels/ exports.
 pub(crate) fn kernel_name(kind: &str, t: DType, p: Option<DType>, vec: Option<bool>) -> String {
@@ -20,8 +22,16 @@ pub(crate) fn kernel_name(kind: &str, t: DType, p: Option<DType>, vec: Option<bo
     name
 }
 
-fn launch<A: DeviceRepr>(
+/// Launches kernel `name` on a raw stream with its one parameter-struct argument.
+///
+/// # Safety
+///
+/// `stream` is a valid stream of `gpu`'s context, and every pointer in `params` is valid for what
+/// kernel `name` reads and writes under the plan the caller made for it, until the stream's work
+/// completes.
+unsafe fn launch<A: DeviceRepr>(
     gpu: &Gpu,
+    stream: CUstream,
     name: &str,
     blocks: u32,
     threads: u32,
@@ -29,22 +39,24 @@ fn launch<A: DeviceRepr>(
     params: &A,
 ) -> Result<()> {
     let f = gpu.function(name)?;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem,
-    };
-    let mut builder = gpu.stream().launch_builder(&f);
-    builder.arg(params);
+    gpu.bind()?;
+    let mut args = [params as *const A as *mut c_void];
     // SAFETY: `name` is one of kernels/'s entry points, all of which take exactly one argument,
-    // the #[repr(C)] parameter struct `A` mirrors (layout asserted on both sides). The caller
-    // validated every pointer in it against the dims and the plan: each buffer lives in this
-    // Gpu's context, holds the elements the kernel will touch, and stays borrowed (with cudarc's
-    // read/write guards) until this returns, so stream ordering protects it afterwards. Grid,
-    // block and shared-memory sizes come from `plan`, which keeps them within the device limits.
-    unsafe { builder.launch(cfg) }
-        .map(|_| ())
-        .map_err(|e| Error::driver(format!("launching `{name}`"), e))
+    // the #[repr(C)] parameter struct `A` mirrors (layout asserted on both sides); `args` points
+    // at it for the duration of the call (the driver copies arguments at launch). Grid, block and
+    // shared-memory sizes come from the plan, which keeps them within the device limits; the
+    // pointers inside `params` and `stream` are valid by this function's contract.
+    unsafe {
+        result::launch_kernel(
+            f.cu_function(),
+            (blocks, 1, 1),
+            (threads, 1, 1),
+            smem,
+            stream,
+            &mut args,
+        )
+    }
+    .map_err(|e| Error::driver(format!("launching `{name}`"), e))
 }
 
 /// Threads of the forward merge kernel: one warp per row.
@@ -53,21 +65,32 @@ const MERGE_THREADS: u32 = 32;
 const ROW_THREADS: u32 = 256;
 
 /// Forward: fused, or partial, merge, apply.
-pub(crate) fn forward(
+///
+/// # Safety
+///
+/// As [`launch`], for every kernel of the sequence.
+pub(crate) unsafe fn forward(
     gpu: &Gpu,
+    stream: CUstream,
     plan: &Plan,
     t: DType,
     p: DType,
     params: &FwdParams,
 ) -> Result<()> {
     forward_sequence(plan, t, p, params, |name, blocks, threads, smem, a| {
-        launch(gpu, name, blocks, threads, smem, a)
+        // SAFETY: forwarded from this function's contract.
+        unsafe { launch(gpu, stream, name, blocks, threads, smem, a) }
     })
 }
 
 /// Backward: fused, or partial, rows, dx; then the parameter gradients when asked for.
-pub(crate) fn backward(
+///
+/// # Safety
+///
+/// As [`launch`], for every kernel of the sequence.
+pub(crate) unsafe fn backward(
     gpu: &Gpu,
+    stream: CUstream,
     plan: &Plan,
     t: DType,
     p: DType,
@@ -80,7 +103,10 @@ pub(crate) fn backward(
         p,
         channels,
         params,
-        |name, blocks, threads, smem, a| launch(gpu, name, blocks, threads, smem, a),
+        |name, blocks, threads, smem, a| {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { launch(gpu, stream, name, blocks, threads, smem, a) }
+        },
     )
 }
 
@@ -155,22 +181,39 @@ fn elementwise_blocks(numel: u64) -> u32 {
 }
 
 /// The unfused baseline forward (PyTorch's structure), on the GPU.
-pub(crate) fn forward_baseline(gpu: &Gpu, t: DType, p: DType, params: &FwdParams) -> Result<()> {
+///
+/// # Safety
+///
+/// As [`launch`], for every kernel of the sequence.
+pub(crate) unsafe fn forward_baseline(
+    gpu: &Gpu,
+    stream: CUstream,
+    t: DType,
+    p: DType,
+    params: &FwdParams,
+) -> Result<()> {
     forward_baseline_sequence(t, p, params, |name, blocks, threads, smem, a| {
-        launch(gpu, name, blocks, threads, smem, a)
+        // SAFETY: forwarded from this function's contract.
+        unsafe { launch(gpu, stream, name, blocks, threads, smem, a) }
     })
 }
 
 /// The unfused baseline backward, on the GPU.
-pub(crate) fn backward_baseline(
+///
+/// # Safety
+///
+/// As [`launch`], for every kernel of the sequence.
+pub(crate) unsafe fn backward_baseline(
     gpu: &Gpu,
+    stream: CUstream,
     t: DType,
     p: DType,
     channels: usize,
     params: &BwdParams,
 ) -> Result<()> {
     backward_baseline_sequence(t, p, channels, params, |name, blocks, threads, smem, a| {
-        launch(gpu, name, blocks, threads, smem, a)
+        // SAFETY: forwarded from this function's contract.
+        unsafe { launch(gpu, stream, name, blocks, threads, smem, a) }
     })
 }
 

@@ -17,6 +17,7 @@ mod launch;
 pub mod ops;
 mod params;
 mod plan;
+pub mod raw;
 pub mod runtime;
 pub mod tensor;
 

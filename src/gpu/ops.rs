@@ -3,9 +3,8 @@
 //! allocating variants and the plan-owned workspace, which grows on the first call for a larger
 //! shape and is reused after (so a warmed-up call can be captured in a CUDA graph).
 
-use super::launch;
-use super::params::{BwdParams, FwdParams};
 use super::plan::{self, Pass, Path, Shape};
+use super::raw::{self, BackwardPtrs, ForwardPtrs, Problem};
 use super::runtime::Gpu;
 use super::tensor::{zeros, DeviceGrads, DeviceStats, DeviceTensor};
 use crate::config::check_len;
@@ -169,6 +168,19 @@ impl GpuGroupNorm {
         }
     }
 
+    /// The raw layer's description of a call with geometry `geo`.
+    fn problem<'a, T: Element, P: Element>(&self, geo: &'a Geometry) -> Problem<'a> {
+        Problem {
+            dims: &geo.dims,
+            groups: geo.g,
+            eps: self.gn.get_eps(),
+            layout: geo.layout,
+            dtype: T::DTYPE,
+            param_dtype: P::DTYPE,
+            path: self.path,
+        }
+    }
+
     /// Describes the kernel path this op takes for activations of type `T` with `dims` (assuming
     /// 16-byte aligned buffers), e.g. `fused` or `split x10 (1 ch/chunk)`, for reports.
     pub fn describe_path<T: Element>(&self, dims: &[usize], backward: bool) -> Result<String> {
@@ -262,49 +274,56 @@ impl GpuGroupNorm {
         check_param::<T, P>(&self.gpu, "weight", weight, geo.c)?;
         check_param::<T, P>(&self.gpu, "bias", bias, geo.c)?;
         check_stats(&self.gpu, &geo, stats)?;
+        let problem = self.problem::<T, P>(&geo);
+        let ws_bytes = raw::forward_workspace_bytes(&self.gpu, &problem)?;
+        self.reserve_workspace(ws_bytes / 4)?;
+        let ws_len = self.workspace.as_ref().map_or(0, |w| w.len() * 4);
         let stream = self.gpu.stream().clone();
         let (xp, _gx) = x.buffer().device_ptr(&stream);
         let y_offset = y.offset();
         let (yp, _gy) = y.buffer_mut().device_ptr_mut(&stream);
-        let (xp, yp) = (ptr::<T>(xp, x.offset()), ptr::<T>(yp, y_offset));
-        let aligned = xp % 16 == 0 && yp % 16 == 0;
-        let plan = plan::plan(
-            Self::shape::<T>(&geo),
-            Pass::Forward,
-            self.path,
-            self.gpu.limits(),
-            aligned,
-            &geo.dims,
-        )?;
-        self.reserve_workspace(plan.workspace_floats)?;
+        let (wp, _gw) = weight.map(|w| w.device_ptr(&stream)).unzip();
+        let (bp, _gb) = bias.map(|b| b.device_ptr(&stream)).unzip();
+        let (mp, _gm) = stats.mean.device_ptr_mut(&stream);
+        let (rp, _gr) = stats.rstd.device_ptr_mut(&stream);
         let (ws, _gws) = self
             .workspace
             .as_mut()
             .map(|w| w.device_ptr_mut(&stream))
             .unzip();
-        let (wp, _gw) = weight.map(|w| w.device_ptr(&stream)).unzip();
-        let (bp, _gb) = bias.map(|b| b.device_ptr(&stream)).unzip();
-        let (mp, _gm) = stats.mean.device_ptr_mut(&stream);
-        let (rp, _gr) = stats.rstd.device_ptr_mut(&stream);
-        let params = FwdParams {
-            x: xp,
-            y: yp,
+        let ptrs = ForwardPtrs {
+            x: ptr::<T>(xp, x.offset()),
+            y: ptr::<T>(yp, y_offset),
             weight: wp.unwrap_or(0),
             bias: bp.unwrap_or(0),
             mean: mp,
             rstd: rp,
-            partials: ws.unwrap_or(0),
-            rows: geo.rows() as u64,
-            groups: geo.g as u32,
-            d: geo.d as u32,
-            s: geo.s as u32,
-            eps: self.gn.get_eps() as f32,
-            chunking: plan.chunking,
         };
-        if baseline {
-            launch::forward_baseline(&self.gpu, T::DTYPE, P::DTYPE, &params)
-        } else {
-            launch::forward(&self.gpu, &plan, T::DTYPE, P::DTYPE, &params)
+        // SAFETY: every pointer comes from a cudarc buffer of this Gpu's context (checked above),
+        // long enough for the dims (checked above: tensors, parameters, statistics; workspace
+        // reserved for this problem), borrowed with cudarc's guards until after the launch so
+        // cudarc orders later uses after it; y and the statistics are borrowed mutably, so they
+        // overlap nothing else.
+        unsafe {
+            if baseline {
+                raw::forward_baseline(
+                    &self.gpu,
+                    stream.cu_stream(),
+                    &problem,
+                    &ptrs,
+                    ws.unwrap_or(0),
+                    ws_len,
+                )
+            } else {
+                raw::forward(
+                    &self.gpu,
+                    stream.cu_stream(),
+                    &problem,
+                    &ptrs,
+                    ws.unwrap_or(0),
+                    ws_len,
+                )
+            }
         }
     }
 
@@ -400,67 +419,57 @@ impl GpuGroupNorm {
             });
         }
         check_stats(&self.gpu, &geo, stats)?;
+        let problem = self.problem::<T, P>(&geo);
+        let ws_bytes = raw::backward_workspace_bytes(&self.gpu, &problem)?;
+        self.reserve_workspace(ws_bytes / 4)?;
+        let ws_len = self.workspace.as_ref().map_or(0, |w| w.len() * 4);
         let stream = self.gpu.stream().clone();
         let (dyp, _gdy) = dy.buffer().device_ptr(&stream);
         let (xp, _gx) = x.buffer().device_ptr(&stream);
         let dx_offset = dx.offset();
         let (dxp, _gdx) = dx.buffer_mut().device_ptr_mut(&stream);
-        let dyp = ptr::<T>(dyp, dy.offset());
-        let xp = ptr::<T>(xp, x.offset());
-        let dxp = ptr::<T>(dxp, dx_offset);
-        let aligned = xp % 16 == 0 && dyp % 16 == 0 && dxp % 16 == 0;
-        let plan = plan::plan(
-            Self::shape::<T>(&geo),
-            Pass::Backward,
-            self.path,
-            self.gpu.limits(),
-            aligned,
-            &geo.dims,
-        )?;
-        // the baseline keeps (sum dy x, sum dy) per (n, c) and two coefficients per row
-        let floats = if baseline {
-            2 * geo.n * geo.c + 2 * geo.rows()
-        } else {
-            plan.workspace_floats
-        };
-        self.reserve_workspace(floats)?;
-        let (ws, _gws) = self
-            .workspace
-            .as_mut()
-            .map(|w| w.device_ptr_mut(&stream))
-            .unzip();
         let (wp, _gw) = weight.map(|w| w.device_ptr(&stream)).unzip();
         let (dwp, _gdw) = dweight.map(|w| w.device_ptr_mut(&stream)).unzip();
         let (dbp, _gdb) = dbias.map(|b| b.device_ptr_mut(&stream)).unzip();
         let (mp, _gm) = stats.mean.device_ptr(&stream);
         let (rp, _gr) = stats.rstd.device_ptr(&stream);
-        let row_len = geo.row_len();
-        let params = BwdParams {
-            dy: dyp,
-            x: xp,
+        let (ws, _gws) = self
+            .workspace
+            .as_mut()
+            .map(|w| w.device_ptr_mut(&stream))
+            .unzip();
+        let ptrs = BackwardPtrs {
+            dy: ptr::<T>(dyp, dy.offset()),
+            x: ptr::<T>(xp, x.offset()),
             mean: mp,
             rstd: rp,
             weight: wp.unwrap_or(0),
-            dx: dxp,
+            dx: ptr::<T>(dxp, dx_offset),
             dweight: dwp.unwrap_or(0),
             dbias: dbp.unwrap_or(0),
-            partials: ws.unwrap_or(0),
-            rows: geo.rows() as u64,
-            batch: geo.n as u32,
-            groups: geo.g as u32,
-            d: geo.d as u32,
-            s: geo.s as u32,
-            inv_row_len: if row_len > 0 {
-                (1.0 / row_len as f64) as f32
-            } else {
-                0.0
-            },
-            chunking: plan.chunking,
         };
-        if baseline {
-            launch::backward_baseline(&self.gpu, T::DTYPE, P::DTYPE, geo.c, &params)
-        } else {
-            launch::backward(&self.gpu, &plan, T::DTYPE, P::DTYPE, geo.c, &params)
+        // SAFETY: as in `run_forward`: buffers of this context, lengths checked, guards held
+        // until after the launch, outputs borrowed mutably.
+        unsafe {
+            if baseline {
+                raw::backward_baseline(
+                    &self.gpu,
+                    stream.cu_stream(),
+                    &problem,
+                    &ptrs,
+                    ws.unwrap_or(0),
+                    ws_len,
+                )
+            } else {
+                raw::backward(
+                    &self.gpu,
+                    stream.cu_stream(),
+                    &problem,
+                    &ptrs,
+                    ws.unwrap_or(0),
+                    ws_len,
+                )
+            }
         }
     }
 }

@@ -113,6 +113,87 @@ impl Gpu {
         })
     }
 
+    /// The device that owns a stream a caller borrows to us (a framework's `CUstream`): found
+    /// from the stream's context, opened once per device and cached. The stream must belong to
+    /// the device's primary context (the one PyTorch, candle and the runtime API use), because
+    /// the kernels are loaded there.
+    ///
+    /// # Safety
+    ///
+    /// `stream` is a valid CUDA stream handle (or null, the legacy default stream of the current
+    /// context) for the duration of the call.
+    pub unsafe fn for_stream(stream: cudarc::driver::sys::CUstream) -> Result<Self> {
+        use cudarc::driver::sys;
+        if !driver_present() {
+            return Err(Error::NoDriver);
+        }
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        let mut dev: sys::CUdevice = 0;
+        // SAFETY: plain driver queries on a handle the caller vouches for, writing into locals.
+        unsafe {
+            let init = sys::cuInit(0);
+            if init != CUresult::CUDA_SUCCESS {
+                return Err(match init {
+                    CUresult::CUDA_ERROR_NO_DEVICE => Error::NoDevice {
+                        ordinal: 0,
+                        count: 0,
+                    },
+                    e => Error::driver("initializing the CUDA driver", DriverError(e)),
+                });
+            }
+            let r = if stream.is_null() {
+                sys::cuCtxGetCurrent(&mut ctx)
+            } else {
+                sys::cuStreamGetCtx(stream, &mut ctx)
+            };
+            if r != CUresult::CUDA_SUCCESS || ctx.is_null() {
+                return Err(Error::driver(
+                    "finding the context of the stream",
+                    DriverError(if ctx.is_null() {
+                        CUresult::CUDA_ERROR_INVALID_CONTEXT
+                    } else {
+                        r
+                    }),
+                ));
+            }
+            let r = sys::cuCtxPushCurrent_v2(ctx);
+            if r != CUresult::CUDA_SUCCESS {
+                return Err(Error::driver(
+                    "entering the stream's context",
+                    DriverError(r),
+                ));
+            }
+            let r = sys::cuCtxGetDevice(&mut dev);
+            let mut popped: sys::CUcontext = std::ptr::null_mut();
+            sys::cuCtxPopCurrent_v2(&mut popped);
+            if r != CUresult::CUDA_SUCCESS {
+                return Err(Error::driver("finding the stream's device", DriverError(r)));
+            }
+        }
+        let gpu = Self::cached(dev.max(0) as usize)?;
+        if gpu.ctx.cu_ctx() != ctx {
+            return Err(Error::Unsupported {
+                what: "a stream of a non-primary CUDA context (create it in the device's primary \
+                       context, as the runtime API and PyTorch do)"
+                    .into(),
+            });
+        }
+        Ok(gpu)
+    }
+
+    /// `Gpu::new(ordinal)`, opened once per process and device.
+    pub fn cached(ordinal: usize) -> Result<Self> {
+        static OPEN: OnceLock<Mutex<HashMap<usize, Gpu>>> = OnceLock::new();
+        let open = OPEN.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = open.get(&ordinal) {
+            return Ok(g.clone());
+        }
+        let g = Gpu::new(ordinal)?;
+        open.insert(ordinal, g.clone());
+        Ok(g)
+    }
+
     /// The same device with work issued on `stream` (which must belong to this device's context).
     pub fn with_stream(&self, stream: Arc<CudaStream>) -> Result<Self> {
         if stream.context().cu_ctx() != self.ctx.cu_ctx() {
@@ -160,6 +241,13 @@ impl Gpu {
 
     pub(crate) fn limits(&self) -> DeviceLimits {
         self.limits
+    }
+
+    /// Makes this device's context current on the calling thread (raw launches need it).
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| Error::driver("making the context current", e))
     }
 
     pub(crate) fn function(&self, name: &str) -> Result<CudaFunction> {

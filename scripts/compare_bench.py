@@ -95,31 +95,36 @@ def main():
 
 def write_svg(path, ours, base, torch):
     keys = sorted(ours, key=lambda k: (k[2], k[1], k[0]))
-    series = [("ours", ours, "#1f77b4"), ("baseline", base, "#ff7f0e"), ("PyTorch", torch, "#2ca02c")]
-    bar, gap, left, top, height = 6, 10, 60, 30, 300
-    width = left + len(keys) * (3 * bar + gap) + 20
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + height + 170}" '
+    series = [(n, d, c) for n, d, c in (("ours", ours, "#1f77b4"), ("baseline", base, "#ff7f0e"),
+                                         ("PyTorch", torch, "#2ca02c")) if d]
+    values = [float(d[k]["pct_copy"]) for _, d, _ in series for k in keys if k in d]
+    ymax = max(100.0, 25.0 * math.ceil(max(values) / 25.0)) if values else 100.0
+    bar, gap, left, top, height = 7, 10, 60, 40, 300
+    group = len(series) * bar + gap
+    width = left + len(keys) * group + 140
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + height + 190}" '
            f'font-family="sans-serif" font-size="10">',
-           f'<text x="{left}" y="18" font-size="13">% of measured copy bandwidth per shape '
+           f'<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{left}" y="20" font-size="13">% of measured copy bandwidth per shape '
            f'(higher is better; 100% = the copy floor)</text>']
-    for pctl in (0, 25, 50, 75, 100):
-        y = top + height - pctl / 100 * height
-        out.append(f'<line x1="{left}" x2="{width - 10}" y1="{y}" y2="{y}" stroke="#ddd"/>')
+    for pctl in range(0, int(ymax) + 1, 25):
+        y = top + height - pctl / ymax * height
+        out.append(f'<line x1="{left}" x2="{left + len(keys) * group}" y1="{y}" y2="{y}" '
+                   f'stroke="{"#888" if pctl == 100 else "#ddd"}"/>')
         out.append(f'<text x="{left - 5}" y="{y + 3}" text-anchor="end">{pctl}%</text>')
     for i, k in enumerate(keys):
-        x0 = left + i * (3 * bar + gap)
+        x0 = left + i * group
         for j, (_, data, color) in enumerate(series):
             if k in data:
-                v = min(float(data[k]["pct_copy"]), 120.0)
-                h = v / 100 * height
+                h = float(data[k]["pct_copy"]) / ymax * height
                 out.append(f'<rect x="{x0 + j * bar}" y="{top + height - h}" width="{bar - 1}" '
                            f'height="{h}" fill="{color}"/>')
         lx, ly = x0 + bar, top + height + 8
-        out.append(f'<text x="{lx}" y="{ly}" transform="rotate(70 {lx} {ly})">'
+        out.append(f'<text x="{lx}" y="{ly}" transform="rotate(60 {lx} {ly})">'
                    f'{k[0]} {k[1]} {k[2]}</text>')
     for j, (name, _, color) in enumerate(series):
-        out.append(f'<rect x="{left + j * 90}" y="{top + height + 150}" width="10" height="10" '
-                   f'fill="{color}"/><text x="{left + j * 90 + 14}" y="{top + height + 159}">{name}</text>')
+        out.append(f'<rect x="{left + j * 90}" y="{top + height + 172}" width="10" height="10" '
+                   f'fill="{color}"/><text x="{left + j * 90 + 14}" y="{top + height + 181}">{name}</text>')
     out.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(out))

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Everything one visit to a lent GPU machine should do, in one command, logging under $OUT.
+#
+# Here (with Rust):      eval "$(scripts/install-nvcc.sh)"; ../shared/tools/gpu-pack
+#                        mkdir -p .gpu/lib && cp target/release/libgroupnorm.so .gpu/lib/   # for torchcheck
+# There (device tool):   run with carry [".gpu"]:  bash scripts/gpu-visit.sh [quick]
+#
+# Steps, each logged to $OUT/<step>.log, none stopping the others; a summary at the end:
+#   tests      the whole suite with GROUPNORM_REQUIRE_GPU=1
+#   sanitizer  compute-sanitizer memcheck, racecheck, initcheck, synccheck over the GPU parity tests
+#   check      groupnorm check over the small and sd sets, every dtype pair
+#   bench      groupnorm bench over sd (+ large unless quick), CSV in $OUT/ours.csv
+#   torch      scripts/bench_torch.py on the same shapes, then scripts/compare_bench.py (table+SVG)
+#   torchcheck scripts/torch_check.py: the C ABI called from PyTorch on CUDA tensors
+# "quick" trims the sanitizer to one test and the bench to the N = 1 sd shapes, to fit one call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-visit}
+mkdir -p "$OUT"
+quick=${1:-}
+export GROUPNORM_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
+bin=.gpu/bin/bin-groupnorm
+[ -x "$bin" ] || { echo "no $bin: run ../shared/tools/gpu-pack first and carry .gpu"; exit 2; }
+for d in /usr/local/nvidia/lib64 /usr/local/cuda/lib64; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d
+done
+declare -A result
+step() { # name, command...
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  if "$@" > "$OUT/$name.log" 2>&1; then result[$name]="ok"; else result[$name]="FAILED (exit $?)"; fi
+  result[$name]+=" in $((SECONDS - t0)) s"
+  tail -n 5 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv | tee "$OUT/device.txt"
+step tests bash .gpu/run tests
+
+if command -v compute-sanitizer >/dev/null; then
+  filter=""; [ "$quick" = quick ] && filter="small_and_odd_shapes"
+  for tool in memcheck racecheck initcheck synccheck; do
+    step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      .gpu/bin/test-gpu_parity --test-threads=1 $filter
+  done
+else
+  result[sanitizer]="not run: compute-sanitizer not found"
+fi
+
+step check "$bin" check --device gpu --shapes small,sd --dtype all
+shapes=sd; [ "$quick" = quick ] && shapes=$(printf '1x%s,' 320x64x64 640x32x32 1280x16x16 1280x8x8 512x128x128 128x512x512 | sed 's/,$//')
+[ "$quick" = quick ] || shapes=sd,large
+step bench "$bin" bench --device gpu --shapes "$shapes" --csv "$OUT/ours.csv" --json "$OUT/ours.json"
+if python3 -c "import torch" 2>/dev/null; then
+  step torch python3 scripts/bench_torch.py --shapes "$shapes" --csv "$OUT/torch.csv"
+  step compare python3 scripts/compare_bench.py "$OUT/ours.csv" "$OUT/torch.csv" --svg "$OUT/bench.svg" --markdown
+  lib=$(ls .gpu/lib/libgroupnorm.so target/release/libgroupnorm.so 2>/dev/null | head -n 1)
+  if [ -f scripts/torch_check.py ] && [ -n "$lib" ]; then
+    step torchcheck python3 scripts/torch_check.py "$lib"
+  else
+    result[torchcheck]="not run: no scripts/torch_check.py or no libgroupnorm.so packed (copy target/release/libgroupnorm.so into .gpu/lib/)"
+  fi
+else
+  result[torch]="not run: PyTorch not importable"
+fi
+
+echo; echo "=== summary (logs in $OUT)"
+for k in "${!result[@]}"; do echo "$k: ${result[$k]}"; done | sort | tee "$OUT/summary.txt"

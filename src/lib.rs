@@ -29,6 +29,8 @@
 #![warn(missing_docs)]
 
 pub mod accuracy;
+/// The C ABI (`include/groupnorm.h`): forward and backward on device pointers and a stream.
+pub mod capi;
 pub mod config;
 pub mod cpu;
 pub mod dtype;

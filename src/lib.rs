@@ -29,6 +29,10 @@
 #![warn(missing_docs)]
 
 pub mod accuracy;
+/// candle integration (feature `candle`): the [`candle::group_norm`] op with a real backward pass,
+/// and a drop-in replacement for `candle_nn::GroupNorm`.
+#[cfg(feature = "candle")]
+pub mod candle;
 /// The C ABI (`include/groupnorm.h`): forward and backward on device pointers and a stream.
 pub mod capi;
 pub mod config;

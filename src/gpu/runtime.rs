@@ -30,10 +30,24 @@ pub fn kernels_built() -> bool {
 }
 
 /// Whether the CUDA driver library can be loaded on this machine. Never panics.
+///
+/// cudarc panics on first use when libcuda is missing, so this runs before any driver call. It
+/// tries names that cudarc's own loader also tries (a subset of them, so "present" here means
+/// cudarc will find a library too); cudarc's probe cannot be used directly because it exists only
+/// in its dynamic-loading mode, and candle switches cudarc to dynamic linking.
 pub fn driver_present() -> bool {
-    // SAFETY: only tries to open libcuda by its usual names and closes it again; it runs no
-    // library code beyond the loader's.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    use std::env::consts::{DLL_PREFIX, DLL_SUFFIX};
+    [
+        format!("{DLL_PREFIX}cuda{DLL_SUFFIX}"),
+        format!("{DLL_PREFIX}cuda{DLL_SUFFIX}.1"),
+        format!("{DLL_PREFIX}nvcuda{DLL_SUFFIX}"),
+    ]
+    .iter()
+    .any(|name| {
+        // SAFETY: opening the driver library runs only its loader initialisation (libcuda has
+        // no constructor with preconditions on us); the handle is closed again at once.
+        unsafe { libloading::Library::new(name) }.is_ok()
+    })
 }
 
 /// A CUDA device ready to run the crate's kernels: its context, a stream, and the loaded kernels.

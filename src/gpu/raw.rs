@@ -29,7 +29,7 @@ use super::params::{BwdParams, FwdParams};
 use super::plan::{self, DeviceLimits, Pass, Path, Plan, Shape};
 use super::runtime::Gpu;
 use crate::{DType, Error, Geometry, GroupNorm, Layout, Result};
-use cudarc::driver::sys::{CUdeviceptr, CUstream};
+pub use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 /// One GroupNorm problem: everything but the pointers.
 #[derive(Clone, Debug, PartialEq)]

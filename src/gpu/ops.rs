@@ -3,13 +3,13 @@
 //! allocating variants and the plan-owned workspace, which grows on the first call for a larger
 //! shape and is reused after (so a warmed-up call can be captured in a CUDA graph).
 
-use super::plan::{self, Pass, Path, Shape};
+use super::plan::{Pass, Path};
 use super::raw::{self, BackwardPtrs, ForwardPtrs, Problem};
 use super::runtime::Gpu;
 use super::tensor::{zeros, DeviceGrads, DeviceStats, DeviceTensor};
 use crate::config::check_len;
 use crate::dtype::check_param_dtype;
-use crate::{Element, Error, Geometry, GroupNorm, Layout, Result};
+use crate::{Element, Error, Geometry, GroupNorm, Result};
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
@@ -144,28 +144,12 @@ impl GpuGroupNorm {
     }
 
     /// Validated geometry of `x`, refusing what the GPU path does not do yet.
+    /// Validated geometry of `x` (what the raw layer cannot check: dims against the buffer, the
+    /// layout, the context); the raw layer refuses what the GPU path does not do yet.
     fn geometry<T: Element>(&self, x: &DeviceTensor<T>) -> Result<Geometry> {
         let geo = self.gn.geometry(x.dims())?;
         check_tensor(&self.gpu, &geo, "x", x)?;
-        if geo.layout == Layout::Nhwc {
-            return Err(Error::Unsupported {
-                what: "NHWC (channels-last) tensors on the GPU yet: use the CPU path or an NCHW \
-                       tensor"
-                    .into(),
-            });
-        }
         Ok(geo)
-    }
-
-    fn shape<T: Element>(geo: &Geometry) -> Shape {
-        Shape {
-            n: geo.n,
-            c: geo.c,
-            g: geo.g,
-            d: geo.d,
-            s: geo.s,
-            elem_bytes: T::DTYPE.size(),
-        }
     }
 
     /// The raw layer's description of a call with geometry `geo`.
@@ -190,14 +174,7 @@ impl GpuGroupNorm {
         } else {
             Pass::Forward
         };
-        let p = plan::plan(
-            Self::shape::<T>(&geo),
-            pass,
-            self.path,
-            self.gpu.limits(),
-            true,
-            &geo.dims,
-        )?;
+        let (_, p) = raw::plan_of(self.gpu.limits(), &self.problem::<T, T>(&geo), pass)?;
         let ch = p.chunking;
         Ok(match (p.fused, ch.pieces) {
             (true, _) => "fused".to_string(),

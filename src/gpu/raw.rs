@@ -162,14 +162,25 @@ pub fn backward_workspace_bytes(gpu: &Gpu, problem: &Problem) -> Result<usize> {
 
 /// f32 workspace values a pass of `problem` needs on a device of `dev`.
 pub(crate) fn workspace_floats(dev: DeviceLimits, problem: &Problem, pass: Pass) -> Result<usize> {
-    let geo = problem.geometry()?;
-    let plan = problem.plan(dev, &geo, pass, true)?;
+    let (geo, plan) = plan_of(dev, problem, pass)?;
     Ok(match pass {
         Pass::Forward => plan.workspace_floats,
         Pass::Backward => {
             backward_floats(&geo, &plan, false).max(backward_floats(&geo, &plan, true))
         }
     })
+}
+
+/// The validated geometry of `problem` and its plan on a device of `dev`, for 16-byte aligned
+/// buffers (what the size queries and reports describe).
+pub(crate) fn plan_of(
+    dev: DeviceLimits,
+    problem: &Problem,
+    pass: Pass,
+) -> Result<(Geometry, Plan)> {
+    let geo = problem.geometry()?;
+    let plan = problem.plan(dev, &geo, pass, true)?;
+    Ok((geo, plan))
 }
 
 /// The baseline keeps (sum dy x, sum dy) per (n, c) and two coefficients per row.

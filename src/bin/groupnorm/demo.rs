@@ -5,7 +5,7 @@
 use groupnorm::accuracy::{dx_error, dx_scale, forward_error, param_grad_error, F32_FORWARD_ABS};
 use groupnorm::cpu::reference;
 use groupnorm::gpu::{self, CudaSlice, DeviceStats, DeviceTensor, Gpu};
-use groupnorm::{f16, Element, Error, GroupNorm, Layout, Stats};
+use groupnorm::{f16, Element, Error, GroupNorm, Layout};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -264,7 +264,6 @@ fn realistic(gpu: Option<&Gpu>, v: &mut Verdict) -> Result<(), Error> {
     })?;
     let y = yd.to_host(gpu)?;
     let dx = dxd.to_host(gpu)?;
-    let _: Stats = sd.to_host(gpu)?;
     report("gpu", t_f, t_b, numel, &y, &r.y, &dx, &rg.dx, scale, v);
     let (dw, _) = param_grad_error(&gpu::download(gpu.stream(), &dwd)?, &rg.dweight);
     let (db, bound) = param_grad_error(&gpu::download(gpu.stream(), &dbd)?, &rg.dbias);

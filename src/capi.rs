@@ -410,7 +410,8 @@ pub fn status_of(error: &Error) -> groupnorm_status_t {
         | Error::LengthMismatch { .. }
         | Error::ShapeMismatch { .. }
         | Error::DtypeMismatch { .. }
-        | Error::LayoutMismatch { .. } => GROUPNORM_STATUS_INVALID_ARGUMENT,
+        | Error::LayoutMismatch { .. }
+        | Error::BiasNeeded { .. } => GROUPNORM_STATUS_INVALID_ARGUMENT,
         Error::Unsupported { .. } => GROUPNORM_STATUS_UNSUPPORTED,
         Error::NoDriver => GROUPNORM_STATUS_NO_DRIVER,
         Error::NoDevice { .. } => GROUPNORM_STATUS_NO_DEVICE,

@@ -121,6 +121,17 @@ pub enum Error {
         got: Layout,
     },
 
+    /// The backward of an activated operator was asked for without the bias it needs.
+    #[error(
+        "the backward of GroupNorm followed by {activation} recomputes `xhat * w + b`, so it \
+         needs the bias the forward pass used: call `backward_activated` with it (pass None \
+         only if the forward pass had no bias)"
+    )]
+    BiasNeeded {
+        /// The configured activation's name.
+        activation: &'static str,
+    },
+
     /// A feature that exists on one path but not (yet) on this one.
     #[error("not supported: {what}")]
     Unsupported {

@@ -41,7 +41,7 @@ pub mod dtype;
 pub mod error;
 pub mod gpu;
 
-pub use config::{Geometry, Grads, GroupNorm, Layout, Stats, DEFAULT_EPS};
+pub use config::{Activation, Geometry, Grads, GroupNorm, Layout, Stats, DEFAULT_EPS};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

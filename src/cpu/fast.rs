@@ -48,7 +48,7 @@
 //! conversions (one element at a time it would not vectorize), bf16 through its (cheap)
 //! per-element conversion.
 
-use crate::config::{Geometry, Layout};
+use crate::config::{Activation, Geometry, Layout};
 use crate::dtype::Element;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -355,7 +355,7 @@ impl BwdSums {
 }
 
 /// [`BwdSums`] of 1 to [`CHUNK`] values, eight lanes each.
-fn leaf_sums<T: Element>(dy: &[T], x: &[T], mean: f32, scr: &mut Scratch) -> BwdSums {
+fn leaf_sums<T: Element, U: Element>(dy: &[U], x: &[T], mean: f32, scr: &mut Scratch) -> BwdSums {
     read_f32(dy, &mut scr.a, |dy| {
         read_f32(x, &mut scr.b, |x| {
             let (mut a, mut b, mut c) = ([0f32; 8], [0f32; 8], [0f32; 8]);
@@ -385,7 +385,7 @@ fn leaf_sums<T: Element>(dy: &[T], x: &[T], mean: f32, scr: &mut Scratch) -> Bwd
 }
 
 /// [`BwdSums`] of a contiguous run, pairwise over chunks.
-fn run_sums<T: Element>(dy: &[T], x: &[T], mean: f32, scr: &mut Scratch) -> BwdSums {
+fn run_sums<T: Element, U: Element>(dy: &[U], x: &[T], mean: f32, scr: &mut Scratch) -> BwdSums {
     if dy.len() <= CHUNK {
         return if dy.is_empty() {
             BwdSums::default()
@@ -447,6 +447,17 @@ fn for_each_row_piece<E: Send>(
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
+/// Applies `act` in place (a second loop over a block in cache, so that the plain affine loop
+/// stays vectorized when there is no activation).
+#[inline(always)]
+fn activate(act: Activation, v: &mut [f32]) {
+    if act != Activation::None {
+        for o in v {
+            *o = act.apply_f32(*o);
+        }
+    }
+}
+
 #[inline(always)]
 fn param<P: Element>(p: Option<&[P]>, c: usize, default: f32) -> f32 {
     p.map_or(default, |p| p[c].to_f32())
@@ -476,6 +487,7 @@ fn nhwc_piece(c: usize) -> usize {
 pub(crate) fn forward<T: Element, P: Element>(
     geo: &Geometry,
     eps: f32,
+    act: Activation,
     x: &[T],
     weight: Option<&[P]>,
     bias: Option<&[P]>,
@@ -494,9 +506,9 @@ pub(crate) fn forward<T: Element, P: Element>(
     }
     // With one spatial position the two layouts are the same memory order.
     if geo.layout == Layout::Nchw || geo.s == 1 {
-        forward_nchw(geo, eps, x, weight, bias, y, mean, rstd)
+        forward_nchw(geo, eps, act, x, weight, bias, y, mean, rstd)
     } else {
-        forward_nhwc(geo, eps, x, weight, bias, y, mean, rstd)
+        forward_nhwc(geo, eps, act, x, weight, bias, y, mean, rstd)
     }
 }
 
@@ -504,6 +516,7 @@ pub(crate) fn forward<T: Element, P: Element>(
 fn forward_nchw<T: Element, P: Element>(
     geo: &Geometry,
     eps: f32,
+    act: Activation,
     x: &[T],
     weight: Option<&[P]>,
     bias: Option<&[P]>,
@@ -535,9 +548,10 @@ fn forward_nchw<T: Element, P: Element>(
                                     let c = g * d + dc;
                                     let scale = st.rstd * param(weight, c, 1.0);
                                     let shift = param(bias, c, 0.0);
-                                    for (o, v) in yv[k.clone()].iter_mut().zip(&xv[k]) {
+                                    for (o, v) in yv[k.clone()].iter_mut().zip(&xv[k.clone()]) {
                                         *o = ((v - pivot) - sm) * scale + shift;
                                     }
+                                    activate(act, &mut yv[k]);
                                 })
                             })
                         });
@@ -750,6 +764,7 @@ impl SpanCoefs {
 fn forward_nhwc<T: Element, P: Element>(
     geo: &Geometry,
     eps: f32,
+    act: Activation,
     x: &[T],
     weight: Option<&[P]>,
     bias: Option<&[P]>,
@@ -805,6 +820,7 @@ fn forward_nhwc<T: Element, P: Element>(
                             write_f32(&mut yp[span], &mut by, |yv| {
                                 for (yseg, xseg) in yv.chunks_mut(c).zip(xv.chunks(c)) {
                                     k.apply(0, xseg, yseg);
+                                    activate(act, yseg);
                                 }
                             })
                         })
@@ -892,9 +908,9 @@ fn row_coefs<P: Element>(
 /// Backward pass into `dx`; returns `(dweight, dbias)` in f32, `C` values each (lengths
 /// already validated, `mean`/`rstd` the saved statistics).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward<T: Element, P: Element>(
+pub(crate) fn backward<T: Element, U: Element, P: Element>(
     geo: &Geometry,
-    dy: &[T],
+    dy: &[U],
     x: &[T],
     mean: &[f32],
     rstd: &[f32],
@@ -936,9 +952,9 @@ pub(crate) fn backward<T: Element, P: Element>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn backward_nchw<T: Element, P: Element>(
+fn backward_nchw<T: Element, U: Element, P: Element>(
     geo: &Geometry,
-    dy: &[T],
+    dy: &[U],
     x: &[T],
     mean: &[f32],
     rstd: &[f32],
@@ -993,9 +1009,9 @@ fn backward_nchw<T: Element, P: Element>(
 /// shorter runs are summed in sequence, block by block, so that their conversions and loops
 /// are amortized over whole blocks.
 #[allow(clippy::too_many_arguments)]
-fn nchw_row_sums<T: Element>(
+fn nchw_row_sums<T: Element, U: Element>(
     xr: &[T],
-    dyr: &[T],
+    dyr: &[U],
     s: usize,
     mean: f32,
     sdy: &mut [f32],
@@ -1036,9 +1052,9 @@ fn nchw_row_sums<T: Element>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn backward_nhwc<T: Element, P: Element>(
+fn backward_nhwc<T: Element, U: Element, P: Element>(
     geo: &Geometry,
-    dy: &[T],
+    dy: &[U],
     x: &[T],
     mean: &[f32],
     rstd: &[f32],
@@ -1187,6 +1203,113 @@ fn backward_nhwc<T: Element, P: Element>(
                     });
                 });
         });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward of an activation
+// ---------------------------------------------------------------------------------------------
+
+/// The gradient of the pre-activation `z = xhat * w + b` of `y = act(z)`: `dz = dy * act'(z)`,
+/// in f32, same layout as `x`. The backward of the whole operator is then the plain backward
+/// of `dz`.
+///
+/// `xhat` must be the forward pass's to the precision of the row's spread, but the saved f32
+/// mean can be off by half an ulp of the row's offset; so each row's residual
+/// `delta = sum(x - mean) / L` is computed first (as the plain backward does) and
+/// `xhat = (x - mean - delta) * rstd`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn activation_grad<T: Element, P: Element>(
+    geo: &Geometry,
+    act: Activation,
+    dy: &[T],
+    x: &[T],
+    mean: &[f32],
+    rstd: &[f32],
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
+) -> Vec<f32> {
+    let (c, d, s, groups, l) = (geo.c, geo.d, geo.s, geo.g, geo.row_len());
+    let mut dz = vec![0f32; geo.numel()];
+    if geo.numel() == 0 {
+        return dz;
+    }
+    // Per-row corrected means, mean + delta, kept as (mean, delta) to stay exact.
+    let mut delta = vec![0f32; geo.rows()];
+    if geo.layout == Layout::Nchw || s == 1 {
+        delta
+            .par_iter_mut()
+            .zip(x.par_chunks(l))
+            .enumerate()
+            .with_min_len(min_rows_per_task(l))
+            .for_each_init(Scratch::new, |scr, (row, (dl, xr))| {
+                *dl = sum_centered(xr, mean[row], &mut scr.a) / l as f32;
+            });
+    } else {
+        delta
+            .par_chunks_mut(groups)
+            .zip(x.par_chunks(s * c))
+            .enumerate()
+            .for_each(|(n, (dn, xs))| {
+                // per channel: blocks of CHUNK positions summed in order, then the channels of
+                // each group in order
+                let mut total = vec![0f32; c];
+                let mut part = vec![0f32; c];
+                for blk in xs.chunks(CHUNK * c) {
+                    part.fill(0.0);
+                    for pos in blk.chunks(c) {
+                        for (ch, (p, v)) in part.iter_mut().zip(pos).enumerate() {
+                            *p += v.to_f32() - mean[n * groups + ch / d];
+                        }
+                    }
+                    for (t, p) in total.iter_mut().zip(&part) {
+                        *t += p;
+                    }
+                }
+                for (g, dg) in dn.iter_mut().enumerate() {
+                    *dg = pairwise_sum(&total[g * d..(g + 1) * d]) / l as f32;
+                }
+            });
+    }
+    let z_grad = |row: usize, ch: usize, xv: f32, dv: f32| -> f32 {
+        let xhat = ((xv - mean[row]) - delta[row]) * rstd[row];
+        let z = xhat * param(weight, ch, 1.0) + param(bias, ch, 0.0);
+        dv * act.derivative_f32(z)
+    };
+    if geo.layout == Layout::Nchw || s == 1 {
+        dz.par_chunks_mut(l)
+            .zip(x.par_chunks(l).zip(dy.par_chunks(l)))
+            .enumerate()
+            .with_min_len(min_rows_per_task(l))
+            .for_each(|(row, (zr, (xr, dyr)))| {
+                let g = row % groups;
+                for (j, ((o, xv), dv)) in zr.iter_mut().zip(xr).zip(dyr).enumerate() {
+                    *o = z_grad(row, g * d + j / s, xv.to_f32(), dv.to_f32());
+                }
+            });
+    } else {
+        let piece = nhwc_piece(c);
+        dz.par_chunks_mut(piece)
+            .zip(x.par_chunks(piece).zip(dy.par_chunks(piece)))
+            .enumerate()
+            .for_each(|(pi, (zp, (xp, dyp)))| {
+                let start = pi * piece; // a whole number of positions
+                for (j, ((o, xv), dv)) in zp.iter_mut().zip(xp).zip(dyp).enumerate() {
+                    let i = start + j;
+                    let (n, ch) = (i / (s * c), i % c);
+                    *o = z_grad(n * groups + ch / d, ch, xv.to_f32(), dv.to_f32());
+                }
+            });
+    }
+    dz
+}
+
+/// `sum (x - mean)` of a contiguous run, in blocks of [`CHUNK`] with eight lanes each.
+fn sum_centered<T: Element>(x: &[T], mean: f32, buf: &mut Buf) -> f32 {
+    let mut total = 0f32;
+    for blk in x.chunks(CHUNK) {
+        total += read_f32(blk, buf, |v| lane_sum(v, |e| e - mean));
+    }
+    total
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ mod fast;
 
 use crate::config::check_len;
 use crate::dtype::{check_param_dtype, Element};
-use crate::{Geometry, Grads, GroupNorm, Result, Stats};
+use crate::{Activation, Error, Geometry, Grads, GroupNorm, Result, Stats};
 
 impl GroupNorm {
     /// Validates the arguments of a forward pass and returns the geometry.
@@ -74,6 +74,7 @@ impl GroupNorm {
         fast::forward(
             &geo,
             self.get_eps() as f32,
+            self.get_activation(),
             x,
             weight,
             bias,
@@ -105,6 +106,7 @@ impl GroupNorm {
         fast::forward(
             &geo,
             self.get_eps() as f32,
+            self.get_activation(),
             x,
             weight,
             bias,
@@ -123,7 +125,8 @@ impl GroupNorm {
     ///
     /// Errors: as [`GroupNorm::forward`] for `dims`, `x` and `weight`, plus `dy` not of
     /// `N * C * S` elements, `stats.mean`/`stats.rstd` not of `N * G` elements, and `P` other
-    /// than f32 or `T` when a weight is given or `dbias` is wanted.
+    /// than f32 or `T` when a weight is given or `dbias` is wanted; [`Error::BiasNeeded`] when
+    /// this configuration has an activation (use [`GroupNorm::backward_activated`]).
     ///
     /// The result is deterministic: the same inputs give the same bits on every run.
     pub fn backward<T: Element, P: Element>(
@@ -135,6 +138,43 @@ impl GroupNorm {
         weight: Option<&[P]>,
         want_dbias: bool,
     ) -> Result<Grads<T, P>> {
+        if self.get_activation() != Activation::None {
+            return Err(Error::BiasNeeded {
+                activation: self.get_activation().name(),
+            });
+        }
+        self.backward_activated(dy, x, dims, stats, weight, None, want_dbias)
+    }
+
+    /// Backward pass of the whole operator, activation included: `dy` is the gradient of
+    /// `y = act(xhat * w + b)`. The pre-activation is recomputed from `x`, the saved
+    /// statistics, `weight` and `bias` (pass the ones the forward pass used; `None` means the
+    /// forward pass had none). Without an activation the bias is not read and this is
+    /// [`GroupNorm::backward`].
+    ///
+    /// Errors: as [`GroupNorm::backward`] (except [`Error::BiasNeeded`]), plus a bias not of
+    /// `C` values or of the wrong dtype.
+    ///
+    /// ```
+    /// use groupnorm::{Activation, GroupNorm};
+    /// let gn = GroupNorm::new(1, 2)?.activation(Activation::Silu);
+    /// let (x, w, b) = ([1.0f32, 3.0], [1.0f32, 2.0], [0.5f32, -0.5]);
+    /// let (_y, stats) = gn.forward(&x, &[1, 2], Some(&w[..]), Some(&b[..]))?;
+    /// let g = gn.backward_activated(&[1.0f32, 1.0], &x, &[1, 2], &stats, Some(&w[..]), Some(&b[..]), true)?;
+    /// assert_eq!(g.dx.len(), 2);
+    /// # Ok::<(), groupnorm::Error>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_activated<T: Element, P: Element>(
+        &self,
+        dy: &[T],
+        x: &[T],
+        dims: &[usize],
+        stats: &Stats,
+        weight: Option<&[P]>,
+        bias: Option<&[P]>,
+        want_dbias: bool,
+    ) -> Result<Grads<T, P>> {
         let geo = self.geometry(dims)?;
         geo.check_activation("dy", dy.len())?;
         geo.check_activation("x", x.len())?;
@@ -143,12 +183,22 @@ impl GroupNorm {
             check_param_dtype::<T, P>("weight")?;
             check_len("weight", w.len(), geo.c, "one value per channel")?;
         }
+        let act = self.get_activation();
+        if let (Some(b), true) = (bias, act != Activation::None) {
+            check_param_dtype::<T, P>("bias")?;
+            check_len("bias", b.len(), geo.c, "one value per channel")?;
+        }
         if want_dbias {
             check_param_dtype::<T, P>("dbias")?;
         }
         let mut dx = vec![T::default(); geo.numel()];
-        let (dweight, dbias) =
-            fast::backward(&geo, dy, x, &stats.mean, &stats.rstd, weight, &mut dx);
+        let (dweight, dbias) = if act == Activation::None {
+            fast::backward(&geo, dy, x, &stats.mean, &stats.rstd, weight, &mut dx)
+        } else {
+            let dz =
+                fast::activation_grad(&geo, act, dy, x, &stats.mean, &stats.rstd, weight, bias);
+            fast::backward(&geo, &dz, x, &stats.mean, &stats.rstd, weight, &mut dx)
+        };
         let narrow = |v: Vec<f32>| v.into_iter().map(P::from_f32).collect::<Vec<P>>();
         Ok(Grads {
             dx,

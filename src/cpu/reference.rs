@@ -24,7 +24,7 @@
 
 use crate::config::{check_len, Geometry};
 use crate::dtype::{check_param_dtype, Element};
-use crate::{GroupNorm, Result};
+use crate::{Activation, Error, GroupNorm, Result};
 
 /// Output of the reference forward pass, all in f64.
 #[derive(Clone, Debug, PartialEq)]
@@ -99,6 +99,22 @@ pub fn forward_f64(
     weight: Option<&[f64]>,
     bias: Option<&[f64]>,
 ) -> RefForward {
+    forward_act_f64(geo, eps, Activation::None, x, weight, bias)
+}
+
+/// [`forward_f64`] followed by `act`: `y = act((x - mean) * rstd * weight[c] + bias[c])`.
+///
+/// # Panics
+///
+/// As [`forward_f64`].
+pub fn forward_act_f64(
+    geo: &Geometry,
+    eps: f64,
+    act: Activation,
+    x: &[f64],
+    weight: Option<&[f64]>,
+    bias: Option<&[f64]>,
+) -> RefForward {
     assert_len("x", x.len(), geo.numel());
     if let Some(w) = weight {
         assert_len("weight", w.len(), geo.c);
@@ -119,7 +135,7 @@ pub fn forward_f64(
                 let b = bias.map_or(0.0, |b| b[c]);
                 for s in 0..geo.s {
                     let i = geo.offset(n, c, s);
-                    y[i] = (x[i] - m) * r * w + b;
+                    y[i] = act.apply_f64((x[i] - m) * r * w + b);
                 }
             }
         }
@@ -149,11 +165,55 @@ pub fn backward_f64(
     x: &[f64],
     weight: Option<&[f64]>,
 ) -> RefGrads {
+    backward_act_f64(geo, eps, Activation::None, dy, x, weight, None)
+}
+
+/// Reference backward of the activated operator `y = act(z)`, `z = xhat * w + b`: `dy` is the
+/// gradient of `y`; the gradient of `z` is `dz = dy * act'(z)` (recomputed in f64 from `x`, the
+/// weight and the bias), and the result is [`backward_f64`] of `dz`. `dbias` is the sum of `dz`,
+/// `dweight` that of `dz * xhat`.
+///
+/// # Panics
+///
+/// As [`backward_f64`], and if `bias` is not of `C` values.
+pub fn backward_act_f64(
+    geo: &Geometry,
+    eps: f64,
+    act: Activation,
+    dy: &[f64],
+    x: &[f64],
+    weight: Option<&[f64]>,
+    bias: Option<&[f64]>,
+) -> RefGrads {
     assert_len("dy", dy.len(), geo.numel());
     assert_len("x", x.len(), geo.numel());
     if let Some(w) = weight {
         assert_len("weight", w.len(), geo.c);
     }
+    if let Some(b) = bias {
+        assert_len("bias", b.len(), geo.c);
+    }
+    let dz: Vec<f64>;
+    let dy = if act == Activation::None {
+        dy
+    } else {
+        let mut v = dy.to_vec();
+        for n in 0..geo.n {
+            for g in 0..geo.g {
+                let (m, r) = row_stats(geo, eps, x, n, g);
+                for c in g * geo.d..(g + 1) * geo.d {
+                    let w = weight.map_or(1.0, |w| w[c]);
+                    let b = bias.map_or(0.0, |b| b[c]);
+                    for s in 0..geo.s {
+                        let i = geo.offset(n, c, s);
+                        v[i] *= act.derivative_f64((x[i] - m) * r * w + b);
+                    }
+                }
+            }
+        }
+        dz = v;
+        &dz
+    };
     let mut dx = vec![0.0; geo.numel()];
     let mut dweight = vec![0.0; geo.c];
     let mut dbias = vec![0.0; geo.c];
@@ -210,9 +270,10 @@ pub fn forward<T: Element, P: Element>(
     gn.check_params::<T, P>(weight, bias)?;
     let w = weight.map(widen);
     let b = bias.map(widen);
-    Ok(forward_f64(
+    Ok(forward_act_f64(
         &geo,
         gn.get_eps(),
+        gn.get_activation(),
         &widen(x),
         w.as_deref(),
         b.as_deref(),
@@ -222,12 +283,32 @@ pub fn forward<T: Element, P: Element>(
 /// Reference backward pass on any element types: validates `dy`, `x` and `weight` as
 /// [`GroupNorm::backward`] does, widens everything to f64 and calls [`backward_f64`] (which
 /// recomputes the statistics from `x`, so none are taken).
+///
+/// Errors with [`Error::BiasNeeded`] when `gn` has an activation: use [`backward_activated`].
 pub fn backward<T: Element, P: Element>(
     gn: &GroupNorm,
     dy: &[T],
     x: &[T],
     dims: &[usize],
     weight: Option<&[P]>,
+) -> Result<RefGrads> {
+    if gn.get_activation() != Activation::None {
+        return Err(Error::BiasNeeded {
+            activation: gn.get_activation().name(),
+        });
+    }
+    backward_activated(gn, dy, x, dims, weight, None)
+}
+
+/// Reference backward of the whole operator including `gn`'s activation (see
+/// [`backward_act_f64`]): validates as [`GroupNorm::backward_activated`] does, widens to f64.
+pub fn backward_activated<T: Element, P: Element>(
+    gn: &GroupNorm,
+    dy: &[T],
+    x: &[T],
+    dims: &[usize],
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
 ) -> Result<RefGrads> {
     let geo = gn.geometry(dims)?;
     geo.check_activation("dy", dy.len())?;
@@ -236,12 +317,19 @@ pub fn backward<T: Element, P: Element>(
         check_param_dtype::<T, P>("weight")?;
         check_len("weight", w.len(), geo.c, "one value per channel")?;
     }
+    if let Some(b) = bias {
+        check_param_dtype::<T, P>("bias")?;
+        check_len("bias", b.len(), geo.c, "one value per channel")?;
+    }
     let w = weight.map(widen);
-    Ok(backward_f64(
+    let b = bias.map(widen);
+    Ok(backward_act_f64(
         &geo,
         gn.get_eps(),
+        gn.get_activation(),
         &widen(dy),
         &widen(x),
         w.as_deref(),
+        b.as_deref(),
     ))
 }

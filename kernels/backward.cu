@@ -19,7 +19,14 @@
 // - `params` reduces the sums over n and pieces, in a fixed order, into dweight and dbias.
 // No atomics: the same inputs give the same bits.
 //
-// Workspace (f32): 3 * N * C * P partial sums, then 3 * N * G row records.
+// SiLU (GnBwdParams::activation): dy is the gradient of y = silu(z), z = xhat * w + b. The
+// kernels recompute z from x, the saved statistics, the weight and the bias, and take the sums
+// and dx of dz = dy * silu'(z) instead of dy. z needs xhat to the precision of the row's spread,
+// so the mean residual delta comes first: the fused kernel takes one more pass over its on-chip
+// row; the split path runs `center` (per-chunk sums of x - mean) before `partial`.
+//
+// Workspace (f32): 3 * N * C * P partial sums, then 3 * N * G row records, then (split path
+// with SiLU) N * G * K centered sums.
 #include "common.cuh"
 
 namespace gn {
@@ -61,36 +68,39 @@ __device__ __forceinline__ float* row_records(const GnBwdParams& p) {
 
 // Calls out(j, sums) once for each segment j of the chunk, from a single thread (thread 0 for
 // block-reduced segments, lane 0 of the owning warp otherwise). xs/dys point at the chunk's first
-// value, in shared or global memory.
+// value, in shared or global memory. With SILU, dy is the gradient of silu(z) and the sums are
+// of dz = dy * silu'(z), z = ((x - mean) - delta) * rstd * w + b, with coef(j) = (w, b) of
+// segment j's channel and `delta` the row's mean residual.
 // Assumes: with VEC, xs/dys are 16-byte aligned and seglen is a multiple of kVec<T>.
-template <typename T, bool VEC, typename Out>
+template <typename T, bool VEC, bool SILU, typename Coef, typename Out>
 __device__ __forceinline__ void segment_sums(const T* xs, const T* dys, const Chunk& c, float mean,
-                                             float rstd, Sums3* scratch, Out out) {
+                                             float rstd, float delta, Coef coef, Sums3* scratch,
+                                             Out out) {
   constexpr int V = VEC ? kVec<T> : 1;
-  auto add = [=](Sums3& acc, const T* xp, const T* dyp) {
+  auto one = [=](Sums3& acc, float xv, float dy, float2 wb) {
+    const float xm = xv - mean;
+    if constexpr (SILU) dy *= activate_grad<true>(((xm - delta) * rstd) * wb.x + wb.y);
+    acc.dy += dy;
+    acc.dyx += dy * (xm * rstd);
+    acc.xm += xm;
+  };
+  auto add = [=](Sums3& acc, const T* xp, const T* dyp, float2 wb) {
     if constexpr (VEC) {
       const Vec16<T> xv = load16(xp), dv = load16(dyp);
 #pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const float dy = to_f32(dv.v[e]), xm = to_f32(xv.v[e]) - mean;
-        acc.dy += dy;
-        acc.dyx += dy * (xm * rstd);
-        acc.xm += xm;
-      }
+      for (int e = 0; e < V; ++e) one(acc, to_f32(xv.v[e]), to_f32(dv.v[e]), wb);
     } else {
-      const float dy = to_f32(*dyp), xm = to_f32(*xp) - mean;
-      acc.dy += dy;
-      acc.dyx += dy * (xm * rstd);
-      acc.xm += xm;
+      one(acc, to_f32(*xp), to_f32(*dyp), wb);
     }
   };
   const uint32_t nv = c.seglen / V;
   if (c.seglen >= kBlockSegment) {
     for (uint32_t j = 0; j < c.nseg; ++j) {
       const size_t base = (size_t)j * c.seglen;
+      const float2 wb = SILU ? coef(j) : make_float2(1.f, 0.f);
       Sums3 acc{0.f, 0.f, 0.f};
       for (uint32_t i = threadIdx.x; i < nv; i += blockDim.x) {
-        add(acc, xs + base + (size_t)i * V, dys + base + (size_t)i * V);
+        add(acc, xs + base + (size_t)i * V, dys + base + (size_t)i * V, wb);
       }
       acc = block_sum(acc, scratch);
       if (threadIdx.x == 0) out(j, acc);
@@ -99,14 +109,40 @@ __device__ __forceinline__ void segment_sums(const T* xs, const T* dys, const Ch
     const uint32_t lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     for (uint32_t j = warp; j < c.nseg; j += blockDim.x / kWarp) {
       const size_t base = (size_t)j * c.seglen;
+      const float2 wb = SILU ? coef(j) : make_float2(1.f, 0.f);
       Sums3 acc{0.f, 0.f, 0.f};
       for (uint32_t i = lane; i < nv; i += kWarp) {
-        add(acc, xs + base + (size_t)i * V, dys + base + (size_t)i * V);
+        add(acc, xs + base + (size_t)i * V, dys + base + (size_t)i * V, wb);
       }
       acc = warp_sum(acc);
       if (lane == 0) out(j, acc);
     }
   }
+}
+
+// (weight, bias) of global channel ch, (1, 0) where absent.
+template <typename P>
+__device__ __forceinline__ float2 affine_of(const P* __restrict__ w, const P* __restrict__ b,
+                                            uint32_t ch) {
+  return make_float2(w ? to_f32(w[ch]) : 1.f, b ? to_f32(b[ch]) : 0.f);
+}
+
+// Sum of (x - mean) over a chunk (the SiLU backward's mean residual), to every thread.
+template <typename T, bool VEC>
+__device__ __forceinline__ float chunk_centered_sum(const T* xs, uint32_t n, float mean,
+                                                    float* scratch) {
+  float acc = 0.f;
+  if constexpr (VEC) {
+    constexpr int V = kVec<T>;
+    for (uint32_t i = threadIdx.x; i < n / V; i += blockDim.x) {
+      const Vec16<T> v = load16(xs + (size_t)i * V);
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc += to_f32(v.v[e]) - mean;
+    }
+  } else {
+    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) acc += to_f32(xs[i]) - mean;
+  }
+  return block_sum(acc, scratch);
 }
 
 // A row's record (m1, m2, delta) from its D * P partial sums, each thread taking a fixed share:
@@ -134,34 +170,42 @@ __device__ __forceinline__ float3 row_record(const GnBwdParams& p, uint64_t samp
   return make_float3(t.dy * inv_l, (t.dyx - delta * rstd * t.dy) * inv_l, delta);
 }
 
-// dx over one chunk: dx = rstd * (w * dy - m1 - xhat * m2), xhat = (x - mean - delta) * rstd.
-template <typename T, typename P, bool VEC>
+// dx over one chunk: dx = rstd * (w * dz - m1 - xhat * m2), xhat = (x - mean - delta) * rstd,
+// dz = dy, or dy * silu'(xhat * w + b) with SILU.
+template <typename T, typename P, bool VEC, bool SILU>
 __device__ __forceinline__ void dx_chunk(const T* xs, const T* dys, T* __restrict__ dx,
                                          const Chunk& c, uint32_t chan0, float mean, float rstd,
-                                         float3 rec, const P* __restrict__ w) {
+                                         float3 rec, const P* __restrict__ w,
+                                         const P* __restrict__ b) {
   const DivU32 seg(c.seglen);
   const uint32_t n = c.len();
   const float m1 = rec.x, m2 = rec.y, delta = rec.z;
-  auto weight = [=](uint32_t j) { return w ? to_f32(w[chan0 + c.c0 + seg.div(j)]) : 1.f; };
+  auto coef = [=](uint32_t j) { return affine_of(w, b, chan0 + c.c0 + seg.div(j)); };
+  auto one = [=](float xv, float dy, float2 wb) {
+    const float xhat = ((xv - mean) - delta) * rstd;
+    if constexpr (SILU) dy *= activate_grad<true>(xhat * wb.x + wb.y);
+    return rstd * (wb.x * dy - m1 - xhat * m2);
+  };
   if constexpr (VEC) {
     constexpr int V = kVec<T>;
     for (uint32_t i = threadIdx.x; i < n / V; i += blockDim.x) {
-      const float wc = weight(i * V);
+      const float2 wb = coef(i * V);
       const Vec16<T> xv = load16(xs + (size_t)i * V), dv = load16(dys + (size_t)i * V);
       Vec16<T> out;
 #pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const float xhat = ((to_f32(xv.v[e]) - mean) - delta) * rstd;
-        out.v[e] = from_f32<T>(rstd * (wc * to_f32(dv.v[e]) - m1 - xhat * m2));
-      }
+      for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(one(to_f32(xv.v[e]), to_f32(dv.v[e]), wb));
       store16(dx + (size_t)i * V, out);
     }
   } else {
     for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const float xhat = ((to_f32(xs[i]) - mean) - delta) * rstd;
-      dx[i] = from_f32<T>(rstd * (weight(i) * to_f32(dys[i]) - m1 - xhat * m2));
+      dx[i] = from_f32<T>(one(to_f32(xs[i]), to_f32(dys[i]), coef(i)));
     }
   }
+}
+
+// The SiLU split path's per-chunk sums of (x - mean) follow the row records in the workspace.
+__device__ __forceinline__ float* centered_sums(const GnBwdParams& p) {
+  return row_records(p) + 3 * p.rows;
 }
 
 // Writes the 3 sums of segment j into the partials (consecutive segments are consecutive
@@ -174,7 +218,7 @@ __device__ __forceinline__ void store_sums(float* parts, uint32_t j, uint32_t pi
 }
 
 // One block per row, x and dy of the row in dynamic shared memory (2 * d * s * sizeof(T) bytes).
-template <typename T, typename P, bool VEC>
+template <typename T, typename P, bool VEC, bool SILU>
 __device__ void bwd_fused(const GnBwdParams& p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ Sums3 scratch[kWarp];
@@ -191,9 +235,15 @@ __device__ void bwd_fused(const GnBwdParams& p) {
   const uint32_t chan0 = (uint32_t)(c.row % p.groups) * p.d;
   const uint32_t channels = p.groups * p.d;
   const P* w = static_cast<const P*>(p.weight);
+  const P* b = static_cast<const P*>(p.bias);
+  // SiLU needs the row's mean residual before the sums (to recompute z): one more pass over
+  // the on-chip copy.
+  const float delta =
+      SILU ? chunk_centered_sum<T, VEC>(xs, n, mean, reinterpret_cast<float*>(scratch)) * p.inv_row_len : 0.f;
   float* const parts = p.partials + partial_index(sample, channels, chan0 + c.c0, 1, 0);
-  segment_sums<T, VEC>(xs, dys, c, mean, rstd, scratch,
-                       [=](uint32_t j, Sums3 s) { store_sums(parts, j, 1, s); });
+  segment_sums<T, VEC, SILU>(
+      xs, dys, c, mean, rstd, delta, [=](uint32_t j) { return affine_of(w, b, chan0 + c.c0 + j); },
+      scratch, [=](uint32_t j, Sums3 s) { store_sums(parts, j, 1, s); });
   __syncthreads();  // the row's sums, written above by this block, are visible to all its threads
   const float3 rec = row_record<P>(p, sample, chan0, rstd, w, scratch);
   if (threadIdx.x == 0) {
@@ -202,11 +252,30 @@ __device__ void bwd_fused(const GnBwdParams& p) {
     r[1] = rec.y;
     r[2] = rec.z;
   }
-  dx_chunk<T, P, VEC>(xs, dys, static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, rec, w);
+  dx_chunk<T, P, VEC, SILU>(xs, dys, static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, rec, w, b);
+}
+
+// Split path with SiLU, pass 0: the chunk's sum of (x - mean), for the row's mean residual.
+template <typename T, bool VEC>
+__device__ void bwd_center(const GnBwdParams& p) {
+  __shared__ float scratch[kWarp];
+  const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
+  const float t = chunk_centered_sum<T, VEC>(static_cast<const T*>(p.x) + chunk_offset(c, p.d, p.s),
+                                             c.len(), p.mean[c.row], scratch);
+  if (threadIdx.x == 0) centered_sums(p)[c.row * p.chunking.chunks + c.k] = t;
+}
+
+// The row's mean residual from its chunks' centered sums (bwd_center), in a fixed order.
+__device__ __forceinline__ float row_delta(const GnBwdParams& p, uint64_t row, float* scratch) {
+  const uint32_t k = p.chunking.chunks;
+  const float* sums = centered_sums(p) + row * k;
+  float acc = 0.f;
+  for (uint32_t i = threadIdx.x; i < k; i += blockDim.x) acc += sums[i];
+  return block_sum(acc, scratch) * p.inv_row_len;
 }
 
 // Split path, pass 1: per-(n, c, piece) sums for this block's chunk, streamed from global memory.
-template <typename T, bool VEC>
+template <typename T, typename P, bool VEC, bool SILU>
 __device__ void bwd_partial(const GnBwdParams& p) {
   __shared__ Sums3 scratch[kWarp];
   const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
@@ -218,9 +287,13 @@ __device__ void bwd_partial(const GnBwdParams& p) {
   const uint32_t pieces = p.chunking.pieces;
   const uint32_t piece = pieces > 1 ? c.k % pieces : 0;
   float* const parts = p.partials + partial_index(sample, channels, chan0 + c.c0, pieces, piece);
-  segment_sums<T, VEC>(static_cast<const T*>(p.x) + off, static_cast<const T*>(p.dy) + off, c,
-                       mean, rstd, scratch,
-                       [=](uint32_t j, Sums3 s) { store_sums(parts, j, pieces, s); });
+  const P* w = static_cast<const P*>(p.weight);
+  const P* b = static_cast<const P*>(p.bias);
+  const float delta = SILU ? row_delta(p, c.row, reinterpret_cast<float*>(scratch)) : 0.f;
+  segment_sums<T, VEC, SILU>(
+      static_cast<const T*>(p.x) + off, static_cast<const T*>(p.dy) + off, c, mean, rstd, delta,
+      [=](uint32_t j) { return affine_of(w, b, chan0 + c.c0 + j); }, scratch,
+      [=](uint32_t j, Sums3 s) { store_sums(parts, j, pieces, s); });
 }
 
 // Split path, pass 2: one block per row turns the row's partial sums into its record, once.
@@ -240,7 +313,7 @@ __device__ void bwd_rows(const GnBwdParams& p) {
 }
 
 // Split path, pass 3: dx for this block's chunk from the row's record.
-template <typename T, typename P, bool VEC>
+template <typename T, typename P, bool VEC, bool SILU>
 __device__ void bwd_dx(const GnBwdParams& p) {
   const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
   const float mean = p.mean[c.row], rstd = p.rstd[c.row];
@@ -248,9 +321,9 @@ __device__ void bwd_dx(const GnBwdParams& p) {
   const float* r = row_records(p) + 3 * c.row;
   const float3 rec = make_float3(r[0], r[1], r[2]);
   const uint64_t off = chunk_offset(c, p.d, p.s);
-  dx_chunk<T, P, VEC>(static_cast<const T*>(p.x) + off, static_cast<const T*>(p.dy) + off,
-                      static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, rec,
-                      static_cast<const P*>(p.weight));
+  dx_chunk<T, P, VEC, SILU>(static_cast<const T*>(p.x) + off, static_cast<const T*>(p.dy) + off,
+                            static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, rec,
+                            static_cast<const P*>(p.weight), static_cast<const P*>(p.bias));
 }
 
 // dweight[c] = sum over n, pieces of (sdyx - delta_n rstd_n sdy); dbias[c] likewise of sdy.
@@ -282,22 +355,34 @@ __device__ void bwd_params(const GnBwdParams& p) {
 
 }  // namespace gn
 
-// Entry points: groupnorm_bwd_{fused,dx}_<T>_<P>_<vec|scalar>, groupnorm_bwd_partial_<T>_<..>,
-// groupnorm_bwd_{rows,params}_<P>.
+// Entry points: groupnorm_bwd_{fused,dx,partial}_<T>_<P>_<vec|scalar>,
+// groupnorm_bwd_center_<T>_<vec|scalar>, groupnorm_bwd_{rows,params}_<P>.
+// The activation is a uniform branch at the top of each kernel (one instantiation each).
+#define GN_BWD_ACT(KERNEL, ...)                                                                \
+  if (p.activation == GN_ACT_SILU) {                                                           \
+    KERNEL<__VA_ARGS__, true>(p);                                                              \
+  } else {                                                                                     \
+    KERNEL<__VA_ARGS__, false>(p);                                                             \
+  }
+
 #define GN_BWD_TP(NAME, T, P, VEC)                                                             \
   extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                             \
       groupnorm_bwd_fused_##NAME(const GnBwdParams p) {                                        \
-    gn::bwd_fused<T, P, VEC>(p);                                                               \
+    GN_BWD_ACT(gn::bwd_fused, T, P, VEC)                                                       \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                             \
       groupnorm_bwd_dx_##NAME(const GnBwdParams p) {                                           \
-    gn::bwd_dx<T, P, VEC>(p);                                                                  \
+    GN_BWD_ACT(gn::bwd_dx, T, P, VEC)                                                          \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                             \
+      groupnorm_bwd_partial_##NAME(const GnBwdParams p) {                                      \
+    GN_BWD_ACT(gn::bwd_partial, T, P, VEC)                                                     \
   }
 
 #define GN_BWD_T(NAME, T, VEC)                                                                 \
   extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                             \
-      groupnorm_bwd_partial_##NAME(const GnBwdParams p) {                                      \
-    gn::bwd_partial<T, VEC>(p);                                                                \
+      groupnorm_bwd_center_##NAME(const GnBwdParams p) {                                       \
+    gn::bwd_center<T, VEC>(p);                                                                 \
   }
 
 #define GN_BWD_ALL(VNAME, VEC)                                                                 \

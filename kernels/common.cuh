@@ -35,6 +35,29 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 }
 
 // ---------------------------------------------------------------------------------------------
+// Activations (GnFwdParams::activation). Full-precision expf and IEEE division (no fast math),
+// so the kernels agree with the CPU fast path's f32 formulas.
+
+// y = act(z).
+template <bool SILU> __device__ __forceinline__ float activate(float z) {
+  if constexpr (SILU) {
+    return z / (1.0f + expf(-z));
+  } else {
+    return z;
+  }
+}
+
+// d act(z) / dz: silu'(z) = sig(z) * (1 + z * (1 - sig(z))); 0 for z -> -inf, 1 for z -> +inf.
+template <bool SILU> __device__ __forceinline__ float activate_grad(float z) {
+  if constexpr (SILU) {
+    const float sig = 1.0f / (1.0f + expf(-z));
+    return sig * (1.0f + z * (1.0f - sig));
+  } else {
+    return 1.0f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // 16-byte vectors. `kVec<T>` elements move in one 128-bit access when the pointer is 16-byte
 // aligned; the host decides that once per launch (see `vectorizable` in src/gpu/plan.rs) and
 // picks the scalar instantiation otherwise.

@@ -1,4 +1,5 @@
-// GroupNorm forward, NCHW: y = (x - mean) * rstd * weight[c] + bias[c], saved mean/rstd in f32.
+// GroupNorm forward, NCHW: y = act((x - mean) * rstd * weight[c] + bias[c]), saved mean/rstd in
+// f32; act is the identity or SiLU (GnFwdParams::activation, one branch per block).
 //
 // Two paths, chosen per shape on the host (src/gpu/plan.rs):
 // - fused (one block per row, chunks == 1): the row is copied into shared memory once, its
@@ -38,10 +39,11 @@ __device__ __forceinline__ float2 chunk_stats(const T* buf, uint32_t n, float pi
   return make_float2(mean, q);
 }
 
-// y = ((x - pivot) - mshift) * (rstd * w[c]) + b[c] over one chunk; src may be shared or global.
+// y = act(((x - pivot) - mshift) * (rstd * w[c]) + b[c]) over one chunk; src may be shared or
+// global.
 // Assumes: with VEC, src/dst are 16-byte aligned and seglen is a multiple of kVec<T>, so a vector
 // never crosses a channel.
-template <typename T, typename P, bool VEC>
+template <typename T, typename P, bool VEC, bool SILU>
 __device__ __forceinline__ void normalize_chunk(const T* src, T* __restrict__ dst, const Chunk& c,
                                                 uint32_t chan0, float pivot, float mshift,
                                                 float rstd, const P* __restrict__ w,
@@ -60,14 +62,16 @@ __device__ __forceinline__ void normalize_chunk(const T* src, T* __restrict__ ds
       affine(i * V, a, sh);
       Vec16<T> v = load16(src + (size_t)i * V);
 #pragma unroll
-      for (int e = 0; e < V; ++e) v.v[e] = from_f32<T>((to_f32(v.v[e]) - pivot - mshift) * a + sh);
+      for (int e = 0; e < V; ++e) {
+        v.v[e] = from_f32<T>(activate<SILU>((to_f32(v.v[e]) - pivot - mshift) * a + sh));
+      }
       store16(dst + (size_t)i * V, v);
     }
   } else {
     for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
       float a, sh;
       affine(i, a, sh);
-      dst[i] = from_f32<T>((to_f32(src[i]) - pivot - mshift) * a + sh);
+      dst[i] = from_f32<T>(activate<SILU>((to_f32(src[i]) - pivot - mshift) * a + sh));
     }
   }
 }
@@ -96,8 +100,14 @@ __device__ void fwd_fused(const GnFwdParams& p) {
     p.rstd[c.row] = rstd;
   }
   const uint32_t chan0 = (uint32_t)(c.row % p.groups) * p.d;
-  normalize_chunk<T, P, VEC>(buf, static_cast<T*>(p.y) + off, c, chan0, pivot, st.x, rstd,
-                             static_cast<const P*>(p.weight), static_cast<const P*>(p.bias));
+  const P* w = static_cast<const P*>(p.weight);
+  const P* b = static_cast<const P*>(p.bias);
+  T* y = static_cast<T*>(p.y) + off;
+  if (p.activation == GN_ACT_SILU) {
+    normalize_chunk<T, P, VEC, true>(buf, y, c, chan0, pivot, st.x, rstd, w, b);
+  } else {
+    normalize_chunk<T, P, VEC, false>(buf, y, c, chan0, pivot, st.x, rstd, w, b);
+  }
 }
 
 // Split path, pass 1: (mean about the row's pivot, m2) of each chunk into p.partials.
@@ -155,8 +165,14 @@ __device__ void fwd_apply(const GnFwdParams& p) {
   const float* rec = fwd_row_records(p) + 2 * c.row;
   const uint64_t off = chunk_offset(c, p.d, p.s);
   const uint32_t chan0 = (uint32_t)(c.row % p.groups) * p.d;
-  normalize_chunk<T, P, VEC>(x + off, static_cast<T*>(p.y) + off, c, chan0, pivot, rec[0], rec[1],
-                             static_cast<const P*>(p.weight), static_cast<const P*>(p.bias));
+  const P* w = static_cast<const P*>(p.weight);
+  const P* b = static_cast<const P*>(p.bias);
+  T* y = static_cast<T*>(p.y) + off;
+  if (p.activation == GN_ACT_SILU) {
+    normalize_chunk<T, P, VEC, true>(x + off, y, c, chan0, pivot, rec[0], rec[1], w, b);
+  } else {
+    normalize_chunk<T, P, VEC, false>(x + off, y, c, chan0, pivot, rec[0], rec[1], w, b);
+  }
 }
 
 }  // namespace gn

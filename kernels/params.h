@@ -9,10 +9,13 @@
 
 // How one group row of L = D * S values is cut into chunks, one thread block each.
 //
-// A chunk is always contiguous in an NCHW row and is made of `nseg` segments of equal length:
+// NCHW: a chunk is always contiguous in the row and is made of `nseg` segments of equal length:
 // - pieces == 1: chunk k holds whole channels [k * cpb, min(D, (k + 1) * cpb)), segments of S;
 // - pieces  > 1: chunk k holds piece (k % pieces) of channel (k / pieces): spatial values
 //   [p * piece_len, min(S, (p + 1) * piece_len)), one segment.
+// NHWC (kernels/nhwc.cu): a block holds a tile of `cpb` consecutive groups (fewer in the last
+// tile) over positions [k * piece_len, min(S, (k + 1) * piece_len)); chunks == pieces == K, the
+// positions of a row are cut into K pieces and chunk k of a row is its piece k.
 typedef struct GnChunking {
   uint32_t chunks;     // chunks per row, K
   uint32_t cpb;        // channels per chunk when pieces == 1 (else 1)
@@ -34,6 +37,8 @@ typedef struct GnFwdParams {
   uint32_t s;          // spatial size, S
   float eps;
   GnChunking chunking;
+  uint32_t activation; // GN_ACT_NONE or GN_ACT_SILU: y = act(xhat * w + b)
+  uint32_t reserved;   // 0
 } GnFwdParams;
 
 typedef struct GnBwdParams {
@@ -53,15 +58,24 @@ typedef struct GnBwdParams {
   uint32_t s;          // S
   float inv_row_len;   // 1 / (D * S) rounded once from f64 on the host (0 when S == 0)
   GnChunking chunking;
+  uint32_t activation; // the forward pass's activation; dy is the gradient of act's output
+  const void* bias;    // (C) P, or NULL: read only with an activation, to recompute z
 } GnBwdParams;
+
+// Activations (GnFwdParams::activation, GnBwdParams::activation).
+#define GN_ACT_NONE 0u
+#define GN_ACT_SILU 1u
 
 #ifdef __cplusplus
 static_assert(sizeof(GnChunking) == 16, "GnChunking layout is mirrored in Rust");
-static_assert(sizeof(GnFwdParams) == 96, "GnFwdParams layout is mirrored in Rust");
+static_assert(sizeof(GnFwdParams) == 104, "GnFwdParams layout is mirrored in Rust");
+static_assert(offsetof(GnFwdParams, activation) == 96, "GnFwdParams layout is mirrored in Rust");
 static_assert(offsetof(GnFwdParams, rows) == 56, "GnFwdParams layout is mirrored in Rust");
 static_assert(offsetof(GnFwdParams, eps) == 76, "GnFwdParams layout is mirrored in Rust");
 static_assert(offsetof(GnFwdParams, chunking) == 80, "GnFwdParams layout is mirrored in Rust");
-static_assert(sizeof(GnBwdParams) == 120, "GnBwdParams layout is mirrored in Rust");
+static_assert(sizeof(GnBwdParams) == 128, "GnBwdParams layout is mirrored in Rust");
+static_assert(offsetof(GnBwdParams, activation) == 116, "GnBwdParams layout is mirrored in Rust");
+static_assert(offsetof(GnBwdParams, bias) == 120, "GnBwdParams layout is mirrored in Rust");
 static_assert(offsetof(GnBwdParams, rows) == 72, "GnBwdParams layout is mirrored in Rust");
 static_assert(offsetof(GnBwdParams, chunking) == 100, "GnBwdParams layout is mirrored in Rust");
 #endif

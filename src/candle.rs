@@ -600,6 +600,7 @@ mod cuda {
             dtype: t,
             param_dtype: p,
             path: Path::Auto,
+            activation: crate::Activation::None,
         }
     }
 
@@ -746,6 +747,7 @@ mod cuda {
                 dx: dxp,
                 dweight: dwp.unwrap_or(0),
                 dbias: dbp.unwrap_or(0),
+                bias: 0, // no activation through this interface yet
             };
             // SAFETY: dy and x are views of N * C * S activations of T (the shapes of the
             // recorded op's input and output, checked equal), weight of C parameters of P; mean

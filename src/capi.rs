@@ -573,6 +573,7 @@ impl Validated {
             dtype: self.dtype,
             param_dtype: self.param_dtype,
             path: self.path,
+            activation: crate::Activation::None,
         }
     }
 }
@@ -865,6 +866,7 @@ pub unsafe extern "C" fn groupnorm_backward(
             dx: dev(dx),
             dweight: dev(dweight),
             dbias: dev(dbias),
+            bias: 0, // no activation through this interface yet
         };
         // SAFETY: as in `groupnorm_forward`, for raw::backward's contract.
         unsafe {

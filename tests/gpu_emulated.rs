@@ -16,10 +16,10 @@
 mod common;
 
 use common::*;
-use groupnorm::cpu::reference;
+use groupnorm::cpu::reference::{self, forward_f64};
 use groupnorm::gpu::emulate::{self, HostBuffer, Schedule, Trace};
 use groupnorm::gpu::{DeviceLimits, Path};
-use groupnorm::{bf16, f16, DType, Element, Error, GroupNorm, Layout, Stats};
+use groupnorm::{bf16, f16, Activation, DType, Element, Error, GroupNorm, Layout, Stats};
 
 /// A small device: 4 SMs and 8 KiB of shared memory per block, so that rows of a few thousand
 /// values are split into chunks and pieces.
@@ -53,6 +53,10 @@ struct Opts {
     f32_abs: f64,
     /// The device the planner plans for.
     limits: DeviceLimits,
+    /// Memory layout of x, y, dy, dx.
+    layout: Layout,
+    /// GroupNorm fused with SiLU (forward writes silu(z); backward takes its gradient).
+    silu: bool,
 }
 
 const PLAIN: Opts = Opts {
@@ -61,6 +65,8 @@ const PLAIN: Opts = Opts {
     x_mean: 0.0,
     f32_abs: F32_FORWARD_ABS,
     limits: SMALL,
+    layout: Layout::Nchw,
+    silu: false,
 };
 
 /// What one path of a parity case ran.
@@ -90,15 +96,25 @@ fn assert_guards<E: Element>(b: &HostBuffer<E>, what: &str, ctx: &str) {
 /// on every path (the planner's choice, split, and fused where the row fits). Returns what ran.
 fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: Opts) -> Vec<Ran> {
     let case = format!(
-        "{dims:?} G={groups} {}/{} affine={} misaligned={} mean={} limits={:?}",
+        "{dims:?} G={groups} {}/{} {} silu={} affine={} misaligned={} mean={} limits={:?}",
         T::DTYPE,
         P::DTYPE,
+        o.layout.name(),
+        o.silu,
         o.affine,
         o.misalign,
         o.x_mean,
         o.limits
     );
-    let gn = GroupNorm::new(groups, dims[1]).unwrap();
+    let act = if o.silu {
+        Activation::Silu
+    } else {
+        Activation::None
+    };
+    let gn = GroupNorm::new(groups, dims[1])
+        .unwrap()
+        .layout(o.layout)
+        .activation(act);
     let c = dims[1];
     let numel: usize = dims.iter().product();
     let rows = dims[0] * groups;
@@ -114,16 +130,26 @@ fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: O
     };
     let off = usize::from(o.misalign);
     let reference = reference::forward(&gn, &x, dims, wh, bh).unwrap();
-    let grads = reference::backward(&gn, &dy, &x, dims, wh).unwrap();
+    let grads = reference::backward_activated(&gn, &dy, &x, dims, wh, bh).unwrap();
     let w64 = o.affine.then(|| to_f64(&w));
-    let scale = dx_scale(
-        &to_f64(&dy),
-        dims,
-        groups,
-        Layout::Nchw,
+    let b64 = o.affine.then(|| to_f64(&b));
+    // dx errors are measured against ||rstd w dz||, dz the gradient reaching the normalization
+    // (dy itself without an activation): see tests/cpu_activation.rs
+    let geo = gn.geometry(dims).unwrap();
+    let z = forward_f64(
+        &geo,
+        gn.get_eps(),
+        &to_f64(&x),
         w64.as_deref(),
-        &reference.rstd,
-    );
+        b64.as_deref(),
+    )
+    .y;
+    let dz: Vec<f64> = z
+        .iter()
+        .zip(to_f64(&dy))
+        .map(|(z, d)| d * act.derivative_f64(*z))
+        .collect();
+    let scale = dx_scale(&dz, dims, groups, o.layout, w64.as_deref(), &reference.rstd);
     let xb = HostBuffer::new(&x, off);
     let dyb = HostBuffer::new(&dy, off);
 
@@ -170,6 +196,7 @@ fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: O
             dims,
             &stats,
             wh,
+            bh,
             dx.as_mut_slice(),
             if o.affine {
                 Some(dw.as_mut_slice())
@@ -207,9 +234,14 @@ fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: O
     ran
 }
 
-/// `fused vec`, `split x3 (2 ch/chunk) scalar`, `split x6 (3 pieces/ch) vec`.
+/// `fused vec`, `split x3 (2 ch/chunk) scalar`, `split x6 (3 pieces/ch) vec`,
+/// `nhwc split x4 (2 groups/tile) vec`.
 fn describe(t: &Trace) -> String {
     let kind = if t.vec { "vec" } else { "scalar" };
+    if t.nhwc {
+        let path = if t.fused { "fused" } else { "split" };
+        return format!("nhwc {path} x{} ({} groups/tile) {kind}", t.chunks, t.cpb);
+    }
     match (t.fused, t.pieces) {
         (true, _) => format!("fused {kind}"),
         (false, 1) => format!("split x{} ({} ch/chunk) {kind}", t.chunks, t.cpb),
@@ -691,6 +723,7 @@ fn degenerate_shapes() {
             &[0, 4, 3],
             &stats,
             Some(&w[..]),
+            None,
             true,
             4,
             8192,
@@ -726,6 +759,7 @@ fn empty_rows() {
             &dims,
             &stats,
             Some(&w[..]),
+            None,
             true,
             4,
             8192,
@@ -754,6 +788,7 @@ fn empty_rows_forced_split() {
             &dims,
             &stats,
             Some(&w[..]),
+            None,
             true,
             4,
             8192,
@@ -852,7 +887,7 @@ fn non_finite_values_stay_in_their_group() {
             // backward: dx of the poisoned row is NaN, the others finite
             let dy: Vec<f32> = normal_vec(&mut rng(801), x.len(), 0.0, 1.0);
             let g = emulate::backward::<f32, f32>(
-                &gn, path, &dy, &x, dims, &stats, None, false, 4, 8192,
+                &gn, path, &dy, &x, dims, &stats, None, None, false, 4, 8192,
             )
             .unwrap();
             for (i, &v) in g.dx.iter().enumerate() {
@@ -909,6 +944,7 @@ fn deterministic_under_every_schedule() {
                     dims,
                     &stats,
                     Some(&w[..]),
+                    None,
                     true,
                     4,
                     8192,
@@ -943,4 +979,122 @@ fn deterministic_under_every_schedule() {
         }
     }
     emulate::set_schedule(Schedule::Forward);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Channels-last and fused SiLU
+// ---------------------------------------------------------------------------------------------
+
+/// NHWC through the tile kernels, every dtype pair and path: D = 1, 2, 4 (several groups per
+/// tile, a partial last tile), D = 10 and 40 (SD-like), G = 1, odd positions, misaligned.
+#[test]
+fn nhwc_parity() {
+    let nhwc = Opts {
+        layout: Layout::Nhwc,
+        ..PLAIN
+    };
+    let cases: [(&[usize], usize); 7] = [
+        (&[2, 32, 5, 7], 32),   // D = 1
+        (&[1, 12, 9, 9], 6),    // D = 2, tiles of whole groups and a partial last tile
+        (&[2, 24, 3, 11], 6),   // D = 4
+        (&[2, 80, 6, 6], 8),    // D = 10
+        (&[1, 80, 7, 5], 2),    // D = 40
+        (&[2, 6, 13], 1),       // G = 1, W = C = 6: scalar only
+        (&[1, 64, 2, 3, 5], 4), // 5-D
+    ];
+    for (i, (dims, groups)) in cases.into_iter().enumerate() {
+        for (dt, ran) in all_dtypes(dims, groups, 900 + i as u64, nhwc) {
+            for r in &ran {
+                assert!(r.fwd.nhwc, "{dims:?} {dt}: NHWC ran the NCHW kernels");
+            }
+            let split = fwd_of(&ran, Path::Split);
+            assert!(!split.fused, "{dims:?} {dt}: forced split fused");
+        }
+    }
+    // misaligned buffers and a medium device
+    for (dims, groups) in [(&[2usize, 40, 6, 5][..], 4), (&[1, 16, 33][..], 16)] {
+        let o = Opts {
+            misalign: true,
+            limits: MEDIUM,
+            ..nhwc
+        };
+        parity::<f16, f32>(dims, groups, 950, o);
+        parity::<f32, f32>(dims, groups, 951, o);
+    }
+}
+
+/// NHWC rows long enough to split into many pieces, and the 16-byte vector kernels (W and C
+/// multiples of the vector width).
+#[test]
+fn nhwc_split_pieces_and_vectors() {
+    let o = Opts {
+        layout: Layout::Nhwc,
+        ..PLAIN
+    };
+    for (dims, groups) in [(&[1usize, 64, 48, 48][..], 8), (&[2, 32, 40, 40][..], 32)] {
+        let ran = parity::<f16, f32>(dims, groups, 960, o);
+        let split = fwd_of(&ran, Path::Split);
+        assert!(
+            split.chunks > 1 && split.vec,
+            "{dims:?}: {}",
+            describe(split)
+        );
+        let ran = parity::<f32, f32>(dims, groups, 961, o);
+        assert!(fwd_of(&ran, Path::Split).vec, "{dims:?}");
+    }
+}
+
+/// GN + SiLU in both layouts, every dtype pair and path.
+#[test]
+fn silu_parity() {
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        let o = Opts {
+            layout,
+            silu: true,
+            ..PLAIN
+        };
+        for (i, (dims, groups)) in [
+            (&[2usize, 8, 5, 7][..], 4),
+            (&[1, 32, 9, 9][..], 32),
+            (&[2, 80, 6, 6][..], 8),
+            (&[1, 2, 3000][..], 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            all_dtypes(dims, groups, 970 + i as u64, o);
+        }
+        // no affine parameters: z = xhat
+        parity::<f32, f32>(&[2, 12, 7], 3, 979, Opts { affine: false, ..o });
+    }
+}
+
+/// SiLU on rows offset by 1e4: the backward must refine the saved mean before recomputing z,
+/// on the fused path (one more pass on chip) and the split path (the `center` kernels).
+#[test]
+fn silu_large_offset_rows_f32() {
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        let o = Opts {
+            layout,
+            silu: true,
+            x_mean: 1e4,
+            f32_abs: F32_FORWARD_OFFSET_ABS,
+            ..PLAIN
+        };
+        let ran = parity::<f32, f32>(&[2, 16, 20, 20], 4, 980, o);
+        let split = ran.iter().find(|r| r.path == Path::Split).unwrap();
+        let names: Vec<_> = split
+            .bwd
+            .as_ref()
+            .unwrap()
+            .launches
+            .iter()
+            .map(|l| l.kernel.clone())
+            .collect();
+        assert!(
+            names.iter().any(|n| n.contains("bwd_center")),
+            "{}: the split SiLU backward ran no center pass: {names:?}",
+            layout.name()
+        );
+    }
 }

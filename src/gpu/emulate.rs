@@ -28,7 +28,7 @@ use super::plan::{DeviceLimits, Pass, Path, Plan};
 use super::raw::{self, BackwardPtrs, ForwardPtrs, Problem};
 use crate::config::check_len;
 use crate::dtype::check_param_dtype;
-use crate::{DType, Element, Error, Geometry, Grads, GroupNorm, Layout, Result, Stats};
+use crate::{DType, Element, Error, Geometry, Grads, GroupNorm, Result, Stats};
 use std::ffi::{c_char, c_void, CStr, CString};
 
 extern "C" {
@@ -118,6 +118,8 @@ pub struct Trace {
     pub piece_len: u32,
     /// f32 workspace the plan asked for.
     pub workspace_floats: usize,
+    /// The channels-last kernels ran (`cpb` is then groups per tile, `chunks` pieces per row).
+    pub nhwc: bool,
     /// The launches, in order.
     pub launches: Vec<Launch>,
 }
@@ -138,6 +140,7 @@ impl Trace {
             pieces,
             piece_len,
             workspace_floats: plan.workspace_floats,
+            nhwc: plan.nhwc,
             launches: Vec::new(),
         }
     }
@@ -278,15 +281,7 @@ fn launcher<'a, A>(
 }
 
 fn check_geometry(gn: &GroupNorm, dims: &[usize]) -> Result<Geometry> {
-    let geo = gn.geometry(dims)?;
-    if geo.layout == Layout::Nhwc {
-        return Err(Error::Unsupported {
-            what: "NHWC (channels-last) tensors on the GPU yet: use the CPU path or an NCHW \
-                   tensor"
-                .into(),
-        });
-    }
-    Ok(geo)
+    gn.geometry(dims)
 }
 
 fn check_param<T: Element, P: Element>(
@@ -400,6 +395,7 @@ pub fn backward_into<T: Element, P: Element>(
     dims: &[usize],
     stats: &Stats,
     weight: Option<&[P]>,
+    bias: Option<&[P]>,
     dx: &mut [T],
     dweight: Option<&mut [P]>,
     dbias: Option<&mut [P]>,
@@ -410,6 +406,7 @@ pub fn backward_into<T: Element, P: Element>(
     geo.check_activation("dx", dx.len())?;
     check_param_dtype::<T, P>("weight")?;
     check_param::<T, P>("weight", weight, geo.c)?;
+    check_param::<T, P>("bias", bias, geo.c)?;
     check_param::<T, P>("dweight", dweight.as_deref(), geo.c)?;
     check_param::<T, P>("dbias", dbias.as_deref(), geo.c)?;
     if dweight.is_some() && weight.is_none() {
@@ -435,6 +432,7 @@ pub fn backward_into<T: Element, P: Element>(
         dx: addr_mut(dx),
         dweight: dweight.map_or(0, addr_mut),
         dbias: dbias.map_or(0, addr_mut),
+        bias: bias.map_or(0, addr),
     };
     let (plan, params, _) =
         raw::prepare_backward(limits, &problem, &ptrs, ws_ptr, ws_bytes, false)?;
@@ -465,6 +463,7 @@ fn problem<'a, T: Element, P: Element>(
         dtype: T::DTYPE,
         param_dtype: P::DTYPE,
         path,
+        activation: gn.get_activation(),
     }
 }
 
@@ -530,6 +529,7 @@ pub fn backward<T: Element, P: Element>(
     dims: &[usize],
     stats: &Stats,
     weight: Option<&[P]>,
+    bias: Option<&[P]>,
     want_dbias: bool,
     sms: usize,
     smem_per_block: usize,
@@ -548,6 +548,7 @@ pub fn backward<T: Element, P: Element>(
         dims,
         stats,
         weight,
+        bias,
         dx.as_mut_slice(),
         dweight.as_mut().map(|b| b.as_mut_slice()),
         dbias.as_mut().map(|b| b.as_mut_slice()),
@@ -595,8 +596,10 @@ pub fn launchable_kernels() -> Vec<String> {
     let mut names = Vec::new();
     for t in [DType::F32, DType::F16, DType::BF16] {
         for p in [t, DType::F32] {
-            for fused in [true, false] {
-                for vec in [true, false] {
+            for (fused, vec, nhwc, silu) in
+                (0..16).map(|i| (i & 1 != 0, i & 2 != 0, i & 4 != 0, i & 8 != 0))
+            {
+                {
                     let plan = Plan {
                         fused,
                         vec,
@@ -604,6 +607,8 @@ pub fn launchable_kernels() -> Vec<String> {
                         blocks: 1,
                         smem_bytes: 0,
                         workspace_floats: 0,
+                        nhwc,
+                        stream_smem_bytes: 0,
                     };
                     let mut record = |name: &str, _: u32, _: u32, _: u32| {
                         names.push(name.to_string());
@@ -621,6 +626,7 @@ pub fn launchable_kernels() -> Vec<String> {
                         rows: 1,
                         dweight: 1,
                         dbias: 1,
+                        activation: silu as u32,
                         ..BwdParams::default()
                     };
                     launch::backward_sequence(

@@ -83,7 +83,7 @@ pub(crate) unsafe fn forward(
     })
 }
 
-/// Backward: fused, or partial, rows, dx; then the parameter gradients when asked for.
+/// Backward: fused, or [center,] partial, rows, dx; then the parameter gradients when asked for.
 ///
 /// # Safety
 ///
@@ -126,6 +126,19 @@ where
     if params.rows == 0 {
         return Ok(());
     }
+    if plan.nhwc {
+        return if plan.fused {
+            let name = kernel_name("nhwc_fwd_fused", t, Some(p), Some(plan.vec));
+            launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)
+        } else {
+            let name = kernel_name("nhwc_fwd_partial", t, None, Some(plan.vec));
+            launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)?;
+            let name = kernel_name("nhwc_fwd_merge", t, None, None);
+            launch(&name, params.rows as u32, MERGE_THREADS, 0, params)?;
+            let name = kernel_name("nhwc_fwd_apply", t, Some(p), Some(plan.vec));
+            launch(&name, plan.blocks, THREADS, plan.stream_smem_bytes, params)
+        };
+    }
     if plan.fused {
         let name = kernel_name("fwd_fused", t, Some(p), Some(plan.vec));
         launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)
@@ -151,12 +164,34 @@ pub(crate) fn backward_sequence<L>(
 where
     L: FnMut(&str, u32, u32, u32, &BwdParams) -> Result<()>,
 {
-    if params.rows > 0 {
+    let silu = params.activation != 0;
+    if params.rows > 0 && plan.nhwc {
+        if plan.fused {
+            let name = kernel_name("nhwc_bwd_fused", t, Some(p), Some(plan.vec));
+            launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)?;
+        } else {
+            let smem = plan.stream_smem_bytes;
+            if silu {
+                let name = kernel_name("nhwc_bwd_center", t, None, None);
+                launch(&name, plan.blocks, THREADS, smem, params)?;
+            }
+            let name = kernel_name("nhwc_bwd_partial", t, Some(p), None);
+            launch(&name, plan.blocks, THREADS, smem, params)?;
+            let name = kernel_name("bwd_rows", p, None, None);
+            launch(&name, params.rows as u32, ROW_THREADS, 0, params)?;
+            let name = kernel_name("nhwc_bwd_dx", t, Some(p), Some(plan.vec));
+            launch(&name, plan.blocks, THREADS, smem, params)?;
+        }
+    } else if params.rows > 0 {
         if plan.fused {
             let name = kernel_name("bwd_fused", t, Some(p), Some(plan.vec));
             launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)?;
         } else {
-            let name = kernel_name("bwd_partial", t, None, Some(plan.vec));
+            if silu {
+                let name = kernel_name("bwd_center", t, None, Some(plan.vec));
+                launch(&name, plan.blocks, THREADS, 0, params)?;
+            }
+            let name = kernel_name("bwd_partial", t, Some(p), Some(plan.vec));
             launch(&name, plan.blocks, THREADS, 0, params)?;
             let name = kernel_name("bwd_rows", p, None, None);
             launch(&name, params.rows as u32, ROW_THREADS, 0, params)?;
@@ -317,13 +352,27 @@ mod tests {
         for t in [DType::F32, DType::F16, DType::BF16] {
             for p in [t, DType::F32] {
                 for vec in [true, false] {
-                    for kind in ["fwd_fused", "fwd_apply", "bwd_fused", "bwd_dx"] {
+                    for kind in [
+                        "fwd_fused",
+                        "fwd_apply",
+                        "bwd_fused",
+                        "bwd_dx",
+                        "bwd_partial",
+                        "nhwc_fwd_fused",
+                        "nhwc_fwd_apply",
+                        "nhwc_bwd_fused",
+                        "nhwc_bwd_dx",
+                    ] {
                         wanted.push(kernel_name(kind, t, Some(p), Some(vec)));
                     }
-                    for kind in ["fwd_partial", "bwd_partial"] {
+                    for kind in ["fwd_partial", "bwd_center", "nhwc_fwd_partial"] {
                         wanted.push(kernel_name(kind, t, None, Some(vec)));
                     }
                 }
+                wanted.push(kernel_name("nhwc_bwd_partial", t, Some(p), None));
+            }
+            for kind in ["nhwc_fwd_merge", "nhwc_bwd_center"] {
+                wanted.push(kernel_name(kind, t, None, None));
             }
             wanted.push(kernel_name("bwd_params", t, None, None));
             wanted.push(kernel_name("bwd_rows", t, None, None));

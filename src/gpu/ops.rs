@@ -162,6 +162,7 @@ impl GpuGroupNorm {
             dtype: T::DTYPE,
             param_dtype: P::DTYPE,
             path: self.path,
+            activation: self.gn.get_activation(),
         }
     }
 
@@ -176,10 +177,12 @@ impl GpuGroupNorm {
         };
         let (_, p) = raw::plan_of(self.gpu.limits(), &self.problem::<T, T>(&geo), pass)?;
         let ch = p.chunking;
-        Ok(match (p.fused, ch.pieces) {
-            (true, _) => "fused".to_string(),
-            (false, 1) => format!("split x{} ({} ch/chunk)", ch.chunks, ch.cpb),
-            (false, pieces) => format!("split x{} ({pieces} pieces/ch)", ch.chunks),
+        Ok(match (p.nhwc, p.fused, ch.pieces) {
+            (true, true, _) => format!("nhwc fused ({} groups/tile)", ch.cpb),
+            (true, false, _) => format!("nhwc split x{} ({} groups/tile)", ch.chunks, ch.cpb),
+            (false, true, _) => "fused".to_string(),
+            (false, false, 1) => format!("split x{} ({} ch/chunk)", ch.chunks, ch.cpb),
+            (false, false, pieces) => format!("split x{} ({pieces} pieces/ch)", ch.chunks),
         })
     }
 
@@ -305,13 +308,43 @@ impl GpuGroupNorm {
     }
 
     /// Backward pass into new buffers. `dweight` is computed when `weight` is given, `dbias` when
-    /// `want_dbias`.
+    /// `want_dbias`. Errors with [`Error::BiasNeeded`] when the configuration has an activation
+    /// (use [`GpuGroupNorm::backward_activated`]).
     pub fn backward<T, P>(
         &mut self,
         dy: &DeviceTensor<T>,
         x: &DeviceTensor<T>,
         stats: &DeviceStats,
         weight: Option<&CudaSlice<P>>,
+        want_dbias: bool,
+    ) -> Result<DeviceGrads<T, P>>
+    where
+        T: Element,
+        P: Element,
+    {
+        self.refuse_activation()?;
+        self.backward_activated(dy, x, stats, weight, None, want_dbias)
+    }
+
+    fn refuse_activation(&self) -> Result<()> {
+        match self.gn.get_activation() {
+            crate::Activation::None => Ok(()),
+            a => Err(Error::BiasNeeded {
+                activation: a.name(),
+            }),
+        }
+    }
+
+    /// Backward pass of the whole operator, activation included, into new buffers: `dy` is the
+    /// gradient of `act(xhat * w + b)`; `bias` is the forward pass's (None if it had none), read
+    /// to recompute the activation's input. As [`GroupNorm::backward_activated`] on the CPU.
+    pub fn backward_activated<T, P>(
+        &mut self,
+        dy: &DeviceTensor<T>,
+        x: &DeviceTensor<T>,
+        stats: &DeviceStats,
+        weight: Option<&CudaSlice<P>>,
+        bias: Option<&CudaSlice<P>>,
         want_dbias: bool,
     ) -> Result<DeviceGrads<T, P>>
     where
@@ -328,19 +361,23 @@ impl GpuGroupNorm {
             true => Some(zeros::<P>(self.gpu.stream(), geo.c)?),
             false => None,
         };
-        self.backward_into(
+        self.run_backward(
             dy,
             x,
             stats,
             weight,
+            bias,
             &mut dx,
             dweight.as_mut(),
             dbias.as_mut(),
+            false,
         )?;
         Ok(DeviceGrads { dx, dweight, dbias })
     }
 
     /// Backward pass into caller-owned buffers. `dweight` may only be asked for with a weight.
+    /// Errors with [`Error::BiasNeeded`] when the configuration has an activation (use
+    /// [`GpuGroupNorm::backward_activated_into`]).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_into<T: Element, P: Element>(
         &mut self,
@@ -352,7 +389,24 @@ impl GpuGroupNorm {
         dweight: Option<&mut CudaSlice<P>>,
         dbias: Option<&mut CudaSlice<P>>,
     ) -> Result<()> {
-        self.run_backward(dy, x, stats, weight, dx, dweight, dbias, false)
+        self.refuse_activation()?;
+        self.run_backward(dy, x, stats, weight, None, dx, dweight, dbias, false)
+    }
+
+    /// [`GpuGroupNorm::backward_activated`] into caller-owned buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_activated_into<T: Element, P: Element>(
+        &mut self,
+        dy: &DeviceTensor<T>,
+        x: &DeviceTensor<T>,
+        stats: &DeviceStats,
+        weight: Option<&CudaSlice<P>>,
+        bias: Option<&CudaSlice<P>>,
+        dx: &mut DeviceTensor<T>,
+        dweight: Option<&mut CudaSlice<P>>,
+        dbias: Option<&mut CudaSlice<P>>,
+    ) -> Result<()> {
+        self.run_backward(dy, x, stats, weight, bias, dx, dweight, dbias, false)
     }
 
     /// The same backward pass through the unfused baseline (PyTorch's structure: per-(n, c) sums,
@@ -368,7 +422,7 @@ impl GpuGroupNorm {
         dweight: Option<&mut CudaSlice<P>>,
         dbias: Option<&mut CudaSlice<P>>,
     ) -> Result<()> {
-        self.run_backward(dy, x, stats, weight, dx, dweight, dbias, true)
+        self.run_backward(dy, x, stats, weight, None, dx, dweight, dbias, true)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -378,6 +432,7 @@ impl GpuGroupNorm {
         x: &DeviceTensor<T>,
         stats: &DeviceStats,
         weight: Option<&CudaSlice<P>>,
+        bias: Option<&CudaSlice<P>>,
         dx: &mut DeviceTensor<T>,
         dweight: Option<&mut CudaSlice<P>>,
         dbias: Option<&mut CudaSlice<P>>,
@@ -388,6 +443,7 @@ impl GpuGroupNorm {
         check_tensor(&self.gpu, &geo, "dx", dx)?;
         check_param_dtype::<T, P>("weight")?;
         check_param::<T, P>(&self.gpu, "weight", weight, geo.c)?;
+        check_param::<T, P>(&self.gpu, "bias", bias, geo.c)?;
         check_param::<T, P>(&self.gpu, "dweight", dweight.as_deref(), geo.c)?;
         check_param::<T, P>(&self.gpu, "dbias", dbias.as_deref(), geo.c)?;
         if dweight.is_some() && weight.is_none() {
@@ -406,6 +462,7 @@ impl GpuGroupNorm {
         let dx_offset = dx.offset();
         let (dxp, _gdx) = dx.buffer_mut().device_ptr_mut(&stream);
         let (wp, _gw) = weight.map(|w| w.device_ptr(&stream)).unzip();
+        let (bp, _gb) = bias.map(|b| b.device_ptr(&stream)).unzip();
         let (dwp, _gdw) = dweight.map(|w| w.device_ptr_mut(&stream)).unzip();
         let (dbp, _gdb) = dbias.map(|b| b.device_ptr_mut(&stream)).unzip();
         let (mp, _gm) = stats.mean.device_ptr(&stream);
@@ -424,6 +481,7 @@ impl GpuGroupNorm {
             dx: ptr::<T>(dxp, dx_offset),
             dweight: dwp.unwrap_or(0),
             dbias: dbp.unwrap_or(0),
+            bias: bp.unwrap_or(0),
         };
         // SAFETY: as in `run_forward`: buffers of this context, lengths checked, guards held
         // until after the launch, outputs borrowed mutably.

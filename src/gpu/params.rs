@@ -38,6 +38,8 @@ pub struct FwdParams {
     pub s: u32,
     pub eps: f32,
     pub chunking: Chunking,
+    pub activation: u32,
+    pub reserved: u32,
 }
 
 /// Backward launch parameters (`GnBwdParams`).
@@ -60,6 +62,16 @@ pub struct BwdParams {
     pub s: u32,
     pub inv_row_len: f32,
     pub chunking: Chunking,
+    pub activation: u32,
+    pub bias: CUdeviceptr,
+}
+
+/// `GN_ACT_NONE`, `GN_ACT_SILU` of params.h.
+pub(crate) fn activation_code(act: crate::Activation) -> u32 {
+    match act {
+        crate::Activation::None => 0,
+        crate::Activation::Silu => 1,
+    }
 }
 
 // SAFETY: plain-old-data #[repr(C)] structs of integers and floats whose layout matches the C
@@ -71,11 +83,14 @@ unsafe impl DeviceRepr for BwdParams {}
 const _: () = {
     assert!(size_of::<CUdeviceptr>() == 8);
     assert!(size_of::<Chunking>() == 16);
-    assert!(size_of::<FwdParams>() == 96);
+    assert!(size_of::<FwdParams>() == 104);
+    assert!(offset_of!(FwdParams, activation) == 96);
     assert!(offset_of!(FwdParams, rows) == 56);
     assert!(offset_of!(FwdParams, eps) == 76);
     assert!(offset_of!(FwdParams, chunking) == 80);
-    assert!(size_of::<BwdParams>() == 120);
+    assert!(size_of::<BwdParams>() == 128);
+    assert!(offset_of!(BwdParams, activation) == 116);
+    assert!(offset_of!(BwdParams, bias) == 120);
     assert!(offset_of!(BwdParams, rows) == 72);
     assert!(offset_of!(BwdParams, chunking) == 100);
 };

@@ -76,6 +76,11 @@ pub(crate) struct Plan {
     pub smem_bytes: u32,
     /// f32 workspace the launch needs (split partials, or backward per-(n, c, piece) sums).
     pub workspace_floats: usize,
+    /// The channels-last kernels (kernels/nhwc.cu): blocks are tiles of `chunking.cpb` groups.
+    pub nhwc: bool,
+    /// Dynamic shared memory of the NHWC kernels that stream from global memory (column
+    /// partials and per-group values); 0 for NCHW.
+    pub stream_smem_bytes: u32,
 }
 
 /// The shape of one call, as the planner sees it.
@@ -87,6 +92,10 @@ pub(crate) struct Shape {
     pub d: usize,
     pub s: usize,
     pub elem_bytes: usize,
+    /// Channels-last with more than one position (with `S <= 1` both layouts are one order).
+    pub nhwc: bool,
+    /// The backward recomputes a SiLU (its split path needs per-chunk centered sums).
+    pub silu: bool,
 }
 
 /// Elements per 16-byte vector.
@@ -103,6 +112,9 @@ pub(crate) fn plan(
     ptrs_aligned: bool,
     dims: &[usize],
 ) -> Result<Plan> {
+    if shape.nhwc && shape.s > 1 {
+        return plan_nhwc(shape, pass, path, dev, ptrs_aligned, dims);
+    }
     let Shape {
         n,
         c,
@@ -110,6 +122,8 @@ pub(crate) fn plan(
         d,
         s,
         elem_bytes,
+        silu,
+        ..
     } = shape;
     let too_large = |why: String| Error::TooLarge {
         dims: dims.to_vec(),
@@ -209,10 +223,159 @@ pub(crate) fn plan(
     };
     // forward split: (mean, m2) per chunk, then (mean, rstd) per row;
     // backward: (sum dy, sum dy xhat, sum x - mean) per (n, c, piece), then (m1, m2, delta) per row
-    let workspace_floats = match pass {
+    Ok(Plan {
+        fused,
+        vec,
+        chunking,
+        blocks: blocks as u32,
+        smem_bytes: smem_bytes as u32,
+        workspace_floats: workspace_floats(shape, pass, fused, chunking, silu),
+        nhwc: false,
+        stream_smem_bytes: 0,
+    })
+}
+
+/// forward split: (mean, m2) per chunk, then (mean, rstd) per row; backward: (sum dy, sum dy
+/// xhat, sum x - mean) per (n, c, piece), then (m1, m2, delta) per row, then (split path with
+/// SiLU) one centered sum per chunk. The same for both layouts.
+fn workspace_floats(shape: Shape, pass: Pass, fused: bool, ch: Chunking, silu: bool) -> usize {
+    let rows = shape.n * shape.g;
+    match pass {
         Pass::Forward if fused => 0,
-        Pass::Forward => 2 * rows * chunking.chunks as usize + 2 * rows,
-        Pass::Backward => 3 * n * c * chunking.pieces as usize + 3 * rows,
+        Pass::Forward => 2 * rows * ch.chunks as usize + 2 * rows,
+        Pass::Backward => {
+            let center = if silu && !fused {
+                rows * ch.chunks as usize
+            } else {
+                0
+            };
+            3 * shape.n * shape.c * ch.pieces as usize + 3 * rows + center
+        }
+    }
+}
+
+/// Bytes each position run of an NHWC tile should span at least: two full 32-byte sectors, so
+/// no sector a block reads is shared with a neighbouring tile's block.
+const NHWC_MIN_RUN_BYTES: usize = 64;
+/// Per-group values an NHWC tile kernel keeps in shared memory (`8 * cpb` floats in nhwc.cu).
+const NHWC_GROUP_ARRAYS: usize = 8;
+
+/// Groups per NHWC tile: the fewest consecutive groups whose run spans
+/// [`NHWC_MIN_RUN_BYTES`], rounded up (within a vector's worth) to a run that is a whole number
+/// of 16-byte vectors where that exists, and at most `G`.
+pub(crate) fn nhwc_groups_per_tile(g: usize, d: usize, elem_bytes: usize) -> usize {
+    let v = vec_width(elem_bytes);
+    let k0 = NHWC_MIN_RUN_BYTES.div_ceil(d * elem_bytes).clamp(1, g);
+    (k0..=(k0 + v).min(g))
+        .find(|k| (k * d) % v == 0)
+        .unwrap_or(k0)
+}
+
+/// Floats of shared memory an NHWC tile kernel needs besides its tile(s): `q` column-partial
+/// arrays of `max(threads, W)` and the per-group values. Mirrors `tile_smem` in nhwc.cu.
+pub(crate) fn nhwc_extra_floats(q: usize, w: usize, gpb: usize) -> usize {
+    q * w.max(THREADS as usize) + NHWC_GROUP_ARRAYS * gpb
+}
+
+/// Plans an NHWC pass (see kernels/nhwc.cu): tiles of `gpb` groups, whole rows on chip when
+/// they fit (fused), else pieces of positions (split).
+fn plan_nhwc(
+    shape: Shape,
+    pass: Pass,
+    path: Path,
+    dev: DeviceLimits,
+    ptrs_aligned: bool,
+    dims: &[usize],
+) -> Result<Plan> {
+    let Shape {
+        n,
+        c,
+        g,
+        d,
+        s,
+        elem_bytes,
+        silu,
+        ..
+    } = shape;
+    let too_large = |why: String| Error::TooLarge {
+        dims: dims.to_vec(),
+        why,
+    };
+    for (what, v) in [("batch N", n), ("channels C", c), ("spatial size S", s)] {
+        if v > u32::MAX as usize {
+            return Err(too_large(format!(
+                "the GPU kernels take {what} up to 2^32 - 1, got {v}"
+            )));
+        }
+    }
+    let v = vec_width(elem_bytes);
+    let gpb = nhwc_groups_per_tile(g, d, elem_bytes);
+    let w = gpb * d;
+    let tiles = g.div_ceil(gpb);
+    let (on_chip, q) = match pass {
+        Pass::Forward => (1, 1),
+        Pass::Backward => (2, 3),
+    };
+    let extra = nhwc_extra_floats(q, w, gpb) * 4;
+    let tile_bytes = |positions: usize| (w * positions * elem_bytes).next_multiple_of(16);
+    let fused_bytes = on_chip * tile_bytes(s) + extra;
+    let fits = |bytes: usize, budget: usize| bytes <= budget.min(dev.smem_per_block);
+    let enough_blocks = n * tiles >= dev.sms;
+    let worth_splitting = d * s >= 2 * MIN_CHUNK;
+    let fused = match path {
+        Path::Auto => fits(fused_bytes, FUSED_SMEM_BUDGET) && (enough_blocks || !worth_splitting),
+        Path::Split => false,
+        Path::Fused if fits(fused_bytes, dev.smem_per_block) => true,
+        Path::Fused => return Err(Error::Unsupported {
+            what: format!(
+                "the fused NHWC path for tiles of {gpb} group(s) x {s} positions: {fused_bytes} \
+                     bytes of shared memory, over the {} bytes a block may use here",
+                dev.smem_per_block
+            ),
+        }),
+    };
+    let chunking = if fused {
+        Chunking {
+            chunks: 1,
+            cpb: gpb as u32,
+            pieces: 1,
+            piece_len: s as u32,
+        }
+    } else {
+        // the forward partial kernel keeps a piece's tile on chip; the backward streams
+        let budget = SPLIT_SMEM_BUDGET.min(dev.smem_per_block);
+        let room = budget.checked_sub(nhwc_extra_floats(3, w, gpb) * 4);
+        let Some(room) = room.filter(|r| *r >= w * elem_bytes + 16) else {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "NHWC tiles of {w} channels on the GPU: their per-channel sums need more \
+                     than the {budget} bytes of shared memory a split-path block uses"
+                ),
+            });
+        };
+        let cap = (room - 16) / (w * elem_bytes);
+        let total = n * c * s;
+        let target = (total / (SPLIT_BLOCKS_PER_SM * dev.sms).max(1)).max(MIN_CHUNK);
+        let piece_len = (target / w).clamp(1, cap).min(s);
+        let pieces = s.div_ceil(piece_len);
+        Chunking {
+            chunks: pieces as u32,
+            cpb: gpb as u32,
+            pieces: pieces as u32,
+            piece_len: piece_len as u32,
+        }
+    };
+    let blocks = (n as u64) * (tiles as u64) * chunking.pieces as u64;
+    if blocks > MAX_BLOCKS {
+        return Err(too_large(format!(
+            "{blocks} thread blocks exceed the launch limit of {MAX_BLOCKS}"
+        )));
+    }
+    let vec = ptrs_aligned && c % v == 0 && w % v == 0;
+    let smem_bytes = match (fused, pass) {
+        (true, _) => fused_bytes,
+        (false, Pass::Forward) => tile_bytes(chunking.piece_len as usize) + extra,
+        (false, Pass::Backward) => 0,
     };
     Ok(Plan {
         fused,
@@ -220,7 +383,9 @@ pub(crate) fn plan(
         chunking,
         blocks: blocks as u32,
         smem_bytes: smem_bytes as u32,
-        workspace_floats,
+        workspace_floats: workspace_floats(shape, pass, fused, chunking, silu),
+        nhwc: true,
+        stream_smem_bytes: (nhwc_extra_floats(q, w, gpb) * 4) as u32,
     })
 }
 
@@ -245,6 +410,8 @@ mod tests {
             d: c / g,
             s,
             elem_bytes,
+            nhwc: false,
+            silu: false,
         }
     }
 

@@ -25,10 +25,10 @@
 //! [`GpuGroupNorm`]: super::GpuGroupNorm
 
 use super::launch;
-use super::params::{BwdParams, FwdParams};
+use super::params::{activation_code, BwdParams, FwdParams};
 use super::plan::{self, DeviceLimits, Pass, Path, Plan, Shape};
 use super::runtime::Gpu;
-use crate::{DType, Error, Geometry, GroupNorm, Layout, Result};
+use crate::{Activation, DType, Error, Geometry, GroupNorm, Layout, Result};
 pub use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 /// One GroupNorm problem: everything but the pointers.
@@ -48,6 +48,10 @@ pub struct Problem<'a> {
     pub param_dtype: DType,
     /// Which kernel path to take.
     pub path: Path,
+    /// The activation fused after the affine transform: the forward writes `act(z)`, the
+    /// backward takes the gradient of `act(z)` (and reads [`BackwardPtrs::bias`] to recompute
+    /// `z`).
+    pub activation: Activation,
 }
 
 impl<'a> Problem<'a> {
@@ -61,6 +65,7 @@ impl<'a> Problem<'a> {
             dtype,
             param_dtype,
             path: Path::Auto,
+            activation: Activation::None,
         }
     }
 
@@ -83,15 +88,7 @@ impl<'a> Problem<'a> {
                 param: self.param_dtype,
             });
         }
-        let geo = gn.geometry(self.dims)?;
-        if geo.layout == Layout::Nhwc {
-            return Err(Error::Unsupported {
-                what: "NHWC (channels-last) tensors on the GPU yet: use the CPU path or an NCHW \
-                       tensor"
-                    .into(),
-            });
-        }
-        Ok(geo)
+        gn.geometry(self.dims)
     }
 
     fn plan(&self, dev: DeviceLimits, geo: &Geometry, pass: Pass, aligned: bool) -> Result<Plan> {
@@ -102,6 +99,8 @@ impl<'a> Problem<'a> {
             d: geo.d,
             s: geo.s,
             elem_bytes: self.dtype.size(),
+            nhwc: geo.layout == Layout::Nhwc,
+            silu: self.activation != Activation::None,
         };
         plan::plan(shape, pass, self.path, dev, aligned, &geo.dims)
     }
@@ -144,6 +143,9 @@ pub struct BackwardPtrs {
     pub dweight: CUdeviceptr,
     /// `C` parameters, written, or 0.
     pub dbias: CUdeviceptr,
+    /// `C` parameters: the forward pass's bias, or 0 if it had none. Read only when the
+    /// problem has an activation (to recompute its input); ignored otherwise.
+    pub bias: CUdeviceptr,
 }
 
 const F32: usize = std::mem::size_of::<f32>();
@@ -190,6 +192,19 @@ fn backward_floats(geo: &Geometry, plan: &Plan, baseline: bool) -> usize {
     } else {
         plan.workspace_floats
     }
+}
+
+/// The baseline (PyTorch's unfused structure, for `groupnorm bench`) exists for NCHW without an
+/// activation only.
+fn check_baseline(geo: &Geometry, problem: &Problem) -> Result<()> {
+    if (geo.layout == Layout::Nhwc && geo.s > 1) || problem.activation != Activation::None {
+        return Err(Error::Unsupported {
+            what: "the unfused baseline kernels for NHWC tensors or with an activation (they \
+                   model PyTorch's NCHW GroupNorm alone)"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 fn check_workspace(needed_floats: usize, ptr: CUdeviceptr, bytes: usize) -> Result<()> {
@@ -284,6 +299,9 @@ pub(crate) fn prepare_forward(
     check_required("rstd", ptrs.rstd, geo.rows())?;
     let aligned = ptrs.x % 16 == 0 && ptrs.y % 16 == 0;
     let plan = problem.plan(dev, &geo, Pass::Forward, aligned)?;
+    if baseline {
+        check_baseline(&geo, problem)?;
+    }
     let floats = if baseline { 0 } else { plan.workspace_floats };
     check_workspace(floats, workspace, workspace_bytes)?;
     let params = FwdParams {
@@ -300,6 +318,8 @@ pub(crate) fn prepare_forward(
         s: geo.s as u32,
         eps: problem.eps as f32,
         chunking: plan.chunking,
+        activation: activation_code(problem.activation),
+        reserved: 0,
     };
     Ok((plan, params))
 }
@@ -409,6 +429,9 @@ pub(crate) fn prepare_backward(
     }
     let aligned = ptrs.x % 16 == 0 && ptrs.dy % 16 == 0 && ptrs.dx % 16 == 0;
     let plan = problem.plan(dev, &geo, Pass::Backward, aligned)?;
+    if baseline {
+        check_baseline(&geo, problem)?;
+    }
     check_workspace(
         backward_floats(&geo, &plan, baseline),
         workspace,
@@ -436,6 +459,12 @@ pub(crate) fn prepare_backward(
             0.0
         },
         chunking: plan.chunking,
+        activation: activation_code(problem.activation),
+        bias: if problem.activation == Activation::None {
+            0
+        } else {
+            ptrs.bias
+        },
     };
     Ok((plan, params, geo.c))
 }

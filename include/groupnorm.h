@@ -42,7 +42,7 @@ typedef enum groupnorm_status_t {
      * channels, an unknown enum value, a bad eps, a parameter dtype that is neither f32 nor
      * the activation dtype, too small a workspace */
     GROUPNORM_STATUS_INVALID_ARGUMENT = 1,
-    /* valid, but not supported by this build or device (yet): e.g. NHWC on the GPU, a stream
+    /* valid, but not supported by this build or device (yet): e.g. a forced fused path, a stream
      * of a non-primary context, a device the kernels were not built for */
     GROUPNORM_STATUS_UNSUPPORTED = 2,
     /* the CUDA driver library (libcuda) could not be loaded */

@@ -575,12 +575,19 @@ fn bad_input_is_a_typed_error() {
         .forward(&nhwc, None::<&CudaSlice<f16>>, None)
         .unwrap_err();
     assert!(matches!(e, Error::LayoutMismatch { .. }), "{e}");
-    let e = gn
-        .layout(Layout::Nhwc)
+    // a configuration for NHWC takes it (the channels-last kernels)
+    gn.layout(Layout::Nhwc)
         .on_gpu(&gpu)
         .forward(&nhwc, None::<&CudaSlice<f16>>, None)
+        .expect("NHWC forward");
+    // the plain backward of an activated configuration is a typed error
+    let silu = gn.activation(groupnorm::Activation::Silu);
+    let mut sop = silu.on_gpu(&gpu);
+    let (_, st) = sop.forward(&x, None::<&CudaSlice<f16>>, None).unwrap();
+    let e = sop
+        .backward(&x, &x, &st, None::<&CudaSlice<f16>>, true)
         .unwrap_err();
-    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    assert!(matches!(e, Error::BiasNeeded { .. }), "{e}");
     let other = DeviceTensor::from_host(&gpu, &[f16::ONE; 20], &[2, 4, 5], Layout::Nchw).unwrap();
     let mut y = DeviceTensor::zeros(&gpu, &[2, 4, 5], Layout::Nchw).unwrap();
     let mut stats = DeviceStats::zeros(&gpu, 4).unwrap();
@@ -630,4 +637,130 @@ fn bad_input_is_a_typed_error() {
         .forward(&long, None::<&CudaSlice<f32>>, None)
         .unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+}
+
+/// Channels-last and GN + SiLU on the GPU against the f64 reference, every dtype pair, every
+/// path: the same checks as the emulated suite (tests/gpu_emulated.rs), on the hardware.
+fn layout_silu_case<T: Element, P: Element>(
+    gpu: &Gpu,
+    dims: &[usize],
+    groups: usize,
+    layout: Layout,
+    silu: bool,
+    x_mean: f64,
+    f32_abs: f64,
+) {
+    let act = if silu {
+        groupnorm::Activation::Silu
+    } else {
+        groupnorm::Activation::None
+    };
+    let c = dims[1];
+    let numel: usize = dims.iter().product();
+    let gn = GroupNorm::new(groups, c)
+        .unwrap()
+        .layout(layout)
+        .activation(act);
+    let mut r = rng(1200 + numel as u64);
+    let x: Vec<T> = normal_vec(&mut r, numel, x_mean, 1.0);
+    let dy: Vec<T> = normal_vec(&mut r, numel, 0.0, 1.0);
+    let w: Vec<P> = uniform_vec(&mut r, c, 0.5, 1.5);
+    let b: Vec<P> = normal_vec(&mut r, c, 0.0, 0.5);
+    let rf = reference::forward(&gn, &x, dims, Some(&w[..]), Some(&b[..])).unwrap();
+    let rb = reference::backward_activated(&gn, &dy, &x, dims, Some(&w[..]), Some(&b[..])).unwrap();
+    let geo = gn.geometry(dims).unwrap();
+    let z = reference::forward_f64(
+        &geo,
+        gn.get_eps(),
+        &to_f64(&x),
+        Some(&to_f64(&w)),
+        Some(&to_f64(&b)),
+    )
+    .y;
+    let dz: Vec<f64> = z
+        .iter()
+        .zip(to_f64(&dy))
+        .map(|(z, d)| d * act.derivative_f64(*z))
+        .collect();
+    let scale = dx_scale(&dz, dims, groups, layout, Some(&to_f64(&w)), &rf.rstd);
+    let xd = DeviceTensor::from_host(gpu, &x, dims, layout).unwrap();
+    let dyd = DeviceTensor::from_host(gpu, &dy, dims, layout).unwrap();
+    let (wd, bd) = (up(gpu, &w), up(gpu, &b));
+    for path in [Path::Auto, Path::Split, Path::Fused] {
+        let mut op = gn.on_gpu(gpu).with_path(path);
+        let ctx = format!(
+            "{dims:?} G={groups} {} silu={silu} {}/{} {path:?} ({})",
+            layout.name(),
+            T::DTYPE,
+            P::DTYPE,
+            op.describe_path::<T>(dims, false).unwrap_or_default()
+        );
+        let (y, stats) = match op.forward(&xd, Some(&wd), Some(&bd)) {
+            Ok(v) => v,
+            Err(Error::Unsupported { .. }) if path == Path::Fused => continue,
+            Err(e) => panic!("{ctx}: forward: {e}"),
+        };
+        assert_forward_close(
+            &y.to_host(gpu).unwrap(),
+            &rf.y,
+            f32_abs,
+            &format!("{ctx}: y"),
+        );
+        let g = match op.backward_activated(&dyd, &xd, &stats, Some(&wd), Some(&bd), true) {
+            Ok(g) => g,
+            Err(Error::Unsupported { .. }) if path == Path::Fused => continue,
+            Err(e) => panic!("{ctx}: backward: {e}"),
+        };
+        assert_dx_close(
+            &g.dx.to_host(gpu).unwrap(),
+            &rb.dx,
+            scale,
+            &format!("{ctx}: dx"),
+        );
+        assert_param_grad_close(
+            &down(gpu, g.dweight.as_ref().unwrap()),
+            &rb.dweight,
+            "dweight",
+            &ctx,
+        );
+        assert_param_grad_close(
+            &down(gpu, g.dbias.as_ref().unwrap()),
+            &rb.dbias,
+            "dbias",
+            &ctx,
+        );
+    }
+}
+
+#[test]
+fn nhwc_and_silu_parity() {
+    let Some(gpu) = gpu_or_skip("nhwc_and_silu_parity") else {
+        return;
+    };
+    let shapes: [(&[usize], usize); 6] = [
+        (&[2, 32, 5, 7], 32),
+        (&[2, 24, 3, 11], 6),
+        (&[2, 320, 16, 16], 32),
+        (&[1, 128, 64, 64], 32),
+        (&[2, 6, 13], 1),
+        (&[1, 64, 2, 3, 5], 4),
+    ];
+    for (dims, groups) in shapes {
+        for (layout, silu) in [
+            (Layout::Nhwc, false),
+            (Layout::Nchw, true),
+            (Layout::Nhwc, true),
+        ] {
+            let f = F32_FORWARD_ABS;
+            layout_silu_case::<f32, f32>(&gpu, dims, groups, layout, silu, 0.0, f);
+            layout_silu_case::<f16, f32>(&gpu, dims, groups, layout, silu, 0.0, f);
+            layout_silu_case::<f16, f16>(&gpu, dims, groups, layout, silu, 0.0, f);
+            layout_silu_case::<bf16, f32>(&gpu, dims, groups, layout, silu, 0.0, f);
+            layout_silu_case::<bf16, bf16>(&gpu, dims, groups, layout, silu, 0.0, f);
+        }
+    }
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        let f = F32_FORWARD_OFFSET_ABS;
+        layout_silu_case::<f32, f32>(&gpu, &[2, 64, 32, 32], 32, layout, true, 1e4, f);
+    }
 }

@@ -326,13 +326,15 @@ fn plan_nhwc(
         Path::Auto => fits(fused_bytes, FUSED_SMEM_BUDGET) && (enough_blocks || !worth_splitting),
         Path::Split => false,
         Path::Fused if fits(fused_bytes, dev.smem_per_block) => true,
-        Path::Fused => return Err(Error::Unsupported {
-            what: format!(
+        Path::Fused => {
+            return Err(Error::Unsupported {
+                what: format!(
                 "the fused NHWC path for tiles of {gpb} group(s) x {s} positions: {fused_bytes} \
                      bytes of shared memory, over the {} bytes a block may use here",
                 dev.smem_per_block
             ),
-        }),
+            })
+        }
     };
     let chunking = if fused {
         Chunking {

@@ -19,9 +19,11 @@ use std::time::Instant;
 pub const USAGE: &str = "usage: groupnorm bench [--shapes sd|small|large|all|2x320x64x64:32,...]
        [--dtype f16,f32|all|bf16] [--pass fwd|bwd|both] [--runs 50] [--warmup 10]
        [--path auto|fused|split] [--device auto|gpu|cpu] [--no-baseline]
-       [--csv FILE] [--json FILE]
+       [--layout nchw|nhwc] [--silu] [--csv FILE] [--json FILE]
   GPU: median of --runs timed runs (CUDA events) after --warmup, inputs rotated when they fit in
   L2; GB/s at minimum traffic and % of the device-to-device copy bandwidth measured first.
+  --layout nhwc times channels-last tensors, --silu GroupNorm fused with SiLU (the unfused
+  baseline exists for NCHW without an activation only, and is skipped otherwise).
   Defaults: --shapes sd --dtype f16,f32 --pass both (CPU: --shapes small --runs 10).";
 
 /// One measured row; the CSV and JSON columns, shared with scripts/bench_torch.py.
@@ -53,16 +55,20 @@ struct Config {
     warmup: usize,
     path: Path,
     baseline: bool,
+    layout: Layout,
+    act: groupnorm::Activation,
 }
 
 pub fn run(raw: &[String]) -> Result<(), Failure> {
     let args = Args::parse(
         raw,
         &[
-            "shapes", "dtype", "pass", "runs", "warmup", "path", "device", "csv", "json",
+            "shapes", "dtype", "pass", "runs", "warmup", "path", "device", "csv", "json", "layout",
         ],
-        &["no-baseline"],
+        &["no-baseline", "silu"],
     )?;
+    let layout = super::check::parse_layout(args.get("layout").unwrap_or("nchw"))?;
+    let act = super::check::activation_of(args.on("silu"));
     let gpu = match args.get("device").unwrap_or("auto") {
         "gpu" => Some(Gpu::new(0)?),
         "cpu" => None,
@@ -97,7 +103,11 @@ pub fn run(raw: &[String]) -> Result<(), Failure> {
         runs: args.parsed("runs", if on_gpu { 50 } else { 10 })?,
         warmup: args.parsed("warmup", if on_gpu { 10 } else { 2 })?,
         path: parse_path(args.get("path").unwrap_or("auto"))?,
-        baseline: !args.on("no-baseline"),
+        baseline: !args.on("no-baseline")
+            && layout == Layout::Nchw
+            && act == groupnorm::Activation::None,
+        layout,
+        act,
     };
     if cfg.runs == 0 {
         return Err(UsageError("--runs must be at least 1".into()).into());
@@ -227,7 +237,10 @@ fn gpu_shape<T: Element, P: Element>(
 ) -> groupnorm::Result<Vec<Row>> {
     let dims = &shape.dims;
     let c = dims[1];
-    let gn = GroupNorm::new(shape.groups, c)?;
+    let gn = GroupNorm::new(shape.groups, c)?
+        .layout(cfg.layout)
+        .activation(cfg.act);
+    let layout = cfg.layout;
     let bytes = shape.numel() * T::DTYPE.size();
     // enough copies of the inputs that consecutive runs do not find them in L2
     let copies = if 2 * bytes < 3 * l2 {
@@ -239,16 +252,16 @@ fn gpu_shape<T: Element, P: Element>(
     let x: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);
     let dy: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);
     let xs: Vec<DeviceTensor<T>> = (0..copies)
-        .map(|_| DeviceTensor::from_host(gpu, &x, dims, Layout::Nchw))
+        .map(|_| DeviceTensor::from_host(gpu, &x, dims, layout))
         .collect::<Result<_, _>>()?;
     let dys: Vec<DeviceTensor<T>> = (0..copies)
-        .map(|_| DeviceTensor::from_host(gpu, &dy, dims, Layout::Nchw))
+        .map(|_| DeviceTensor::from_host(gpu, &dy, dims, layout))
         .collect::<Result<_, _>>()?;
     let w = gpu::upload(gpu.stream(), &rng.normal_vec::<P>(c, 1.0, 0.1))?;
     let b = gpu::upload(gpu.stream(), &rng.normal_vec::<P>(c, 0.0, 0.1))?;
-    let mut y = DeviceTensor::<T>::zeros(gpu, dims, Layout::Nchw)?;
+    let mut y = DeviceTensor::<T>::zeros(gpu, dims, layout)?;
     let mut stats = DeviceStats::zeros(gpu, dims[0] * shape.groups)?;
-    let mut dx = DeviceTensor::<T>::zeros(gpu, dims, Layout::Nchw)?;
+    let mut dx = DeviceTensor::<T>::zeros(gpu, dims, layout)?;
     let mut dw = gpu::upload(gpu.stream(), &vec![P::default(); c])?;
     let mut db = gpu::upload(gpu.stream(), &vec![P::default(); c])?;
     let mut op = gn.on_gpu(gpu).with_path(cfg.path);
@@ -280,18 +293,19 @@ fn gpu_shape<T: Element, P: Element>(
         } else {
             time_gpu(gpu, cfg.warmup, cfg.runs, |i| {
                 let k = i % copies;
-                op.backward_into(
+                op.backward_activated_into(
                     &dys[k],
                     &xs[k],
                     &stats,
                     Some(&w),
+                    Some(&b),
                     &mut dx,
                     Some(&mut dw),
                     Some(&mut db),
                 )
             })?
         };
-        push("groupnorm", pass, path, ms);
+        push(implementation_name(cfg), pass, path, ms);
         if cfg.baseline {
             let ms = if pass == "fwd" {
                 time_gpu(gpu, cfg.warmup, cfg.runs, |i| {
@@ -365,6 +379,16 @@ fn bench_cpu(cfg: &Config) -> Result<Vec<Row>, Failure> {
     Ok(rows)
 }
 
+/// The implementation column: what was timed.
+fn implementation_name(cfg: &Config) -> &'static str {
+    match (cfg.layout, cfg.act) {
+        (Layout::Nchw, groupnorm::Activation::None) => "groupnorm",
+        (Layout::Nhwc, groupnorm::Activation::None) => "groupnorm nhwc",
+        (Layout::Nchw, groupnorm::Activation::Silu) => "groupnorm+silu",
+        (Layout::Nhwc, groupnorm::Activation::Silu) => "groupnorm+silu nhwc",
+    }
+}
+
 fn cpu_shape<T: Element, P: Element>(
     cfg: &Config,
     shape: &Shape,
@@ -372,7 +396,9 @@ fn cpu_shape<T: Element, P: Element>(
 ) -> Result<Vec<Row>, Failure> {
     let dims = &shape.dims;
     let c = dims[1];
-    let gn = GroupNorm::new(shape.groups, c)?;
+    let gn = GroupNorm::new(shape.groups, c)?
+        .layout(cfg.layout)
+        .activation(cfg.act);
     let mut rng = Rng::new(7);
     let x: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);
     let dy: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);
@@ -389,7 +415,15 @@ fn cpu_shape<T: Element, P: Element>(
             if pass == "fwd" {
                 gn.forward_into(&x, dims, Some(&w), Some(&b), &mut y, &mut stats)?;
             } else {
-                std::hint::black_box(gn.backward(&dy, &x, dims, &stats, Some(&w), true)?);
+                std::hint::black_box(gn.backward_activated(
+                    &dy,
+                    &x,
+                    dims,
+                    &stats,
+                    Some(&w),
+                    Some(&b),
+                    true,
+                )?);
             }
             if i >= cfg.warmup {
                 times.push(t.elapsed().as_secs_f64() * 1e3);

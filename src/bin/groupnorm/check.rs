@@ -8,13 +8,35 @@ use super::shapes::{self, Shape};
 use groupnorm::accuracy::{dx_error, dx_scale, forward_error, param_grad_error, F32_FORWARD_ABS};
 use groupnorm::cpu::reference;
 use groupnorm::gpu::{self, DeviceTensor, Gpu, Path};
-use groupnorm::{bf16, f16, DType, Element, GroupNorm, Layout};
+use groupnorm::{bf16, f16, Activation, DType, Element, GroupNorm, Layout};
 
 pub const USAGE: &str = "usage: groupnorm check [--shapes small|sd|large|all|2x320x64x64:32,...]
        [--dtype all|f32|f16|bf16] [--device auto|cpu|gpu] [--path auto|fused|split] [--seed 1]
+       [--layout nchw|nhwc] [--silu]
   compares forward and backward with the f64 reference on seeded random data, for each
   activation dtype with f32 parameters and with parameters of the activation dtype.
-  Default: --shapes small --dtype all --device auto.";
+  --layout nhwc: channels-last tensors; --silu: GroupNorm fused with SiLU (dy is then the
+  gradient of the activated output). Default: --shapes small --dtype all --device auto.";
+
+/// Parses `--layout nchw|nhwc`.
+pub fn parse_layout(s: &str) -> Result<Layout, UsageError> {
+    match s {
+        "nchw" => Ok(Layout::Nchw),
+        "nhwc" => Ok(Layout::Nhwc),
+        other => Err(UsageError(format!(
+            "--layout: `{other}` is not nchw or nhwc"
+        ))),
+    }
+}
+
+/// The activation of `--silu`.
+pub fn activation_of(silu: bool) -> Activation {
+    if silu {
+        Activation::Silu
+    } else {
+        Activation::None
+    }
+}
 
 /// SplitMix64 and Box-Muller: seeded, reproducible data without a dependency.
 pub struct Rng(u64);
@@ -54,7 +76,15 @@ pub enum Where {
 }
 
 pub fn run(raw: &[String]) -> Result<(), Failure> {
-    let args = Args::parse(raw, &["shapes", "dtype", "device", "path", "seed"], &[])?;
+    let args = Args::parse(
+        raw,
+        &["shapes", "dtype", "device", "path", "seed", "layout"],
+        &["silu"],
+    )?;
+    let variant = (
+        parse_layout(args.get("layout").unwrap_or("nchw"))?,
+        activation_of(args.on("silu")),
+    );
     let shapes = shapes::parse(args.get("shapes").unwrap_or("small"))?;
     let dtypes = parse_dtypes(args.get("dtype").unwrap_or("all"))?;
     let seed: u64 = args.parsed("seed", 1)?;
@@ -91,11 +121,15 @@ pub fn run(raw: &[String]) -> Result<(), Failure> {
         for &(t, p) in &dtypes {
             eprintln!("check: {} {t}/{p} ...", shape.label());
             let ok = match (t, p) {
-                (DType::F32, _) => one::<f32, f32>(&place, shape, seed + i as u64)?,
-                (DType::F16, DType::F16) => one::<f16, f16>(&place, shape, seed + i as u64)?,
-                (DType::F16, _) => one::<f16, f32>(&place, shape, seed + i as u64)?,
-                (DType::BF16, DType::BF16) => one::<bf16, bf16>(&place, shape, seed + i as u64)?,
-                (DType::BF16, _) => one::<bf16, f32>(&place, shape, seed + i as u64)?,
+                (DType::F32, _) => one::<f32, f32>(&place, variant, shape, seed + i as u64)?,
+                (DType::F16, DType::F16) => {
+                    one::<f16, f16>(&place, variant, shape, seed + i as u64)?
+                }
+                (DType::F16, _) => one::<f16, f32>(&place, variant, shape, seed + i as u64)?,
+                (DType::BF16, DType::BF16) => {
+                    one::<bf16, bf16>(&place, variant, shape, seed + i as u64)?
+                }
+                (DType::BF16, _) => one::<bf16, f32>(&place, variant, shape, seed + i as u64)?,
             };
             failures += usize::from(!ok);
         }
@@ -147,21 +181,28 @@ pub fn parse_dtypes(s: &str) -> Result<Vec<(DType, DType)>, UsageError> {
     Ok(v)
 }
 
-fn one<T: Element, P: Element>(place: &Where, shape: &Shape, seed: u64) -> Result<bool, Failure> {
+fn one<T: Element, P: Element>(
+    place: &Where,
+    (layout, act): (Layout, Activation),
+    shape: &Shape,
+    seed: u64,
+) -> Result<bool, Failure> {
     let dims = &shape.dims;
     let c = dims[1];
-    let gn = GroupNorm::new(shape.groups, c)?;
+    let gn = GroupNorm::new(shape.groups, c)?
+        .layout(layout)
+        .activation(act);
     let mut rng = Rng::new(seed);
     let x: Vec<T> = rng.normal_vec(shape.numel(), 0.5, 2.0);
     let dy: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);
     let w: Vec<P> = rng.normal_vec(c, 1.0, 0.25);
     let b: Vec<P> = rng.normal_vec(c, 0.0, 0.5);
     let r = reference::forward(&gn, &x, dims, Some(&w), Some(&b))?;
-    let rg = reference::backward(&gn, &dy, &x, dims, Some(&w))?;
+    let rg = reference::backward_activated(&gn, &dy, &x, dims, Some(&w), Some(&b))?;
     let (on, y, dx, dw, db) = match place {
         Where::Cpu => {
             let (y, stats) = gn.forward(&x, dims, Some(&w), Some(&b))?;
-            let g = gn.backward(&dy, &x, dims, &stats, Some(&w), true)?;
+            let g = gn.backward_activated(&dy, &x, dims, &stats, Some(&w), Some(&b), true)?;
             (
                 "cpu",
                 y,
@@ -172,12 +213,12 @@ fn one<T: Element, P: Element>(place: &Where, shape: &Shape, seed: u64) -> Resul
         }
         Where::Gpu(gpu, path) => {
             let mut op = gn.on_gpu(gpu).with_path(*path);
-            let xd = DeviceTensor::from_host(gpu, &x, dims, Layout::Nchw)?;
-            let dyd = DeviceTensor::from_host(gpu, &dy, dims, Layout::Nchw)?;
+            let xd = DeviceTensor::from_host(gpu, &x, dims, layout)?;
+            let dyd = DeviceTensor::from_host(gpu, &dy, dims, layout)?;
             let wd = gpu::upload(gpu.stream(), &w)?;
             let bd = gpu::upload(gpu.stream(), &b)?;
             let (y, stats) = op.forward(&xd, Some(&wd), Some(&bd))?;
-            let g = op.backward(&dyd, &xd, &stats, Some(&wd), true)?;
+            let g = op.backward_activated(&dyd, &xd, &stats, Some(&wd), Some(&bd), true)?;
             let down = |s: Option<gpu::CudaSlice<P>>| -> Result<Vec<P>, groupnorm::Error> {
                 s.map(|s| gpu::download(gpu.stream(), &s))
                     .transpose()
@@ -194,8 +235,17 @@ fn one<T: Element, P: Element>(place: &Where, shape: &Shape, seed: u64) -> Resul
     };
     let fe = forward_error(&y, &r.y, F32_FORWARD_ABS);
     let w64: Vec<f64> = w.iter().map(|v| v.to_f64()).collect();
-    let dy64: Vec<f64> = dy.iter().map(|v| v.to_f64()).collect();
-    let scale = dx_scale(&dy64, dims, shape.groups, Layout::Nchw, Some(&w64), &r.rstd);
+    // dx is measured against ||rstd w dz||, dz the gradient reaching the normalization
+    let b64: Vec<f64> = b.iter().map(|v| v.to_f64()).collect();
+    let x64: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+    let geo = gn.geometry(dims)?;
+    let z = reference::forward_f64(&geo, gn.get_eps(), &x64, Some(&w64), Some(&b64)).y;
+    let dz64: Vec<f64> = dy
+        .iter()
+        .zip(&z)
+        .map(|(d, z)| d.to_f64() * act.derivative_f64(*z))
+        .collect();
+    let scale = dx_scale(&dz64, dims, shape.groups, layout, Some(&w64), &r.rstd);
     let (dxe, dxb) = dx_error(&dx, &rg.dx, scale);
     let (dwe, pb) = param_grad_error(&dw, &rg.dweight);
     let (dbe, _) = param_grad_error(&db, &rg.dbias);

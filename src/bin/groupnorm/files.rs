@@ -9,15 +9,17 @@ use std::path::Path;
 
 pub const APPLY_USAGE: &str = "usage: groupnorm apply --x X.npy --groups G --out Y.npy
        [--weight W.npy] [--bias B.npy] [--eps 1e-5] [--layout nchw|nhwc] [--device cpu|gpu]
-       [--mean MEAN.npy] [--rstd RSTD.npy]
+       [--mean MEAN.npy] [--rstd RSTD.npy] [--silu]
   x is float32 or float16, shaped (N, C, *spatial) for nchw or (N, *spatial, C) for nhwc;
   weight and bias are (C,), float32 or the dtype of x; y has the shape and dtype of x;
   mean and rstd are float32 (N, G).";
 
 pub const GRAD_USAGE: &str = "usage: groupnorm grad --x X.npy --dy DY.npy --groups G --dx DX.npy
-       [--weight W.npy] [--dweight DW.npy] [--dbias DB.npy] [--eps 1e-5]
-       [--layout nchw|nhwc] [--device cpu|gpu]
+       [--weight W.npy] [--bias B.npy] [--dweight DW.npy] [--dbias DB.npy] [--eps 1e-5]
+       [--layout nchw|nhwc] [--device cpu|gpu] [--silu]
   the statistics are recomputed from x with a forward pass on the same device;
+  --silu: the operator is silu(groupnorm(x)) and dy is the gradient of its output (the bias,
+  if the forward pass had one, is then needed to recompute the activation's input);
   --dweight needs --weight; dweight and dbias have the dtype of the weight (else of x).";
 
 const COMMON: &[&str] = &["x", "groups", "weight", "eps", "layout", "device"];
@@ -90,7 +92,15 @@ fn config(args: &Args, dims: &[usize], layout: Layout) -> Result<GroupNorm, Fail
         .parse()
         .map_err(|_| UsageError("--groups must be a positive integer".into()))?;
     let eps: f64 = args.parsed("eps", groupnorm::DEFAULT_EPS)?;
-    Ok(GroupNorm::new(groups, dims[1])?.eps(eps)?.layout(layout))
+    let act = if args.on("silu") {
+        groupnorm::Activation::Silu
+    } else {
+        groupnorm::Activation::None
+    };
+    Ok(GroupNorm::new(groups, dims[1])?
+        .eps(eps)?
+        .layout(layout)
+        .activation(act))
 }
 
 fn read_opt(args: &Args, name: &str) -> Result<Option<Array>, UsageError> {
@@ -155,7 +165,7 @@ fn stats_arrays(stats: &Stats, n: usize, g: usize) -> (Array, Array) {
 pub fn apply(raw: &[String]) -> Result<(), Failure> {
     let mut valued = COMMON.to_vec();
     valued.extend(["bias", "out", "mean", "rstd"]);
-    let args = Args::parse(raw, &valued, &[])?;
+    let args = Args::parse(raw, &valued, &["silu"])?;
     let out = Path::new(args.required("out")?);
     let x = npy::read(Path::new(args.required("x")?))?;
     let (weight, bias) = (read_opt(&args, "weight")?, read_opt(&args, "bias")?);
@@ -234,8 +244,8 @@ fn forward<T: Element, P: Element>(
 /// `groupnorm grad`.
 pub fn grad(raw: &[String]) -> Result<(), Failure> {
     let mut valued = COMMON.to_vec();
-    valued.extend(["dy", "dx", "dweight", "dbias"]);
-    let args = Args::parse(raw, &valued, &[])?;
+    valued.extend(["bias", "dy", "dx", "dweight", "dbias"]);
+    let args = Args::parse(raw, &valued, &["silu"])?;
     let dx_path = Path::new(args.required("dx")?);
     if args.get("dweight").is_some() && args.get("weight").is_none() {
         return Err(UsageError("--dweight needs --weight".into()).into());
@@ -243,7 +253,9 @@ pub fn grad(raw: &[String]) -> Result<(), Failure> {
     let x = npy::read(Path::new(args.required("x")?))?;
     let dy = npy::read(Path::new(args.required("dy")?))?;
     let weight = read_opt(&args, "weight")?;
+    let bias = read_opt(&args, "bias")?;
     let dev = device(&args)?;
+    let params = (weight, bias);
     match (x, dy) {
         (
             Array::F32 { shape, data },
@@ -251,14 +263,14 @@ pub fn grad(raw: &[String]) -> Result<(), Failure> {
                 shape: s2,
                 data: dy,
             },
-        ) => grad_typed(&args, &dev, &shape, &s2, data, dy, weight, dx_path),
+        ) => grad_typed(&args, &dev, &shape, &s2, data, dy, params, dx_path),
         (
             Array::F16 { shape, data },
             Array::F16 {
                 shape: s2,
                 data: dy,
             },
-        ) => grad_typed(&args, &dev, &shape, &s2, data, dy, weight, dx_path),
+        ) => grad_typed(&args, &dev, &shape, &s2, data, dy, params, dx_path),
         (x, dy) => Err(UsageError(format!(
             "--x is {} but --dy is {}: they must have the same dtype",
             x.dtype_name(),
@@ -276,7 +288,7 @@ fn grad_typed<T: Element>(
     dy_shape: &[usize],
     x: Vec<T>,
     dy: Vec<T>,
-    weight: Option<Array>,
+    (weight, bias): (Option<Array>, Option<Array>),
     dx_path: &Path,
 ) -> Result<(), Failure> {
     if shape != dy_shape {
@@ -289,28 +301,50 @@ fn grad_typed<T: Element>(
     let dims = logical_dims(shape, layout, "x")?;
     let gn = config(args, &dims, layout)?;
     let want_dbias = args.get("dbias").is_some();
-    let (dx, dw, db) = match param::<T>(weight, "weight", dims[1])? {
-        Some(Param::F32(w)) => {
-            let (dx, dw, db) = backward(dev, &gn, &x, &dy, &dims, Some(&w), want_dbias)?;
-            (
-                dx,
-                dw.map(|v| to_array(&[dims[1]], v)),
-                db.map(|v| to_array(&[dims[1]], v)),
-            )
-        }
-        Some(Param::Same(w)) => {
-            let (dx, dw, db) = backward(dev, &gn, &x, &dy, &dims, Some(&w), want_dbias)?;
-            (
-                dx,
-                dw.map(|v| to_array(&[dims[1]], v)),
-                db.map(|v| to_array(&[dims[1]], v)),
-            )
-        }
-        None => {
-            let (dx, _, db) = backward::<T, T>(dev, &gn, &x, &dy, &dims, None, want_dbias)?;
-            (dx, None, db.map(|v| to_array(&[dims[1]], v)))
-        }
+    let c = dims[1];
+    let (w, b) = (
+        param::<T>(weight, "weight", c)?,
+        param::<T>(bias, "bias", c)?,
+    );
+    let run = Run {
+        dev,
+        gn: &gn,
+        x: &x,
+        dy: &dy,
+        dims: &dims,
+        want_dbias,
     };
+    let (dx, dw, db) =
+        match (w, b) {
+            (Some(Param::F32(w)), b @ (Some(Param::F32(_)) | None)) => {
+                let b = b.map(|b| b.into_f32());
+                let (dx, dw, db) = run.backward(Some(&w), b.as_deref())?;
+                (dx, col_array(c, dw), col_array(c, db))
+            }
+            (None, Some(Param::F32(b))) => {
+                let (dx, dw, db) = run.backward::<f32>(None, Some(&b))?;
+                (dx, col_array(c, dw), col_array(c, db))
+            }
+            (Some(Param::Same(w)), b @ (Some(Param::Same(_)) | None)) => {
+                let b = b.map(|b| b.into_same());
+                let (dx, dw, db) = run.backward(Some(&w), b.as_deref())?;
+                (dx, col_array(c, dw), col_array(c, db))
+            }
+            (None, Some(Param::Same(b))) => {
+                let (dx, dw, db) = run.backward(None, Some(&b))?;
+                (dx, col_array(c, dw), col_array(c, db))
+            }
+            (None, None) => {
+                let (dx, dw, db) = run.backward::<T>(None, None)?;
+                (dx, col_array(c, dw), col_array(c, db))
+            }
+            _ => return Err(UsageError(
+                "--weight and --bias must have the same dtype (both float32, or both the dtype \
+                 of x)"
+                    .into(),
+            )
+            .into()),
+        };
     let mut outputs = vec![(dx_path, to_array(shape, dx))];
     if let (Some(p), Some(a)) = (args.get("dweight"), dw) {
         outputs.push((Path::new(p), a));
@@ -321,33 +355,74 @@ fn grad_typed<T: Element>(
     Ok(npy::write_all(&outputs)?)
 }
 
+/// A `(C,)` output array, when there is one.
+fn col_array<E: Element>(c: usize, v: Option<Vec<E>>) -> Option<Array> {
+    v.map(|v| to_array(&[c], v))
+}
+
 type GradsOut<T, P> = (Vec<T>, Option<Vec<P>>, Option<Vec<P>>);
 
-fn backward<T: Element, P: Element>(
-    dev: &Device,
-    gn: &GroupNorm,
-    x: &[T],
-    dy: &[T],
-    dims: &[usize],
-    w: Option<&[P]>,
-    want_dbias: bool,
-) -> Result<GradsOut<T, P>, Failure> {
-    match dev {
-        Device::Cpu => {
-            let (_, stats) = gn.forward(x, dims, w, None)?;
-            let g = gn.backward(dy, x, dims, &stats, w, want_dbias)?;
-            Ok((g.dx, g.dweight, g.dbias))
+impl<T> Param<T> {
+    fn into_f32(self) -> Vec<f32> {
+        match self {
+            Param::F32(v) => v,
+            Param::Same(_) => unreachable!("matched as F32"),
         }
-        Device::Gpu(gpu) => {
-            let mut op = gn.on_gpu(gpu);
-            let xd = DeviceTensor::from_host(gpu, x, dims, gn.get_layout())?;
-            let dyd = DeviceTensor::from_host(gpu, dy, dims, gn.get_layout())?;
-            let wd: Option<CudaSlice<P>> = w.map(|w| gpu::upload(gpu.stream(), w)).transpose()?;
-            let (_, stats) = op.forward(&xd, wd.as_ref(), None)?;
-            let g = op.backward(&dyd, &xd, &stats, wd.as_ref(), want_dbias)?;
-            let down =
-                |s: Option<CudaSlice<P>>| s.map(|s| gpu::download(gpu.stream(), &s)).transpose();
-            Ok((g.dx.to_host(gpu)?, down(g.dweight)?, down(g.dbias)?))
+    }
+
+    fn into_same(self) -> Vec<T> {
+        match self {
+            Param::Same(v) => v,
+            Param::F32(_) => unreachable!("matched as Same"),
+        }
+    }
+}
+
+/// One `grad` call's inputs.
+struct Run<'a, T> {
+    dev: &'a Device,
+    gn: &'a GroupNorm,
+    x: &'a [T],
+    dy: &'a [T],
+    dims: &'a [usize],
+    want_dbias: bool,
+}
+
+impl<T: Element> Run<'_, T> {
+    /// Forward (for the statistics) then the backward of the whole operator.
+    fn backward<P: Element>(
+        &self,
+        w: Option<&[P]>,
+        b: Option<&[P]>,
+    ) -> Result<GradsOut<T, P>, Failure> {
+        let Run {
+            dev,
+            gn,
+            x,
+            dy,
+            dims,
+            want_dbias,
+        } = *self;
+        match dev {
+            Device::Cpu => {
+                let (_, stats) = gn.forward(x, dims, w, b)?;
+                let g = gn.backward_activated(dy, x, dims, &stats, w, b, want_dbias)?;
+                Ok((g.dx, g.dweight, g.dbias))
+            }
+            Device::Gpu(gpu) => {
+                let mut op = gn.on_gpu(gpu);
+                let xd = DeviceTensor::from_host(gpu, x, dims, gn.get_layout())?;
+                let dyd = DeviceTensor::from_host(gpu, dy, dims, gn.get_layout())?;
+                let up = |p: Option<&[P]>| p.map(|p| gpu::upload(gpu.stream(), p)).transpose();
+                let (wd, bd): (Option<CudaSlice<P>>, _) = (up(w)?, up(b)?);
+                let (_, stats) = op.forward(&xd, wd.as_ref(), bd.as_ref())?;
+                let g =
+                    op.backward_activated(&dyd, &xd, &stats, wd.as_ref(), bd.as_ref(), want_dbias)?;
+                let down = |s: Option<CudaSlice<P>>| {
+                    s.map(|s| gpu::download(gpu.stream(), &s)).transpose()
+                };
+                Ok((g.dx.to_host(gpu)?, down(g.dweight)?, down(g.dbias)?))
+            }
         }
     }
 }

@@ -60,6 +60,8 @@ def main():
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--no-silu", action="store_true", help="skip the GroupNorm+SiLU pair")
+    ap.add_argument("--layout", default="nchw", choices=["nchw", "nhwc"],
+                    help="nhwc: channels-last inputs (a permuted (N, *spatial, C) tensor)")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args()
 
@@ -116,18 +118,27 @@ def main():
             nbytes = numel * torch.tensor([], dtype=dt).element_size()
             copies = max(2, min(16, -(-3 * l2 // (2 * nbytes)))) if 2 * nbytes < 3 * l2 else 1
             print(f"bench_torch: {label(dims, groups)} {d} ...", file=sys.stderr)
+            def make():
+                if args.layout == "nchw":
+                    return torch.randn(dims, device=dev, dtype=dt)
+                # channels-last: (N, *spatial, C) in memory, viewed with logical dims (N, C, *)
+                t = torch.randn([dims[0], *dims[2:], dims[1]], device=dev, dtype=dt)
+                return t.permute(0, len(dims) - 1, *range(1, len(dims) - 1))
+
             try:
-                xs = [torch.randn(dims, device=dev, dtype=dt) for _ in range(copies)]
-                dys = [torch.randn(dims, device=dev, dtype=dt) for _ in range(copies)]
+                xs = [make() for _ in range(copies)]
+                dys = [make() for _ in range(copies)]
             except torch.cuda.OutOfMemoryError:
                 print(f"bench_torch: {label(dims, groups)} skipped: out of memory", file=sys.stderr)
                 continue
             c = dims[1]
             w = torch.randn(c, device=dev, dtype=dt) * 0.1 + 1
             b = torch.randn(c, device=dev, dtype=dt) * 0.1
-            impls = [("torch", lambda x: F.group_norm(x, groups, w, b, 1e-5))]
+            sfx = "" if args.layout == "nchw" else " nhwc"
+            impls = [("torch" + sfx, lambda x: F.group_norm(x, groups, w, b, 1e-5))]
             if not args.no_silu:
-                impls.append(("torch-gn-silu", lambda x: F.silu(F.group_norm(x, groups, w, b, 1e-5))))
+                impls.append(("torch-gn-silu" + sfx,
+                              lambda x: F.silu(F.group_norm(x, groups, w, b, 1e-5))))
             for impl, f in impls:
                 for p in passes:
                     if p == "fwd":
@@ -141,7 +152,7 @@ def main():
                             ww = w.detach().requires_grad_(True)
                             bb = b.detach().requires_grad_(True)
                             fn = (lambda x, ww=ww, bb=bb: F.group_norm(x, groups, ww, bb, 1e-5)) \
-                                if impl == "torch" else \
+                                if impl.startswith("torch ") or impl == "torch" else \
                                 (lambda x, ww=ww, bb=bb: F.silu(F.group_norm(x, groups, ww, bb, 1e-5)))
                             outs.append(fn(x))
                             leaves.append((x, ww, bb))

@@ -37,12 +37,21 @@ def main():
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = ap.parse_args()
 
-    ours, base, torch, torch_silu = {}, {}, {}, {}
+    # each variant of ours is compared with what it replaces in PyTorch (one variant per CSV)
+    pair = {"groupnorm": "torch", "groupnorm-cpu": "torch", "groupnorm nhwc": "torch nhwc",
+            "groupnorm+silu": "torch-gn-silu", "groupnorm+silu nhwc": "torch-gn-silu nhwc"}
+    ours, base, torch, torch_all = {}, {}, {}, {}
     for r in load(args.ours):
-        {"groupnorm": ours, "groupnorm-cpu": ours, "baseline": base}.get(r["impl"], {})[key(r)] = r
+        if r["impl"] in pair:
+            ours[key(r)] = r
+        elif r["impl"] == "baseline":
+            base[key(r)] = r
     if args.torch:
         for r in load(args.torch):
-            {"torch": torch, "torch-gn-silu": torch_silu}.get(r["impl"], {})[key(r)] = r
+            torch_all[(r["impl"], key(r))] = r
+    for k, r in ours.items():
+        if (pair[r["impl"]], k) in torch_all:
+            torch[k] = torch_all[(pair[r["impl"]], k)]
     if not ours:
         sys.exit("compare_bench: no `groupnorm` rows in " + args.ours)
 

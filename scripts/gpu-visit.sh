@@ -48,12 +48,25 @@ else
 fi
 
 step check "$bin" check --device gpu --shapes small,sd --dtype all
+step check_nhwc "$bin" check --device gpu --shapes small,sd --dtype all --layout nhwc
+step check_silu "$bin" check --device gpu --shapes small,sd --dtype f16,f32 --silu
+step check_silu_nhwc "$bin" check --device gpu --shapes small,sd --dtype f16,f32 --silu --layout nhwc
 shapes=sd; [ "$quick" = quick ] && shapes=$(printf '1x%s,' 320x64x64 640x32x32 1280x16x16 1280x8x8 512x128x128 128x512x512 | sed 's/,$//')
 [ "$quick" = quick ] || shapes=sd,large
 step bench "$bin" bench --device gpu --shapes "$shapes" --csv "$OUT/ours.csv" --json "$OUT/ours.json"
+for v in "nhwc:--layout nhwc" "silu:--silu" "silu_nhwc:--silu --layout nhwc"; do
+  # shellcheck disable=SC2086
+  step "bench_${v%%:*}" "$bin" bench --device gpu --shapes sd --dtype f16 ${v#*:} --csv "$OUT/ours_${v%%:*}.csv"
+done
 if python3 -c "import torch" 2>/dev/null; then
   step torch python3 scripts/bench_torch.py --shapes "$shapes" --csv "$OUT/torch.csv"
   step compare python3 scripts/compare_bench.py "$OUT/ours.csv" "$OUT/torch.csv" --svg "$OUT/bench.svg" --markdown
+  step torch_nhwc python3 scripts/bench_torch.py --shapes sd --dtype f16 --layout nhwc --csv "$OUT/torch_nhwc.csv"
+  for v in nhwc silu; do
+    t="$OUT/torch.csv"; [ "$v" = nhwc ] && t="$OUT/torch_nhwc.csv"
+    step "compare_$v" python3 scripts/compare_bench.py "$OUT/ours_$v.csv" "$t" --markdown
+  done
+  step compare_silu_nhwc python3 scripts/compare_bench.py "$OUT/ours_silu_nhwc.csv" "$OUT/torch_nhwc.csv" --markdown
   lib=$(ls .gpu/lib/libgroupnorm.so target/release/libgroupnorm.so 2>/dev/null | head -n 1)
   if [ -f scripts/torch_check.py ] && [ -n "$lib" ]; then
     step torchcheck python3 scripts/torch_check.py "$lib"

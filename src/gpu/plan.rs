@@ -129,13 +129,7 @@ pub(crate) fn plan(
         dims: dims.to_vec(),
         why,
     };
-    for (what, v) in [("batch N", n), ("channels C", c), ("spatial size S", s)] {
-        if v > u32::MAX as usize {
-            return Err(too_large(format!(
-                "the GPU kernels take {what} up to 2^32 - 1, got {v}"
-            )));
-        }
-    }
+    check_u32_dims(n, c, s, dims)?;
     let v = vec_width(elem_bytes);
     let rows = n * g;
     let row_len = d * s;
@@ -235,6 +229,19 @@ pub(crate) fn plan(
     })
 }
 
+/// The kernels index N, C and S in 32 bits.
+fn check_u32_dims(n: usize, c: usize, s: usize, dims: &[usize]) -> Result<()> {
+    for (what, v) in [("batch N", n), ("channels C", c), ("spatial size S", s)] {
+        if v > u32::MAX as usize {
+            return Err(Error::TooLarge {
+                dims: dims.to_vec(),
+                why: format!("the GPU kernels take {what} up to 2^32 - 1, got {v}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// forward split: (mean, m2) per chunk, then (mean, rstd) per row; backward: (sum dy, sum dy
 /// xhat, sum x - mean) per (n, c, piece), then (m1, m2, delta) per row, then (split path with
 /// SiLU) one centered sum per chunk. The same for both layouts.
@@ -301,13 +308,7 @@ fn plan_nhwc(
         dims: dims.to_vec(),
         why,
     };
-    for (what, v) in [("batch N", n), ("channels C", c), ("spatial size S", s)] {
-        if v > u32::MAX as usize {
-            return Err(too_large(format!(
-                "the GPU kernels take {what} up to 2^32 - 1, got {v}"
-            )));
-        }
-    }
+    check_u32_dims(n, c, s, dims)?;
     let v = vec_width(elem_bytes);
     let gpb = nhwc_groups_per_tile(g, d, elem_bytes);
     let w = gpb * d;

@@ -55,17 +55,6 @@ __device__ __forceinline__ Sums3 warp_sum(Sums3 v) {
   return v;
 }
 
-// Index of the 3 sums of (sample n, global channel c, piece p).
-__device__ __forceinline__ size_t partial_index(uint64_t n, uint32_t channels, uint32_t c,
-                                                uint32_t pieces, uint32_t p) {
-  return 3 * (((size_t)n * channels + c) * pieces + p);
-}
-
-// The row records follow the partial sums in the workspace.
-__device__ __forceinline__ float* row_records(const GnBwdParams& p) {
-  return p.partials + 3 * (size_t)p.batch * p.groups * p.d * p.chunking.pieces;
-}
-
 // Calls out(j, sums) once for each segment j of the chunk, from a single thread (thread 0 for
 // block-reduced segments, lane 0 of the owning warp otherwise). xs/dys point at the chunk's first
 // value, in shared or global memory. With SILU, dy is the gradient of silu(z) and the sums are
@@ -118,13 +107,6 @@ __device__ __forceinline__ void segment_sums(const T* xs, const T* dys, const Ch
       if (lane == 0) out(j, acc);
     }
   }
-}
-
-// (weight, bias) of global channel ch, (1, 0) where absent.
-template <typename P>
-__device__ __forceinline__ float2 affine_of(const P* __restrict__ w, const P* __restrict__ b,
-                                            uint32_t ch) {
-  return make_float2(w ? to_f32(w[ch]) : 1.f, b ? to_f32(b[ch]) : 0.f);
 }
 
 // Sum of (x - mean) over a chunk (the SiLU backward's mean residual), to every thread.
@@ -201,11 +183,6 @@ __device__ __forceinline__ void dx_chunk(const T* xs, const T* dys, T* __restric
       dx[i] = from_f32<T>(one(to_f32(xs[i]), to_f32(dys[i]), coef(i)));
     }
   }
-}
-
-// The SiLU split path's per-chunk sums of (x - mean) follow the row records in the workspace.
-__device__ __forceinline__ float* centered_sums(const GnBwdParams& p) {
-  return row_records(p) + 3 * p.rows;
 }
 
 // Writes the 3 sums of segment j into the partials (consecutive segments are consecutive
@@ -357,26 +334,18 @@ __device__ void bwd_params(const GnBwdParams& p) {
 
 // Entry points: groupnorm_bwd_{fused,dx,partial}_<T>_<P>_<vec|scalar>,
 // groupnorm_bwd_center_<T>_<vec|scalar>, groupnorm_bwd_{rows,params}_<P>.
-// The activation is a uniform branch at the top of each kernel (one instantiation each).
-#define GN_BWD_ACT(KERNEL, ...)                                                                \
-  if (p.activation == GN_ACT_SILU) {                                                           \
-    KERNEL<__VA_ARGS__, true>(p);                                                              \
-  } else {                                                                                     \
-    KERNEL<__VA_ARGS__, false>(p);                                                             \
-  }
-
 #define GN_BWD_TP(NAME, T, P, VEC)                                                             \
   extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                             \
       groupnorm_bwd_fused_##NAME(const GnBwdParams p) {                                        \
-    GN_BWD_ACT(gn::bwd_fused, T, P, VEC)                                                       \
+    GN_DISPATCH_ACT(gn::bwd_fused, T, P, VEC)                                                       \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                             \
       groupnorm_bwd_dx_##NAME(const GnBwdParams p) {                                           \
-    GN_BWD_ACT(gn::bwd_dx, T, P, VEC)                                                          \
+    GN_DISPATCH_ACT(gn::bwd_dx, T, P, VEC)                                                          \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                             \
       groupnorm_bwd_partial_##NAME(const GnBwdParams p) {                                      \
-    GN_BWD_ACT(gn::bwd_partial, T, P, VEC)                                                     \
+    GN_DISPATCH_ACT(gn::bwd_partial, T, P, VEC)                                                     \
   }
 
 #define GN_BWD_T(NAME, T, VEC)                                                                 \

@@ -246,4 +246,53 @@ __device__ __forceinline__ uint64_t chunk_offset(const Chunk& c, uint32_t d, uin
   return c.row * (uint64_t)d * s + (uint64_t)c.c0 * s + c.s0;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Shared by both layouts (forward.cu, backward.cu, nhwc.cu): statistics, parameters, and the
+// workspace layout the host sizes in src/gpu/plan.rs (`workspace_floats`).
+
+// rstd from a row's m2 and count; an empty row gets 1 / sqrt(eps).
+__device__ __forceinline__ float rstd_of(float m2, float count, float eps) {
+  const float var = count > 0.f ? m2 / count : 0.f;
+  return 1.0f / sqrtf(var + eps);
+}
+
+// (weight, bias) of global channel ch, (1, 0) where absent.
+template <typename P>
+__device__ __forceinline__ float2 affine_of(const P* __restrict__ w, const P* __restrict__ b,
+                                            uint32_t ch) {
+  return make_float2(w ? to_f32(w[ch]) : 1.f, b ? to_f32(b[ch]) : 0.f);
+}
+
+// Forward split path: 2 * rows * K chunk partials, then the row records (mean about the pivot,
+// rstd).
+__device__ __forceinline__ float* fwd_row_records(const GnFwdParams& p) {
+  return p.partials + 2 * p.rows * p.chunking.chunks;
+}
+
+// Backward: index of the 3 sums of (sample n, global channel c, piece q).
+__device__ __forceinline__ size_t partial_index(uint64_t n, uint32_t channels, uint32_t c,
+                                                uint32_t pieces, uint32_t q) {
+  return 3 * (((size_t)n * channels + c) * pieces + q);
+}
+
+// Backward: the row records (m1, m2, delta) follow the partial sums.
+__device__ __forceinline__ float* row_records(const GnBwdParams& p) {
+  return p.partials + 3 * (size_t)p.batch * p.groups * p.d * p.chunking.pieces;
+}
+
+// Backward split path with SiLU: one centered sum per chunk follows the row records.
+__device__ __forceinline__ float* centered_sums(const GnBwdParams& p) {
+  return row_records(p) + 3 * p.rows;
+}
+
 }  // namespace gn
+
+// Runs KERNEL<..., SILU> with SILU from the launch parameters' activation: a uniform branch at
+// the top of an entry point, one instantiation per activation.
+#define GN_DISPATCH_ACT(KERNEL, ...)                                                           \
+  if (p.activation == GN_ACT_SILU) {                                                           \
+    KERNEL<__VA_ARGS__, true>(p);                                                              \
+  } else {                                                                                     \
+    KERNEL<__VA_ARGS__, false>(p);                                                             \
+  }
+

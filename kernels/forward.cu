@@ -76,11 +76,6 @@ __device__ __forceinline__ void normalize_chunk(const T* src, T* __restrict__ ds
   }
 }
 
-__device__ __forceinline__ float rstd_of(float m2, float count, float eps) {
-  const float var = count > 0.f ? m2 / count : 0.f;
-  return 1.0f / sqrtf(var + eps);
-}
-
 // One block per row; the whole row lives in dynamic shared memory (d * s * sizeof(T) bytes).
 template <typename T, typename P, bool VEC>
 __device__ void fwd_fused(const GnFwdParams& p) {
@@ -129,11 +124,6 @@ __device__ void fwd_partial(const GnFwdParams& p) {
     out[0] = st.x;
     out[1] = st.y;
   }
-}
-
-// The split path's per-row records follow the chunk partials in the workspace.
-__device__ __forceinline__ float* fwd_row_records(const GnFwdParams& p) {
-  return p.partials + 2 * p.rows * p.chunking.chunks;
 }
 
 // Split path, pass 2: one warp per row merges the row's partials (fixed order), saves the

@@ -168,11 +168,6 @@ __device__ __forceinline__ void group_totals(uint32_t ng, uint32_t d, F f, G g) 
 // ---------------------------------------------------------------------------------------------
 // Forward
 
-__device__ __forceinline__ float nhwc_rstd(float m2, float count, float eps) {
-  const float var = count > 0.f ? m2 / count : 0.f;
-  return 1.0f / sqrtf(var + eps);
-}
-
 // Statistics of each group of an on-chip tile about its pivot: garr[0..ng) = pivot (set by the
 // caller), garr[ng..2ng) = mean of (x - pivot), garr[2ng..3ng) = m2. Two exact passes.
 template <typename T>
@@ -253,7 +248,7 @@ __device__ void nhwc_fwd_fused(const GnFwdParams& p) {
   tile_stats(buf, t, p.d, m.part, stride, garr);
   float* rs = garr + 2 * t.ng;
   for (uint32_t j = threadIdx.x; j < t.ng; j += blockDim.x) {
-    const float r = nhwc_rstd(rs[j], (float)p.d * (float)t.slen, p.eps);
+    const float r = rstd_of(rs[j], (float)p.d * (float)t.slen, p.eps);
     p.mean[t.row(p.groups, j)] = garr[j] + garr[t.ng + j];
     p.rstd[t.row(p.groups, j)] = r;
     rs[j] = r;
@@ -302,10 +297,10 @@ __device__ void nhwc_fwd_merge(const GnFwdParams& p) {
     const uint64_t c = (uint64_t)p.groups * d;
     const uint64_t n = row / p.groups, g = row % p.groups;
     const float pivot = to_f32(static_cast<const T*>(p.x)[n * s * c + g * d]);
-    const float rstd = nhwc_rstd(w.m2, w.n, p.eps);
+    const float rstd = rstd_of(w.m2, w.n, p.eps);
     p.mean[row] = pivot + w.mean;
     p.rstd[row] = rstd;
-    float* rec = p.partials + 2 * p.rows * ch.chunks + 2 * row;
+    float* rec = fwd_row_records(p) + 2 * row;
     rec[0] = w.mean;
     rec[1] = rstd;
   }
@@ -319,7 +314,7 @@ __device__ void nhwc_fwd_apply(const GnFwdParams& p) {
   const uint64_t c = (uint64_t)p.groups * p.d;
   const T* x = static_cast<const T*>(p.x);
   float* garr = reinterpret_cast<float*>(smem_raw);
-  const float* records = p.partials + 2 * p.rows * p.chunking.chunks;
+  const float* records = fwd_row_records(p);
   for (uint32_t j = threadIdx.x; j < t.ng; j += blockDim.x) {
     const uint64_t row = t.row(p.groups, j);
     garr[j] = to_f32(x[t.n * p.s * c + (uint64_t)(t.g0 + j) * p.d]);
@@ -334,26 +329,6 @@ __device__ void nhwc_fwd_apply(const GnFwdParams& p) {
 
 // ---------------------------------------------------------------------------------------------
 // Backward (formulas and workspace as in backward.cu)
-
-// Index of the 3 sums of (sample n, global channel c, piece q): as partial_index in backward.cu.
-__device__ __forceinline__ size_t nhwc_partial_index(uint64_t n, uint32_t channels, uint32_t c,
-                                                     uint32_t pieces, uint32_t q) {
-  return 3 * (((size_t)n * channels + c) * pieces + q);
-}
-
-__device__ __forceinline__ float* nhwc_row_records(const GnBwdParams& p) {
-  return p.partials + 3 * (size_t)p.batch * p.groups * p.d * p.chunking.pieces;
-}
-
-__device__ __forceinline__ float* nhwc_centered_sums(const GnBwdParams& p) {
-  return nhwc_row_records(p) + 3 * p.rows;
-}
-
-template <typename P>
-__device__ __forceinline__ float2 nhwc_affine(const P* __restrict__ w, const P* __restrict__ b,
-                                              uint32_t ch) {
-  return make_float2(w ? to_f32(w[ch]) : 1.f, b ? to_f32(b[ch]) : 0.f);
-}
 
 // Per-column backward sums of a tile (on chip when FROM_SHARED, else streamed from global) into
 // part[0..3) * stride: (sum dz, sum dz (x - mean) rstd, sum (x - mean)). garr holds per group:
@@ -372,7 +347,7 @@ __device__ __forceinline__ void tile_bwd_sums(const T* xsrc, const T* dysrc, con
     const float xm = to_f32(xsrc[i]) - mean;
     float dy = to_f32(dysrc[i]);
     if constexpr (SILU) {
-      const float2 wb = nhwc_affine(w, b, ch0 + col);
+      const float2 wb = affine_of(w, b, ch0 + col);
       dy *= activate_grad<true>(((xm - garr[2 * t.ng + j]) * rstd) * wb.x + wb.y);
     }
     acc[0] += dy;
@@ -420,7 +395,7 @@ __device__ __forceinline__ void dx_tile(const T* xsrc, const T* dysrc, T* __rest
       const uint32_t col = col0 + e, j = dd.div(col);
       const float mean = garr[j], rstd = garr[ng + j], delta = garr[2 * ng + j];
       const float m1 = garr[3 * ng + j], m2 = garr[4 * ng + j];
-      const float2 wb = nhwc_affine(w, b, ch0 + col);
+      const float2 wb = affine_of(w, b, ch0 + col);
       const float xhat = ((to_f32(xv.v[e]) - mean) - delta) * rstd;
       float dy = to_f32(dv.v[e]);
       if constexpr (SILU) dy *= activate_grad<true>(xhat * wb.x + wb.y);
@@ -449,7 +424,7 @@ __device__ __forceinline__ void write_sums(const GnBwdParams& p, const Tile& t, 
                                            uint32_t stride, uint32_t pieces, uint32_t q) {
   const uint32_t channels = p.groups * p.d;
   for (uint32_t col = threadIdx.x; col < t.w; col += blockDim.x) {
-    float* out = p.partials + nhwc_partial_index(t.n, channels, t.g0 * p.d + col, pieces, q);
+    float* out = p.partials + partial_index(t.n, channels, t.g0 * p.d + col, pieces, q);
     out[0] = part[col];
     out[1] = part[stride + col];
     out[2] = part[2 * stride + col];
@@ -463,7 +438,7 @@ __device__ __forceinline__ void tile_records(const GnBwdParams& p, const Tile& t
                                              const float* part, uint32_t stride, float* garr,
                                              const P* __restrict__ w) {
   const uint32_t ch0 = t.g0 * p.d;
-  float* records = nhwc_row_records(p);
+  float* records = row_records(p);
   group_totals(
       t.ng, p.d,
       [&](uint32_t col) {
@@ -524,7 +499,7 @@ __device__ void nhwc_bwd_center(const GnBwdParams& p) {
   load_row_stats(p, t, m.garr);
   __syncthreads();
   tile_centered_sums<T, false>(static_cast<const T*>(p.x), t, c, p.d, m.part, stride, m.garr);
-  float* sums = nhwc_centered_sums(p);
+  float* sums = centered_sums(p);
   group_totals(t.ng, p.d, [&](uint32_t col) { return make_float3(m.part[col], 0.f, 0.f); },
                [&](uint32_t j, float3 v) { sums[t.row(p.groups, j) * p.chunking.chunks + t.k] = v.x; });
 }
@@ -543,7 +518,7 @@ __device__ void nhwc_bwd_partial(const GnBwdParams& p) {
     const uint32_t lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     const uint32_t k = p.chunking.chunks;
     for (uint32_t j = warp; j < t.ng; j += blockDim.x / kWarp) {
-      const float* sums = nhwc_centered_sums(p) + t.row(p.groups, j) * k;
+      const float* sums = centered_sums(p) + t.row(p.groups, j) * k;
       float acc = 0.f;
       for (uint32_t i = lane; i < k; i += kWarp) acc += sums[i];
       acc = warp_sum(acc);
@@ -565,7 +540,7 @@ __device__ void nhwc_bwd_dx(const GnBwdParams& p) {
   const Tile t = tile_of(blockIdx.x, p.chunking, p.groups, p.d, p.s);
   const uint64_t c = (uint64_t)p.groups * p.d;
   float* garr = reinterpret_cast<float*>(smem_raw);
-  const float* records = nhwc_row_records(p);
+  const float* records = row_records(p);
   for (uint32_t j = threadIdx.x; j < t.ng; j += blockDim.x) {
     const uint64_t row = t.row(p.groups, j);
     garr[j] = p.mean[row];
@@ -584,30 +559,25 @@ __device__ void nhwc_bwd_dx(const GnBwdParams& p) {
 
 // Entry points: groupnorm_nhwc_{fwd_fused,fwd_apply,bwd_fused,bwd_dx}_<T>_<P>_<vec|scalar>,
 // groupnorm_nhwc_fwd_partial_<T>_<vec|scalar>, groupnorm_nhwc_bwd_partial_<T>_<P>,
-// groupnorm_nhwc_{fwd_merge,bwd_center}_<T>. The activation is a uniform branch per kernel.
-#define GN_NHWC_ACT(KERNEL, ...)                                                               \
-  if (p.activation == GN_ACT_SILU) {                                                           \
-    KERNEL<__VA_ARGS__, true>(p);                                                              \
-  } else {                                                                                     \
-    KERNEL<__VA_ARGS__, false>(p);                                                             \
-  }
+// groupnorm_nhwc_{fwd_merge,bwd_center}_<T>. The activation is a uniform branch per kernel
+// (GN_DISPATCH_ACT, common.cuh).
 
 #define GN_NHWC_TPV(NAME, T, P, VEC)                                                           \
   extern "C" __global__ void __launch_bounds__(gn::kNhwcThreads, 1)                            \
       groupnorm_nhwc_fwd_fused_##NAME(const GnFwdParams p) {                                   \
-    GN_NHWC_ACT(gn::nhwc_fwd_fused, T, P, VEC)                                                 \
+    GN_DISPATCH_ACT(gn::nhwc_fwd_fused, T, P, VEC)                                                 \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(gn::kNhwcThreads, 1)                            \
       groupnorm_nhwc_fwd_apply_##NAME(const GnFwdParams p) {                                   \
-    GN_NHWC_ACT(gn::nhwc_fwd_apply, T, P, VEC)                                                 \
+    GN_DISPATCH_ACT(gn::nhwc_fwd_apply, T, P, VEC)                                                 \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(gn::kNhwcThreads, 1)                            \
       groupnorm_nhwc_bwd_fused_##NAME(const GnBwdParams p) {                                   \
-    GN_NHWC_ACT(gn::nhwc_bwd_fused, T, P, VEC)                                                 \
+    GN_DISPATCH_ACT(gn::nhwc_bwd_fused, T, P, VEC)                                                 \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(gn::kNhwcThreads, 1)                            \
       groupnorm_nhwc_bwd_dx_##NAME(const GnBwdParams p) {                                      \
-    GN_NHWC_ACT(gn::nhwc_bwd_dx, T, P, VEC)                                                    \
+    GN_DISPATCH_ACT(gn::nhwc_bwd_dx, T, P, VEC)                                                    \
   }
 
 #define GN_NHWC_TP(NAME, T, P)                                                                 \
@@ -615,7 +585,7 @@ __device__ void nhwc_bwd_dx(const GnBwdParams& p) {
   GN_NHWC_TPV(NAME##_scalar, T, P, false)                                                      \
   extern "C" __global__ void __launch_bounds__(gn::kNhwcThreads, 1)                            \
       groupnorm_nhwc_bwd_partial_##NAME(const GnBwdParams p) {                                 \
-    GN_NHWC_ACT(gn::nhwc_bwd_partial, T, P)                                                    \
+    GN_DISPATCH_ACT(gn::nhwc_bwd_partial, T, P)                                                    \
   }
 
 #define GN_NHWC_T(NAME, T)                                                                     \

@@ -234,6 +234,17 @@ impl GroupNorm {
         })
     }
 
+    /// The plain backward (without the bias) is only defined without an activation: errors with
+    /// [`Error::BiasNeeded`] otherwise, pointing at `backward_activated`.
+    pub(crate) fn check_plain_backward(&self) -> Result<()> {
+        match self.activation {
+            Activation::None => Ok(()),
+            a => Err(Error::BiasNeeded {
+                activation: a.name(),
+            }),
+        }
+    }
+
     /// Checks parameter lengths (`C` each) and dtypes (f32 or the activation dtype).
     pub(crate) fn check_params<T: Element, P: Element>(
         &self,

@@ -669,20 +669,17 @@ fn layout_silu_case<T: Element, P: Element>(
     let rf = reference::forward(&gn, &x, dims, Some(&w[..]), Some(&b[..])).unwrap();
     let rb = reference::backward_activated(&gn, &dy, &x, dims, Some(&w[..]), Some(&b[..])).unwrap();
     let geo = gn.geometry(dims).unwrap();
-    let z = reference::forward_f64(
+    let (w64, b64) = (to_f64(&w), to_f64(&b));
+    let dz = reference::pre_activation_grad_f64(
         &geo,
         gn.get_eps(),
+        act,
+        &to_f64(&dy),
         &to_f64(&x),
-        Some(&to_f64(&w)),
-        Some(&to_f64(&b)),
-    )
-    .y;
-    let dz: Vec<f64> = z
-        .iter()
-        .zip(to_f64(&dy))
-        .map(|(z, d)| d * act.derivative_f64(*z))
-        .collect();
-    let scale = dx_scale(&dz, dims, groups, layout, Some(&to_f64(&w)), &rf.rstd);
+        Some(&w64),
+        Some(&b64),
+    );
+    let scale = dx_scale(&dz, dims, groups, layout, Some(&w64), &rf.rstd);
     let xd = DeviceTensor::from_host(gpu, &x, dims, layout).unwrap();
     let dyd = DeviceTensor::from_host(gpu, &dy, dims, layout).unwrap();
     let (wd, bd) = (up(gpu, &w), up(gpu, &b));

@@ -23,7 +23,7 @@ mod fast;
 
 use crate::config::check_len;
 use crate::dtype::{check_param_dtype, Element};
-use crate::{Activation, Error, Geometry, Grads, GroupNorm, Result, Stats};
+use crate::{Activation, Geometry, Grads, GroupNorm, Result, Stats};
 
 impl GroupNorm {
     /// Validates the arguments of a forward pass and returns the geometry.
@@ -125,7 +125,7 @@ impl GroupNorm {
     ///
     /// Errors: as [`GroupNorm::forward`] for `dims`, `x` and `weight`, plus `dy` not of
     /// `N * C * S` elements, `stats.mean`/`stats.rstd` not of `N * G` elements, and `P` other
-    /// than f32 or `T` when a weight is given or `dbias` is wanted; [`Error::BiasNeeded`] when
+    /// than f32 or `T` when a weight is given or `dbias` is wanted; [`Error::BiasNeeded`](crate::Error::BiasNeeded) when
     /// this configuration has an activation (use [`GroupNorm::backward_activated`]).
     ///
     /// The result is deterministic: the same inputs give the same bits on every run.
@@ -138,11 +138,7 @@ impl GroupNorm {
         weight: Option<&[P]>,
         want_dbias: bool,
     ) -> Result<Grads<T, P>> {
-        if self.get_activation() != Activation::None {
-            return Err(Error::BiasNeeded {
-                activation: self.get_activation().name(),
-            });
-        }
+        self.check_plain_backward()?;
         self.backward_activated(dy, x, dims, stats, weight, None, want_dbias)
     }
 
@@ -152,7 +148,7 @@ impl GroupNorm {
     /// forward pass had none). Without an activation the bias is not read and this is
     /// [`GroupNorm::backward`].
     ///
-    /// Errors: as [`GroupNorm::backward`] (except [`Error::BiasNeeded`]), plus a bias not of
+    /// Errors: as [`GroupNorm::backward`] (except [`Error::BiasNeeded`](crate::Error::BiasNeeded)), plus a bias not of
     /// `C` values or of the wrong dtype.
     ///
     /// ```

@@ -24,7 +24,7 @@
 
 use crate::config::{check_len, Geometry};
 use crate::dtype::{check_param_dtype, Element};
-use crate::{Activation, Error, GroupNorm, Result};
+use crate::{Activation, GroupNorm, Result};
 
 /// Output of the reference forward pass, all in f64.
 #[derive(Clone, Debug, PartialEq)]
@@ -197,21 +197,7 @@ pub fn backward_act_f64(
     let dy = if act == Activation::None {
         dy
     } else {
-        let mut v = dy.to_vec();
-        for n in 0..geo.n {
-            for g in 0..geo.g {
-                let (m, r) = row_stats(geo, eps, x, n, g);
-                for c in g * geo.d..(g + 1) * geo.d {
-                    let w = weight.map_or(1.0, |w| w[c]);
-                    let b = bias.map_or(0.0, |b| b[c]);
-                    for s in 0..geo.s {
-                        let i = geo.offset(n, c, s);
-                        v[i] *= act.derivative_f64((x[i] - m) * r * w + b);
-                    }
-                }
-            }
-        }
-        dz = v;
+        dz = pre_activation_grad_f64(geo, eps, act, dy, x, weight, bias);
         &dz
     };
     let mut dx = vec![0.0; geo.numel()];
@@ -251,6 +237,43 @@ pub fn backward_act_f64(
     RefGrads { dx, dweight, dbias }
 }
 
+/// The gradient of the pre-activation `z = xhat * w + b` of `y = act(z)` given `dy`, the
+/// gradient of `y`: `dz = dy * act'(z)`, with `z` recomputed in f64 from `x` (same layout as
+/// `x`). This is also the `dy` against whose size the tolerances measure `dx` for an activated
+/// operator (`‖rstd·w·dz‖`, see [`crate::accuracy::dx_scale`]).
+///
+/// # Panics
+///
+/// As [`backward_act_f64`].
+pub fn pre_activation_grad_f64(
+    geo: &Geometry,
+    eps: f64,
+    act: Activation,
+    dy: &[f64],
+    x: &[f64],
+    weight: Option<&[f64]>,
+    bias: Option<&[f64]>,
+) -> Vec<f64> {
+    let mut v = dy.to_vec();
+    if act == Activation::None {
+        return v;
+    }
+    for n in 0..geo.n {
+        for g in 0..geo.g {
+            let (m, r) = row_stats(geo, eps, x, n, g);
+            for c in g * geo.d..(g + 1) * geo.d {
+                let w = weight.map_or(1.0, |w| w[c]);
+                let b = bias.map_or(0.0, |b| b[c]);
+                for s in 0..geo.s {
+                    let i = geo.offset(n, c, s);
+                    v[i] *= act.derivative_f64((x[i] - m) * r * w + b);
+                }
+            }
+        }
+    }
+    v
+}
+
 /// Exact widening of a slice to f64.
 fn widen<E: Element>(v: &[E]) -> Vec<f64> {
     v.iter().map(|e| e.to_f64()).collect()
@@ -284,7 +307,7 @@ pub fn forward<T: Element, P: Element>(
 /// [`GroupNorm::backward`] does, widens everything to f64 and calls [`backward_f64`] (which
 /// recomputes the statistics from `x`, so none are taken).
 ///
-/// Errors with [`Error::BiasNeeded`] when `gn` has an activation: use [`backward_activated`].
+/// Errors with [`Error::BiasNeeded`](crate::Error::BiasNeeded) when `gn` has an activation: use [`backward_activated`].
 pub fn backward<T: Element, P: Element>(
     gn: &GroupNorm,
     dy: &[T],
@@ -292,11 +315,7 @@ pub fn backward<T: Element, P: Element>(
     dims: &[usize],
     weight: Option<&[P]>,
 ) -> Result<RefGrads> {
-    if gn.get_activation() != Activation::None {
-        return Err(Error::BiasNeeded {
-            activation: gn.get_activation().name(),
-        });
-    }
+    gn.check_plain_backward()?;
     backward_activated(gn, dy, x, dims, weight, None)
 }
 

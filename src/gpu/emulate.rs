@@ -599,46 +599,39 @@ pub fn launchable_kernels() -> Vec<String> {
             for (fused, vec, nhwc, silu) in
                 (0..16).map(|i| (i & 1 != 0, i & 2 != 0, i & 4 != 0, i & 8 != 0))
             {
-                {
-                    let plan = Plan {
-                        fused,
-                        vec,
-                        chunking: Chunking::default(),
-                        blocks: 1,
-                        smem_bytes: 0,
-                        workspace_floats: 0,
-                        nhwc,
-                        stream_smem_bytes: 0,
-                    };
-                    let mut record = |name: &str, _: u32, _: u32, _: u32| {
-                        names.push(name.to_string());
-                        Ok(())
-                    };
-                    let fwd = FwdParams {
-                        rows: 1,
-                        ..FwdParams::default()
-                    };
-                    launch::forward_sequence(&plan, t, p, &fwd, |n, b, th, s, _: &FwdParams| {
-                        record(n, b, th, s)
-                    })
-                    .expect("recording cannot fail");
-                    let bwd = BwdParams {
-                        rows: 1,
-                        dweight: 1,
-                        dbias: 1,
-                        activation: silu as u32,
-                        ..BwdParams::default()
-                    };
-                    launch::backward_sequence(
-                        &plan,
-                        t,
-                        p,
-                        1,
-                        &bwd,
-                        |n, b, th, s, _: &BwdParams| record(n, b, th, s),
-                    )
-                    .expect("recording cannot fail");
-                }
+                let plan = Plan {
+                    fused,
+                    vec,
+                    chunking: Chunking::default(),
+                    blocks: 1,
+                    smem_bytes: 0,
+                    workspace_floats: 0,
+                    nhwc,
+                    stream_smem_bytes: 0,
+                };
+                let mut record = |name: &str, _: u32, _: u32, _: u32| {
+                    names.push(name.to_string());
+                    Ok(())
+                };
+                let fwd = FwdParams {
+                    rows: 1,
+                    ..FwdParams::default()
+                };
+                launch::forward_sequence(&plan, t, p, &fwd, |n, b, th, s, _: &FwdParams| {
+                    record(n, b, th, s)
+                })
+                .expect("recording cannot fail");
+                let bwd = BwdParams {
+                    rows: 1,
+                    dweight: 1,
+                    dbias: 1,
+                    activation: silu as u32,
+                    ..BwdParams::default()
+                };
+                launch::backward_sequence(&plan, t, p, 1, &bwd, |n, b, th, s, _: &BwdParams| {
+                    record(n, b, th, s)
+                })
+                .expect("recording cannot fail");
             }
         }
     }

@@ -322,17 +322,8 @@ impl GpuGroupNorm {
         T: Element,
         P: Element,
     {
-        self.refuse_activation()?;
+        self.gn.check_plain_backward()?;
         self.backward_activated(dy, x, stats, weight, None, want_dbias)
-    }
-
-    fn refuse_activation(&self) -> Result<()> {
-        match self.gn.get_activation() {
-            crate::Activation::None => Ok(()),
-            a => Err(Error::BiasNeeded {
-                activation: a.name(),
-            }),
-        }
     }
 
     /// Backward pass of the whole operator, activation included, into new buffers: `dy` is the
@@ -389,7 +380,7 @@ impl GpuGroupNorm {
         dweight: Option<&mut CudaSlice<P>>,
         dbias: Option<&mut CudaSlice<P>>,
     ) -> Result<()> {
-        self.refuse_activation()?;
+        self.gn.check_plain_backward()?;
         self.run_backward(dy, x, stats, weight, None, dx, dweight, dbias, false)
     }
 

@@ -238,13 +238,17 @@ fn one<T: Element, P: Element>(
     // dx is measured against ||rstd w dz||, dz the gradient reaching the normalization
     let b64: Vec<f64> = b.iter().map(|v| v.to_f64()).collect();
     let x64: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+    let dy64: Vec<f64> = dy.iter().map(|v| v.to_f64()).collect();
     let geo = gn.geometry(dims)?;
-    let z = reference::forward_f64(&geo, gn.get_eps(), &x64, Some(&w64), Some(&b64)).y;
-    let dz64: Vec<f64> = dy
-        .iter()
-        .zip(&z)
-        .map(|(d, z)| d.to_f64() * act.derivative_f64(*z))
-        .collect();
+    let dz64 = reference::pre_activation_grad_f64(
+        &geo,
+        gn.get_eps(),
+        act,
+        &dy64,
+        &x64,
+        Some(&w64),
+        Some(&b64),
+    );
     let scale = dx_scale(&dz64, dims, shape.groups, layout, Some(&w64), &r.rstd);
     let (dxe, dxb) = dx_error(&dx, &rg.dx, scale);
     let (dwe, pb) = param_grad_error(&dw, &rg.dweight);

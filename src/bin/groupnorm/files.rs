@@ -59,13 +59,7 @@ fn device(args: &Args) -> Result<Device, Failure> {
 }
 
 fn layout(args: &Args) -> Result<Layout, UsageError> {
-    match args.get("layout").unwrap_or("nchw") {
-        "nchw" => Ok(Layout::Nchw),
-        "nhwc" => Ok(Layout::Nhwc),
-        other => Err(UsageError(format!(
-            "--layout: `{other}` is not nchw or nhwc"
-        ))),
-    }
+    super::check::parse_layout(args.get("layout").unwrap_or("nchw"))
 }
 
 /// Logical dims `(N, C, *spatial)` of an array shaped for `layout`.
@@ -92,11 +86,7 @@ fn config(args: &Args, dims: &[usize], layout: Layout) -> Result<GroupNorm, Fail
         .parse()
         .map_err(|_| UsageError("--groups must be a positive integer".into()))?;
     let eps: f64 = args.parsed("eps", groupnorm::DEFAULT_EPS)?;
-    let act = if args.on("silu") {
-        groupnorm::Activation::Silu
-    } else {
-        groupnorm::Activation::None
-    };
+    let act = super::check::activation_of(args.on("silu"));
     Ok(GroupNorm::new(groups, dims[1])?
         .eps(eps)?
         .layout(layout)

@@ -80,7 +80,10 @@ typedef enum groupnorm_path_t {
     /* one block per group row, the row on chip; an error where a row does not fit */
     GROUPNORM_PATH_FUSED = 1,
     /* rows split across blocks, partials merged in a fixed order */
-    GROUPNORM_PATH_SPLIT = 2
+    GROUPNORM_PATH_SPLIT = 2,
+    /* rows split across the blocks of a thread-block cluster, chunks on chip (compute
+     * capability 9.0+, NCHW); an error where that is not possible */
+    GROUPNORM_PATH_CLUSTER = 3
 } groupnorm_path_t;
 
 /* The enums above cross the ABI as 32-bit integers, inside groupnorm_problem_t too: refuse to

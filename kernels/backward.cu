@@ -16,6 +16,11 @@
 //   dy read once.
 // - split (chunks > 1): `partial` writes per-(n, c, piece) sums for its chunk; `rows` (one block
 //   per row) turns them into the row record once; `dx` reads the record and writes its chunk.
+// - cluster (sm_90+, chunks > 1): the K chunks of a row are the K blocks of one thread-block
+//   cluster, each with its chunk of x and dy on chip. Each writes its per-(n, c, piece) sums as
+//   `partial` does and puts its chunk's share of the row's weighted sums in shared memory; every
+//   block adds the K shares in rank order (distributed shared memory), so all hold the same
+//   record, and writes dx from its on-chip copy: x and dy read once, one launch (plus `params`).
 // - `params` reduces the sums over n and pieces, in a fixed order, into dweight and dbias.
 // No atomics: the same inputs give the same bits.
 //
@@ -27,6 +32,7 @@
 //
 // Workspace (f32): 3 * N * C * P partial sums, then 3 * N * G row records, then (split path
 // with SiLU) N * G * K centered sums.
+#include "cluster.cuh"
 #include "common.cuh"
 
 namespace gn {
@@ -127,29 +133,42 @@ __device__ __forceinline__ float chunk_centered_sum(const T* xs, uint32_t n, flo
   return block_sum(acc, scratch);
 }
 
-// A row's record (m1, m2, delta) from its D * P partial sums, each thread taking a fixed share:
-// the same bits on every run, for the fused and the split path alike. Returned to every thread.
+// Sums (sum w sdy, sum w sdyx, sum sxm) over partial entries [e0, e0 + count) of the group row
+// of `sample` whose first channel is chan0 (entry e: channel chan0 + e / P, piece e % P), each
+// thread taking a fixed share: the same bits on every run. Returned to every thread.
 template <typename P>
-__device__ __forceinline__ float3 row_record(const GnBwdParams& p, uint64_t sample, uint32_t chan0,
-                                             float rstd, const P* __restrict__ w,
-                                             Sums3* scratch) {
+__device__ __forceinline__ Sums3 weighted_sums(const GnBwdParams& p, uint64_t sample,
+                                               uint32_t chan0, uint64_t e0, uint64_t count,
+                                               const P* __restrict__ w, Sums3* scratch) {
   const uint32_t pieces = p.chunking.pieces;
   const float* parts = p.partials + partial_index(sample, p.groups * p.d, chan0, pieces, 0);
   const DivU32 per_channel(pieces);
-  const uint64_t entries = (uint64_t)p.d * pieces;
-  Sums3 t{0.f, 0.f, 0.f};  // (sum w sdy, sum w sdyx, sum sxm)
-  for (uint64_t e = threadIdx.x; e < entries; e += blockDim.x) {
+  Sums3 t{0.f, 0.f, 0.f};
+  for (uint64_t e = e0 + threadIdx.x; e < e0 + count; e += blockDim.x) {
     const float wc = w ? to_f32(w[chan0 + per_channel.div((uint32_t)e)]) : 1.f;
     const float* s = parts + 3 * e;
     t.dy += wc * s[0];
     t.dyx += wc * s[1];
     t.xm += s[2];
   }
-  t = block_sum(t, scratch);
-  const float inv_l = p.inv_row_len;
+  return block_sum(t, scratch);
+}
+
+// A row's record (m1, m2, delta) from its weighted sums (weighted_sums over the whole row).
+__device__ __forceinline__ float3 record_of(Sums3 t, float rstd, float inv_l) {
   const float delta = t.xm * inv_l;
   // sum w (sdyx - delta rstd sdy) = sum w sdyx - delta rstd sum w sdy
   return make_float3(t.dy * inv_l, (t.dyx - delta * rstd * t.dy) * inv_l, delta);
+}
+
+// A row's record from its D * P partial sums: the same for the fused and the split path.
+template <typename P>
+__device__ __forceinline__ float3 row_record(const GnBwdParams& p, uint64_t sample, uint32_t chan0,
+                                             float rstd, const P* __restrict__ w,
+                                             Sums3* scratch) {
+  const uint64_t entries = (uint64_t)p.d * p.chunking.pieces;
+  return record_of(weighted_sums<P>(p, sample, chan0, 0, entries, w, scratch), rstd,
+                   p.inv_row_len);
 }
 
 // dx over one chunk: dx = rstd * (w * dz - m1 - xhat * m2), xhat = (x - mean - delta) * rstd,
@@ -303,6 +322,74 @@ __device__ void bwd_dx(const GnBwdParams& p) {
                             static_cast<const P*>(p.weight), static_cast<const P*>(p.bias));
 }
 
+#if GN_CLUSTERS
+// Cluster path: one cluster of `chunks` blocks per row; this block is rank c.k of its cluster.
+// Dynamic shared memory: the block's exchange slot (its centered sum, then its 3 weighted sums),
+// then its chunk of x, then of dy.
+template <typename T, typename P, bool VEC, bool SILU>
+__device__ void bwd_cluster(const GnBwdParams& p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ Sums3 scratch[kWarp];
+  float* slot = reinterpret_cast<float*>(smem_raw);
+  const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
+  const uint32_t n = c.len();
+  T* xs = reinterpret_cast<T*>(smem_raw + kClusterSlotBytes);
+  T* dys = xs + n;  // n * sizeof(T) is a multiple of 16 with VEC
+  const uint64_t off = chunk_offset(c, p.d, p.s);
+  copy_to_shared<T, VEC>(xs, static_cast<const T*>(p.x) + off, n);
+  copy_to_shared<T, VEC>(dys, static_cast<const T*>(p.dy) + off, n);
+  __syncthreads();
+  const float mean = p.mean[c.row], rstd = p.rstd[c.row];
+  const uint64_t sample = c.row / p.groups;
+  const uint32_t chan0 = (uint32_t)(c.row % p.groups) * p.d;
+  const uint32_t channels = p.groups * p.d;
+  const uint32_t chunks = p.chunking.chunks;  // <= 32: one lane per block of the cluster
+  const uint32_t pieces = p.chunking.pieces;
+  const uint32_t piece = pieces > 1 ? c.k % pieces : 0;
+  const uint32_t lane = threadIdx.x % kWarp;
+  const P* w = static_cast<const P*>(p.weight);
+  const P* b = static_cast<const P*>(p.bias);
+  // SiLU: the row's mean residual first (to recompute z), from every block's centered sum.
+  float delta = 0.f;
+  if constexpr (SILU) {
+    const float t = chunk_centered_sum<T, VEC>(xs, n, mean, reinterpret_cast<float*>(scratch));
+    if (threadIdx.x == 0) slot[0] = t;
+    cluster_sync();  // every block's centered sum is written
+    delta = warp_sum(lane < chunks ? cluster_peer(slot, lane)[0] : 0.f) * p.inv_row_len;
+  }
+  float* const parts = p.partials + partial_index(sample, channels, chan0 + c.c0, pieces, piece);
+  segment_sums<T, VEC, SILU>(
+      xs, dys, c, mean, rstd, delta, [=](uint32_t j) { return affine_of(w, b, chan0 + c.c0 + j); },
+      scratch, [=](uint32_t j, Sums3 s) { store_sums(parts, j, pieces, s); });
+  __syncthreads();  // the chunk's sums, written above by this block, are visible to all its threads
+  // the chunk's entries: channels [c0, c0 + nseg) whole, or piece `piece` of channel c0
+  const Sums3 mine = weighted_sums<P>(p, sample, chan0, (uint64_t)c.c0 * pieces + piece, c.nseg,
+                                      w, scratch);
+  if (threadIdx.x == 0) {
+    slot[1] = mine.dy;
+    slot[2] = mine.dyx;
+    slot[3] = mine.xm;
+  }
+  cluster_sync();  // every block's share is written
+  // every warp adds the K shares (lane k reads block k's); the butterfly gives all lanes the
+  // same bits, so every block of the cluster holds the same record
+  Sums3 row{0.f, 0.f, 0.f};
+  if (lane < chunks) {
+    const float* peer = cluster_peer(slot, lane);
+    row = Sums3{peer[1], peer[2], peer[3]};
+  }
+  const float3 rec = record_of(warp_sum(row), rstd, p.inv_row_len);
+  if (c.k == 0 && threadIdx.x == 0) {
+    float* r = row_records(p) + 3 * c.row;
+    r[0] = rec.x;
+    r[1] = rec.y;
+    r[2] = rec.z;
+  }
+  dx_chunk<T, P, VEC, SILU>(xs, dys, static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, rec, w, b);
+  cluster_sync();  // no block exits (taking its slot with it) before all have read the slots
+}
+#endif
+
 // dweight[c] = sum over n, pieces of (sdyx - delta_n rstd_n sdy); dbias[c] likewise of sdy.
 // One thread per channel, n in order. Runs after the row records are written.
 template <typename P>
@@ -333,6 +420,7 @@ __device__ void bwd_params(const GnBwdParams& p) {
 }  // namespace gn
 
 // Entry points: groupnorm_bwd_{fused,dx,partial}_<T>_<P>_<vec|scalar>,
+// groupnorm_cluster_bwd_<T>_<P>_<vec|scalar> (a trap below sm_90),
 // groupnorm_bwd_center_<T>_<vec|scalar>, groupnorm_bwd_{rows,params}_<P>.
 #define GN_BWD_TP(NAME, T, P, VEC)                                                             \
   extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                             \
@@ -346,6 +434,10 @@ __device__ void bwd_params(const GnBwdParams& p) {
   extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                             \
       groupnorm_bwd_partial_##NAME(const GnBwdParams p) {                                      \
     GN_DISPATCH_ACT(gn::bwd_partial, T, P, VEC)                                                     \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(gn::kBwdThreads, 1)                             \
+      groupnorm_cluster_bwd_##NAME(const GnBwdParams p) {                                      \
+    GN_IF_CLUSTERS(GN_DISPATCH_ACT(gn::bwd_cluster, T, P, VEC))                                \
   }
 
 #define GN_BWD_T(NAME, T, VEC)                                                                 \

@@ -181,16 +181,14 @@ __device__ __forceinline__ V block_sum(V v, V* scratch) {
   return r;
 }
 
-// Merges `count` Welford partials `parts[i] = (mean, m2)` with counts `count_of(i)` in index order,
-// with one warp. Assumes: called by all 32 lanes of one warp. The merge tree is fixed (lane i takes
-// i, i+32, ...; then a butterfly), so the result does not depend on scheduling.
-template <typename CountOf>
-__device__ __forceinline__ Welford warp_merge(const float* parts, uint32_t count, CountOf count_of) {
+// Merges `count` Welford partials `part_of(i)` in index order, with one warp. Assumes: called by
+// all 32 lanes of one warp. The merge tree is fixed (lane i takes i, i+32, ...; then a
+// butterfly), so the result does not depend on scheduling, and every lane gets the same bits.
+template <typename PartOf>
+__device__ __forceinline__ Welford warp_merge_parts(uint32_t count, PartOf part_of) {
   const int lane = threadIdx.x % kWarp;
   Welford w;
-  for (uint32_t i = lane; i < count; i += kWarp) {
-    w = combine(w, Welford(count_of(i), parts[2 * i], parts[2 * i + 1]));
-  }
+  for (uint32_t i = lane; i < count; i += kWarp) w = combine(w, part_of(i));
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) {
     Welford other(__shfl_xor_sync(0xffffffffu, w.n, o), __shfl_xor_sync(0xffffffffu, w.mean, o),
@@ -199,6 +197,13 @@ __device__ __forceinline__ Welford warp_merge(const float* parts, uint32_t count
     w = (lane & o) ? combine(other, w) : combine(w, other);
   }
   return w;
+}
+
+// warp_merge_parts over `parts[i] = (mean, m2)` with counts `count_of(i)`.
+template <typename CountOf>
+__device__ __forceinline__ Welford warp_merge(const float* parts, uint32_t count, CountOf count_of) {
+  return warp_merge_parts(
+      count, [&](uint32_t i) { return Welford(count_of(i), parts[2 * i], parts[2 * i + 1]); });
 }
 
 // ---------------------------------------------------------------------------------------------

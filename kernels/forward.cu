@@ -10,11 +10,18 @@
 //   a fixed order (Chan), and saves the statistics; `apply` normalizes each chunk, re-reading x
 //   (usually from L2).
 //
+// - cluster (sm_90+, chunks > 1): the K chunks of a row are the K blocks of one thread-block
+//   cluster. Each block keeps its chunk on chip and computes its (mean, m2) as `partial` does;
+//   the blocks exchange them through distributed shared memory, every block merges the K partials
+//   in the same fixed order (so all get the same bits) and normalizes its chunk from its on-chip
+//   copy: one read of x, one write of y, one launch, no workspace.
+//
 // Split-path workspace (f32): 2 * rows * K chunk partials, then 2 * rows row records
 // (mean about the pivot, rstd).
 //
 // The pivot is the row's first value: subtracting it before accumulating and before normalizing
 // makes the error scale with the spread of the row, not with its offset (x = 1e4 + noise).
+#include "cluster.cuh"
 #include "common.cuh"
 
 namespace gn {
@@ -165,10 +172,57 @@ __device__ void fwd_apply(const GnFwdParams& p) {
   }
 }
 
+#if GN_CLUSTERS
+// Cluster path: one cluster of `chunks` blocks per row; this block is rank c.k of its cluster.
+// Dynamic shared memory: the block's exchange slot (mean, m2), then its chunk.
+template <typename T, typename P, bool VEC>
+__device__ void fwd_cluster(const GnFwdParams& p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float scratch[kWarp];
+  float* slot = reinterpret_cast<float*>(smem_raw);
+  T* buf = reinterpret_cast<T*>(smem_raw + kClusterSlotBytes);
+  const GnChunking ch = p.chunking;
+  const uint32_t d = p.d, s = p.s;
+  const Chunk c = chunk_of(blockIdx.x, ch, d, s);
+  const T* x = static_cast<const T*>(p.x);
+  const uint64_t off = chunk_offset(c, d, s);
+  const uint32_t n = c.len();
+  copy_to_shared<T, VEC>(buf, x + off, n);
+  __syncthreads();
+  const float pivot = to_f32(x[c.row * (uint64_t)d * s]);
+  const float2 st = chunk_stats(buf, n, pivot, scratch);
+  if (threadIdx.x == 0) {
+    slot[0] = st.x;
+    slot[1] = st.y;
+  }
+  cluster_sync();  // every block's slot is written
+  // every warp merges the K partials (lane k reads block k's slot), in the same fixed order
+  const Welford w = warp_merge_parts(ch.chunks, [&](uint32_t k) {
+    const float* peer = cluster_peer(slot, k);
+    return Welford((float)chunk_len(k, ch, d, s), peer[0], peer[1]);
+  });
+  const float rstd = rstd_of(w.m2, w.n, p.eps);
+  if (c.k == 0 && threadIdx.x == 0) {
+    p.mean[c.row] = pivot + w.mean;
+    p.rstd[c.row] = rstd;
+  }
+  const uint32_t chan0 = (uint32_t)(c.row % p.groups) * d;
+  const P* wt = static_cast<const P*>(p.weight);
+  const P* b = static_cast<const P*>(p.bias);
+  T* y = static_cast<T*>(p.y) + off;
+  if (p.activation == GN_ACT_SILU) {
+    normalize_chunk<T, P, VEC, true>(buf, y, c, chan0, pivot, w.mean, rstd, wt, b);
+  } else {
+    normalize_chunk<T, P, VEC, false>(buf, y, c, chan0, pivot, w.mean, rstd, wt, b);
+  }
+  cluster_sync();  // no block exits (taking its slot with it) before all have read the slots
+}
+#endif
+
 }  // namespace gn
 
 // Entry points: groupnorm_fwd_{fused,apply}_<T>_<P>_<vec|scalar>, groupnorm_fwd_partial_<T>_<..>,
-// groupnorm_fwd_merge_<T>.
+// groupnorm_fwd_merge_<T>, groupnorm_cluster_fwd_<T>_<P>_<vec|scalar> (a trap below sm_90).
 #define GN_FWD_TP(NAME, T, P, VEC)                                                             \
   extern "C" __global__ void __launch_bounds__(gn::kFwdThreads, 1)                                \
       groupnorm_fwd_fused_##NAME(const GnFwdParams p) {                                        \
@@ -177,6 +231,10 @@ __device__ void fwd_apply(const GnFwdParams& p) {
   extern "C" __global__ void __launch_bounds__(gn::kFwdThreads, 1)                                \
       groupnorm_fwd_apply_##NAME(const GnFwdParams p) {                                        \
     gn::fwd_apply<T, P, VEC>(p);                                                               \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(gn::kFwdThreads, 1)                             \
+      groupnorm_cluster_fwd_##NAME(const GnFwdParams p) {                                      \
+    GN_IF_CLUSTERS(gn::fwd_cluster<T, P, VEC>(p);)                                             \
   }
 
 #define GN_FWD_T(NAME, T, VEC)                                                                 \

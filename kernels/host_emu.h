@@ -19,6 +19,11 @@
 //   needs the full mask and all 32 lanes of the warp. A launch whose threads can never meet
 //   (barrier divergence, a shuffle in a warp with exited lanes) fails with an error instead of
 //   hanging.
+// - thread-block clusters (gn_emu_launch_cluster): the blocks of one cluster run at the same
+//   time, each on an OS thread of its own, so each has its own `__shared__` (thread_local) and
+//   dynamic shared memory; gn::cluster_sync() (kernels/cluster.cuh) is a barrier over every
+//   thread of the cluster and gn::cluster_peer() maps a dynamic-shared-memory address to the same
+//   offset in another block of the cluster, as cooperative_groups' map_shared_rank does.
 #pragma once
 #ifndef GN_HOST_EMULATION
 #error "host_emu.h is for host emulation builds only (define GN_HOST_EMULATION)"
@@ -106,6 +111,16 @@ uint32_t shfl_xor_u32(unsigned mask, uint32_t v, int lane_mask);
 }  // namespace gn_emu
 
 inline void __syncthreads() { gn_emu::sync_block(); }
+
+// Thread-block clusters (one-dimensional): see tests/emu/emu_runtime.cpp.
+namespace gn_emu {
+void sync_cluster();
+unsigned cluster_rank();
+unsigned cluster_size();
+// `p` must point into the calling block's dynamic shared memory; the launch fails otherwise, and
+// where block `rank` may already have exited when the mapped memory is read (see the runtime).
+const void* cluster_map(const void* p, unsigned rank);
+}  // namespace gn_emu
 
 template <typename V>
 inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {

@@ -215,6 +215,9 @@ c_enum! {
         GROUPNORM_PATH_FUSED = 1,
         /// Rows split across blocks, partials merged in a fixed order.
         GROUPNORM_PATH_SPLIT = 2,
+        /// Rows split across the blocks of a thread-block cluster, chunks on chip (compute
+        /// capability 9.0+, NCHW); an error where that is not possible.
+        GROUPNORM_PATH_CLUSTER = 3,
     }
 }
 
@@ -650,9 +653,11 @@ unsafe fn read_problem(problem: *const groupnorm_problem_t) -> Result<Validated,
         GROUPNORM_PATH_AUTO => Path::Auto,
         GROUPNORM_PATH_FUSED => Path::Fused,
         GROUPNORM_PATH_SPLIT => Path::Split,
+        GROUPNORM_PATH_CLUSTER => Path::Cluster,
         groupnorm_path_t(other) => {
             return Err(Failure::invalid(format!(
-                "path is {other}, not a groupnorm_path_t (0 = AUTO, 1 = FUSED, 2 = SPLIT)"
+                "path is {other}, not a groupnorm_path_t (0 = AUTO, 1 = FUSED, 2 = SPLIT, \
+                 3 = CLUSTER)"
             )))
         }
     };

@@ -871,8 +871,8 @@ fn invalid_problems_are_refused_before_the_driver() {
             "layout is -1",
         ),
         (
-            "path = 3",
-            Box::new(|p| p.path = groupnorm_path_t(3)),
+            "path = 4",
+            Box::new(|p| p.path = groupnorm_path_t(4)),
             "path is 3",
         ),
         (

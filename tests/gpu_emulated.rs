@@ -23,22 +23,36 @@ use groupnorm::{bf16, f16, Activation, DType, Element, Error, GroupNorm, Layout,
 
 /// A small device: 4 SMs and 8 KiB of shared memory per block, so that rows of a few thousand
 /// values are split into chunks and pieces.
+/// No thread-block clusters (as before sm_90).
 const SMALL: DeviceLimits = DeviceLimits {
     sms: 4,
     smem_per_block: 8 * 1024,
+    max_cluster: 0,
+};
+/// The small device with clusters of up to 8 blocks (as sm_90+): rows of a few thousand values
+/// take the cluster path.
+const SMALL_CLUSTERS: DeviceLimits = DeviceLimits {
+    max_cluster: 8,
+    ..SMALL
 };
 /// A larger one: rows of up to 12K f32 values fit the fused path.
 const MEDIUM: DeviceLimits = DeviceLimits {
     sms: 8,
     smem_per_block: 48 * 1024,
+    max_cluster: 0,
 };
 /// H100-like limits: the planner's real thresholds.
 const H100: DeviceLimits = DeviceLimits {
     sms: 132,
     smem_per_block: 227 * 1024,
+    max_cluster: 16,
 };
 
-const PATHS: [Path; 3] = [Path::Auto, Path::Split, Path::Fused];
+/// Every path; each case runs those its device and shape allow (forced fused and cluster paths
+/// refuse with `Unsupported` where a row does not fit them).
+const PATHS: [Path; 4] = [Path::Auto, Path::Split, Path::Fused, Path::Cluster];
+/// The paths every device runs.
+const PLAIN_PATHS: [Path; 3] = [Path::Auto, Path::Split, Path::Fused];
 
 /// How one parity case is built.
 #[derive(Clone, Copy)]
@@ -168,8 +182,11 @@ fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: O
             &mut stats,
         ) {
             Ok(t) => t,
-            // the fused path refuses rows that do not fit on chip: that is its contract
-            Err(Error::Unsupported { .. }) if path == Path::Fused => continue,
+            // the fused and cluster paths refuse rows that do not fit on chip (and the cluster
+            // path devices without clusters): that is their contract
+            Err(Error::Unsupported { .. }) if matches!(path, Path::Fused | Path::Cluster) => {
+                continue
+            }
             Err(e) => panic!("{ctx}: forward: {e}"),
         };
         let ctx = format!("{ctx} fwd={}", describe(&fwd));
@@ -204,7 +221,7 @@ fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: O
         ) {
             Ok(t) => Some(t),
             // backward keeps x and dy on chip: a row can fit forward and not backward
-            Err(Error::Unsupported { .. }) if path == Path::Fused => None,
+            Err(Error::Unsupported { .. }) if matches!(path, Path::Fused | Path::Cluster) => None,
             Err(e) => panic!("{ctx}: backward: {e}"),
         };
         if let Some(bwd) = &bwd {
@@ -231,7 +248,7 @@ fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: O
     ran
 }
 
-/// `fused vec`, `split x3 (2 ch/chunk) scalar`, `split x6 (3 pieces/ch) vec`,
+/// `fused vec`, `split x3 (2 ch/chunk) scalar`, `cluster x6 (3 pieces/ch) vec`,
 /// `nhwc split x4 (2 groups/tile) vec`.
 fn describe(t: &Trace) -> String {
     let kind = if t.vec { "vec" } else { "scalar" };
@@ -239,10 +256,11 @@ fn describe(t: &Trace) -> String {
         let path = if t.fused { "fused" } else { "split" };
         return format!("nhwc {path} x{} ({} groups/tile) {kind}", t.chunks, t.cpb);
     }
+    let path = if t.cluster > 1 { "cluster" } else { "split" };
     match (t.fused, t.pieces) {
         (true, _) => format!("fused {kind}"),
-        (false, 1) => format!("split x{} ({} ch/chunk) {kind}", t.chunks, t.cpb),
-        (false, p) => format!("split x{} ({p} pieces/ch) {kind}", t.chunks),
+        (false, 1) => format!("{path} x{} ({} ch/chunk) {kind}", t.chunks, t.cpb),
+        (false, p) => format!("{path} x{} ({p} pieces/ch) {kind}", t.chunks),
     }
 }
 
@@ -687,10 +705,21 @@ fn h100_limits() {
         limits: H100,
         ..PLAIN
     };
-    // few long rows: split, one channel per chunk
+    // few long rows: a cluster per row (the device has clusters), else split
     let ran = parity::<f16, f32>(&[1, 32, 64, 64], 4, 40, o);
-    assert!(!fwd_of(&ran, Path::Auto).fused);
-    parity::<f32, f32>(&[1, 32, 64, 64], 4, 41, o);
+    let auto = fwd_of(&ran, Path::Auto);
+    assert!(!auto.fused && auto.cluster > 1, "{}", describe(auto));
+    let ran = parity::<f32, f32>(
+        &[1, 32, 64, 64],
+        4,
+        41,
+        Opts {
+            limits: MEDIUM,
+            ..o
+        },
+    );
+    let auto = fwd_of(&ran, Path::Auto);
+    assert!(!auto.fused && auto.cluster == 1, "{}", describe(auto));
     // many rows: fused
     let ran = parity::<bf16, bf16>(&[140, 8, 4, 4], 2, 42, o);
     assert!(fwd_of(&ran, Path::Auto).fused);
@@ -704,7 +733,7 @@ fn degenerate_shapes() {
     all_dtypes(&[2, 6, 700], 1, 51, PLAIN); // G = 1, rows of 4200: split
     all_dtypes(&[3, 12], 4, 52, PLAIN); // 2-D (S = 1)
     all_dtypes(&[5, 4, 1], 2, 53, PLAIN); // trailing 1
-    for path in PATHS {
+    for path in PLAIN_PATHS {
         // N = 0: nothing to do, nothing written
         let gn = GroupNorm::new(2, 4).unwrap();
         let (y, stats) =
@@ -916,7 +945,7 @@ fn deterministic_under_every_schedule() {
         let dy: Vec<f16> = normal_vec(&mut r, n, 0.0, 1.0);
         let w: Vec<f32> = uniform_vec(&mut r, c, 0.5, 1.5);
         let b: Vec<f32> = normal_vec(&mut r, c, 0.0, 0.5);
-        for path in PATHS {
+        for path in PLAIN_PATHS {
             let mut first = None;
             for schedule in [
                 Schedule::Forward,
@@ -1094,4 +1123,315 @@ fn silu_large_offset_rows_f32() {
             layout.name()
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thread-block clusters (sm_90+)
+// ---------------------------------------------------------------------------------------------
+
+/// The emulator runs the blocks of a cluster side by side: cluster barriers and shared-memory
+/// reads across blocks work under every schedule, and a missing final barrier, blocks that
+/// disagree on the barriers, a grid that is not a multiple of the cluster and a cluster barrier
+/// in a plain launch are reported.
+#[test]
+fn emulator_clusters() {
+    let (clusters, size, threads) = (3u32, 4u32, 64u32);
+    let blocks = clusters * size;
+    let n = (blocks * threads) as usize;
+    let x = vec![0.0f32; n];
+    for schedule in [
+        Schedule::Forward,
+        Schedule::Reverse,
+        Schedule::Shuffled(3),
+        Schedule::RoundRobin,
+    ] {
+        emulate::set_schedule(schedule);
+        let mut y = vec![f32::NAN; n];
+        let mut ranks = vec![f32::NAN; blocks as usize];
+        emulate::run_selftest_in_clusters(
+            "gn_emu_selftest_cluster",
+            blocks,
+            threads,
+            16,
+            size,
+            0,
+            &x,
+            &mut y,
+            &mut ranks,
+        )
+        .unwrap();
+        for b in 0..blocks {
+            let first = b / size * size;
+            let want: u32 = (first..first + size).map(|i| i + 1).sum();
+            let got = &y[(b * threads) as usize..((b + 1) * threads) as usize];
+            assert!(
+                got.iter().all(|&v| v == want as f32),
+                "{schedule:?}: block {b} read {got:?}, want {want}"
+            );
+            assert_eq!(ranks[b as usize], (b % size) as f32, "{schedule:?}: rank");
+        }
+    }
+    emulate::set_schedule(Schedule::Forward);
+    let mut y = vec![0.0f32; n];
+    let mut m = vec![0.0f32; blocks as usize];
+    let mut run = |cluster: u32, grid: u32, mistake: u32| {
+        emulate::run_selftest_in_clusters(
+            "gn_emu_selftest_cluster",
+            grid,
+            threads,
+            16,
+            cluster,
+            mistake,
+            &x,
+            &mut y,
+            &mut m,
+        )
+    };
+    let e = run(size, blocks, 1).unwrap_err();
+    assert!(e.contains("a final cluster_sync is missing"), "{e}");
+    let e = run(size, blocks, 2).unwrap_err();
+    assert!(
+        e.contains("every block must reach every cluster_sync"),
+        "{e}"
+    );
+    let e = run(size, 6, 0).unwrap_err();
+    assert!(e.contains("multiple of the cluster size"), "{e}");
+    let e = run(1, blocks, 0).unwrap_err();
+    assert!(e.contains("without clusters"), "{e}");
+}
+
+/// The cluster path, every dtype pair: chunks of whole channels with a shorter last chunk,
+/// pieces of channels with a tail, vector and scalar kernels, no affine parameters, misaligned
+/// buffers, SiLU, a few long rows where the planner itself picks clusters, and rows offset by
+/// 1e4. The traces prove the cluster kernels ran.
+#[test]
+fn cluster_parity() {
+    let o = Opts {
+        limits: SMALL_CLUSTERS,
+        ..PLAIN
+    };
+    // forward and backward both fit a cluster in every dtype here
+    for (i, (dims, groups)) in [
+        (&[2usize, 8, 300][..], 2), // D = 4: 2 chunks of 2 channels (f32 S % 4 == 0: vector)
+        (&[2, 32, 301][..], 2),     // D = 16, odd S: 3 chunks forward (the last shorter)
+        (&[1, 6, 331][..], 1),      // G = 1, prime S
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for opts in [
+            o,
+            Opts { affine: false, ..o },
+            Opts {
+                misalign: true,
+                ..o
+            },
+            Opts { silu: true, ..o },
+        ] {
+            for (t, ran) in all_dtypes(dims, groups, 1100 + i as u64, opts) {
+                let cl = ran.iter().find(|r| r.path == Path::Cluster);
+                let cl = cl.unwrap_or_else(|| panic!("{dims:?} {t}: the cluster path refused"));
+                let bwd = cl.bwd.as_ref().expect("backward fits a cluster too");
+                for (pass, tr) in [("forward", &cl.fwd), ("backward", bwd)] {
+                    assert!(
+                        tr.cluster > 1 && tr.cluster == tr.chunks && !tr.fused,
+                        "{dims:?} {t} {pass}: {}",
+                        describe(tr)
+                    );
+                    let row_kernels: Vec<_> = tr
+                        .launches
+                        .iter()
+                        .filter(|l| !l.kernel.contains("bwd_params"))
+                        .collect();
+                    assert!(
+                        row_kernels.len() == 1 && row_kernels[0].kernel.contains("_cluster_"),
+                        "{dims:?} {t} {pass}: one cluster launch, got {:?}",
+                        tr.launches
+                    );
+                    assert!(tr
+                        .launches
+                        .iter()
+                        .all(|l| l.cluster == 1
+                            || (l.cluster == tr.chunks && l.blocks % l.cluster == 0)));
+                }
+                if opts.misalign {
+                    assert!(
+                        !cl.fwd.vec && !bwd.vec,
+                        "{dims:?} {t}: misaligned ran vectors"
+                    );
+                }
+            }
+        }
+    }
+    // pieces of one channel with a tail, where the planner picks clusters on its own: 2 rows
+    // of 10000 values on 4 SMs (f32 backward does not fit 8 blocks: it refuses and Auto splits)
+    for (t, ran) in all_dtypes(&[1, 4, 5000], 2, 1110, o) {
+        let auto = fwd_of(&ran, Path::Auto);
+        assert!(
+            auto.cluster > 1 && auto.pieces > 1,
+            "{t}: Auto took {}",
+            describe(auto)
+        );
+        let cl = ran.iter().find(|r| r.path == Path::Cluster).unwrap();
+        if t != DType::F32 {
+            let bwd = cl.bwd.as_ref().expect("16-bit backward fits a cluster");
+            assert!(bwd.cluster > 1 && bwd.pieces > 1, "{t}: {}", describe(bwd));
+        }
+    }
+    // offset rows: the pivot (forward) and the mean residual (backward, with SiLU too)
+    for silu in [false, true] {
+        let offset = Opts {
+            x_mean: 1e4,
+            f32_abs: F32_FORWARD_OFFSET_ABS,
+            silu,
+            ..o
+        };
+        let ran = parity::<f32, f32>(&[2, 8, 300], 2, 1120, offset);
+        assert!(ran.iter().any(|r| r.fwd.cluster > 1));
+    }
+}
+
+/// Shapes the cluster path cannot take refuse with a typed error when it is forced, and the
+/// planner then takes another path: a device without clusters, rows too long for the largest
+/// cluster, channels-last tensors.
+#[test]
+fn cluster_path_refusals() {
+    let gn = GroupNorm::new(2, 4).unwrap();
+    let x = vec![0.5f32; 4 * 5000];
+    let mut y = vec![0.0f32; x.len()];
+    let mut stats = nan_stats(2);
+    let mut fwd = |gn: &GroupNorm, limits: DeviceLimits, dims: &[usize]| {
+        emulate::forward_into::<f32, f32>(
+            gn,
+            Path::Cluster,
+            limits,
+            &x,
+            dims,
+            None,
+            None,
+            &mut y,
+            &mut stats,
+        )
+    };
+    for (limits, dims, why) in [
+        (SMALL, &[1usize, 4, 5000][..], "compute capability 9.0"),
+        (
+            DeviceLimits {
+                max_cluster: 2,
+                ..SMALL
+            },
+            &[1, 4, 5000],
+            "do not fit",
+        ),
+    ] {
+        match fwd(&gn, limits, dims) {
+            Err(Error::Unsupported { what }) => assert!(what.contains(why), "{what}"),
+            other => panic!("{dims:?} on {limits:?}: {other:?}"),
+        }
+    }
+    let nhwc = GroupNorm::new(2, 4).unwrap().layout(Layout::Nhwc);
+    match fwd(&nhwc, SMALL_CLUSTERS, &[1, 4, 50, 100]) {
+        Err(Error::Unsupported { what }) => assert!(what.contains("NHWC"), "{what}"),
+        other => panic!("NHWC forced onto clusters: {other:?}"),
+    }
+    // Auto on a channels-last tensor takes the NHWC kernels, never clusters
+    let ran = parity::<f16, f32>(
+        &[1, 8, 40, 40],
+        2,
+        1130,
+        Opts {
+            layout: Layout::Nhwc,
+            ..Opts {
+                limits: SMALL_CLUSTERS,
+                ..PLAIN
+            }
+        },
+    );
+    let auto = fwd_of(&ran, Path::Auto);
+    assert!(auto.nhwc && auto.cluster == 1, "{}", describe(auto));
+}
+
+/// The cluster kernels give the same bits whatever order the clusters, the blocks' threads and
+/// the OS threads running the blocks of a cluster go in.
+#[test]
+fn cluster_deterministic_under_every_schedule() {
+    for (dims, groups, silu) in [(&[2usize, 32, 301][..], 2, false), (&[1, 4, 5000], 2, true)] {
+        let c = dims[1];
+        let act = if silu {
+            Activation::Silu
+        } else {
+            Activation::None
+        };
+        let gn = GroupNorm::new(groups, c).unwrap().activation(act);
+        let mut r = rng(1140);
+        let n: usize = dims.iter().product();
+        let rows = dims[0] * groups;
+        let x: Vec<f16> = normal_vec(&mut r, n, 0.0, 1.0);
+        let dy: Vec<f16> = normal_vec(&mut r, n, 0.0, 1.0);
+        let w: Vec<f32> = uniform_vec(&mut r, c, 0.5, 1.5);
+        let b: Vec<f32> = normal_vec(&mut r, c, 0.0, 0.5);
+        let mut first = None;
+        for schedule in [
+            Schedule::Forward,
+            Schedule::Forward,
+            Schedule::Reverse,
+            Schedule::Shuffled(1),
+            Schedule::Shuffled(2),
+            Schedule::RoundRobin,
+        ] {
+            emulate::set_schedule(schedule);
+            let mut y = vec![f16::ZERO; n];
+            let mut stats = nan_stats(rows);
+            let fwd = emulate::forward_into(
+                &gn,
+                Path::Cluster,
+                SMALL_CLUSTERS,
+                &x,
+                dims,
+                Some(&w[..]),
+                Some(&b[..]),
+                &mut y,
+                &mut stats,
+            )
+            .unwrap();
+            let mut dx = vec![f16::ZERO; n];
+            let mut dw = vec![f32::NAN; c];
+            let mut db = vec![f32::NAN; c];
+            let bwd = emulate::backward_into(
+                &gn,
+                Path::Cluster,
+                SMALL_CLUSTERS,
+                &dy,
+                &x,
+                dims,
+                &stats,
+                Some(&w[..]),
+                Some(&b[..]),
+                &mut dx,
+                Some(&mut dw[..]),
+                Some(&mut db[..]),
+            )
+            .unwrap();
+            assert!(
+                fwd.cluster > 1 && bwd.cluster > 1,
+                "{dims:?}: no clusters ran"
+            );
+            let bits = (
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                stats.mean.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                stats.rstd.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                dx.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                dw.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                db.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            );
+            match &first {
+                None => first = Some(bits),
+                Some(f) => assert!(
+                    f == &bits,
+                    "{dims:?}: {schedule:?} differs from the first run"
+                ),
+            }
+        }
+    }
+    emulate::set_schedule(Schedule::Forward);
 }

@@ -22,7 +22,7 @@
 //! dims here, but a kernel that indexed out of its buffers would corrupt host memory. The guard
 //! zones exist to catch exactly that in tests.
 
-use super::launch;
+use super::launch::{self, Grid};
 use super::params::{BwdParams, Chunking, FwdParams};
 use super::plan::{DeviceLimits, Pass, Path, Plan};
 use super::raw::{self, BackwardPtrs, ForwardPtrs, Problem};
@@ -32,11 +32,12 @@ use crate::{DType, Element, Error, Geometry, Grads, GroupNorm, Result, Stats};
 use std::ffi::{c_char, c_void, CStr, CString};
 
 extern "C" {
-    fn gn_emu_launch(
+    fn gn_emu_launch_cluster(
         kernel: *const c_char,
         grid: u32,
         block: u32,
         smem_bytes: u32,
+        cluster: u32,
         params: *const c_void,
     ) -> i32;
     fn gn_emu_last_error() -> *const c_char;
@@ -99,6 +100,8 @@ pub struct Launch {
     pub threads: u32,
     /// Dynamic shared memory, bytes.
     pub smem_bytes: u32,
+    /// Blocks per thread-block cluster (1: no clusters).
+    pub cluster: u32,
 }
 
 /// What an emulated call ran: the plan the crate's planner chose, and the launches.
@@ -120,6 +123,8 @@ pub struct Trace {
     pub workspace_floats: usize,
     /// The channels-last kernels ran (`cpb` is then groups per tile, `chunks` pieces per row).
     pub nhwc: bool,
+    /// Blocks per thread-block cluster: `chunks` on the cluster path, else 1.
+    pub cluster: u32,
     /// The launches, in order.
     pub launches: Vec<Launch>,
 }
@@ -141,6 +146,7 @@ impl Trace {
             piece_len,
             workspace_floats: plan.workspace_floats,
             nhwc: plan.nhwc,
+            cluster: plan.cluster,
             launches: Vec::new(),
         }
     }
@@ -220,15 +226,22 @@ fn misalignment<T>(p: *const T) -> usize {
 /// grid: the same contract as a GPU launch.
 unsafe fn launch_raw(
     kernel: &str,
-    blocks: u32,
-    threads: u32,
-    smem_bytes: u32,
+    grid: Grid,
     params: *const c_void,
 ) -> std::result::Result<(), String> {
     let name = CString::new(kernel).map_err(|_| format!("kernel name `{kernel}` with a NUL"))?;
     // SAFETY: `name` is a NUL-terminated string that outlives the call; the caller guarantees
     // `params` and the pointers in it (see this function's contract).
-    let rc = unsafe { gn_emu_launch(name.as_ptr(), blocks, threads, smem_bytes, params) };
+    let rc = unsafe {
+        gn_emu_launch_cluster(
+            name.as_ptr(),
+            grid.blocks,
+            grid.threads,
+            grid.smem,
+            grid.cluster,
+            params,
+        )
+    };
     if rc == 0 {
         return Ok(());
     }
@@ -246,33 +259,33 @@ unsafe fn launch_raw(
 fn launcher<'a, A>(
     limits: DeviceLimits,
     trace: &'a mut Trace,
-) -> impl FnMut(&str, u32, u32, u32, &A) -> Result<()> + 'a {
-    move |name, blocks, threads, smem, params| {
+) -> impl FnMut(&str, Grid, &A) -> Result<()> + 'a {
+    move |name, grid, params| {
         assert!(
-            smem as usize <= limits.smem_per_block,
-            "launching `{name}`: {smem} bytes of dynamic shared memory, over the {} this device \
+            grid.smem as usize <= limits.smem_per_block,
+            "launching `{name}`: {} bytes of dynamic shared memory, over the {} this device \
              allows a block (the driver would refuse the launch)",
+            grid.smem,
             limits.smem_per_block
+        );
+        assert!(
+            grid.cluster == 1 || grid.cluster as usize <= limits.max_cluster,
+            "launching `{name}` in clusters of {}: this device runs clusters of at most {}",
+            grid.cluster,
+            limits.max_cluster
         );
         trace.launches.push(Launch {
             kernel: name.to_string(),
-            blocks,
-            threads,
-            smem_bytes: smem,
+            blocks: grid.blocks,
+            threads: grid.threads,
+            smem_bytes: grid.smem,
+            cluster: grid.cluster,
         });
         // SAFETY: the launch sequences pass `FwdParams` to the forward kernels and `BwdParams`
         // to the backward ones (the names say which), #[repr(C)] mirrors of params.h. The
         // callers below filled them from slices checked against the dims and the plan, which
         // stay borrowed until the sequence returns.
-        let r = unsafe {
-            launch_raw(
-                name,
-                blocks,
-                threads,
-                smem,
-                params as *const A as *const c_void,
-            )
-        };
+        let r = unsafe { launch_raw(name, grid, params as *const A as *const c_void) };
         if let Err(why) = r {
             panic!("emulated launch failed: {why}");
         }
@@ -467,10 +480,14 @@ fn problem<'a, T: Element, P: Element>(
     }
 }
 
+/// A device without thread-block clusters (as before compute capability 9.0): the allocating
+/// [`forward`] and [`backward`] plan for one; [`forward_into`] and [`backward_into`] take any
+/// [`DeviceLimits`].
 fn limits(sms: usize, smem_per_block: usize) -> DeviceLimits {
     DeviceLimits {
         sms,
         smem_per_block,
+        max_cluster: 0,
     }
 }
 
@@ -596,9 +613,10 @@ pub fn launchable_kernels() -> Vec<String> {
     let mut names = Vec::new();
     for t in [DType::F32, DType::F16, DType::BF16] {
         for p in [t, DType::F32] {
-            for (fused, vec, nhwc, silu) in
-                (0..16).map(|i| (i & 1 != 0, i & 2 != 0, i & 4 != 0, i & 8 != 0))
-            {
+            for (fused, vec, nhwc, silu, cluster) in (0..32).map(|i| {
+                let cluster = if i & 16 != 0 { 2 } else { 1 };
+                (i & 1 != 0, i & 2 != 0, i & 4 != 0, i & 8 != 0, cluster)
+            }) {
                 let plan = Plan {
                     fused,
                     vec,
@@ -608,8 +626,9 @@ pub fn launchable_kernels() -> Vec<String> {
                     workspace_floats: 0,
                     nhwc,
                     stream_smem_bytes: 0,
+                    cluster,
                 };
-                let mut record = |name: &str, _: u32, _: u32, _: u32| {
+                let mut record = |name: &str| {
                     names.push(name.to_string());
                     Ok(())
                 };
@@ -617,10 +636,8 @@ pub fn launchable_kernels() -> Vec<String> {
                     rows: 1,
                     ..FwdParams::default()
                 };
-                launch::forward_sequence(&plan, t, p, &fwd, |n, b, th, s, _: &FwdParams| {
-                    record(n, b, th, s)
-                })
-                .expect("recording cannot fail");
+                launch::forward_sequence(&plan, t, p, &fwd, |n, _, _: &FwdParams| record(n))
+                    .expect("recording cannot fail");
                 let bwd = BwdParams {
                     rows: 1,
                     dweight: 1,
@@ -628,10 +645,8 @@ pub fn launchable_kernels() -> Vec<String> {
                     activation: silu as u32,
                     ..BwdParams::default()
                 };
-                launch::backward_sequence(&plan, t, p, 1, &bwd, |n, b, th, s, _: &BwdParams| {
-                    record(n, b, th, s)
-                })
-                .expect("recording cannot fail");
+                launch::backward_sequence(&plan, t, p, 1, &bwd, |n, _, _: &BwdParams| record(n))
+                    .expect("recording cannot fail");
             }
         }
     }
@@ -659,6 +674,22 @@ pub fn run_selftest(
     y: &mut [f32],
     mean: &mut [f32],
 ) -> std::result::Result<(), String> {
+    run_selftest_in_clusters(name, blocks, threads, smem_bytes, 1, s, x, y, mean)
+}
+
+/// [`run_selftest`] with thread-block clusters of `cluster` consecutive blocks.
+#[allow(clippy::too_many_arguments)]
+pub fn run_selftest_in_clusters(
+    name: &str,
+    blocks: u32,
+    threads: u32,
+    smem_bytes: u32,
+    cluster: u32,
+    s: u32,
+    x: &[f32],
+    y: &mut [f32],
+    mean: &mut [f32],
+) -> std::result::Result<(), String> {
     assert!(
         name.starts_with(SELFTEST_PREFIX),
         "`{name}` is not a self-test kernel ({SELFTEST_PREFIX}*)"
@@ -677,9 +708,12 @@ pub fn run_selftest(
     unsafe {
         launch_raw(
             name,
-            blocks,
-            threads,
-            smem_bytes,
+            Grid {
+                blocks,
+                threads,
+                smem: smem_bytes,
+                cluster,
+            },
             &params as *const FwdParams as *const c_void,
         )
     }

@@ -6,7 +6,7 @@ use super::plan::{Plan, PARAM_THREADS, THREADS};
 use super::runtime::Gpu;
 use crate::{DType, Error, Result};
 use cudarc::driver::sys::CUstream;
-use cudarc::driver::{result, DeviceRepr};
+use cudarc::driver::{result, sys, DeviceRepr};
 use std::ffi::c_void;
 
 /// `groupnorm_<kind>_<T>[_<P>]_<vec|scalar>`, the names kernels/ exports.
@@ -22,6 +22,31 @@ pub(crate) fn kernel_name(kind: &str, t: DType, p: Option<DType>, vec: Option<bo
     name
 }
 
+/// The configuration of one launch of a sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Grid {
+    /// Thread blocks (a one-dimensional grid).
+    pub blocks: u32,
+    /// Threads per block.
+    pub threads: u32,
+    /// Dynamic shared memory per block, bytes.
+    pub smem: u32,
+    /// Blocks per thread-block cluster (consecutive blocks; 1: no clusters).
+    pub cluster: u32,
+}
+
+impl Grid {
+    /// A launch without clusters.
+    pub(crate) fn new(blocks: u32, threads: u32, smem: u32) -> Grid {
+        Grid {
+            blocks,
+            threads,
+            smem,
+            cluster: 1,
+        }
+    }
+}
+
 /// Launches kernel `name` on a raw stream with its one parameter-struct argument.
 ///
 /// # Safety
@@ -33,14 +58,51 @@ unsafe fn launch<A: DeviceRepr>(
     gpu: &Gpu,
     stream: CUstream,
     name: &str,
-    blocks: u32,
-    threads: u32,
-    smem: u32,
+    grid: Grid,
     params: &A,
 ) -> Result<()> {
     let f = gpu.function(name)?;
     gpu.bind()?;
     let mut args = [params as *const A as *mut c_void];
+    let failed = |e| Error::driver(format!("launching `{name}`"), e);
+    if grid.cluster > 1 {
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+                    x: grid.cluster,
+                    y: 1,
+                    z: 1,
+                },
+            },
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.blocks,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: grid.threads,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: grid.smem,
+            hStream: stream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as below; in addition `config` and the one attribute it points at live until
+        // the call returns, the grid is a multiple of the cluster size (the plan makes it rows *
+        // cluster) and the cluster size is one the device reported it can run (DeviceLimits).
+        return unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                f.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(failed);
+    }
     // SAFETY: `name` is one of kernels/'s entry points, all of which take exactly one argument,
     // the #[repr(C)] parameter struct `A` mirrors (layout asserted on both sides); `args` points
     // at it for the duration of the call (the driver copies arguments at launch). Grid, block and
@@ -49,14 +111,26 @@ unsafe fn launch<A: DeviceRepr>(
     unsafe {
         result::launch_kernel(
             f.cu_function(),
-            (blocks, 1, 1),
-            (threads, 1, 1),
-            smem,
+            (grid.blocks, 1, 1),
+            (grid.threads, 1, 1),
+            grid.smem,
             stream,
             &mut args,
         )
     }
-    .map_err(|e| Error::driver(format!("launching `{name}`"), e))
+    .map_err(failed)
+}
+
+impl Plan {
+    /// The launch of the cluster path's one row kernel.
+    fn cluster_grid(&self) -> Grid {
+        Grid {
+            blocks: self.blocks,
+            threads: THREADS,
+            smem: self.smem_bytes,
+            cluster: self.cluster,
+        }
+    }
 }
 
 /// Threads of the forward merge kernel: one warp per row.
@@ -64,7 +138,7 @@ const MERGE_THREADS: u32 = 32;
 /// Threads of the backward row kernel (`kRowThreads`).
 const ROW_THREADS: u32 = 256;
 
-/// Forward: fused, or partial, merge, apply.
+/// Forward: fused, cluster, or partial, merge, apply.
 ///
 /// # Safety
 ///
@@ -77,13 +151,13 @@ pub(crate) unsafe fn forward(
     p: DType,
     params: &FwdParams,
 ) -> Result<()> {
-    forward_sequence(plan, t, p, params, |name, blocks, threads, smem, a| {
+    forward_sequence(plan, t, p, params, |name, grid, a| {
         // SAFETY: forwarded from this function's contract.
-        unsafe { launch(gpu, stream, name, blocks, threads, smem, a) }
+        unsafe { launch(gpu, stream, name, grid, a) }
     })
 }
 
-/// Backward: fused, or [center,] partial, rows, dx; then the parameter gradients when asked for.
+/// Backward: fused, cluster, or [center,] partial, rows, dx; then the parameter gradients when asked for.
 ///
 /// # Safety
 ///
@@ -97,17 +171,10 @@ pub(crate) unsafe fn backward(
     channels: usize,
     params: &BwdParams,
 ) -> Result<()> {
-    backward_sequence(
-        plan,
-        t,
-        p,
-        channels,
-        params,
-        |name, blocks, threads, smem, a| {
-            // SAFETY: forwarded from this function's contract.
-            unsafe { launch(gpu, stream, name, blocks, threads, smem, a) }
-        },
-    )
+    backward_sequence(plan, t, p, channels, params, |name, grid, a| {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { launch(gpu, stream, name, grid, a) }
+    })
 }
 
 /// The forward pass's kernels, in order, each handed to `launch` as (kernel name, blocks,
@@ -121,7 +188,7 @@ pub(crate) fn forward_sequence<L>(
     mut launch: L,
 ) -> Result<()>
 where
-    L: FnMut(&str, u32, u32, u32, &FwdParams) -> Result<()>,
+    L: FnMut(&str, Grid, &FwdParams) -> Result<()>,
 {
     if params.rows == 0 {
         return Ok(());
@@ -129,26 +196,58 @@ where
     if plan.nhwc {
         return if plan.fused {
             let name = kernel_name("nhwc_fwd_fused", t, Some(p), Some(plan.vec));
-            launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)
+            launch(
+                &name,
+                Grid::new(plan.blocks, THREADS, plan.smem_bytes),
+                params,
+            )
         } else {
             let name = kernel_name("nhwc_fwd_partial", t, None, Some(plan.vec));
-            launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)?;
+            launch(
+                &name,
+                Grid::new(plan.blocks, THREADS, plan.smem_bytes),
+                params,
+            )?;
             let name = kernel_name("nhwc_fwd_merge", t, None, None);
-            launch(&name, params.rows as u32, MERGE_THREADS, 0, params)?;
+            launch(
+                &name,
+                Grid::new(params.rows as u32, MERGE_THREADS, 0),
+                params,
+            )?;
             let name = kernel_name("nhwc_fwd_apply", t, Some(p), Some(plan.vec));
-            launch(&name, plan.blocks, THREADS, plan.stream_smem_bytes, params)
+            launch(
+                &name,
+                Grid::new(plan.blocks, THREADS, plan.stream_smem_bytes),
+                params,
+            )
         };
+    }
+    if plan.cluster > 1 {
+        let name = kernel_name("cluster_fwd", t, Some(p), Some(plan.vec));
+        return launch(&name, plan.cluster_grid(), params);
     }
     if plan.fused {
         let name = kernel_name("fwd_fused", t, Some(p), Some(plan.vec));
-        launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)
+        launch(
+            &name,
+            Grid::new(plan.blocks, THREADS, plan.smem_bytes),
+            params,
+        )
     } else {
         let name = kernel_name("fwd_partial", t, None, Some(plan.vec));
-        launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)?;
+        launch(
+            &name,
+            Grid::new(plan.blocks, THREADS, plan.smem_bytes),
+            params,
+        )?;
         let name = kernel_name("fwd_merge", t, None, None);
-        launch(&name, params.rows as u32, MERGE_THREADS, 0, params)?;
+        launch(
+            &name,
+            Grid::new(params.rows as u32, MERGE_THREADS, 0),
+            params,
+        )?;
         let name = kernel_name("fwd_apply", t, Some(p), Some(plan.vec));
-        launch(&name, plan.blocks, THREADS, 0, params)
+        launch(&name, Grid::new(plan.blocks, THREADS, 0), params)
     }
 }
 
@@ -162,47 +261,58 @@ pub(crate) fn backward_sequence<L>(
     mut launch: L,
 ) -> Result<()>
 where
-    L: FnMut(&str, u32, u32, u32, &BwdParams) -> Result<()>,
+    L: FnMut(&str, Grid, &BwdParams) -> Result<()>,
 {
     let silu = params.activation != 0;
     if params.rows > 0 && plan.nhwc {
         if plan.fused {
             let name = kernel_name("nhwc_bwd_fused", t, Some(p), Some(plan.vec));
-            launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)?;
+            launch(
+                &name,
+                Grid::new(plan.blocks, THREADS, plan.smem_bytes),
+                params,
+            )?;
         } else {
             let smem = plan.stream_smem_bytes;
             if silu {
                 let name = kernel_name("nhwc_bwd_center", t, None, None);
-                launch(&name, plan.blocks, THREADS, smem, params)?;
+                launch(&name, Grid::new(plan.blocks, THREADS, smem), params)?;
             }
             let name = kernel_name("nhwc_bwd_partial", t, Some(p), None);
-            launch(&name, plan.blocks, THREADS, smem, params)?;
+            launch(&name, Grid::new(plan.blocks, THREADS, smem), params)?;
             let name = kernel_name("bwd_rows", p, None, None);
-            launch(&name, params.rows as u32, ROW_THREADS, 0, params)?;
+            launch(&name, Grid::new(params.rows as u32, ROW_THREADS, 0), params)?;
             let name = kernel_name("nhwc_bwd_dx", t, Some(p), Some(plan.vec));
-            launch(&name, plan.blocks, THREADS, smem, params)?;
+            launch(&name, Grid::new(plan.blocks, THREADS, smem), params)?;
         }
+    } else if params.rows > 0 && plan.cluster > 1 {
+        let name = kernel_name("cluster_bwd", t, Some(p), Some(plan.vec));
+        launch(&name, plan.cluster_grid(), params)?;
     } else if params.rows > 0 {
         if plan.fused {
             let name = kernel_name("bwd_fused", t, Some(p), Some(plan.vec));
-            launch(&name, plan.blocks, THREADS, plan.smem_bytes, params)?;
+            launch(
+                &name,
+                Grid::new(plan.blocks, THREADS, plan.smem_bytes),
+                params,
+            )?;
         } else {
             if silu {
                 let name = kernel_name("bwd_center", t, None, Some(plan.vec));
-                launch(&name, plan.blocks, THREADS, 0, params)?;
+                launch(&name, Grid::new(plan.blocks, THREADS, 0), params)?;
             }
             let name = kernel_name("bwd_partial", t, Some(p), Some(plan.vec));
-            launch(&name, plan.blocks, THREADS, 0, params)?;
+            launch(&name, Grid::new(plan.blocks, THREADS, 0), params)?;
             let name = kernel_name("bwd_rows", p, None, None);
-            launch(&name, params.rows as u32, ROW_THREADS, 0, params)?;
+            launch(&name, Grid::new(params.rows as u32, ROW_THREADS, 0), params)?;
             let name = kernel_name("bwd_dx", t, Some(p), Some(plan.vec));
-            launch(&name, plan.blocks, THREADS, 0, params)?;
+            launch(&name, Grid::new(plan.blocks, THREADS, 0), params)?;
         }
     }
     if params.dweight != 0 || params.dbias != 0 {
         let name = kernel_name("bwd_params", p, None, None);
         let blocks = channels.div_ceil(PARAM_THREADS as usize) as u32;
-        launch(&name, blocks, PARAM_THREADS, 0, params)?;
+        launch(&name, Grid::new(blocks, PARAM_THREADS, 0), params)?;
     }
     Ok(())
 }
@@ -227,9 +337,9 @@ pub(crate) unsafe fn forward_baseline(
     p: DType,
     params: &FwdParams,
 ) -> Result<()> {
-    forward_baseline_sequence(t, p, params, |name, blocks, threads, smem, a| {
+    forward_baseline_sequence(t, p, params, |name, grid, a| {
         // SAFETY: forwarded from this function's contract.
-        unsafe { launch(gpu, stream, name, blocks, threads, smem, a) }
+        unsafe { launch(gpu, stream, name, grid, a) }
     })
 }
 
@@ -246,9 +356,9 @@ pub(crate) unsafe fn backward_baseline(
     channels: usize,
     params: &BwdParams,
 ) -> Result<()> {
-    backward_baseline_sequence(t, p, channels, params, |name, blocks, threads, smem, a| {
+    backward_baseline_sequence(t, p, channels, params, |name, grid, a| {
         // SAFETY: forwarded from this function's contract.
-        unsafe { launch(gpu, stream, name, blocks, threads, smem, a) }
+        unsafe { launch(gpu, stream, name, grid, a) }
     })
 }
 
@@ -261,7 +371,7 @@ pub(crate) fn forward_baseline_sequence<L>(
     mut launch: L,
 ) -> Result<()>
 where
-    L: FnMut(&str, u32, u32, u32, &FwdParams) -> Result<()>,
+    L: FnMut(&str, Grid, &FwdParams) -> Result<()>,
 {
     if params.rows == 0 {
         return Ok(());
@@ -269,13 +379,15 @@ where
     let numel = params.rows * params.d as u64 * params.s as u64;
     launch(
         &kernel_name("base_stats", t, None, None),
-        params.rows as u32,
-        BASE_THREADS,
-        0,
+        Grid::new(params.rows as u32, BASE_THREADS, 0),
         params,
     )?;
     let name = kernel_name("base_norm", t, Some(p), None);
-    launch(&name, elementwise_blocks(numel), BASE_THREADS, 0, params)
+    launch(
+        &name,
+        Grid::new(elementwise_blocks(numel), BASE_THREADS, 0),
+        params,
+    )
 }
 
 /// The baseline backward's kernels, in order: per-(n, c) sums, per-row coefficients, elementwise
@@ -288,7 +400,7 @@ pub(crate) fn backward_baseline_sequence<L>(
     mut launch: L,
 ) -> Result<()>
 where
-    L: FnMut(&str, u32, u32, u32, &BwdParams) -> Result<()>,
+    L: FnMut(&str, Grid, &BwdParams) -> Result<()>,
 {
     if params.rows > 0 {
         let numel = params.rows * params.d as u64 * params.s as u64;
@@ -300,20 +412,26 @@ where
         }
         launch(
             &kernel_name("base_bwd_sums", t, None, None),
-            sums as u32,
-            BASE_THREADS,
-            0,
+            Grid::new(sums as u32, BASE_THREADS, 0),
             params,
         )?;
         let name = kernel_name("base_bwd_coeffs", p, None, None);
-        launch(&name, params.rows as u32, BASE_THREADS, 0, params)?;
+        launch(
+            &name,
+            Grid::new(params.rows as u32, BASE_THREADS, 0),
+            params,
+        )?;
         let name = kernel_name("base_bwd_dx", t, Some(p), None);
-        launch(&name, elementwise_blocks(numel), BASE_THREADS, 0, params)?;
+        launch(
+            &name,
+            Grid::new(elementwise_blocks(numel), BASE_THREADS, 0),
+            params,
+        )?;
     }
     if params.dweight != 0 || params.dbias != 0 {
         let name = kernel_name("base_bwd_params", p, None, None);
         let blocks = channels.div_ceil(BASE_THREADS as usize) as u32;
-        launch(&name, blocks, BASE_THREADS, 0, params)?;
+        launch(&name, Grid::new(blocks, BASE_THREADS, 0), params)?;
     }
     Ok(())
 }
@@ -362,6 +480,8 @@ mod tests {
                         "nhwc_fwd_apply",
                         "nhwc_bwd_fused",
                         "nhwc_bwd_dx",
+                        "cluster_fwd",
+                        "cluster_bwd",
                     ] {
                         wanted.push(kernel_name(kind, t, Some(p), Some(vec)));
                     }

@@ -6,7 +6,12 @@
 //!   shared-memory budget and there are enough rows to give every SM a block.
 //! - **split**: several blocks per row, each a chunk of whole channels (or a piece of one channel
 //!   when a channel alone is too long), partials merged in a fixed order, then a second kernel
-//!   that re-reads its chunk (usually from L2). Taken for few or long rows.
+//!   that re-reads its chunk (usually from L2). Taken for few or long rows where clusters are
+//!   not available.
+//! - **cluster** (compute capability 9.0+, NCHW): the chunks of a row are the blocks of one
+//!   thread-block cluster; each keeps its chunk on chip and the row's statistics are merged
+//!   through distributed shared memory, so x (and dy) are still read once. Taken instead of the
+//!   split path wherever a row fits one cluster.
 //!
 //! These thresholds have not been tuned on hardware yet: see BENCHMARKS.md.
 
@@ -23,6 +28,12 @@ const FUSED_SMEM_BUDGET: usize = 96 * 1024;
 /// Dynamic shared memory of a split-path chunk (the forward `partial` kernel keeps its chunk on
 /// chip): under the 48 KiB that needs no opt-in, four blocks per SM.
 const SPLIT_SMEM_BUDGET: usize = 48 * 1024;
+/// Bytes at the start of a cluster kernel's shared memory that its peers read
+/// (`kClusterSlotBytes` in kernels/cluster.cuh).
+const CLUSTER_SLOT_BYTES: usize = 16;
+/// Largest cluster the kernels handle (one lane per block in their exchanges), and the largest
+/// CUDA allows at all.
+const MAX_CLUSTER: usize = 16;
 /// Smallest chunk worth a block of its own, in elements.
 const MIN_CHUNK: usize = 4096;
 /// Blocks per SM the split path aims for.
@@ -37,6 +48,9 @@ pub struct DeviceLimits {
     pub sms: usize,
     /// Dynamic shared memory one block may opt into, in bytes.
     pub smem_per_block: usize,
+    /// Largest thread-block cluster the device runs with one such block per SM (16 on an
+    /// H100); 0 where the device has no clusters (compute capability below 9.0).
+    pub max_cluster: usize,
 }
 
 /// Which kernel path a launch takes: chosen per shape, or forced (for tests and benchmarks that
@@ -50,6 +64,9 @@ pub enum Path {
     Fused,
     /// Rows split across blocks, partials merged in a fixed order.
     Split,
+    /// Rows split across the blocks of a thread-block cluster, each chunk kept on chip
+    /// (compute capability 9.0+, NCHW); an error where that is not possible.
+    Cluster,
 }
 
 /// Which pass is being planned.
@@ -81,6 +98,8 @@ pub(crate) struct Plan {
     /// Dynamic shared memory of the NHWC kernels that stream from global memory (column
     /// partials and per-group values); 0 for NCHW.
     pub stream_smem_bytes: u32,
+    /// Blocks per thread-block cluster: `chunking.chunks` on the cluster path, else 1.
+    pub cluster: u32,
 }
 
 /// The shape of one call, as the planner sees it.
@@ -147,7 +166,7 @@ pub(crate) fn plan(
     let fused = row_len == 0
         || match path {
             Path::Auto => row_len <= fused_cap && (enough_rows || !worth_splitting),
-            Path::Split => false,
+            Path::Split | Path::Cluster => false,
             // forced: up to everything the device allows one block, not just the tuned budget
             Path::Fused if on_chip * row_len * elem_bytes <= dev.smem_per_block => true,
             Path::Fused => {
@@ -161,6 +180,28 @@ pub(crate) fn plan(
                 })
             }
         };
+    let clustered = match path {
+        _ if fused => None,
+        Path::Auto => cluster_chunking(shape, on_chip, dev),
+        Path::Cluster => {
+            Some(
+                cluster_chunking(shape, on_chip, dev).ok_or_else(|| Error::Unsupported {
+                    what: if dev.max_cluster < 2 {
+                        "the cluster path on this device: thread-block clusters need compute \
+                     capability 9.0 or newer"
+                            .to_string()
+                    } else {
+                        format!(
+                        "the cluster path for rows of {row_len} values: {on_chip} tensor(s) of \
+                         the row do not fit the shared memory of a cluster of at most {} blocks",
+                        dev.max_cluster.min(MAX_CLUSTER)
+                    )
+                    },
+                })?,
+            )
+        }
+        _ => None,
+    };
     let chunking = if fused {
         Chunking {
             chunks: 1,
@@ -168,6 +209,8 @@ pub(crate) fn plan(
             pieces: 1,
             piece_len: s as u32,
         }
+    } else if let Some(chunking) = clustered {
+        chunking
     } else {
         let split_cap = SPLIT_SMEM_BUDGET.min(dev.smem_per_block) / elem_bytes;
         let target_blocks = SPLIT_BLOCKS_PER_SM * dev.sms;
@@ -212,9 +255,12 @@ pub(crate) fn plan(
     };
     let smem_bytes = match (fused, pass) {
         (true, _) => on_chip * row_len * elem_bytes,
+        _ if clustered.is_some() => CLUSTER_SLOT_BYTES + on_chip * chunk_elems * elem_bytes,
         (false, Pass::Forward) => chunk_elems * elem_bytes,
         (false, Pass::Backward) => 0,
     };
+    // the cluster path keeps every chunk on chip: no merge workspace, no centered sums
+    let on_chip_path = fused || clustered.is_some();
     // forward split: (mean, m2) per chunk, then (mean, rstd) per row;
     // backward: (sum dy, sum dy xhat, sum x - mean) per (n, c, piece), then (m1, m2, delta) per row
     Ok(Plan {
@@ -223,10 +269,79 @@ pub(crate) fn plan(
         chunking,
         blocks: blocks as u32,
         smem_bytes: smem_bytes as u32,
-        workspace_floats: workspace_floats(shape, pass, fused, chunking, silu),
+        workspace_floats: workspace_floats(shape, pass, on_chip_path, chunking, silu),
         nhwc: false,
         stream_smem_bytes: 0,
+        cluster: if clustered.is_some() {
+            chunking.chunks
+        } else {
+            1
+        },
     })
+}
+
+/// The chunking of the cluster path for `shape`, or `None` where the device has no clusters or
+/// no cluster of at most [`MAX_CLUSTER`] blocks holds the row on chip.
+///
+/// Candidates: `k` blocks of whole channels (`ceil(D / k)` each) for every k up to the largest
+/// cluster, and, where `D` is at most half of it, every split of each channel into pieces.
+/// Among those that fit one block's shared memory the planner prefers, in order: chunks small
+/// enough for two blocks per SM (so one loads while the other computes); enough blocks for
+/// two per SM over the whole grid; then the fewest chunks (smaller clusters schedule more
+/// easily and exchange less).
+fn cluster_chunking(shape: Shape, on_chip: usize, dev: DeviceLimits) -> Option<Chunking> {
+    let Shape {
+        n,
+        g,
+        d,
+        s,
+        elem_bytes,
+        ..
+    } = shape;
+    let max_k = dev.max_cluster.min(MAX_CLUSTER);
+    if max_k < 2 || d == 0 || s == 0 {
+        return None;
+    }
+    let v = vec_width(elem_bytes);
+    let rows = n * g;
+    let bytes = |elems: usize| CLUSTER_SLOT_BYTES + on_chip * elems * elem_bytes;
+    let mut candidates = Vec::new();
+    for k in 2..=max_k.min(d) {
+        let cpb = d.div_ceil(k);
+        candidates.push((
+            Chunking {
+                chunks: d.div_ceil(cpb) as u32,
+                cpb: cpb as u32,
+                pieces: 1,
+                piece_len: s as u32,
+            },
+            cpb * s,
+        ));
+    }
+    for pieces in 2..=max_k / d {
+        let piece_len = s.div_ceil(pieces).next_multiple_of(v);
+        let pieces = s.div_ceil(piece_len);
+        if pieces >= 2 {
+            candidates.push((
+                Chunking {
+                    chunks: (d * pieces) as u32,
+                    cpb: 1,
+                    pieces: pieces as u32,
+                    piece_len: piece_len as u32,
+                },
+                piece_len,
+            ));
+        }
+    }
+    candidates
+        .into_iter()
+        .filter(|&(_, elems)| bytes(elems) <= dev.smem_per_block)
+        .min_by_key(|&(ch, elems)| {
+            let roomy = bytes(elems) <= FUSED_SMEM_BUDGET;
+            let short = (2 * dev.sms).saturating_sub(rows.saturating_mul(ch.chunks as usize));
+            (!roomy, short, ch.chunks)
+        })
+        .map(|(ch, _)| ch)
 }
 
 /// The kernels index N, C and S in 32 bits.
@@ -326,6 +441,13 @@ fn plan_nhwc(
     let fused = match path {
         Path::Auto => fits(fused_bytes, FUSED_SMEM_BUDGET) && (enough_blocks || !worth_splitting),
         Path::Split => false,
+        Path::Cluster => {
+            return Err(Error::Unsupported {
+                what: "the cluster path for channels-last (NHWC) tensors: it has NCHW kernels \
+                       only so far (NHWC takes the fused or the split path)"
+                    .to_string(),
+            })
+        }
         Path::Fused if fits(fused_bytes, dev.smem_per_block) => true,
         Path::Fused => {
             return Err(Error::Unsupported {
@@ -389,6 +511,7 @@ fn plan_nhwc(
         workspace_floats: workspace_floats(shape, pass, fused, chunking, silu),
         nhwc: true,
         stream_smem_bytes: (nhwc_extra_floats(q, w, gpb) * 4) as u32,
+        cluster: 1,
     })
 }
 
@@ -399,10 +522,12 @@ mod tests {
     const H100: DeviceLimits = DeviceLimits {
         sms: 132,
         smem_per_block: 227 * 1024,
+        max_cluster: 16,
     };
     const T4: DeviceLimits = DeviceLimits {
         sms: 40,
         smem_per_block: 64 * 1024,
+        max_cluster: 0,
     };
 
     fn shape(n: usize, c: usize, g: usize, s: usize, elem_bytes: usize) -> Shape {
@@ -447,12 +572,15 @@ mod tests {
             if p.vec {
                 assert_eq!(start % vec_width(sh.elem_bytes) as u64, 0);
             }
-            let on_chip = if pass == Pass::Forward || p.fused {
-                nseg as u64 * seglen as u64 * sh.elem_bytes as u64
-            } else {
-                0
+            let tensors = match pass {
+                Pass::Forward => 1,
+                // the split backward streams; the fused and cluster ones keep x and dy
+                Pass::Backward if p.fused || p.cluster > 1 => 2,
+                Pass::Backward => 0,
             };
+            let on_chip = tensors * nseg as u64 * seglen as u64 * sh.elem_bytes as u64;
             assert!(on_chip <= dev.smem_per_block as u64);
+            assert!(on_chip <= p.smem_bytes as u64 || (pass == Pass::Backward && !p.fused));
         }
         assert_eq!(
             next,
@@ -596,5 +724,66 @@ mod tests {
             &[1, 1, 1 << 33],
         );
         assert!(matches!(e, Err(Error::TooLarge { .. })), "{e:?}");
+    }
+
+    /// On a device with clusters, few long rows take the cluster path (every chunk on chip, one
+    /// launch, no forward workspace); without clusters, the split path. Clusters never exceed
+    /// the device's largest, and their chunks fit a block's shared memory.
+    #[test]
+    fn clusters_keep_few_long_rows_on_chip() {
+        let sd = shape(1, 320, 32, 64 * 64, 2);
+        for pass in [Pass::Forward, Pass::Backward] {
+            let p = plan(sd, pass, Path::Auto, H100, true, &[1, 320, 64, 64]).unwrap();
+            assert!(!p.fused && p.cluster > 1, "{pass:?}: {p:?}");
+            assert_eq!(p.cluster, p.chunking.chunks);
+            assert!(p.cluster as usize <= H100.max_cluster);
+            assert!(p.smem_bytes as usize <= H100.smem_per_block);
+            assert_eq!(p.blocks, 32 * p.cluster);
+            check_covers(sd, pass, H100);
+            let t = plan(sd, pass, Path::Auto, T4, true, &[1, 320, 64, 64]).unwrap();
+            assert!(!t.fused && t.cluster == 1, "{pass:?} on T4: {t:?}");
+        }
+        let fwd = plan(sd, Pass::Forward, Path::Auto, H100, true, &[]).unwrap();
+        assert_eq!(fwd.workspace_floats, 0);
+        // rows that fit one block with enough of them stay fused
+        let many = shape(64, 320, 32, 32 * 32, 2);
+        assert!(
+            plan(many, Pass::Forward, Path::Auto, H100, true, &[])
+                .unwrap()
+                .fused
+        );
+    }
+
+    /// The largest VAE rows (1x128x512x512, G = 32, 2 MiB per f16 row): the forward fits a
+    /// cluster in pieces of channels; the backward (x and dy, 4 MiB) does not and splits, and
+    /// forcing clusters there, or on a device without them, is a typed error.
+    #[test]
+    fn cluster_limits() {
+        let vae = shape(1, 128, 32, 512 * 512, 2);
+        let dims = [1, 128, 512, 512];
+        let f = plan(vae, Pass::Forward, Path::Auto, H100, true, &dims).unwrap();
+        assert!(f.cluster > 1 && f.chunking.pieces > 1, "{f:?}");
+        check_covers(vae, Pass::Forward, H100);
+        let b = plan(vae, Pass::Backward, Path::Auto, H100, true, &dims).unwrap();
+        assert!(!b.fused && b.cluster == 1, "{b:?}");
+        assert!(matches!(
+            plan(vae, Pass::Backward, Path::Cluster, H100, true, &dims),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(matches!(
+            plan(vae, Pass::Forward, Path::Cluster, T4, true, &dims),
+            Err(Error::Unsupported { .. })
+        ));
+        // a device whose largest cluster is 8 blocks: 8 * 227 KiB cannot hold the 2 MiB row
+        let eight = DeviceLimits {
+            max_cluster: 8,
+            ..H100
+        };
+        let f = plan(vae, Pass::Forward, Path::Auto, eight, true, &dims).unwrap();
+        assert_eq!(f.cluster, 1);
+        // the f32 forward row (4 MiB) does not fit 16 blocks either
+        let vae32 = shape(1, 128, 32, 512 * 512, 4);
+        let f = plan(vae32, Pass::Forward, Path::Auto, H100, true, &dims).unwrap();
+        assert_eq!(f.cluster, 1);
     }
 }

@@ -3,7 +3,9 @@
 
 use super::plan::DeviceLimits;
 use crate::{Error, Result};
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUresult};
+use cudarc::driver::sys::{
+    self, CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUresult,
+};
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
@@ -108,14 +110,20 @@ impl Gpu {
             .name()
             .unwrap_or_else(|_| format!("CUDA device {ordinal}"));
         let smem_optin = smem.max(0) as usize;
-        let limits = DeviceLimits {
+        let mut limits = DeviceLimits {
             sms: sms.max(1) as usize,
             // The planner's budget for dynamic shared memory: 1 KiB under the device's limit
             // leaves room for the kernels' static shared memory (at most 384 bytes of reduction
             // scratch), which the same limit covers.
             smem_per_block: smem_optin.saturating_sub(1024),
+            max_cluster: 0,
         };
         let kernels = Kernels::for_context(&ctx, (major, minor), smem_optin)?;
+        if major >= 9 {
+            ctx.bind_to_thread()
+                .map_err(|e| Error::driver("binding the context", e))?;
+            limits.max_cluster = kernels.max_cluster(limits.smem_per_block);
+        }
         let stream = ctx.default_stream();
         Ok(Gpu {
             ctx,
@@ -359,6 +367,38 @@ impl Kernels {
         Ok(kernels)
     }
 
+    /// The largest thread-block cluster the cluster kernels run with at the most shared memory
+    /// the planner gives a block (so one block per SM), as the driver computes it for this
+    /// device; 0 where it cannot say (the planner then never takes the cluster path).
+    /// The context must be current.
+    fn max_cluster(&self, smem_bytes: usize) -> usize {
+        // the kernel with the most registers: a cluster size it reaches, the others reach too
+        let Ok(f) = self.function("groupnorm_cluster_bwd_f32_f32_scalar") else {
+            return 0;
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: 16 * 64,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: super::plan::THREADS,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem_bytes as u32,
+            hStream: std::ptr::null_mut(),
+            attrs: std::ptr::null_mut(),
+            numAttrs: 0,
+        };
+        let mut size: std::ffi::c_int = 0;
+        // SAFETY: `f` is a loaded function of the current context (the caller's contract),
+        // `config` and `size` are valid for the call; the query launches nothing.
+        let r =
+            unsafe { sys::cuOccupancyMaxPotentialClusterSize(&mut size, f.cu_function(), &config) };
+        match r.result() {
+            Ok(()) => size.max(0) as usize,
+            Err(_) => 0,
+        }
+    }
+
     fn function(&self, name: &str) -> Result<CudaFunction> {
         if let Some(f) = self
             .functions
@@ -382,6 +422,15 @@ impl Kernels {
                         dynamic as i32,
                     )
                     .map_err(|e| Error::driver(format!("configuring kernel `{name}`"), e))?;
+                    if name.starts_with("groupnorm_cluster_") {
+                        // clusters of more than 8 blocks (the portable limit) where the device
+                        // has them: the planner asks for no more than `max_cluster`
+                        f.set_attribute(
+                            CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                            1,
+                        )
+                        .map_err(|e| Error::driver(format!("configuring kernel `{name}`"), e))?;
+                    }
                     self.functions
                         .write()
                         .unwrap_or_else(|p| p.into_inner())

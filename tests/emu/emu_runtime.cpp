@@ -10,9 +10,26 @@
 // with an error instead of hanging. So does a 16-byte vector access off a 16-byte boundary, and a
 // write past the dynamic shared memory the launch asked for.
 //
+// Thread-block clusters (gn_emu_launch_cluster, one-dimensional): the blocks of a cluster must
+// run at the same time, so a cluster launch starts one worker OS thread per rank; worker r runs
+// rank r of every cluster, clusters in the schedule's order. Each worker has its own thread_local
+// `__shared__` variables and dynamic shared memory, so every block of a running cluster has its
+// own, as on the GPU. gn::cluster_sync() is a barrier over every thread of the cluster: a block's
+// last thread to arrive waits on the OS level for the other blocks. gn::cluster_peer() maps an
+// address of the caller's dynamic shared memory to the same offset in block `rank`'s. After the
+// launch, each cluster is checked deterministically (whatever order the OS ran the workers in):
+// - every block passed the same number of cluster barriers;
+// - a block that mapped another's shared memory between barriers ph and ph + 1 did so while
+//   that block was still there: the target passed barrier ph + 1 (else it may have exited, and
+//   its shared memory gone, while the mapping was read: the final cluster.sync is missing).
+// The schedule applies within each block (each worker seeds its own generator from the seed and
+// its rank); blocks of a cluster only interact at cluster barriers, so the results do not depend
+// on how the OS interleaves the workers unless the kernel races.
+//
 // C interface (src/gpu/emulate.rs):
 //   int gn_emu_launch(const char* kernel, unsigned grid, unsigned block, unsigned smem_bytes,
 //                     const void* params);   // 0 on success
+//   int gn_emu_launch_cluster(..., unsigned cluster, const void* params);  // clusters of `cluster`
 //   const char* gn_emu_last_error(void);     // why the last failed launch on this OS thread failed
 //   int gn_emu_set_schedule(unsigned policy, uint64_t seed);  // see Schedule
 //   size_t gn_emu_kernel_count(void); const char* gn_emu_kernel_name(size_t i);
@@ -24,6 +41,12 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "../../kernels/host_emu.h"
@@ -138,7 +161,7 @@ struct StackPool {
 // ---------------------------------------------------------------------------------------------
 // The running block.
 
-enum class State : uint8_t { Ready, AtBlockBarrier, AtWarpBarrier, Done, Failed };
+enum class State : uint8_t { Ready, AtBlockBarrier, AtWarpBarrier, AtClusterBarrier, Done, Failed };
 
 struct Fiber {
   Context ctx;
@@ -191,6 +214,9 @@ struct Block {
   unsigned nthreads = 0;
   unsigned live = 0;            // threads not yet finished
   unsigned block_arrived = 0;   // threads waiting at __syncthreads
+  unsigned cluster_arrived = 0; // threads waiting at cluster_sync
+  unsigned smem_bytes = 0;      // dynamic shared memory of the launch
+  bool secondary = false;       // failed because another block of its cluster failed
   Context main;                 // the launching thread's own context
   std::vector<Fiber> fibers;
   // ready fibers: one FIFO ring of kWarp slots per warp (a warp has at most kWarp ready lanes)
@@ -245,6 +271,25 @@ struct Block {
 };
 
 thread_local Block* g_block = nullptr;
+
+// One cluster of a cluster launch, shared by the worker threads running its blocks.
+struct Cluster {
+  unsigned size = 0;
+  const std::vector<unsigned char*>* smem = nullptr;  // each rank's dynamic shared memory
+  std::mutex m;
+  std::condition_variable cv;
+  unsigned arrived = 0;   // blocks whose threads all wait at the current cluster barrier
+  unsigned departed = 0;  // blocks that have finished
+  uint64_t generation = 0;
+  bool aborted = false;   // a block failed: the others stop at their next cluster barrier
+  std::vector<unsigned> barriers;  // cluster barriers each rank passed
+  struct Map {
+    unsigned reader, phase, target;  // reader mapped target's memory after `phase` barriers
+  };
+  std::vector<Map> maps;
+};
+thread_local Cluster* g_cluster = nullptr;
+thread_local unsigned g_cluster_rank = 0;
 thread_local StackPool g_stacks;
 thread_local char g_last_error[1024];
 
@@ -320,6 +365,12 @@ void release_warp_barrier(Block& b, unsigned w) {
   }
   // exited threads no longer count at __syncthreads
   if (bb.block_arrived > 0 && bb.block_arrived == bb.live) release_block_barrier(bb);
+  if (bb.cluster_arrived > 0 && bb.cluster_arrived == bb.live) {
+    set_error(bb,
+              "thread %u of block %u finished while %u thread(s) of its block wait at "
+              "cluster_sync (every thread must reach every cluster barrier)",
+              self, blockIdx.x, bb.cluster_arrived);
+  }
   for (;;) yield_from(self);  // never resumed: Done fibers are not queued
 }
 
@@ -327,6 +378,9 @@ void release_warp_barrier(Block& b, unsigned w) {
 bool run_block(Block& b) {
   b.live = b.nthreads;
   b.block_arrived = 0;
+  b.cluster_arrived = 0;
+  b.secondary = false;
+  b.error[0] = 0;
   b.clear_ready();
   for (unsigned w = 0; w < b.warps(); ++w) {
     b.warp_arrived[w] = 0;
@@ -353,15 +407,16 @@ bool run_block(Block& b) {
   switch_to(b.main, b.fibers[first].ctx);
   // back here when no fiber is ready: all done, or stuck
   if (b.live > 0 && !b.error[0]) {
-    unsigned at_block = 0, at_warp = 0;
+    unsigned at_block = 0, at_warp = 0, at_cluster = 0;
     for (unsigned i = 0; i < b.nthreads; ++i) {
       at_block += b.fibers[i].state == State::AtBlockBarrier;
       at_warp += b.fibers[i].state == State::AtWarpBarrier;
+      at_cluster += b.fibers[i].state == State::AtClusterBarrier;
     }
     set_error(b,
               "block %u deadlocked: %u thread(s) live, %u at __syncthreads, %u in a warp "
-              "shuffle (barrier divergence)",
-              blockIdx.x, b.live, at_block, at_warp);
+              "shuffle, %u at cluster_sync (barrier divergence)",
+              blockIdx.x, b.live, at_block, at_warp, at_cluster);
   }
   return b.error[0] == 0;
 }
@@ -434,6 +489,302 @@ __attribute__((noinline)) uint32_t shfl_xor_u32(unsigned mask, uint32_t v, int l
   return slot[src];
 }
 
+namespace {
+// Waits on the OS level until every block of the cluster has arrived (or finished); false where
+// the cluster was aborted because another block failed.
+bool cluster_barrier(Cluster& c, unsigned rank) {
+  std::unique_lock<std::mutex> lock(c.m);
+  const uint64_t gen = c.generation;
+  if (++c.arrived + c.departed == c.size) {
+    c.arrived = 0;
+    ++c.generation;
+    c.cv.notify_all();
+  } else {
+    c.cv.wait(lock, [&] { return c.generation != gen || c.aborted; });
+  }
+  if (c.generation == gen) return false;
+  ++c.barriers[rank];
+  return true;
+}
+
+// A block of the cluster finished (failed: with an error, which aborts the cluster).
+void cluster_depart(Cluster& c, bool failed) {
+  std::lock_guard<std::mutex> lock(c.m);
+  ++c.departed;
+  if (failed) c.aborted = true;
+  if (c.arrived > 0 && c.arrived + c.departed == c.size) {
+    c.arrived = 0;
+    ++c.generation;
+  }
+  c.cv.notify_all();
+}
+
+[[noreturn]] void fail_outside_cluster(const char* what) {
+  Block& b = *g_block;
+  set_error(b, "%s in a launch without clusters (launch it with gn_emu_launch_cluster)", what);
+  fail_fiber(b.current);
+}
+}  // namespace
+
+__attribute__((noinline)) void sync_cluster() {
+  Block& b = *g_block;
+  const unsigned self = b.current;
+  if (!g_cluster) fail_outside_cluster("cluster_sync");
+  if (++b.cluster_arrived == b.live) {
+    // the block's last thread to arrive: wait for the other blocks of the cluster
+    if (!cluster_barrier(*g_cluster, g_cluster_rank)) {
+      set_error(b, "stopped at cluster_sync: another block of its cluster failed");
+      b.secondary = true;
+      fail_fiber(self);
+    }
+    release(b, 0, b.nthreads, State::AtClusterBarrier);
+    b.cluster_arrived = 0;
+  } else {
+    b.fibers[self].state = State::AtClusterBarrier;
+    yield_from(self);
+  }
+  asm volatile("" ::: "memory");
+}
+
+unsigned cluster_rank() {
+  if (!g_cluster) fail_outside_cluster("cluster_rank");
+  return g_cluster_rank;
+}
+
+unsigned cluster_size() {
+  if (!g_cluster) fail_outside_cluster("cluster_size");
+  return g_cluster->size;
+}
+
+const void* cluster_map(const void* p, unsigned rank) {
+  Block& b = *g_block;
+  if (!g_cluster) fail_outside_cluster("cluster_map");
+  Cluster& c = *g_cluster;
+  const unsigned char* q = static_cast<const unsigned char*>(p);
+  const unsigned char* own = (*c.smem)[g_cluster_rank];
+  if (rank >= c.size) {
+    set_error(b, "thread %u of block %u maps the shared memory of rank %u in a cluster of %u",
+              b.current, blockIdx.x, rank, c.size);
+    fail_fiber(b.current);
+  }
+  if (q < own || q >= own + b.smem_bytes) {
+    set_error(b,
+              "thread %u of block %u maps %p, outside the %u bytes of dynamic shared memory it "
+              "was launched with (the emulator maps dynamic shared memory only)",
+              b.current, blockIdx.x, p, b.smem_bytes);
+    fail_fiber(b.current);
+  }
+  {
+    std::lock_guard<std::mutex> lock(c.m);
+    c.maps.push_back(Cluster::Map{g_cluster_rank, c.barriers[g_cluster_rank], rank});
+  }
+  return (*c.smem)[rank] + (q - own);
+}
+
+}  // namespace gn_emu
+
+// ---------------------------------------------------------------------------------------------
+// Launching.
+
+namespace gn_emu {
+namespace {
+
+constexpr unsigned kMaxCluster = 16;  // the largest (non-portable) cluster CUDA allows
+
+struct LaunchSpec {
+  const GnEmuKernel* kernel;
+  const void* params;
+  unsigned grid, block, smem_bytes, cluster;
+};
+
+int fail_launch(int code, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(g_last_error, sizeof g_last_error, fmt, ap);
+  va_end(ap);
+  return code;
+}
+
+// Sizes `b` for the launch; each block it runs resets the rest (run_block).
+void init_block(Block& b, const LaunchSpec& l) {
+  b.kernel = l.kernel;
+  b.params = l.params;
+  b.nthreads = l.block;
+  b.smem_bytes = l.smem_bytes;
+  b.fibers.resize(l.block);
+  b.ready.resize((size_t)b.warps() * kWarp);
+  b.ready_head.resize(b.warps());
+  b.ready_len.resize(b.warps());
+  b.warp_arrived.resize(b.warps());
+  b.warp_live.resize(b.warps());
+  b.slots.assign((size_t)2 * b.warps() * kWarp, 0);
+  b.released.reserve(l.block);
+}
+
+size_t guard_end(const LaunchSpec& l) {
+  return l.smem_bytes + kSmemGuard < GN_EMU_SMEM_BYTES ? l.smem_bytes + kSmemGuard
+                                                         : GN_EMU_SMEM_BYTES;
+}
+
+// Runs block `blk` on this OS thread with `b` (g_block set) and checks its shared-memory guard.
+// Returns 0, or the launch's error code with the message in `msg`.
+int run_one(Block& b, const LaunchSpec& l, unsigned blk, char* msg, size_t msg_len) {
+  blockIdx = uint3{blk, 0, 0};
+  threadIdx = uint3{0, 0, 0};
+  const size_t end = guard_end(l);
+  memset(gn::smem_raw, kSmemPoison, end);
+  if (!run_block(b)) {
+    snprintf(msg, msg_len, "`%s` grid=%u block=%u smem=%u: %s", l.kernel->name, l.grid, l.block,
+             l.smem_bytes, b.error);
+    return 6;
+  }
+  for (size_t i = l.smem_bytes; i < end; ++i) {
+    if (gn::smem_raw[i] != kSmemPoison) {
+      snprintf(msg, msg_len,
+               "`%s` block %u wrote dynamic shared memory at byte %zu, past the %u bytes "
+               "launched with",
+               l.kernel->name, blk, i, l.smem_bytes);
+      return 7;
+    }
+  }
+  return 0;
+}
+
+// 0 .. n - 1 (blocks or clusters) in the schedule's order.
+std::vector<unsigned> item_order(unsigned n) {
+  std::vector<unsigned> v(n);
+  for (unsigned i = 0; i < n; ++i) v[i] = i;
+  order(v);
+  return v;
+}
+
+int launch_plain(const LaunchSpec& l) {
+  if (!g_stacks.reserve(l.block)) return fail_launch(5, "cannot map fiber stacks: errno %d", errno);
+  Block b;
+  init_block(b, l);
+  g_block = &b;
+  blockDim = dim3{l.block, 1, 1};
+  gridDim = dim3{l.grid, 1, 1};
+  const std::vector<unsigned> blocks = item_order(l.grid);
+  int rc = 0;
+  for (unsigned i = 0; i < l.grid && rc == 0; ++i) {
+    rc = run_one(b, l, blocks[i], g_last_error, sizeof g_last_error);
+  }
+  g_block = nullptr;
+  threadIdx = uint3{0, 0, 0};
+  blockIdx = uint3{0, 0, 0};
+  return rc;
+}
+
+// What one worker of a cluster launch reports.
+struct WorkerResult {
+  int rc = 0;
+  bool secondary = false;  // stopped because another block of its cluster failed
+  unsigned position = 0;   // index, in the cluster order, of the cluster it failed in
+  char msg[1024] = {0};
+};
+
+int launch_clusters(const LaunchSpec& l) {
+  const unsigned csize = l.cluster, nclusters = l.grid / l.cluster;
+  const std::vector<unsigned> corder = item_order(nclusters);
+  std::unique_ptr<Cluster[]> clusters(new Cluster[nclusters]);
+  std::vector<unsigned char*> smem(csize, nullptr);
+  for (unsigned i = 0; i < nclusters; ++i) {
+    clusters[i].size = csize;
+    clusters[i].smem = &smem;
+    clusters[i].barriers.assign(csize, 0);
+  }
+  std::vector<WorkerResult> results(csize);
+  std::atomic<bool> stop{false};
+  // every worker's shared memory is registered before any block runs
+  std::mutex start_m;
+  std::condition_variable start_cv;
+  unsigned registered = 0;
+  const unsigned schedule = g_schedule;
+  const uint64_t seed = g_rng;
+  auto worker = [&](unsigned rank) {
+    WorkerResult& res = results[rank];
+    g_schedule = schedule;
+    g_rng = seed ^ (0x9e3779b97f4a7c15ull * (rank + 1));
+    {
+      std::unique_lock<std::mutex> lock(start_m);
+      smem[rank] = gn::smem_raw;
+      if (++registered == csize) start_cv.notify_all();
+      start_cv.wait(lock, [&] { return registered == csize; });
+    }
+    const bool stacks = g_stacks.reserve(l.block);
+    Block b;
+    init_block(b, l);
+    g_block = &b;
+    blockDim = dim3{l.block, 1, 1};
+    gridDim = dim3{l.grid, 1, 1};
+    for (unsigned pos = 0; pos < nclusters; ++pos) {
+      Cluster& c = clusters[corder[pos]];
+      if (!stacks && res.rc == 0) {
+        res.rc = 5;
+        snprintf(res.msg, sizeof res.msg, "cannot map fiber stacks: errno %d", errno);
+        stop = true;
+      }
+      if (stop) {
+        cluster_depart(c, true);  // never started: the other blocks must not wait for it
+        continue;
+      }
+      g_cluster = &c;
+      g_cluster_rank = rank;
+      const int rc = run_one(b, l, corder[pos] * csize + rank, res.msg, sizeof res.msg);
+      cluster_depart(c, rc != 0);
+      if (rc != 0) {
+        res.rc = rc;
+        res.secondary = b.secondary;
+        res.position = pos;
+        stop = true;
+      }
+    }
+    g_cluster = nullptr;
+    g_block = nullptr;
+  };
+  std::vector<std::thread> threads;
+  threads.reserve(csize);
+  for (unsigned r = 0; r < csize; ++r) threads.emplace_back(worker, r);
+  for (std::thread& t : threads) t.join();
+  // the root cause: the earliest failure (in cluster order) not caused by another block's
+  const WorkerResult* first = nullptr;
+  for (const WorkerResult& r : results) {
+    if (r.rc == 0) continue;
+    if (!first || (first->secondary && !r.secondary) ||
+        (first->secondary == r.secondary && r.position < first->position)) {
+      first = &r;
+    }
+  }
+  if (first) return fail_launch(first->rc, "%s", first->msg);
+  // the deterministic checks of each cluster (see the top of this file)
+  for (unsigned pos = 0; pos < nclusters; ++pos) {
+    const unsigned ci = corder[pos];
+    const Cluster& c = clusters[ci];
+    for (unsigned r = 1; r < csize; ++r) {
+      if (c.barriers[r] != c.barriers[0]) {
+        return fail_launch(8,
+                           "`%s` cluster %u: block %u passed %u cluster barrier(s), block %u "
+                           "passed %u (every block must reach every cluster_sync)",
+                           l.kernel->name, ci, ci * csize, c.barriers[0], ci * csize + r,
+                           c.barriers[r]);
+      }
+    }
+    for (const Cluster::Map& m : c.maps) {
+      if (c.barriers[m.target] <= m.phase) {
+        return fail_launch(9,
+                           "`%s` cluster %u: block %u maps the shared memory of block %u after "
+                           "cluster barrier %u, but that block passes no later barrier: it may "
+                           "exit while the memory is read (a final cluster_sync is missing)",
+                           l.kernel->name, ci, ci * csize + m.reader, ci * csize + m.target,
+                           m.phase);
+      }
+    }
+  }
+  return 0;
+}
+
+}  // namespace
 }  // namespace gn_emu
 
 // ---------------------------------------------------------------------------------------------
@@ -463,81 +814,46 @@ float gn_emu_half2float(uint16_t h) { return gn_emu::half_bits_to_float(h); }
 uint16_t gn_emu_float2bfloat16_rn(float f) { return gn_emu::float_to_bf16_bits_rn(f); }
 float gn_emu_bfloat162float(uint16_t b) { return gn_emu::bf16_bits_to_float(b); }
 
+int gn_emu_launch_cluster(const char* kernel, unsigned grid, unsigned block, unsigned smem_bytes,
+                          unsigned cluster, const void* params);
+
 int gn_emu_launch(const char* kernel, unsigned grid, unsigned block, unsigned smem_bytes,
                   const void* params) {
+  return gn_emu_launch_cluster(kernel, grid, block, smem_bytes, 1, params);
+}
+
+// Launches `kernel` with clusters of `cluster` consecutive blocks (1: no clusters, the blocks
+// run one after another on the calling thread).
+int gn_emu_launch_cluster(const char* kernel, unsigned grid, unsigned block, unsigned smem_bytes,
+                          unsigned cluster, const void* params) {
   using namespace gn_emu;
-  auto fail = [](int code, const char* fmt, auto... args) {
-    snprintf(g_last_error, sizeof g_last_error, fmt, args...);
-    return code;
-  };
   g_last_error[0] = 0;
   const GnEmuKernel* k = nullptr;
   for (size_t i = 0; i < gn_emu_kernels_len; ++i) {
     if (strcmp(gn_emu_kernels[i].name, kernel) == 0) k = &gn_emu_kernels[i];
   }
-  if (!k) return fail(1, "no kernel named `%s` in kernels/", kernel);
+  if (!k) return fail_launch(1, "no kernel named `%s` in kernels/", kernel);
   if (grid == 0 || block == 0 || block > kMaxThreads) {
-    return fail(2, "`%s`: invalid launch configuration grid=%u block=%u", kernel, grid, block);
+    return fail_launch(2, "`%s`: invalid launch configuration grid=%u block=%u", kernel, grid,
+                       block);
   }
   if (block % kWarp != 0) {
-    return fail(2, "`%s`: block of %u threads: the emulator runs whole warps only", kernel,
-                block);
+    return fail_launch(2, "`%s`: block of %u threads: the emulator runs whole warps only", kernel,
+                       block);
+  }
+  if (cluster == 0 || cluster > kMaxCluster || grid % cluster != 0) {
+    return fail_launch(2,
+                       "`%s`: clusters of %u blocks with grid=%u (the grid must be a multiple "
+                       "of the cluster size, at most %u)",
+                       kernel, cluster, grid, kMaxCluster);
   }
   if (smem_bytes > GN_EMU_SMEM_BYTES) {
-    return fail(3, "`%s`: %u bytes of dynamic shared memory, over the emulator's %u", kernel,
-                smem_bytes, GN_EMU_SMEM_BYTES);
+    return fail_launch(3, "`%s`: %u bytes of dynamic shared memory, over the emulator's %u",
+                       kernel, smem_bytes, GN_EMU_SMEM_BYTES);
   }
-  if (g_block) return fail(4, "`%s`: launched from inside a kernel", kernel);
-  if (!g_stacks.reserve(block)) return fail(5, "cannot map fiber stacks: errno %d", errno);
-
-  Block b;
-  b.kernel = k;
-  b.params = params;
-  b.nthreads = block;
-  b.fibers.resize(block);
-  b.ready.resize((size_t)b.warps() * kWarp);
-  b.ready_head.resize(b.warps());
-  b.ready_len.resize(b.warps());
-  b.warp_arrived.resize(b.warps());
-  b.warp_live.resize(b.warps());
-  b.slots.assign((size_t)2 * b.warps() * kWarp, 0);
-  b.released.reserve(block);
-  g_block = &b;
-  blockDim = dim3{block, 1, 1};
-  gridDim = dim3{grid, 1, 1};
-  const size_t guard_end =
-      smem_bytes + kSmemGuard < GN_EMU_SMEM_BYTES ? smem_bytes + kSmemGuard : GN_EMU_SMEM_BYTES;
-  std::vector<unsigned> shuffled;  // the block order, materialized only when shuffled
-  if (g_schedule == kShuffled) {
-    shuffled.resize(grid);
-    for (unsigned i = 0; i < grid; ++i) shuffled[i] = i;
-    order(shuffled);
-  }
-  int rc = 0;
-  for (unsigned k = 0; k < grid && rc == 0; ++k) {
-    const unsigned blk =
-        g_schedule == kReverse ? grid - 1 - k : g_schedule == kShuffled ? shuffled[k] : k;
-    blockIdx = uint3{blk, 0, 0};
-    threadIdx = uint3{0, 0, 0};
-    memset(gn::smem_raw, kSmemPoison, guard_end);
-    if (!run_block(b)) {
-      rc = fail(6, "`%s` grid=%u block=%u smem=%u: %s", kernel, grid, block, smem_bytes, b.error);
-      break;
-    }
-    for (size_t i = smem_bytes; i < guard_end; ++i) {
-      if (gn::smem_raw[i] != kSmemPoison) {
-        rc = fail(7,
-                  "`%s` block %u wrote dynamic shared memory at byte %zu, past the %u bytes "
-                  "launched with",
-                  kernel, blk, i, smem_bytes);
-        break;
-      }
-    }
-  }
-  g_block = nullptr;
-  threadIdx = uint3{0, 0, 0};
-  blockIdx = uint3{0, 0, 0};
-  return rc;
+  if (g_block) return fail_launch(4, "`%s`: launched from inside a kernel", kernel);
+  const LaunchSpec spec{k, params, grid, block, smem_bytes, cluster};
+  return cluster == 1 ? launch_plain(spec) : launch_clusters(spec);
 }
 
 }  // extern "C"

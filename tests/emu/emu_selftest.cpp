@@ -1,6 +1,7 @@
 // Kernels that test the emulator itself (tests/gpu_emulated.rs, `emulator_*` tests): the warp and
 // block reductions of common.cuh, and that broken synchronization is reported, not hung on.
 // Compiled into the emulator only; they take GnFwdParams so the launch table can call them.
+#include "cluster.cuh"
 #include "common.cuh"
 
 // y[i] = sum over the warp of x, then over the block (common.cuh's warp_sum and block_sum); the
@@ -52,4 +53,27 @@ extern "C" __global__ void gn_emu_selftest_vector_load(const GnFwdParams p) {
   const float* x = static_cast<const float*>(p.x) + p.s;
   const gn::Vec16<float> v = gn::load16(x);
   static_cast<float*>(p.y)[threadIdx.x] = v.v[0];
+}
+
+// Thread-block clusters. Each block puts blockIdx.x + 1 in its dynamic shared memory; after a
+// cluster barrier every thread writes the sum of its cluster's values, read in rank order through
+// cluster_peer, to y[i], and thread 0 the block's rank to mean[blockIdx.x]. p.s picks a mistake:
+// 0 none; 1 the final cluster barrier is left out (a block may exit while its memory is read);
+// 2 rank 0 alone passes one more cluster barrier.
+namespace gn {
+__device__ void cluster_exchange(const GnFwdParams& p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* mine = reinterpret_cast<float*>(smem_raw);
+  if (threadIdx.x == 0) mine[0] = (float)(blockIdx.x + 1);
+  cluster_sync();
+  float sum = 0.f;
+  for (uint32_t r = 0; r < cluster_size(); ++r) sum += cluster_peer(mine, r)[0];
+  static_cast<float*>(p.y)[(size_t)blockIdx.x * blockDim.x + threadIdx.x] = sum;
+  if (threadIdx.x == 0) p.mean[blockIdx.x] = (float)cluster_rank();
+  if (p.s != 1) cluster_sync();
+  if (p.s == 2 && cluster_rank() == 0) cluster_sync();
+}
+}  // namespace gn
+extern "C" __global__ void gn_emu_selftest_cluster(const GnFwdParams p) {
+  gn::cluster_exchange(p);
 }

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 pub const USAGE: &str = "usage: groupnorm bench [--shapes sd|small|large|all|2x320x64x64:32,...]
        [--dtype f16,f32|all|bf16] [--pass fwd|bwd|both] [--runs 50] [--warmup 10]
-       [--path auto|fused|split] [--device auto|gpu|cpu] [--no-baseline]
+       [--path auto|fused|split|cluster] [--device auto|gpu|cpu] [--no-baseline]
        [--layout nchw|nhwc] [--silu] [--csv FILE] [--json FILE]
   GPU: median of --runs timed runs (CUDA events) after --warmup, inputs rotated when they fit in
   L2; GB/s at minimum traffic and % of the device-to-device copy bandwidth measured first.

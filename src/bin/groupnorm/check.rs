@@ -11,7 +11,7 @@ use groupnorm::gpu::{self, DeviceTensor, Gpu, Path};
 use groupnorm::{bf16, f16, Activation, DType, Element, GroupNorm, Layout};
 
 pub const USAGE: &str = "usage: groupnorm check [--shapes small|sd|large|all|2x320x64x64:32,...]
-       [--dtype all|f32|f16|bf16] [--device auto|cpu|gpu] [--path auto|fused|split] [--seed 1]
+       [--dtype all|f32|f16|bf16] [--device auto|cpu|gpu] [--path auto|fused|split|cluster] [--seed 1]
        [--layout nchw|nhwc] [--silu]
   compares forward and backward with the f64 reference on seeded random data, for each
   activation dtype with f32 parameters and with parameters of the activation dtype.
@@ -150,8 +150,9 @@ pub fn parse_path(s: &str) -> Result<Path, UsageError> {
         "auto" => Ok(Path::Auto),
         "fused" => Ok(Path::Fused),
         "split" => Ok(Path::Split),
+        "cluster" => Ok(Path::Cluster),
         other => Err(UsageError(format!(
-            "--path: `{other}` is not auto, fused or split"
+            "--path: `{other}` is not auto, fused, split or cluster"
         ))),
     }
 }

@@ -873,7 +873,7 @@ fn invalid_problems_are_refused_before_the_driver() {
         (
             "path = 4",
             Box::new(|p| p.path = groupnorm_path_t(4)),
-            "path is 3",
+            "path is 4",
         ),
         (
             "too large",

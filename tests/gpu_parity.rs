@@ -34,6 +34,16 @@ const PLAIN: Opts = Opts {
     f32_abs: F32_FORWARD_ABS,
 };
 
+/// Every kernel path. The planner's choice (`Auto`) takes the cluster path for few long rows on
+/// compute capability 9.0+.
+const PATHS: [Path; 4] = [Path::Auto, Path::Split, Path::Fused, Path::Cluster];
+
+/// Forced paths that may refuse a shape with `Unsupported` (rows that do not fit on chip; the
+/// cluster path also on devices without clusters, and for NHWC).
+fn refusable(path: Path) -> bool {
+    matches!(path, Path::Fused | Path::Cluster)
+}
+
 /// A device tensor holding `host`, starting `offset` elements into its buffer.
 fn tensor<T: Element>(gpu: &Gpu, host: &[T], dims: &[usize], offset: usize) -> DeviceTensor<T> {
     let mut padded = nans::<T>(offset);
@@ -102,7 +112,7 @@ fn parity<T: Element, P: Element>(gpu: &Gpu, dims: &[usize], groups: usize, seed
         (None, None)
     };
 
-    for path in [Path::Auto, Path::Split, Path::Fused] {
+    for path in PATHS {
         let ctx = format!("{case} path={path:?}");
         let mut op = gn.on_gpu(gpu).with_path(path);
         // forward, into outputs poisoned with NaN
@@ -110,8 +120,9 @@ fn parity<T: Element, P: Element>(gpu: &Gpu, dims: &[usize], groups: usize, seed
         let mut stats = poisoned_stats(gpu, rows);
         match op.forward_into(&xd, wd, bd, &mut yd, &mut stats) {
             Ok(()) => {}
-            // the fused path refuses rows that do not fit on chip: that is its contract
-            Err(Error::Unsupported { .. }) if path == Path::Fused => continue,
+            // the fused and cluster paths refuse rows that do not fit on chip (and the cluster
+            // path devices without clusters): that is their contract
+            Err(Error::Unsupported { .. }) if refusable(path) => continue,
             Err(e) => panic!("{ctx}: forward: {e}"),
         }
         let y = yd.to_host(gpu).unwrap();
@@ -134,7 +145,7 @@ fn parity<T: Element, P: Element>(gpu: &Gpu, dims: &[usize], groups: usize, seed
         ) {
             Ok(()) => {}
             // backward keeps x and dy on chip: a row can fit forward and not backward
-            Err(Error::Unsupported { .. }) if path == Path::Fused => continue,
+            Err(Error::Unsupported { .. }) if refusable(path) => continue,
             Err(e) => panic!("{ctx}: backward: {e}"),
         }
         let dx = dxd.to_host(gpu).unwrap();
@@ -683,7 +694,7 @@ fn layout_silu_case<T: Element, P: Element>(
     let xd = DeviceTensor::from_host(gpu, &x, dims, layout).unwrap();
     let dyd = DeviceTensor::from_host(gpu, &dy, dims, layout).unwrap();
     let (wd, bd) = (up(gpu, &w), up(gpu, &b));
-    for path in [Path::Auto, Path::Split, Path::Fused] {
+    for path in PATHS {
         let mut op = gn.on_gpu(gpu).with_path(path);
         let ctx = format!(
             "{dims:?} G={groups} {} silu={silu} {}/{} {path:?} ({})",
@@ -694,7 +705,7 @@ fn layout_silu_case<T: Element, P: Element>(
         );
         let (y, stats) = match op.forward(&xd, Some(&wd), Some(&bd)) {
             Ok(v) => v,
-            Err(Error::Unsupported { .. }) if path == Path::Fused => continue,
+            Err(Error::Unsupported { .. }) if refusable(path) => continue,
             Err(e) => panic!("{ctx}: forward: {e}"),
         };
         assert_forward_close(
@@ -705,7 +716,7 @@ fn layout_silu_case<T: Element, P: Element>(
         );
         let g = match op.backward_activated(&dyd, &xd, &stats, Some(&wd), Some(&bd), true) {
             Ok(g) => g,
-            Err(Error::Unsupported { .. }) if path == Path::Fused => continue,
+            Err(Error::Unsupported { .. }) if refusable(path) => continue,
             Err(e) => panic!("{ctx}: backward: {e}"),
         };
         assert_dx_close(
@@ -760,4 +771,52 @@ fn nhwc_and_silu_parity() {
         let f = F32_FORWARD_OFFSET_ABS;
         layout_silu_case::<f32, f32>(&gpu, &[2, 64, 32, 32], 32, layout, true, 1e4, f);
     }
+}
+
+/// The cluster path on the hardware: on compute capability 9.0+ it must run (forced, and chosen
+/// by the planner for few long rows) and meet the plain tolerances on SD-like and long rows,
+/// with SiLU and offsets; elsewhere forcing it is a typed error.
+#[test]
+fn cluster_path() {
+    let Some(gpu) = gpu_or_skip("cluster_path") else {
+        return;
+    };
+    let sd = [1usize, 320, 64, 64];
+    let gn = GroupNorm::new(32, 320).unwrap();
+    let op = gn.on_gpu(&gpu).with_path(Path::Cluster);
+    if gpu.capability().0 < 9 {
+        let e = op.describe_path::<f16>(&sd, false).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        eprintln!("cluster_path: compute capability below 9.0, forcing clusters is refused: ok");
+        return;
+    }
+    for backward in [false, true] {
+        let auto = gn.on_gpu(&gpu).describe_path::<f16>(&sd, backward).unwrap();
+        assert!(
+            auto.starts_with("cluster"),
+            "SD shape, backward={backward}: {auto}"
+        );
+    }
+    for (dims, groups) in [
+        (&[1usize, 320, 64, 64][..], 32),
+        (&[1, 128, 128, 128][..], 32),
+        (&[2, 64, 37, 41][..], 8),
+    ] {
+        all_dtypes(&gpu, dims, groups, 1300, PLAIN);
+        for silu in [false, true] {
+            let f = F32_FORWARD_ABS;
+            layout_silu_case::<f16, f32>(&gpu, dims, groups, Layout::Nchw, silu, 0.0, f);
+        }
+    }
+    let f = F32_FORWARD_OFFSET_ABS;
+    layout_silu_case::<f32, f32>(&gpu, &[1, 64, 64, 64], 8, Layout::Nchw, true, 1e4, f);
+    // the largest VAE rows: 2 MiB of f16 per row, forward on a cluster of pieces
+    let vae = [1usize, 128, 512, 512];
+    let path = GroupNorm::new(32, 128)
+        .unwrap()
+        .on_gpu(&gpu)
+        .describe_path::<f16>(&vae, false)
+        .unwrap();
+    eprintln!("cluster_path: 1x128x512x512 f16 forward takes `{path}`");
+    layout_silu_case::<f16, f32>(&gpu, &vae, 32, Layout::Nchw, false, 0.0, F32_FORWARD_ABS);
 }

@@ -9,7 +9,9 @@
 #   tests      the whole suite with GROUPNORM_REQUIRE_GPU=1
 #   sanitizer  compute-sanitizer memcheck, racecheck, initcheck, synccheck over the GPU parity tests
 #   check      groupnorm check over the small and sd sets, every dtype pair
-#   bench      groupnorm bench over sd (+ large unless quick), CSV in $OUT/ours.csv
+#   bench      groupnorm bench over sd (+ large unless quick), CSV in $OUT/ours.csv; the same
+#              with the split path forced (what the cluster path replaces on 9.0+), and the
+#              NHWC and SiLU variants
 #   torch      scripts/bench_torch.py on the same shapes, then scripts/compare_bench.py (table+SVG)
 #   torchcheck scripts/torch_check.py: the C ABI called from PyTorch on CUDA tensors
 # "quick" trims the sanitizer to one test and the bench to the N = 1 sd shapes, to fit one call.
@@ -54,6 +56,9 @@ step check_silu_nhwc "$bin" check --device gpu --shapes small,sd --dtype f16,f32
 shapes=sd; [ "$quick" = quick ] && shapes=$(printf '1x%s,' 320x64x64 640x32x32 1280x16x16 1280x8x8 512x128x128 128x512x512 | sed 's/,$//')
 [ "$quick" = quick ] || shapes=sd,large
 step bench "$bin" bench --device gpu --shapes "$shapes" --csv "$OUT/ours.csv" --json "$OUT/ours.json"
+# the split path on the same shapes: on compute capability 9.0+ the planner takes the cluster
+# path for few long rows (the `path` column says which ran), so this is what clusters replace
+step bench_split "$bin" bench --device gpu --shapes "$shapes" --dtype f16 --path split --csv "$OUT/ours_split.csv"
 for v in "nhwc:--layout nhwc" "silu:--silu" "silu_nhwc:--silu --layout nhwc"; do
   # shellcheck disable=SC2086
   step "bench_${v%%:*}" "$bin" bench --device gpu --shapes sd --dtype f16 ${v#*:} --csv "$OUT/ours_${v%%:*}.csv"

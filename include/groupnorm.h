@@ -86,6 +86,15 @@ typedef enum groupnorm_path_t {
     GROUPNORM_PATH_CLUSTER = 3
 } groupnorm_path_t;
 
+/* The activation fused after the affine transform. */
+typedef enum groupnorm_activation_t {
+    /* none: y = xhat * weight + bias */
+    GROUPNORM_ACTIVATION_NONE = 0,
+    /* y = silu(xhat * weight + bias), silu(z) = z / (1 + exp(-z)); its backward is
+     * groupnorm_backward_activated (it needs the bias) */
+    GROUPNORM_ACTIVATION_SILU = 1
+} groupnorm_activation_t;
+
 /* The enums above cross the ABI as 32-bit integers, inside groupnorm_problem_t too: refuse to
  * compile where an enum is not 4 bytes (e.g. under -fshort-enums). */
 typedef char groupnorm_static_assert_enum_size[(sizeof(groupnorm_dtype_t) == 4) ? 1 : -1];
@@ -106,6 +115,8 @@ typedef struct groupnorm_problem_t {
     /* parameters: weight, bias, dweight, dbias; GROUPNORM_DTYPE_F32 or dtype */
     groupnorm_dtype_t param_dtype;
     groupnorm_path_t path;
+    /* GROUPNORM_ACTIVATION_NONE (0) for plain GroupNorm */
+    groupnorm_activation_t activation;
 } groupnorm_problem_t;
 
 /* The library's version ("0.1.0"): a static string. */
@@ -130,7 +141,7 @@ groupnorm_status_t groupnorm_backward_workspace_size(const groupnorm_problem_t *
                                                      void *stream, size_t *bytes);
 
 /* Enqueues a forward pass on `stream`:
- *     y = (x - mean[n,g]) * rstd[n,g] * weight[c] + bias[c]
+ *     y = act((x - mean[n,g]) * rstd[n,g] * weight[c] + bias[c])   (act: problem->activation)
  * x, y: N*C*S elements of problem->dtype in problem->layout; weight, bias: C elements of
  * problem->param_dtype, or NULL (weight 1, bias 0); mean, rstd: N*G floats, written (required);
  * workspace: workspace_bytes bytes, at least what groupnorm_forward_workspace_size says, 4-byte
@@ -148,11 +159,24 @@ groupnorm_status_t groupnorm_forward(const groupnorm_problem_t *problem, const v
  * dbias: C elements of problem->param_dtype, written, or NULL (not computed; dweight needs
  * weight); workspace: at least what groupnorm_backward_workspace_size says. Outputs must not
  * overlap inputs or each other; every pointer must stay valid until the stream's work has
- * completed. */
+ * completed. A problem with an activation is refused (GROUPNORM_STATUS_INVALID_ARGUMENT): use
+ * groupnorm_backward_activated. */
 groupnorm_status_t groupnorm_backward(const groupnorm_problem_t *problem, const void *dy,
                                       const void *x, const float *mean, const float *rstd,
                                       const void *weight, void *dx, void *dweight, void *dbias,
                                       void *workspace, size_t workspace_bytes, void *stream);
+
+/* The backward pass of GroupNorm followed by problem->activation: as groupnorm_backward, with
+ * dy the gradient of the activation's output and bias the forward pass's bias (C elements of
+ * problem->param_dtype, or NULL if it had none), from which the activation's input is
+ * recomputed on chip. dweight and dbias are those of the whole fused operation. With
+ * GROUPNORM_ACTIVATION_NONE it is groupnorm_backward (bias is not read). */
+groupnorm_status_t groupnorm_backward_activated(const groupnorm_problem_t *problem,
+                                                const void *dy, const void *x, const float *mean,
+                                                const float *rstd, const void *weight,
+                                                const void *bias, void *dx, void *dweight,
+                                                void *dbias, void *workspace,
+                                                size_t workspace_bytes, void *stream);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -51,6 +51,7 @@ OK, UNSUPPORTED, KERNELS_NOT_BUILT = 0, 2, 5
 DTYPE = {"f32": 0, "f16": 1, "bf16": 2}
 LAYOUT = {"nchw": 0, "nhwc": 1}
 PATH_AUTO = 0
+ACTIVATION_NONE = 0
 
 
 class Problem(ctypes.Structure):
@@ -64,6 +65,7 @@ class Problem(ctypes.Structure):
         ("dtype", ctypes.c_int32),
         ("param_dtype", ctypes.c_int32),
         ("path", ctypes.c_int32),
+        ("activation", ctypes.c_int32),
     ]
 
 
@@ -268,7 +270,7 @@ def run_case(lib, dims, groups, dt, pdt, layout, affine=True, x_mean=0.0, side_s
     stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
     dims_c = (ctypes.c_int64 * len(dims))(*dims)
     problem = Problem(ctypes.cast(dims_c, ctypes.POINTER(ctypes.c_int64)), len(dims), groups, 1e-5,
-                      LAYOUT[layout], DTYPE[dt], DTYPE[pdt], PATH_AUTO)
+                      LAYOUT[layout], DTYPE[dt], DTYPE[pdt], PATH_AUTO, ACTIVATION_NONE)
     # the side stream must see the inputs, written on the current stream
     stream.wait_stream(torch.cuda.current_stream())
 

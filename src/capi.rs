@@ -56,7 +56,7 @@
 
 use crate::gpu::raw::{self, BackwardPtrs, ForwardPtrs, Problem};
 use crate::gpu::{Gpu, Path};
-use crate::{DType, Error, GroupNorm, Layout};
+use crate::{Activation, DType, Error, GroupNorm, Layout};
 use cudarc::driver::sys::{CUdeviceptr, CUresult};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -221,6 +221,17 @@ c_enum! {
     }
 }
 
+c_enum! {
+    /// The activation fused after the affine transform.
+    groupnorm_activation_t {
+        /// None: `y = xhat * weight + bias`.
+        GROUPNORM_ACTIVATION_NONE = 0,
+        /// SiLU: `y = silu(xhat * weight + bias)`, `silu(z) = z / (1 + exp(-z))`; the backward
+        /// is [`groupnorm_backward_activated`] (it needs the bias).
+        GROUPNORM_ACTIVATION_SILU = 1,
+    }
+}
+
 c_struct! {
     /// One GroupNorm problem: everything but the pointers. Dims are always the logical
     /// `(N, C, *spatial)`, whatever the layout.
@@ -241,6 +252,9 @@ c_struct! {
         param_dtype: groupnorm_dtype_t,
         /// Kernel path; `GROUPNORM_PATH_AUTO` unless comparing paths.
         path: groupnorm_path_t,
+        /// Activation fused after the affine transform; `GROUPNORM_ACTIVATION_NONE` (0) for
+        /// plain GroupNorm.
+        activation: groupnorm_activation_t,
     }
 }
 
@@ -279,6 +293,21 @@ c_functions! {
         mean: *const f32,
         rstd: *const f32,
         weight: *const c_void,
+        dx: *mut c_void,
+        dweight: *mut c_void,
+        dbias: *mut c_void,
+        workspace: *mut c_void,
+        workspace_bytes: usize,
+        stream: *mut c_void,
+    ) -> groupnorm_status_t;
+    fn groupnorm_backward_activated(
+        problem: *const groupnorm_problem_t,
+        dy: *const c_void,
+        x: *const c_void,
+        mean: *const f32,
+        rstd: *const f32,
+        weight: *const c_void,
+        bias: *const c_void,
         dx: *mut c_void,
         dweight: *mut c_void,
         dbias: *mut c_void,
@@ -385,6 +414,7 @@ pub mod abi {
             groupnorm_dtype_t::table(),
             groupnorm_layout_t::table(),
             groupnorm_path_t::table(),
+            groupnorm_activation_t::table(),
         ]
     }
 
@@ -564,6 +594,7 @@ struct Validated {
     dtype: DType,
     param_dtype: DType,
     path: Path,
+    activation: Activation,
 }
 
 impl Validated {
@@ -576,7 +607,7 @@ impl Validated {
             dtype: self.dtype,
             param_dtype: self.param_dtype,
             path: self.path,
-            activation: crate::Activation::None,
+            activation: self.activation,
         }
     }
 }
@@ -661,6 +692,15 @@ unsafe fn read_problem(problem: *const groupnorm_problem_t) -> Result<Validated,
             )))
         }
     };
+    let activation = match p.activation {
+        GROUPNORM_ACTIVATION_NONE => Activation::None,
+        GROUPNORM_ACTIVATION_SILU => Activation::Silu,
+        groupnorm_activation_t(other) => {
+            return Err(Failure::invalid(format!(
+                "activation is {other}, not a groupnorm_activation_t (0 = NONE, 1 = SILU)"
+            )))
+        }
+    };
     let dtype = dtype_of("dtype", p.dtype)?;
     let param_dtype = dtype_of("param_dtype", p.param_dtype)?;
     if param_dtype != dtype && param_dtype != DType::F32 {
@@ -684,6 +724,7 @@ unsafe fn read_problem(problem: *const groupnorm_problem_t) -> Result<Validated,
         dtype,
         param_dtype,
         path,
+        activation,
     })
 }
 
@@ -830,7 +871,9 @@ pub unsafe extern "C" fn groupnorm_forward(
 }
 
 /// Enqueues a backward pass on `stream`: `dx` and, when asked for, `dweight` and `dbias`, from
-/// `dy`, `x` and the statistics the forward pass saved.
+/// `dy`, `x` and the statistics the forward pass saved. For a problem with an activation this
+/// fails with `GROUPNORM_STATUS_INVALID_ARGUMENT`: use [`groupnorm_backward_activated`], which
+/// takes the bias the activation's input needs.
 ///
 /// # Safety
 ///
@@ -860,8 +903,14 @@ pub unsafe extern "C" fn groupnorm_backward(
     guarded("groupnorm_backward", || {
         // SAFETY: the contract of this function covers `problem`.
         let v = unsafe { read_problem(problem) }?;
-        // SAFETY: the contract of this function covers `stream`.
-        let gpu = unsafe { device_of(stream) }?;
+        if v.activation != Activation::None {
+            return Err(Failure::invalid(format!(
+                "the problem's activation is {}: its backward recomputes `xhat * weight + bias`, \
+                 so call groupnorm_backward_activated with the forward pass's bias (NULL only if \
+                 it had none)",
+                v.activation.name()
+            )));
+        }
         let ptrs = BackwardPtrs {
             dy: dev(dy),
             x: dev(x),
@@ -871,21 +920,84 @@ pub unsafe extern "C" fn groupnorm_backward(
             dx: dev(dx),
             dweight: dev(dweight),
             dbias: dev(dbias),
-            bias: 0, // no activation through this interface yet
+            bias: 0, // read only with an activation
         };
-        // SAFETY: as in `groupnorm_forward`, for raw::backward's contract.
-        unsafe {
-            raw::backward(
-                &gpu,
-                stream.cast(),
-                &v.problem(),
-                &ptrs,
-                dev(workspace),
-                workspace_bytes,
-            )
-        }?;
-        Ok(())
+        // SAFETY: forwarded from this function's contract.
+        unsafe { backward(&v, &ptrs, workspace, workspace_bytes, stream) }
     })
+}
+
+/// Enqueues the backward pass of GroupNorm followed by `problem.activation`: as
+/// [`groupnorm_backward`], with `dy` the gradient of the activation's output, and `bias` the
+/// forward pass's bias (`C` elements of `problem.param_dtype`, or NULL if it had none), from
+/// which the kernels recompute the activation's input on chip. With
+/// `GROUPNORM_ACTIVATION_NONE` it is [`groupnorm_backward`] (the bias is not read).
+///
+/// # Safety
+///
+/// As [`groupnorm_backward`]; `bias` is NULL or a device pointer to `C` elements of
+/// `problem.param_dtype` in the same context, valid until the enqueued work has completed.
+#[no_mangle]
+pub unsafe extern "C" fn groupnorm_backward_activated(
+    problem: *const groupnorm_problem_t,
+    dy: *const c_void,
+    x: *const c_void,
+    mean: *const f32,
+    rstd: *const f32,
+    weight: *const c_void,
+    bias: *const c_void,
+    dx: *mut c_void,
+    dweight: *mut c_void,
+    dbias: *mut c_void,
+    workspace: *mut c_void,
+    workspace_bytes: usize,
+    stream: *mut c_void,
+) -> groupnorm_status_t {
+    guarded("groupnorm_backward_activated", || {
+        // SAFETY: the contract of this function covers `problem`.
+        let v = unsafe { read_problem(problem) }?;
+        let ptrs = BackwardPtrs {
+            dy: dev(dy),
+            x: dev(x),
+            mean: dev(mean),
+            rstd: dev(rstd),
+            weight: dev(weight),
+            dx: dev(dx),
+            dweight: dev(dweight),
+            dbias: dev(dbias),
+            bias: dev(bias),
+        };
+        // SAFETY: forwarded from this function's contract.
+        unsafe { backward(&v, &ptrs, workspace, workspace_bytes, stream) }
+    })
+}
+
+/// Shared body of the two backward entry points, after the problem was read.
+///
+/// # Safety
+///
+/// As [`groupnorm_backward_activated`], for the pointers in `ptrs`.
+unsafe fn backward(
+    v: &Validated,
+    ptrs: &BackwardPtrs,
+    workspace: *mut c_void,
+    workspace_bytes: usize,
+    stream: *mut c_void,
+) -> Result<(), Failure> {
+    // SAFETY: the caller's contract covers `stream`.
+    let gpu = unsafe { device_of(stream) }?;
+    // SAFETY: as in `groupnorm_forward`, for raw::backward's contract.
+    unsafe {
+        raw::backward(
+            &gpu,
+            stream.cast(),
+            &v.problem(),
+            ptrs,
+            dev(workspace),
+            workspace_bytes,
+        )
+    }?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1049,7 +1161,8 @@ mod tests {
                 "groupnorm_layout_t",
                 "groupnorm_dtype_t",
                 "groupnorm_dtype_t",
-                "groupnorm_path_t"
+                "groupnorm_path_t",
+                "groupnorm_activation_t"
             ]
         );
         let f = abi::functions();

@@ -318,7 +318,7 @@ fn header_declares_exactly_the_abi_of_the_code() {
     );
     assert_eq!(header, code, "same declarations, in a different order");
     // the tables are not empty (a parser that found nothing would agree with nothing)
-    assert_eq!(abi::functions().len(), 7);
+    assert_eq!(abi::functions().len(), 8);
     assert!(header.len() > 20, "{header:#?}");
 }
 
@@ -729,11 +729,12 @@ fn problem(dims: &[i64]) -> groupnorm_problem_t {
         dtype: GROUPNORM_DTYPE_F32,
         param_dtype: GROUPNORM_DTYPE_F32,
         path: GROUPNORM_PATH_AUTO,
+        activation: GROUPNORM_ACTIVATION_NONE,
     }
 }
 
-/// Calls function `which` (0 forward workspace, 1 backward workspace, 2 forward, 3 backward)
-/// with NULL data pointers and the NULL stream; returns the status and `*bytes`.
+/// Calls function `which` (0 forward workspace, 1 backward workspace, 2 forward, 3 backward,
+/// 4 backward_activated) with NULL data pointers and the NULL stream; returns the status and `*bytes`.
 fn call(which: usize, p: *const groupnorm_problem_t) -> (groupnorm_status_t, usize) {
     let null = std::ptr::null_mut::<c_void>();
     let mut bytes = 12345usize;
@@ -756,7 +757,7 @@ fn call(which: usize, p: *const groupnorm_problem_t) -> (groupnorm_status_t, usi
                 0,
                 null,
             ),
-            _ => groupnorm_backward(
+            3 => groupnorm_backward(
                 p,
                 null,
                 null,
@@ -770,16 +771,32 @@ fn call(which: usize, p: *const groupnorm_problem_t) -> (groupnorm_status_t, usi
                 0,
                 null,
             ),
+            _ => groupnorm_backward_activated(
+                p,
+                null,
+                null,
+                null.cast(),
+                null.cast(),
+                null,
+                null,
+                null,
+                null,
+                null,
+                null,
+                0,
+                null,
+            ),
         }
     };
     (s, if which < 2 { bytes } else { 0 })
 }
 
-const FUNCTIONS: [&str; 4] = [
+const FUNCTIONS: [&str; 5] = [
     "groupnorm_forward_workspace_size",
     "groupnorm_backward_workspace_size",
     "groupnorm_forward",
     "groupnorm_backward",
+    "groupnorm_backward_activated",
 ];
 
 #[test]
@@ -874,6 +891,11 @@ fn invalid_problems_are_refused_before_the_driver() {
             "path = 4",
             Box::new(|p| p.path = groupnorm_path_t(4)),
             "path is 4",
+        ),
+        (
+            "activation = 2",
+            Box::new(|p| p.activation = groupnorm_activation_t(2)),
+            "activation is 2",
         ),
         (
             "too large",
@@ -1025,20 +1047,27 @@ fn status_ok(s: groupnorm_status_t, what: &str) {
 }
 
 /// Forward then backward of one problem through the C ABI on `stream` (a created stream, or
-/// the NULL stream with the context current), against the f64 reference.
+/// the NULL stream with the context current), against the f64 reference. With `silu`, the
+/// problem fuses a SiLU and the backward is `groupnorm_backward_activated`.
 fn c_abi_case<T: Element, P: Element>(
     stream: &Arc<CudaStream>,
     null_stream: bool,
     dims: &[usize],
     groups: usize,
+    silu: bool,
 ) {
     let ctx = format!(
-        "{dims:?} G={groups} {}/{} {} stream",
+        "{dims:?} G={groups} {}/{} {} stream silu={silu}",
         T::DTYPE,
         P::DTYPE,
         if null_stream { "NULL" } else { "created" }
     );
-    let gn = GroupNorm::new(groups, dims[1]).unwrap();
+    let act = if silu {
+        groupnorm::Activation::Silu
+    } else {
+        groupnorm::Activation::None
+    };
+    let gn = GroupNorm::new(groups, dims[1]).unwrap().activation(act);
     let (c, numel, rows) = (dims[1], dims.iter().product::<usize>(), dims[0] * groups);
     let mut r = rng(7 + numel as u64);
     let x: Vec<T> = normal_vec(&mut r, numel, 0.5, 2.0);
@@ -1046,7 +1075,8 @@ fn c_abi_case<T: Element, P: Element>(
     let b: Vec<P> = normal_vec(&mut r, c, 0.0, 0.5);
     let dy: Vec<T> = normal_vec(&mut r, numel, 0.0, 1.0);
     let want = reference::forward(&gn, &x, dims, Some(&w[..]), Some(&b[..])).unwrap();
-    let grads = reference::backward(&gn, &dy, &x, dims, Some(&w[..])).unwrap();
+    let grads =
+        reference::backward_activated(&gn, &dy, &x, dims, Some(&w[..]), Some(&b[..])).unwrap();
 
     let up = |v: &[T]| upload(stream, v).unwrap();
     let upp = |v: &[P]| upload(stream, v).unwrap();
@@ -1062,6 +1092,9 @@ fn c_abi_case<T: Element, P: Element>(
     p.groups = groups as i64;
     p.dtype = dtype_of::<T>();
     p.param_dtype = dtype_of::<P>();
+    if silu {
+        p.activation = GROUPNORM_ACTIVATION_SILU;
+    }
     let s: *mut c_void = if null_stream {
         std::ptr::null_mut()
     } else {
@@ -1138,9 +1171,26 @@ fn c_abi_case<T: Element, P: Element>(
     assert_forward_close(&y, &want.y, F32_FORWARD_ABS, &format!("{ctx}: y"));
     assert_stats_close(&stats, &want, F32_FORWARD_ABS, &format!("{ctx}: stats"));
 
-    // SAFETY: as for the forward pass; mean and rstd are the statistics it saved for this x.
+    // SAFETY: as for the forward pass; mean and rstd are the statistics it saved for this x,
+    // and the bias is the forward pass's.
     unsafe {
-        status_ok(
+        let status = if silu {
+            groupnorm_backward_activated(
+                &p,
+                dptr(&dyd, stream),
+                dptr(&xd, stream),
+                dptr(&meand, stream).cast(),
+                dptr(&rstdd, stream).cast(),
+                dptr(&wd, stream),
+                dptr(&bd, stream),
+                dptr(&dxd, stream),
+                dptr(&dwd, stream),
+                dptr(&dbd, stream),
+                dptr(&ws, stream),
+                ws.len(),
+                s,
+            )
+        } else {
             groupnorm_backward(
                 &p,
                 dptr(&dyd, stream),
@@ -1154,13 +1204,25 @@ fn c_abi_case<T: Element, P: Element>(
                 dptr(&ws, stream),
                 ws.len(),
                 s,
-            ),
-            &ctx,
-        );
+            )
+        };
+        status_ok(status, &ctx);
     }
     let dx = download(stream, &dxd).unwrap();
-    let scale = dx_scale(
+    // dx errors are measured against the gradient reaching the normalization (dy without an
+    // activation), as everywhere else
+    let geo = gn.geometry(dims).unwrap();
+    let dz = reference::pre_activation_grad_f64(
+        &geo,
+        gn.get_eps(),
+        act,
         &to_f64(&dy),
+        &to_f64(&x),
+        Some(&to_f64(&w)),
+        Some(&to_f64(&b)),
+    );
+    let scale = dx_scale(
+        &dz,
         dims,
         groups,
         Layout::Nchw,
@@ -1187,14 +1249,19 @@ fn forward_and_backward_through_the_c_abi() {
         (&[1, 320, 64, 64], 32),
         (&[2, 64, 33, 17], 8),
     ] {
-        c_abi_case::<f32, f32>(&stream, false, dims, groups);
-        c_abi_case::<f16, f32>(&stream, false, dims, groups);
-        c_abi_case::<bf16, bf16>(&stream, false, dims, groups);
+        c_abi_case::<f32, f32>(&stream, false, dims, groups, false);
+        c_abi_case::<f16, f32>(&stream, false, dims, groups, false);
+        c_abi_case::<bf16, bf16>(&stream, false, dims, groups, false);
+    }
+    // GroupNorm + SiLU through groupnorm_backward_activated
+    for (dims, groups) in [(&[2usize, 6, 7, 5][..], 3usize), (&[1, 320, 64, 64], 32)] {
+        c_abi_case::<f32, f32>(&stream, false, dims, groups, true);
+        c_abi_case::<f16, f32>(&stream, false, dims, groups, true);
     }
     // PyTorch's default stream is the NULL (legacy) stream of the current context
     gpu.context().bind_to_thread().expect("bind the context");
     let legacy = gpu.context().default_stream();
-    c_abi_case::<f16, f16>(&legacy, true, &[2, 32, 16, 16], 32);
+    c_abi_case::<f16, f16>(&legacy, true, &[2, 32, 16, 16], 32, false);
 
     // NHWC: supported, or refused as UNSUPPORTED (not as an invalid argument)
     let dims = [2i64, 8, 4, 4];
@@ -1207,5 +1274,20 @@ fn forward_and_backward_through_the_c_abi() {
         s == GROUPNORM_STATUS_OK || s == GROUPNORM_STATUS_UNSUPPORTED,
         "NHWC: {s:?}: {}",
         last_error()
+    );
+}
+
+/// The plain backward refuses a problem with an activation (it has no bias to recompute the
+/// activation's input from) and names the function to call instead, on any machine.
+#[test]
+fn plain_backward_refuses_an_activation() {
+    let mut p = problem(&DIMS);
+    p.activation = GROUPNORM_ACTIVATION_SILU;
+    let (s, _) = call(3, &p);
+    assert_eq!(s, GROUPNORM_STATUS_INVALID_ARGUMENT);
+    let msg = last_error();
+    assert!(
+        msg.contains("silu") && msg.contains("groupnorm_backward_activated"),
+        "{msg}"
     );
 }

@@ -74,6 +74,7 @@ static groupnorm_problem_t valid_problem(const int64_t *dims)
     p.dtype = GROUPNORM_DTYPE_F32;
     p.param_dtype = GROUPNORM_DTYPE_F32;
     p.path = GROUPNORM_PATH_AUTO;
+    p.activation = GROUPNORM_ACTIVATION_NONE;
     return p;
 }
 

@@ -213,6 +213,21 @@ __device__ __forceinline__ void store_sums(float* parts, uint32_t j, uint32_t pi
   out[2] = s.xm;
 }
 
+// Copies chunk c's x, then its dy, into shared memory at `base` and waits for the copies:
+// returns where x starts (dy follows at + c.len()). Assumes: with VEC, `base` is 16-byte aligned
+// (c.len() * sizeof(T) is then a multiple of 16, so dy is too).
+template <typename T, bool VEC>
+__device__ __forceinline__ T* stage_x_dy(unsigned char* base, const GnBwdParams& p,
+                                         const Chunk& c) {
+  T* xs = reinterpret_cast<T*>(base);
+  const uint32_t n = c.len();
+  const uint64_t off = chunk_offset(c, p.d, p.s);
+  copy_to_shared<T, VEC>(xs, static_cast<const T*>(p.x) + off, n);
+  copy_to_shared<T, VEC>(xs + n, static_cast<const T*>(p.dy) + off, n);
+  __syncthreads();
+  return xs;
+}
+
 // One block per row, x and dy of the row in dynamic shared memory (2 * d * s * sizeof(T) bytes).
 template <typename T, typename P, bool VEC, bool SILU>
 __device__ void bwd_fused(const GnBwdParams& p) {
@@ -220,12 +235,9 @@ __device__ void bwd_fused(const GnBwdParams& p) {
   __shared__ Sums3 scratch[kWarp];
   const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
   const uint32_t n = c.len();
-  T* xs = reinterpret_cast<T*>(smem_raw);
-  T* dys = xs + n;  // n * sizeof(T) is a multiple of 16 with VEC
+  T* xs = stage_x_dy<T, VEC>(smem_raw, p, c);
+  T* dys = xs + n;
   const uint64_t off = chunk_offset(c, p.d, p.s);
-  copy_to_shared<T, VEC>(xs, static_cast<const T*>(p.x) + off, n);
-  copy_to_shared<T, VEC>(dys, static_cast<const T*>(p.dy) + off, n);
-  __syncthreads();
   const float mean = p.mean[c.row], rstd = p.rstd[c.row];
   const uint64_t sample = c.row / p.groups;
   const uint32_t chan0 = (uint32_t)(c.row % p.groups) * p.d;
@@ -333,12 +345,9 @@ __device__ void bwd_cluster(const GnBwdParams& p) {
   float* slot = reinterpret_cast<float*>(smem_raw);
   const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
   const uint32_t n = c.len();
-  T* xs = reinterpret_cast<T*>(smem_raw + kClusterSlotBytes);
-  T* dys = xs + n;  // n * sizeof(T) is a multiple of 16 with VEC
+  T* xs = stage_x_dy<T, VEC>(smem_raw + kClusterSlotBytes, p, c);
+  T* dys = xs + n;
   const uint64_t off = chunk_offset(c, p.d, p.s);
-  copy_to_shared<T, VEC>(xs, static_cast<const T*>(p.x) + off, n);
-  copy_to_shared<T, VEC>(dys, static_cast<const T*>(p.dy) + off, n);
-  __syncthreads();
   const float mean = p.mean[c.row], rstd = p.rstd[c.row];
   const uint64_t sample = c.row / p.groups;
   const uint32_t chan0 = (uint32_t)(c.row % p.groups) * p.d;

@@ -122,12 +122,13 @@ unsafe fn launch<A: DeviceRepr>(
 }
 
 impl Plan {
-    /// The launch of the cluster path's one row kernel.
-    fn cluster_grid(&self) -> Grid {
+    /// A launch of the row kernels: one block per chunk, in clusters of `self.cluster` (1 off
+    /// the cluster path, whose one row kernel is the only one launched with it).
+    fn row_grid(&self, smem: u32) -> Grid {
         Grid {
             blocks: self.blocks,
             threads: THREADS,
-            smem: self.smem_bytes,
+            smem,
             cluster: self.cluster,
         }
     }
@@ -196,18 +197,10 @@ where
     if plan.nhwc {
         return if plan.fused {
             let name = kernel_name("nhwc_fwd_fused", t, Some(p), Some(plan.vec));
-            launch(
-                &name,
-                Grid::new(plan.blocks, THREADS, plan.smem_bytes),
-                params,
-            )
+            launch(&name, plan.row_grid(plan.smem_bytes), params)
         } else {
             let name = kernel_name("nhwc_fwd_partial", t, None, Some(plan.vec));
-            launch(
-                &name,
-                Grid::new(plan.blocks, THREADS, plan.smem_bytes),
-                params,
-            )?;
+            launch(&name, plan.row_grid(plan.smem_bytes), params)?;
             let name = kernel_name("nhwc_fwd_merge", t, None, None);
             launch(
                 &name,
@@ -215,31 +208,19 @@ where
                 params,
             )?;
             let name = kernel_name("nhwc_fwd_apply", t, Some(p), Some(plan.vec));
-            launch(
-                &name,
-                Grid::new(plan.blocks, THREADS, plan.stream_smem_bytes),
-                params,
-            )
+            launch(&name, plan.row_grid(plan.stream_smem_bytes), params)
         };
     }
     if plan.cluster > 1 {
         let name = kernel_name("cluster_fwd", t, Some(p), Some(plan.vec));
-        return launch(&name, plan.cluster_grid(), params);
+        return launch(&name, plan.row_grid(plan.smem_bytes), params);
     }
     if plan.fused {
         let name = kernel_name("fwd_fused", t, Some(p), Some(plan.vec));
-        launch(
-            &name,
-            Grid::new(plan.blocks, THREADS, plan.smem_bytes),
-            params,
-        )
+        launch(&name, plan.row_grid(plan.smem_bytes), params)
     } else {
         let name = kernel_name("fwd_partial", t, None, Some(plan.vec));
-        launch(
-            &name,
-            Grid::new(plan.blocks, THREADS, plan.smem_bytes),
-            params,
-        )?;
+        launch(&name, plan.row_grid(plan.smem_bytes), params)?;
         let name = kernel_name("fwd_merge", t, None, None);
         launch(
             &name,
@@ -247,7 +228,7 @@ where
             params,
         )?;
         let name = kernel_name("fwd_apply", t, Some(p), Some(plan.vec));
-        launch(&name, Grid::new(plan.blocks, THREADS, 0), params)
+        launch(&name, plan.row_grid(0), params)
     }
 }
 
@@ -267,46 +248,38 @@ where
     if params.rows > 0 && plan.nhwc {
         if plan.fused {
             let name = kernel_name("nhwc_bwd_fused", t, Some(p), Some(plan.vec));
-            launch(
-                &name,
-                Grid::new(plan.blocks, THREADS, plan.smem_bytes),
-                params,
-            )?;
+            launch(&name, plan.row_grid(plan.smem_bytes), params)?;
         } else {
             let smem = plan.stream_smem_bytes;
             if silu {
                 let name = kernel_name("nhwc_bwd_center", t, None, None);
-                launch(&name, Grid::new(plan.blocks, THREADS, smem), params)?;
+                launch(&name, plan.row_grid(smem), params)?;
             }
             let name = kernel_name("nhwc_bwd_partial", t, Some(p), None);
-            launch(&name, Grid::new(plan.blocks, THREADS, smem), params)?;
+            launch(&name, plan.row_grid(smem), params)?;
             let name = kernel_name("bwd_rows", p, None, None);
             launch(&name, Grid::new(params.rows as u32, ROW_THREADS, 0), params)?;
             let name = kernel_name("nhwc_bwd_dx", t, Some(p), Some(plan.vec));
-            launch(&name, Grid::new(plan.blocks, THREADS, smem), params)?;
+            launch(&name, plan.row_grid(smem), params)?;
         }
     } else if params.rows > 0 && plan.cluster > 1 {
         let name = kernel_name("cluster_bwd", t, Some(p), Some(plan.vec));
-        launch(&name, plan.cluster_grid(), params)?;
+        launch(&name, plan.row_grid(plan.smem_bytes), params)?;
     } else if params.rows > 0 {
         if plan.fused {
             let name = kernel_name("bwd_fused", t, Some(p), Some(plan.vec));
-            launch(
-                &name,
-                Grid::new(plan.blocks, THREADS, plan.smem_bytes),
-                params,
-            )?;
+            launch(&name, plan.row_grid(plan.smem_bytes), params)?;
         } else {
             if silu {
                 let name = kernel_name("bwd_center", t, None, Some(plan.vec));
-                launch(&name, Grid::new(plan.blocks, THREADS, 0), params)?;
+                launch(&name, plan.row_grid(0), params)?;
             }
             let name = kernel_name("bwd_partial", t, Some(p), Some(plan.vec));
-            launch(&name, Grid::new(plan.blocks, THREADS, 0), params)?;
+            launch(&name, plan.row_grid(0), params)?;
             let name = kernel_name("bwd_rows", p, None, None);
             launch(&name, Grid::new(params.rows as u32, ROW_THREADS, 0), params)?;
             let name = kernel_name("bwd_dx", t, Some(p), Some(plan.vec));
-            launch(&name, Grid::new(plan.blocks, THREADS, 0), params)?;
+            launch(&name, plan.row_grid(0), params)?;
         }
     }
     if params.dweight != 0 || params.dbias != 0 {

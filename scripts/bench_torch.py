@@ -8,8 +8,12 @@ so `scripts/compare_bench.py ours.csv torch.csv` can put them side by side.
 
     python3 scripts/bench_torch.py --shapes sd --dtype f16,f32 --csv torch.csv
 
-Implementations timed: `torch` (F.group_norm) and `torch-gn-silu` (F.group_norm then F.silu, the
-pair a fused GroupNorm+SiLU replaces). Mixed precision: PyTorch's CUDA group_norm wants the weight
+Implementations timed, three columns: `torch` (F.group_norm), `torch-compile` (torch.compile of
+it) and `groupnorm-py` (this repository's Python package, `pip install ./python`; skipped with a
+note when it is not installed), each also as `...-gn-silu` (GroupNorm then SiLU: F.group_norm
+then F.silu, compiled together for torch-compile, fused in one op for ours). A table of the three
+side by side goes to stderr. `--device cpu` (the default without a GPU) times CPU tensors with
+wall-clock medians instead of CUDA events. Mixed precision: PyTorch's CUDA group_norm wants the weight
 in the input's dtype (autocast runs it in f32 instead), so f16/bf16 activations are timed with
 parameters of the same dtype, and the dtype column says so (`f16/f16`).
 """
@@ -62,18 +66,46 @@ def main():
     ap.add_argument("--no-silu", action="store_true", help="skip the GroupNorm+SiLU pair")
     ap.add_argument("--layout", default="nchw", choices=["nchw", "nhwc"],
                     help="nhwc: channels-last inputs (a permuted (N, *spatial, C) tensor)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                    help="auto: CUDA when PyTorch sees a GPU, else the CPU")
+    ap.add_argument("--impls", default="torch,compile,groupnorm",
+                    help="which of torch (F.group_norm), compile (torch.compile of it) and "
+                         "groupnorm (the groupnorm Python package) to time")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args()
+
+    import time
 
     import torch
     import torch.nn.functional as F
 
-    if not torch.cuda.is_available():
+    wanted = set(args.impls.split(","))
+    if wanted - {"torch", "compile", "groupnorm"}:
+        sys.exit(f"bench_torch: unknown impls {sorted(wanted - {'torch', 'compile', 'groupnorm'})}")
+    gt = None
+    if "groupnorm" in wanted:
+        try:
+            import groupnorm.torch as gt
+        except ImportError as e:
+            print(f"bench_torch: the groupnorm package is not installed ({e}): "
+                  "`pip install ./python` adds its column", file=sys.stderr)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_torch: no CUDA device visible to PyTorch")
-    dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(dev)
-    props = torch.cuda.get_device_properties(dev)
-    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        name = torch.cuda.get_device_name(dev)
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+    else:
+        import platform
+        name = f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()}"
+        l2 = 32 << 20  # a last-level cache size to rotate inputs past
+    if gt is not None and cuda and gt.supported(torch.empty(1, 1, device=dev)) is not None:
+        print(f"bench_torch: groupnorm column skipped: {gt.supported(torch.empty(1, 1, device=dev))}",
+              file=sys.stderr)
+        gt = None
     dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
     chosen = []
     for d in args.dtype.split(","):
@@ -90,23 +122,37 @@ def main():
             fn(i)
         times = []
         for i in range(n_runs):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(i)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(i)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn(i)
+                times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
-    # copy bandwidth: bytes read plus written, 512 MiB buffers, far beyond L2
-    src = torch.empty(512 << 20, dtype=torch.uint8, device=dev)
+    # copy bandwidth: bytes read plus written, buffers far beyond the last-level cache
+    src = torch.empty((512 if cuda else 256) << 20, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     copy_ms = timed(lambda i: dst.copy_(src), 3, 20)
     copy_gbps = 2 * src.numel() / copy_ms / 1e6
     print(f"bench_torch: {name}, torch {torch.__version__}, copy {copy_gbps:.0f} GB/s",
           file=sys.stderr)
     del src, dst
+
+    def torch_gn(groups, silu):
+        if silu:
+            return lambda x, w, b: F.silu(F.group_norm(x, groups, w, b, 1e-5))
+        return lambda x, w, b: F.group_norm(x, groups, w, b, 1e-5)
+
+    def ours_gn(groups, silu):
+        act = "silu" if silu else None
+        return lambda x, w, b: gt.group_norm(x, groups, w, b, 1e-5, activation=act)
 
     rows = []
     for dims, groups in parse_shapes(args.shapes):
@@ -132,18 +178,26 @@ def main():
                 print(f"bench_torch: {label(dims, groups)} skipped: out of memory", file=sys.stderr)
                 continue
             c = dims[1]
+            # PyTorch's CUDA op wants parameters of the input's dtype (see the header); ours
+            # takes the same, so all columns get the same arguments
             w = torch.randn(c, device=dev, dtype=dt) * 0.1 + 1
             b = torch.randn(c, device=dev, dtype=dt) * 0.1
             sfx = "" if args.layout == "nchw" else " nhwc"
-            impls = [("torch" + sfx, lambda x: F.group_norm(x, groups, w, b, 1e-5))]
-            if not args.no_silu:
-                impls.append(("torch-gn-silu" + sfx,
-                              lambda x: F.silu(F.group_norm(x, groups, w, b, 1e-5))))
+            impls = []
+            for silu in ([False] if args.no_silu else [False, True]):
+                tag = "-gn-silu" if silu else ""
+                if "torch" in wanted:
+                    impls.append(("torch" + tag + sfx, torch_gn(groups, silu)))
+                if "compile" in wanted:
+                    impls.append(("torch-compile" + tag + sfx,
+                                  torch.compile(torch_gn(groups, silu), dynamic=False)))
+                if gt is not None:
+                    impls.append(("groupnorm-py" + tag + sfx, ours_gn(groups, silu)))
             for impl, f in impls:
                 for p in passes:
                     if p == "fwd":
                         with torch.no_grad():
-                            ms = timed(lambda i: f(xs[i % copies]), args.warmup, args.runs)
+                            ms = timed(lambda i: f(xs[i % copies], w, b), args.warmup, args.runs)
                     else:
                         leaves = []
                         outs = []
@@ -151,10 +205,7 @@ def main():
                             x = xs[k].detach().requires_grad_(True)
                             ww = w.detach().requires_grad_(True)
                             bb = b.detach().requires_grad_(True)
-                            fn = (lambda x, ww=ww, bb=bb: F.group_norm(x, groups, ww, bb, 1e-5)) \
-                                if impl.startswith("torch ") or impl == "torch" else \
-                                (lambda x, ww=ww, bb=bb: F.silu(F.group_norm(x, groups, ww, bb, 1e-5)))
-                            outs.append(fn(x))
+                            outs.append(f(x, ww, bb))
                             leaves.append((x, ww, bb))
 
                         def bwd(i):
@@ -167,12 +218,14 @@ def main():
                     rows.append({
                         "impl": impl, "device": name.replace(",", " "),
                         "shape": label(dims, groups), "dtype": f"{d}/{d}", "pass": p,
-                        "path": "torch", "time_ms": f"{ms:.6f}", "gbps": f"{gbps:.2f}",
+                        "path": impl.split(" ")[0], "time_ms": f"{ms:.6f}", "gbps": f"{gbps:.2f}",
                         "pct_copy": f"{100 * gbps / copy_gbps:.2f}", "copy_gbps": f"{copy_gbps:.2f}",
                     })
             del xs, dys
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
 
+    summary(rows)
     cols = ["impl", "device", "shape", "dtype", "pass", "path", "time_ms", "gbps", "pct_copy",
             "copy_gbps"]
     out = open(args.csv, "w", newline="") if args.csv else sys.stdout
@@ -181,6 +234,30 @@ def main():
     wr.writerows(rows)
     if args.csv:
         out.close()
+
+
+def summary(rows):
+    """The three columns side by side on stderr: F.group_norm, torch.compile of it, ours."""
+    cells = {}
+    for r in rows:
+        impl = r["impl"]
+        silu = "-gn-silu" in impl
+        kind = impl.split(" ")[0].replace("-gn-silu", "")
+        key = (r["shape"], r["dtype"], r["pass"], "gn+silu" if silu else "gn",
+               "nhwc" if impl.endswith(" nhwc") else "nchw")
+        cells.setdefault(key, {})[kind] = float(r["time_ms"])
+    if not cells:
+        return
+    cols = ["torch", "torch-compile", "groupnorm-py"]
+    print(f"{'shape':<22} {'dtype':<9} {'pass':<4} {'op':<7} {'layout':<6} "
+          + " ".join(f"{c + ' ms':>16}" for c in cols) + f" {'vs torch':>9} {'vs compile':>10}",
+          file=sys.stderr)
+    for key, t in cells.items():
+        ours = t.get("groupnorm-py")
+        vs = [f"{t[c] / ours:.2f}x" if ours and c in t else "-" for c in ("torch", "torch-compile")]
+        print(f"{key[0]:<22} {key[1]:<9} {key[2]:<4} {key[3]:<7} {key[4]:<6} "
+              + " ".join(f"{t[c]:>16.4f}" if c in t else f"{'-':>16}" for c in cols)
+              + f" {vs[0]:>9} {vs[1]:>10}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
 """The C ABI of libgroupnorm called from PyTorch, checked against torch.nn.functional.group_norm.
 
+This script stays, unchanged in purpose: it checks the C ABI (include/groupnorm.h) itself, as a
+C or C++ framework would call it. PyTorch users should use the Python package instead
+(`pip install ./python`, `import groupnorm.torch`: autograd, modules, torch.compile, CPU and CUDA
+tensors), whose own tests are python/tests.
+
     python3 scripts/torch_check.py [LIB] [--quick] [--dtype f32,f16,bf16]
 
 LIB is the shared library (default: the first of .gpu/lib/libgroupnorm.so,

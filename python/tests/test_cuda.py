@@ -3,6 +3,7 @@ stream. Every test skips, with the reason printed, when torch sees no GPU or thi
 no kernels; set GROUPNORM_REQUIRE_GPU=1 to make that a failure instead (the GPU visit does)."""
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ CUDA_SHAPES = [
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("silu", [False, True], ids=["gn", "silu"])
 def test_parity_cuda(dims, groups, dtype, pdtype, layout, silu):
-    seed = hash((dims, groups, str(dtype), str(pdtype), layout, silu)) % 2**31
+    seed = zlib.crc32(repr((dims, groups, str(dtype), str(pdtype), layout, silu)).encode())
     check_parity(dims, groups, dtype, pdtype, layout, True, silu, seed, device="cuda")
 
 

@@ -34,15 +34,17 @@ from . import _native
 
 __all__ = ["group_norm", "GroupNorm", "GroupNormSiLU", "replace_group_norm", "supported"]
 
-# dtype codes shared with the extension (src/lib.rs). When the crate gains a dtype (f64 on the
-# CPU), it is one entry here and one line in `dtype_of` there.
+# dtype codes shared with the extension (src/lib.rs), which lists the dtypes it takes. When the
+# crate's CPU path gains float64, the extension adds ("f64", code) and the CPU column here picks it
+# up; the CUDA kernels take the three below.
 _DTYPE_CODES = {name: code for name, code in _native.DTYPE_CODES}
-_TORCH_DTYPES = {
-    torch.float32: _DTYPE_CODES["f32"],
-    torch.float16: _DTYPE_CODES["f16"],
-    torch.bfloat16: _DTYPE_CODES["bf16"],
-}
+_TORCH_NAMES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
+_TORCH_DTYPES = {_TORCH_NAMES[n]: c for n, c in _DTYPE_CODES.items() if n in _TORCH_NAMES}
+_CUDA_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16}) & frozenset(_TORCH_DTYPES)
 _ACTIVATIONS = {None: 0, "none": 0, "silu": 1}
+# read once: a call into the extension inside `group_norm` would be opaque to torch.compile
+# (a graph break), a module-level bool is a constant to it
+_KERNELS_BUILT = bool(_native.kernels_built())
 _NCHW, _NHWC = 0, 1
 
 
@@ -55,11 +57,13 @@ def _activation_code(activation) -> int:
 
 def supported(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None):
     """Why the crate cannot run this call (a string), or None when it can."""
-    if x.dtype not in _TORCH_DTYPES:
-        return f"dtype {x.dtype} (the crate takes float32, float16 and bfloat16)"
     if x.device.type not in ("cpu", "cuda"):
         return f"device type {x.device.type!r} (the crate runs on CPU and CUDA tensors)"
-    if x.device.type == "cuda" and not _native.kernels_built():
+    dtypes = _TORCH_DTYPES if x.device.type == "cpu" else _CUDA_DTYPES
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        return f"dtype {x.dtype} on {x.device.type} (the crate takes {names} there)"
+    if x.device.type == "cuda" and not _KERNELS_BUILT:
         return "a CUDA tensor, but this build of groupnorm has no CUDA kernels (nvcc was not found when it was built)"
     params = [p for p in (weight, bias) if p is not None]
     for p in params:

@@ -4,7 +4,8 @@
     python3 scripts/compare_bench.py ours.csv torch.csv [--svg plot.svg] [--markdown]
 
 Rows are matched on (shape, activation dtype, pass). Prints, per row: our time, the unfused
-baseline's, PyTorch's, our % of copy bandwidth, and the speedups; then geometric means over the
+baseline's, PyTorch's, our % of copy bandwidth, and the speedups (plus torch.compile's time and
+the Python package's when bench_torch.py timed them); then geometric means over the
 rows, over f16 and f32 separately, and over N = 1 shapes. `--svg` draws % of copy bandwidth per
 shape (ours, baseline, PyTorch) as a plain SVG file (no plotting library needed).
 Standard library only.
@@ -52,11 +53,19 @@ def main():
     for k, r in ours.items():
         if (pair[r["impl"]], k) in torch_all:
             torch[k] = torch_all[(pair[r["impl"]], k)]
+    # bench_torch.py's other two columns, when it ran them: torch.compile of the same PyTorch
+    # code, and this repository's Python package (the crate through PyTorch's op machinery)
+    extra = {}
+    for col, name in (("compile ms", "torch-compile"), ("py pkg ms", "groupnorm-py")):
+        found = {k: torch_all[(pair[r["impl"]].replace("torch", name, 1), k)] for k, r in ours.items()
+                 if (pair[r["impl"]].replace("torch", name, 1), k) in torch_all}
+        if found:
+            extra[col] = found
     if not ours:
         sys.exit("compare_bench: no `groupnorm` rows in " + args.ours)
 
     head = ["shape", "dtype", "pass", "path", "ours ms", "% copy", "baseline ms", "torch ms",
-            "vs baseline", "vs torch"]
+            "vs baseline", "vs torch"] + list(extra)
     lines = []
     speed_base, speed_torch, pct = {}, {}, {}
     for k, r in ours.items():
@@ -73,7 +82,8 @@ def main():
                 speed_torch.setdefault(("N=1", k[2]), []).append(p / t)
         lines.append([k[0], r["dtype"], k[2], r["path"], f"{t:.4f}", f"{float(r['pct_copy']):.1f}",
                       f"{b:.4f}" if b else "-", f"{p:.4f}" if p else "-",
-                      f"{b / t:.2f}x" if b else "-", f"{p / t:.2f}x" if p else "-"])
+                      f"{b / t:.2f}x" if b else "-", f"{p / t:.2f}x" if p else "-"]
+                     + [f"{float(e[k]['time_ms']):.4f}" if k in e else "-" for e in extra.values()])
 
     if args.markdown:
         print("| " + " | ".join(head) + " |")

@@ -102,8 +102,8 @@ def main():
         import platform
         name = f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()}"
         l2 = 32 << 20  # a last-level cache size to rotate inputs past
-    if gt is not None and cuda and gt.supported(torch.empty(1, 1, device=dev)) is not None:
-        print(f"bench_torch: groupnorm column skipped: {gt.supported(torch.empty(1, 1, device=dev))}",
+    if gt is not None and cuda and gt.fallback_reason(torch.empty(1, 1, device=dev)) is not None:
+        print(f"bench_torch: groupnorm column skipped: {gt.fallback_reason(torch.empty(1, 1, device=dev))}",
               file=sys.stderr)
         gt = None
     dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import _native
 
-__all__ = ["group_norm", "GroupNorm", "GroupNormSiLU", "replace_group_norm", "supported"]
+__all__ = ["group_norm", "GroupNorm", "GroupNormSiLU", "replace_group_norm", "fallback_reason"]
 
 # dtype codes shared with the extension (src/lib.rs), which lists the dtypes it takes. When the
 # crate's CPU path gains float64, the extension adds ("f64", code) and the CPU column here picks it
@@ -55,7 +55,7 @@ def _activation_code(activation) -> int:
         raise ValueError(f"activation must be None or 'silu', got {activation!r}") from None
 
 
-def supported(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None):
+def fallback_reason(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None):
     """Why the crate cannot run this call (a string), or None when it can."""
     if x.device.type not in ("cpu", "cuda"):
         return f"device type {x.device.type!r} (the crate runs on CPU and CUDA tensors)"
@@ -98,7 +98,7 @@ def group_norm(
     """`F.group_norm(x, num_groups, weight, bias, eps)`, then `F.silu` if `activation="silu"`,
     in one pass of the crate's CPU path or CUDA kernels (see the module's docstring)."""
     act = _activation_code(activation)
-    reason = supported(x, weight, bias)
+    reason = fallback_reason(x, weight, bias)
     if reason is not None:
         _warn_once(reason)
         y = F.group_norm(x, num_groups, weight, bias, eps)

@@ -183,6 +183,16 @@ def test_mixed_parameter_dtypes_fall_back():
     assert str(ours.value) == str(theirs.value)
 
 
+def test_other_devices_fall_back():
+    gt._warned.clear()
+    x = torch.empty(2, 6, 3, device="meta")
+    assert gt.fallback_reason(torch.empty(2, 6, 3)) is None
+    assert "device type 'meta'" in gt.fallback_reason(x)
+    with pytest.warns(UserWarning, match="falling back.*meta"):
+        y = gt.group_norm(x, 3, activation="silu")
+    assert y.device.type == "meta" and y.shape == x.shape
+
+
 def test_strided_input_is_made_contiguous():
     base = torch.randn(2, 8, 6, 10)
     x = base[:, :, :, ::2]  # neither contiguous nor channels-last
@@ -392,4 +402,4 @@ def test_kernels_flag_is_a_bool():
     assert isinstance(groupnorm.built_archs(), str)
     if not groupnorm.kernels_built() and torch.cuda.is_available():
         # a CUDA tensor would fall back, with a warning that says why
-        assert "no CUDA kernels" in gt.supported(torch.empty(1, 1, device="cuda"))
+        assert "no CUDA kernels" in gt.fallback_reason(torch.empty(1, 1, device="cuda"))

@@ -403,3 +403,21 @@ def test_kernels_flag_is_a_bool():
     if not groupnorm.kernels_built() and torch.cuda.is_available():
         # a CUDA tensor would fall back, with a warning that says why
         assert "no CUDA kernels" in gt.fallback_reason(torch.empty(1, 1, device="cuda"))
+
+
+def test_extension_errors_are_python_exceptions():
+    """The extension's own checks and the crate's errors surface as exceptions, never a crash."""
+    from groupnorm import _native
+
+    with pytest.raises(ValueError, match="unknown dtype code 9"):
+        _native.cpu_forward(0, 0, 0, 0, 0, 0, [0, 4], 2, 1e-5, 9, 0, 0, 0)
+    with pytest.raises(ValueError, match="unknown layout code 5"):
+        _native.cpu_forward(0, 0, 0, 0, 0, 0, [0, 4], 2, 1e-5, 0, 0, 5, 0)
+    with pytest.raises(ValueError, match="parameters must be f32 or bf16"):
+        _native.cpu_forward(0, 0, 0, 0, 0, 0, [0, 4], 2, 1e-5, 2, 1, 0, 0)
+    with pytest.raises(ValueError, match="null or misaligned"):
+        _native.cpu_forward(0, 0, 0, 0, 0, 0, [1, 4], 2, 1e-5, 0, 0, 0, 0)
+    if not torch.cuda.is_available():
+        # no driver here: a RuntimeError with the crate's message, not a crash
+        with pytest.raises(RuntimeError, match="CUDA driver|CUDA kernels|CUDA device"):
+            _native.cuda_forward_workspace(0, [2, 4, 3], 2, 1e-5, 0, 0, 0, 0)

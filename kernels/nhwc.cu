@@ -221,7 +221,7 @@ __device__ __forceinline__ void normalize_tile(const T* src, T* __restrict__ y, 
       v.v[e] = from_f32<T>(activate<SILU>((to_f32(v.v[e]) - pv[j] - ms[j]) * a + sh));
     }
     if constexpr (VEC) {
-      store16(y + g_off, v);
+      store16_global(y + g_off, v);
     } else {
       y[g_off] = v.v[0];
     }
@@ -402,7 +402,7 @@ __device__ __forceinline__ void dx_tile(const T* xsrc, const T* dysrc, T* __rest
       out.v[e] = from_f32<T>(rstd * (wb.x * dy - m1 - xhat * m2));
     }
     if constexpr (VEC) {
-      store16(dx + g_off, out);
+      store16_global(dx + g_off, out);
     } else {
       dx[g_off] = out.v[0];
     }

@@ -389,43 +389,64 @@ __device__ __forceinline__ void tile_centered_sums(const T* xsrc, const Tile& t,
 }
 
 // dx over a tile: garr holds per group mean (0), rstd (ng), m1 (3 ng), m2 (4 ng), delta (2 ng).
+// dx = rstd * (w * dz - m1 - xhat * m2) = (rstd w) dz - rstd m1 - xhat (rstd m2), with
+// xhat = ((x - mean) - delta) * rstd. As normalize_tile, each thread owns fixed columns and
+// keeps their coefficients in registers, so a value costs a handful of FMA-pipe instructions and
+// no division or shared-memory load.
 template <typename T, typename P, bool VEC, bool SILU, bool FROM_SHARED>
 __device__ __forceinline__ void dx_tile(const T* xsrc, const T* dysrc, T* __restrict__ dx,
                                         const Tile& t, uint64_t c, uint32_t d, const float* garr,
                                         const P* __restrict__ w, const P* __restrict__ b) {
   constexpr int V = VEC ? kVec<T> : 1;
   const uint32_t wv = t.w / V;
-  const DivU32 per_run(wv), dd(d);
-  const uint32_t total = t.slen * wv;
+  if (wv == 0) return;
   const uint32_t ch0 = t.g0 * d, ng = t.ng;
-  for (uint32_t i = threadIdx.x; i < total; i += blockDim.x) {
-    const uint32_t r = per_run.div(i), col0 = (i - r * wv) * V;
-    const uint64_t g_off = t.base + (uint64_t)r * c + col0;
-    const size_t src = FROM_SHARED ? (size_t)i * V : g_off;
-    Vec16<T> xv, dv, out;
-    if constexpr (VEC) {
-      xv = load16(xsrc + src);
-      dv = load16(dysrc + src);
-    } else {
-      xv.v[0] = xsrc[src];
-      dv.v[0] = dysrc[src];
-    }
+  auto column = [&](uint32_t cv, uint32_t r0, uint32_t step) {
+    // per column: mean, delta, rstd; scale of dz, constant term, scale of xhat; (w, b) for SiLU
+    float mean[V], delta[V], rstd[V], a_dz[V], k0[V], a_xh[V], wt[V], bs[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      const uint32_t col = col0 + e, j = dd.div(col);
-      const float mean = garr[j], rstd = garr[ng + j], delta = garr[2 * ng + j];
-      const float m1 = garr[3 * ng + j], m2 = garr[4 * ng + j];
+      const uint32_t col = cv * V + e, j = col / d;  // once per thread: a plain division
       const float2 wb = affine_of(w, b, ch0 + col);
-      const float xhat = ((to_f32(xv.v[e]) - mean) - delta) * rstd;
-      float dy = to_f32(dv.v[e]);
-      if constexpr (SILU) dy *= activate_grad<true>(xhat * wb.x + wb.y);
-      out.v[e] = from_f32<T>(rstd * (wb.x * dy - m1 - xhat * m2));
+      mean[e] = garr[j];
+      rstd[e] = garr[ng + j];
+      delta[e] = garr[2 * ng + j];
+      a_dz[e] = rstd[e] * wb.x;
+      k0[e] = -rstd[e] * garr[3 * ng + j];
+      a_xh[e] = rstd[e] * garr[4 * ng + j];
+      wt[e] = wb.x;
+      bs[e] = wb.y;
     }
-    if constexpr (VEC) {
-      store16_global(dx + g_off, out);
-    } else {
-      dx[g_off] = out.v[0];
+    for (uint32_t r = r0; r < t.slen; r += step) {
+      const uint64_t g_off = t.base + (uint64_t)r * c + (uint64_t)cv * V;
+      const size_t src = FROM_SHARED ? ((size_t)r * wv + cv) * V : g_off;
+      Vec16<T> xv, dv, out;
+      if constexpr (VEC) {
+        xv = load16(xsrc + src);
+        dv = load16(dysrc + src);
+      } else {
+        xv.v[0] = xsrc[src];
+        dv.v[0] = dysrc[src];
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float xhat = ((to_f32(xv.v[e]) - mean[e]) - delta[e]) * rstd[e];
+        float dz = to_f32(dv.v[e]);
+        if constexpr (SILU) dz *= activate_grad<true>(fmaf(xhat, wt[e], bs[e]));
+        out.v[e] = from_f32<T>(fmaf(-xhat, a_xh[e], fmaf(a_dz[e], dz, k0[e])));
+      }
+      if constexpr (VEC) {
+        store16_global(dx + g_off, out);
+      } else {
+        dx[g_off] = out.v[0];
+      }
     }
+  };
+  if (wv <= blockDim.x) {
+    const uint32_t rpr = blockDim.x / wv;
+    if (threadIdx.x < rpr * wv) column(threadIdx.x % wv, threadIdx.x / wv, rpr);
+  } else {
+    for (uint32_t cv = threadIdx.x; cv < wv; cv += blockDim.x) column(cv, 0, 1);
   }
 }
 

@@ -195,7 +195,7 @@ __device__ __forceinline__ void dx_chunk(const T* xs, const T* dys, T* __restric
       Vec16<T> out;
 #pragma unroll
       for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(one(to_f32(xv.v[e]), to_f32(dv.v[e]), wb));
-      store16(dx + (size_t)i * V, out);
+      store16_global(dx + (size_t)i * V, out);
     }
   } else {
     for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {

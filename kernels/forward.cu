@@ -2,9 +2,10 @@
 // f32; act is the identity or SiLU (GnFwdParams::activation, one branch per block).
 //
 // Two paths, chosen per shape on the host (src/gpu/plan.rs):
-// - fused (one block per row, chunks == 1): the row is copied into shared memory once, its
-//   statistics are computed exactly (two passes over the on-chip copy, about a per-row pivot) and
-//   it is normalized from the same copy: one read of x, one write of y.
+// - fused (one block per row, chunks == 1): the row is copied into shared memory once; its
+//   statistics (about a per-row pivot) come from the registers on the way in (each thread's
+//   Welford state over its 16-byte vectors, merged over the block in a fixed order), and it is
+//   normalized from the on-chip copy: one read of x, one write of y.
 // - split (chunks > 1, for few or long rows): `partial` computes each chunk's (mean, m2) about the
 //   row's pivot from an on-chip copy; `merge` (one warp per row) merges a row's partials once, in
 //   a fixed order (Chan), and saves the statistics; `apply` normalizes each chunk, re-reading x
@@ -28,24 +29,6 @@ namespace gn {
 
 constexpr int kFwdThreads = 512;
 
-// Chunk statistics about `pivot`, two exact passes over `buf` (shared memory). Returns
-// (mean of x - pivot, sum of squared deviations) to every thread.
-template <typename T>
-__device__ __forceinline__ float2 chunk_stats(const T* buf, uint32_t n, float pivot,
-                                              float* scratch) {
-  float s = 0.f;
-  for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) s += to_f32(buf[i]) - pivot;
-  s = block_sum(s, scratch);
-  const float mean = n ? s / (float)n : 0.f;
-  float q = 0.f;
-  for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const float d = to_f32(buf[i]) - pivot - mean;
-    q += d * d;
-  }
-  q = block_sum(q, scratch);
-  return make_float2(mean, q);
-}
-
 // y = act(((x - pivot) - mshift) * (rstd * w[c]) + b[c]) over one chunk; src may be shared or
 // global.
 // Assumes: with VEC, src/dst are 16-byte aligned and seglen is a multiple of kVec<T>, so a vector
@@ -57,10 +40,13 @@ __device__ __forceinline__ void normalize_chunk(const T* src, T* __restrict__ ds
                                                 const P* __restrict__ b) {
   const DivU32 seg(c.seglen);
   const uint32_t n = c.len();
+  // y = act((x - pivot) * a + sh) with a = rstd * w[c] and sh = b[c] - mshift * a: the mean's
+  // shift is folded into the per-channel constant, so each value costs one FADD and one FFMA.
+  // x - pivot stays first, so a large common offset cancels exactly before any rounding.
   auto affine = [&](uint32_t j, float& a, float& sh) {
     const uint32_t ch = chan0 + c.c0 + seg.div(j);
     a = w ? rstd * to_f32(w[ch]) : rstd;
-    sh = b ? to_f32(b[ch]) : 0.f;
+    sh = fmaf(-mshift, a, b ? to_f32(b[ch]) : 0.f);
   };
   if constexpr (VEC) {
     constexpr int V = kVec<T>;
@@ -70,15 +56,15 @@ __device__ __forceinline__ void normalize_chunk(const T* src, T* __restrict__ ds
       Vec16<T> v = load16(src + (size_t)i * V);
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        v.v[e] = from_f32<T>(activate<SILU>((to_f32(v.v[e]) - pivot - mshift) * a + sh));
+        v.v[e] = from_f32<T>(activate<SILU>(fmaf(to_f32(v.v[e]) - pivot, a, sh)));
       }
-      store16(dst + (size_t)i * V, v);
+      store16_global(dst + (size_t)i * V, v);
     }
   } else {
     for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
       float a, sh;
       affine(i, a, sh);
-      dst[i] = from_f32<T>(activate<SILU>((to_f32(src[i]) - pivot - mshift) * a + sh));
+      dst[i] = from_f32<T>(activate<SILU>(fmaf(to_f32(src[i]) - pivot, a, sh)));
     }
   }
 }
@@ -87,18 +73,17 @@ __device__ __forceinline__ void normalize_chunk(const T* src, T* __restrict__ ds
 template <typename T, typename P, bool VEC>
 __device__ void fwd_fused(const GnFwdParams& p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float scratch[kWarp];
+  __shared__ float scratch[3 * kWarp];
   T* buf = reinterpret_cast<T*>(smem_raw);
   const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
   const uint64_t off = chunk_offset(c, p.d, p.s);
   const uint32_t n = c.len();
-  copy_to_shared<T, VEC>(buf, static_cast<const T*>(p.x) + off, n);
-  __syncthreads();
-  const float pivot = n ? to_f32(buf[0]) : 0.f;
-  const float2 st = chunk_stats(buf, n, pivot, scratch);
-  const float rstd = rstd_of(st.y, (float)n, p.eps);
+  const T* xr = static_cast<const T*>(p.x) + off;  // the row (chunks == 1)
+  const float pivot = n ? to_f32(xr[0]) : 0.f;
+  const Welford st = copy_to_shared_stats<T, VEC>(buf, xr, n, pivot, scratch);
+  const float rstd = rstd_of(st.m2, (float)n, p.eps);
   if (threadIdx.x == 0) {
-    p.mean[c.row] = pivot + st.x;
+    p.mean[c.row] = pivot + st.mean;
     p.rstd[c.row] = rstd;
   }
   const uint32_t chan0 = (uint32_t)(c.row % p.groups) * p.d;
@@ -106,9 +91,9 @@ __device__ void fwd_fused(const GnFwdParams& p) {
   const P* b = static_cast<const P*>(p.bias);
   T* y = static_cast<T*>(p.y) + off;
   if (p.activation == GN_ACT_SILU) {
-    normalize_chunk<T, P, VEC, true>(buf, y, c, chan0, pivot, st.x, rstd, w, b);
+    normalize_chunk<T, P, VEC, true>(buf, y, c, chan0, pivot, st.mean, rstd, w, b);
   } else {
-    normalize_chunk<T, P, VEC, false>(buf, y, c, chan0, pivot, st.x, rstd, w, b);
+    normalize_chunk<T, P, VEC, false>(buf, y, c, chan0, pivot, st.mean, rstd, w, b);
   }
 }
 
@@ -116,20 +101,18 @@ __device__ void fwd_fused(const GnFwdParams& p) {
 template <typename T, bool VEC>
 __device__ void fwd_partial(const GnFwdParams& p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float scratch[kWarp];
+  __shared__ float scratch[3 * kWarp];
   T* buf = reinterpret_cast<T*>(smem_raw);
   const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
   const T* x = static_cast<const T*>(p.x);
   const uint64_t row_off = c.row * (uint64_t)p.d * p.s;
   const uint32_t n = c.len();
-  copy_to_shared<T, VEC>(buf, x + chunk_offset(c, p.d, p.s), n);
-  __syncthreads();
   const float pivot = to_f32(x[row_off]);
-  const float2 st = chunk_stats(buf, n, pivot, scratch);
+  const Welford st = copy_to_shared_stats<T, VEC>(buf, x + chunk_offset(c, p.d, p.s), n, pivot, scratch);
   if (threadIdx.x == 0) {
     float* out = p.partials + 2 * (c.row * p.chunking.chunks + c.k);
-    out[0] = st.x;
-    out[1] = st.y;
+    out[0] = st.mean;
+    out[1] = st.m2;
   }
 }
 
@@ -178,7 +161,7 @@ __device__ void fwd_apply(const GnFwdParams& p) {
 template <typename T, typename P, bool VEC>
 __device__ void fwd_cluster(const GnFwdParams& p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float scratch[kWarp];
+  __shared__ float scratch[3 * kWarp];
   float* slot = reinterpret_cast<float*>(smem_raw);
   T* buf = reinterpret_cast<T*>(smem_raw + kClusterSlotBytes);
   const GnChunking ch = p.chunking;
@@ -187,13 +170,11 @@ __device__ void fwd_cluster(const GnFwdParams& p) {
   const T* x = static_cast<const T*>(p.x);
   const uint64_t off = chunk_offset(c, d, s);
   const uint32_t n = c.len();
-  copy_to_shared<T, VEC>(buf, x + off, n);
-  __syncthreads();
   const float pivot = to_f32(x[c.row * (uint64_t)d * s]);
-  const float2 st = chunk_stats(buf, n, pivot, scratch);
+  const Welford st = copy_to_shared_stats<T, VEC>(buf, x + off, n, pivot, scratch);
   if (threadIdx.x == 0) {
-    slot[0] = st.x;
-    slot[1] = st.y;
+    slot[0] = st.mean;
+    slot[1] = st.m2;
   }
   cluster_sync();  // every block's slot is written
   // every warp merges the K partials (lane k reads block k's slot), in the same fixed order

@@ -139,6 +139,8 @@ inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
 inline unsigned int __umulhi(unsigned int a, unsigned int b) {
   return (unsigned int)(((unsigned long long)a * b) >> 32);
 }
+// Count of leading zero bits (32 for 0), as the device instruction.
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 inline unsigned int min(unsigned int a, unsigned int b) { return a < b ? a : b; }
 inline unsigned int max(unsigned int a, unsigned int b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
@@ -147,6 +149,34 @@ inline unsigned long long min(unsigned long long a, unsigned long long b) { retu
 inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
 inline float min(float a, float b) { return fminf(a, b); }
 inline float max(float a, float b) { return fmaxf(a, b); }
+
+// Fast float intrinsics, emulated at their documented worst case (CUDA C++ Programming Guide,
+// "Intrinsic Functions": __expf within 2 + floor(|1.173 x|) ulp, __fdividef within 2 ulp for
+// 2^-126 <= |y| <= 2^126 and 0 for 2^126 < |y|): the exact result moved by that many ulp, up or
+// down as a hash of the operands says, so tests see the error the device is allowed to make
+// rather than an exact result it never gives. Deterministic: the same operands, the same bits.
+namespace gn_emu {
+inline float perturb_ulps(float exact, float ulps, uint32_t seed) {
+  if (!(fabsf(exact) < INFINITY) || exact == 0.f) return exact;
+  seed ^= seed >> 16;
+  seed *= 0x7feb352du;
+  seed ^= seed >> 15;
+  const float ulp = nextafterf(fabsf(exact), INFINITY) - fabsf(exact);
+  return (seed & 1u) ? exact + ulps * ulp : exact - ulps * ulp;
+}
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+}  // namespace gn_emu
+inline float __expf(float x) {
+  return gn_emu::perturb_ulps(expf(x), 2.f + floorf(fabsf(1.173f * x)), gn_emu::bits_of(x));
+}
+inline float __fdividef(float a, float b) {
+  if (fabsf(b) > 0x1p126f && fabsf(b) < INFINITY) return copysignf(0.f, a) * copysignf(1.f, b);
+  return gn_emu::perturb_ulps(a / b, 2.f, gn_emu::bits_of(a) * 31u + gn_emu::bits_of(b));
+}
 
 // ---------------------------------------------------------------------------------------------
 // 16-bit floats, converted bit-exactly as the device does (round to nearest even).

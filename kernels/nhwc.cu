@@ -192,8 +192,15 @@ __device__ __forceinline__ void tile_stats(const T* buf, const Tile& t, uint32_t
                [&](uint32_t j, float3 v) { m2[j] = v.x; });
 }
 
-// y = act(((x - pivot) - mshift) * rstd * w + b) over a tile whose group coefficients are in
-// garr (pivot, mshift, rstd at 0, ng, 2 ng... as laid out by the caller: pv, ms, rs).
+// y = act((x - pivot) * a + sh) over a tile, a = rstd * w[c] and sh = b[c] - mshift * a, with
+// the group coefficients in garr (pv, ms, rs: pivot, mean about the pivot, rstd per group).
+//
+// Each thread owns fixed columns: vector column cv = thread % wv over runs thread / wv,
+// thread / wv + rpr, ... (rpr = blockDim / wv runs per round; when a run is wider than the block,
+// columns thread, thread + blockDim, ... over every run). So its V columns' pivot, scale and
+// shift are computed once, into registers, and each value then costs one FADD and one FFMA:
+// no division, shared-memory or parameter load per value. Consecutive threads still take
+// consecutive columns of a run, so global accesses stay coalesced.
 template <typename T, typename P, bool VEC, bool SILU, bool FROM_SHARED>
 __device__ __forceinline__ void normalize_tile(const T* src, T* __restrict__ y, const Tile& t,
                                                uint64_t c, uint32_t d, const float* pv,
@@ -201,30 +208,43 @@ __device__ __forceinline__ void normalize_tile(const T* src, T* __restrict__ y, 
                                                const P* __restrict__ w, const P* __restrict__ b) {
   constexpr int V = VEC ? kVec<T> : 1;
   const uint32_t wv = t.w / V;
-  const DivU32 per_run(wv), dd(d);
-  const uint32_t total = t.slen * wv;
+  if (wv == 0) return;
   const uint32_t ch0 = t.g0 * d;
-  for (uint32_t i = threadIdx.x; i < total; i += blockDim.x) {
-    const uint32_t r = per_run.div(i), col0 = (i - r * wv) * V;
-    const uint64_t g_off = t.base + (uint64_t)r * c + col0;
-    Vec16<T> v;
-    if constexpr (VEC) {
-      v = FROM_SHARED ? load16(src + (size_t)i * V) : load16(src + g_off);
-    } else {
-      v.v[0] = FROM_SHARED ? src[i] : src[g_off];
-    }
+  // Normalizes vector column cv over runs r0, r0 + step, ...
+  auto column = [&](uint32_t cv, uint32_t r0, uint32_t step) {
+    float piv[V], a[V], sh[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      const uint32_t col = col0 + e, j = dd.div(col);
-      const float a = w ? rs[j] * to_f32(w[ch0 + col]) : rs[j];
-      const float sh = b ? to_f32(b[ch0 + col]) : 0.f;
-      v.v[e] = from_f32<T>(activate<SILU>((to_f32(v.v[e]) - pv[j] - ms[j]) * a + sh));
+      const uint32_t col = cv * V + e, j = col / d;  // once per thread: a plain division
+      piv[e] = pv[j];
+      a[e] = w ? rs[j] * to_f32(w[ch0 + col]) : rs[j];
+      sh[e] = fmaf(-ms[j], a[e], b ? to_f32(b[ch0 + col]) : 0.f);
     }
-    if constexpr (VEC) {
-      store16(y + g_off, v);
-    } else {
-      y[g_off] = v.v[0];
+    for (uint32_t r = r0; r < t.slen; r += step) {
+      const uint64_t g_off = t.base + (uint64_t)r * c + (uint64_t)cv * V;
+      const size_t s_off = ((size_t)r * wv + cv) * V;
+      Vec16<T> v;
+      if constexpr (VEC) {
+        v = FROM_SHARED ? load16(src + s_off) : load16(src + g_off);
+      } else {
+        v.v[0] = FROM_SHARED ? src[s_off] : src[g_off];
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        v.v[e] = from_f32<T>(activate<SILU>(fmaf(to_f32(v.v[e]) - piv[e], a[e], sh[e])));
+      }
+      if constexpr (VEC) {
+        store16_global(y + g_off, v);
+      } else {
+        y[g_off] = v.v[0];
+      }
     }
+  };
+  if (wv <= blockDim.x) {
+    const uint32_t rpr = blockDim.x / wv;
+    if (threadIdx.x < rpr * wv) column(threadIdx.x % wv, threadIdx.x / wv, rpr);
+  } else {
+    for (uint32_t cv = threadIdx.x; cv < wv; cv += blockDim.x) column(cv, 0, 1);
   }
 }
 
@@ -369,43 +389,64 @@ __device__ __forceinline__ void tile_centered_sums(const T* xsrc, const Tile& t,
 }
 
 // dx over a tile: garr holds per group mean (0), rstd (ng), m1 (3 ng), m2 (4 ng), delta (2 ng).
+// dx = rstd * (w * dz - m1 - xhat * m2) = (rstd w) dz - rstd m1 - xhat (rstd m2), with
+// xhat = ((x - mean) - delta) * rstd. As normalize_tile, each thread owns fixed columns and
+// keeps their coefficients in registers, so a value costs a handful of FMA-pipe instructions and
+// no division or shared-memory load.
 template <typename T, typename P, bool VEC, bool SILU, bool FROM_SHARED>
 __device__ __forceinline__ void dx_tile(const T* xsrc, const T* dysrc, T* __restrict__ dx,
                                         const Tile& t, uint64_t c, uint32_t d, const float* garr,
                                         const P* __restrict__ w, const P* __restrict__ b) {
   constexpr int V = VEC ? kVec<T> : 1;
   const uint32_t wv = t.w / V;
-  const DivU32 per_run(wv), dd(d);
-  const uint32_t total = t.slen * wv;
+  if (wv == 0) return;
   const uint32_t ch0 = t.g0 * d, ng = t.ng;
-  for (uint32_t i = threadIdx.x; i < total; i += blockDim.x) {
-    const uint32_t r = per_run.div(i), col0 = (i - r * wv) * V;
-    const uint64_t g_off = t.base + (uint64_t)r * c + col0;
-    const size_t src = FROM_SHARED ? (size_t)i * V : g_off;
-    Vec16<T> xv, dv, out;
-    if constexpr (VEC) {
-      xv = load16(xsrc + src);
-      dv = load16(dysrc + src);
-    } else {
-      xv.v[0] = xsrc[src];
-      dv.v[0] = dysrc[src];
-    }
+  auto column = [&](uint32_t cv, uint32_t r0, uint32_t step) {
+    // per column: mean, delta, rstd; scale of dz, constant term, scale of xhat; (w, b) for SiLU
+    float mean[V], delta[V], rstd[V], a_dz[V], k0[V], a_xh[V], wt[V], bs[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      const uint32_t col = col0 + e, j = dd.div(col);
-      const float mean = garr[j], rstd = garr[ng + j], delta = garr[2 * ng + j];
-      const float m1 = garr[3 * ng + j], m2 = garr[4 * ng + j];
+      const uint32_t col = cv * V + e, j = col / d;  // once per thread: a plain division
       const float2 wb = affine_of(w, b, ch0 + col);
-      const float xhat = ((to_f32(xv.v[e]) - mean) - delta) * rstd;
-      float dy = to_f32(dv.v[e]);
-      if constexpr (SILU) dy *= activate_grad<true>(xhat * wb.x + wb.y);
-      out.v[e] = from_f32<T>(rstd * (wb.x * dy - m1 - xhat * m2));
+      mean[e] = garr[j];
+      rstd[e] = garr[ng + j];
+      delta[e] = garr[2 * ng + j];
+      a_dz[e] = rstd[e] * wb.x;
+      k0[e] = -rstd[e] * garr[3 * ng + j];
+      a_xh[e] = rstd[e] * garr[4 * ng + j];
+      wt[e] = wb.x;
+      bs[e] = wb.y;
     }
-    if constexpr (VEC) {
-      store16(dx + g_off, out);
-    } else {
-      dx[g_off] = out.v[0];
+    for (uint32_t r = r0; r < t.slen; r += step) {
+      const uint64_t g_off = t.base + (uint64_t)r * c + (uint64_t)cv * V;
+      const size_t src = FROM_SHARED ? ((size_t)r * wv + cv) * V : g_off;
+      Vec16<T> xv, dv, out;
+      if constexpr (VEC) {
+        xv = load16(xsrc + src);
+        dv = load16(dysrc + src);
+      } else {
+        xv.v[0] = xsrc[src];
+        dv.v[0] = dysrc[src];
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float xhat = ((to_f32(xv.v[e]) - mean[e]) - delta[e]) * rstd[e];
+        float dz = to_f32(dv.v[e]);
+        if constexpr (SILU) dz *= activate_grad<true>(fmaf(xhat, wt[e], bs[e]));
+        out.v[e] = from_f32<T>(fmaf(-xhat, a_xh[e], fmaf(a_dz[e], dz, k0[e])));
+      }
+      if constexpr (VEC) {
+        store16_global(dx + g_off, out);
+      } else {
+        dx[g_off] = out.v[0];
+      }
     }
+  };
+  if (wv <= blockDim.x) {
+    const uint32_t rpr = blockDim.x / wv;
+    if (threadIdx.x < rpr * wv) column(threadIdx.x % wv, threadIdx.x / wv, rpr);
+  } else {
+    for (uint32_t cv = threadIdx.x; cv < wv; cv += blockDim.x) column(cv, 0, 1);
   }
 }
 

@@ -556,6 +556,9 @@ __device__ void nhwc_bwd_partial(const GnBwdParams& p) {
   const TileSmem m = tile_smem(smem_raw, 0, 0, 3, stride);
   load_row_stats(p, t, m.garr);
   if constexpr (SILU) {
+    // load_row_stats' thread j zeroes the delta slot that lane 0 of warp j fills below: without
+    // this barrier the zero could land last (dweight/dbias then depended on the block's schedule)
+    __syncthreads();
     // the row's mean residual from its pieces' centered sums, in order, a warp per row
     const uint32_t lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     const uint32_t k = p.chunking.chunks;

@@ -104,10 +104,13 @@ template <typename T> __device__ __forceinline__ void store16_global(T* p, const
 #endif
 }
 
-// Copies `n` elements from global `src` to shared `dst` with every thread of the block.
+// Copies `n` elements from global `src` to shared `dst` with every thread of the block, handing
+// each thread's values to it on their way: on_vector(Vec16) with VEC, on_value(T) without.
 // Assumes: with VEC, src and dst are 16-byte aligned and n is a multiple of kVec<T>.
-template <typename T, bool VEC>
-__device__ __forceinline__ void copy_to_shared(T* dst, const T* __restrict__ src, uint32_t n) {
+template <typename T, bool VEC, typename OnVector, typename OnValue>
+__device__ __forceinline__ void copy_to_shared_visit(T* dst, const T* __restrict__ src,
+                                                     uint32_t n, OnVector on_vector,
+                                                     OnValue on_value) {
   if constexpr (VEC) {
     constexpr int U = 4;  // loads in flight per thread before the stores
     const uint32_t nv = n / kVec<T>;
@@ -117,12 +120,29 @@ __device__ __forceinline__ void copy_to_shared(T* dst, const T* __restrict__ src
 #pragma unroll
       for (int u = 0; u < U; ++u) r[u] = load16(src + (size_t)(i + u * blockDim.x) * kVec<T>);
 #pragma unroll
-      for (int u = 0; u < U; ++u) store16(dst + (size_t)(i + u * blockDim.x) * kVec<T>, r[u]);
+      for (int u = 0; u < U; ++u) {
+        store16(dst + (size_t)(i + u * blockDim.x) * kVec<T>, r[u]);
+        on_vector(r[u]);
+      }
     }
-    for (; i < nv; i += blockDim.x) store16(dst + (size_t)i * kVec<T>, load16(src + (size_t)i * kVec<T>));
+    for (; i < nv; i += blockDim.x) {
+      const Vec16<T> r = load16(src + (size_t)i * kVec<T>);
+      store16(dst + (size_t)i * kVec<T>, r);
+      on_vector(r);
+    }
   } else {
-    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const T v = src[i];
+      dst[i] = v;
+      on_value(v);
+    }
   }
+}
+
+// copy_to_shared_visit with nothing to do on the way.
+template <typename T, bool VEC>
+__device__ __forceinline__ void copy_to_shared(T* dst, const T* __restrict__ src, uint32_t n) {
+  copy_to_shared_visit<T, VEC>(dst, src, n, [](const Vec16<T>&) {}, [](T) {});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,37 +324,12 @@ __device__ __forceinline__ void add_vector(PivotSums& acc, const Vec16<T>& v, fl
 template <typename T, bool VEC>
 __device__ __forceinline__ Welford copy_to_shared_stats(T* dst, const T* __restrict__ src,
                                                         uint32_t n, float pivot, float* scratch) {
-  if constexpr (VEC) {
-    PivotSums acc;
-    constexpr int U = 4;  // loads in flight per thread before the stores
-    const uint32_t nv = n / kVec<T>;
-    uint32_t i = threadIdx.x;
-    for (; i + (U - 1) * blockDim.x < nv; i += U * blockDim.x) {
-      Vec16<T> r[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) r[u] = load16(src + (size_t)(i + u * blockDim.x) * kVec<T>);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        store16(dst + (size_t)(i + u * blockDim.x) * kVec<T>, r[u]);
-        add_vector(acc, r[u], pivot);
-      }
-    }
-    for (; i < nv; i += blockDim.x) {
-      const Vec16<T> r = load16(src + (size_t)i * kVec<T>);
-      store16(dst + (size_t)i * kVec<T>, r);
-      add_vector(acc, r, pivot);
-    }
-    return block_merge(acc.welford(), scratch);  // its barriers also publish dst
-  } else {
-    // The scalar fallback (misaligned buffers): exact Welford, one value at a time.
-    Welford w;
-    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const T v = src[i];
-      dst[i] = v;
-      w = combine(w, Welford(1.f, to_f32(v) - pivot, 0.f));
-    }
-    return block_merge(w, scratch);  // its barriers also publish dst
-  }
+  PivotSums acc;  // vectors
+  Welford w;      // the scalar fallback (misaligned buffers): exact Welford, one value at a time
+  copy_to_shared_visit<T, VEC>(
+      dst, src, n, [&](const Vec16<T>& v) { add_vector(acc, v, pivot); },
+      [&](T v) { w = combine(w, Welford(1.f, to_f32(v) - pivot, 0.f)); });
+  return block_merge(VEC ? acc.welford() : w, scratch);  // its barriers also publish dst
 }
 
 // ---------------------------------------------------------------------------------------------

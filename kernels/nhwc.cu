@@ -192,15 +192,26 @@ __device__ __forceinline__ void tile_stats(const T* buf, const Tile& t, uint32_t
                [&](uint32_t j, float3 v) { m2[j] = v.x; });
 }
 
+// Calls column(cv, r0, step) for the vector columns this thread owns: cv = thread % wv over runs
+// r0 = thread / wv, stepping by rpr = blockDim / wv runs a round; when a run is wider than the
+// block, columns thread, thread + blockDim, ... over every run. Consecutive threads take
+// consecutive columns of a run, so global accesses stay coalesced.
+template <typename Column>
+__device__ __forceinline__ void for_owned_columns(uint32_t wv, Column column) {
+  if (wv <= blockDim.x) {
+    const uint32_t rpr = blockDim.x / wv;
+    if (threadIdx.x < rpr * wv) column(threadIdx.x % wv, threadIdx.x / wv, rpr);
+  } else {
+    for (uint32_t cv = threadIdx.x; cv < wv; cv += blockDim.x) column(cv, 0, 1);
+  }
+}
+
 // y = act((x - pivot) * a + sh) over a tile, a = rstd * w[c] and sh = b[c] - mshift * a, with
 // the group coefficients in garr (pv, ms, rs: pivot, mean about the pivot, rstd per group).
 //
-// Each thread owns fixed columns: vector column cv = thread % wv over runs thread / wv,
-// thread / wv + rpr, ... (rpr = blockDim / wv runs per round; when a run is wider than the block,
-// columns thread, thread + blockDim, ... over every run). So its V columns' pivot, scale and
-// shift are computed once, into registers, and each value then costs one FADD and one FFMA:
-// no division, shared-memory or parameter load per value. Consecutive threads still take
-// consecutive columns of a run, so global accesses stay coalesced.
+// Each thread owns fixed columns (for_owned_columns), so its V columns' pivot, scale and shift
+// are computed once, into registers, and each value then costs one FADD and one FFMA: no
+// division, shared-memory or parameter load per value.
 template <typename T, typename P, bool VEC, bool SILU, bool FROM_SHARED>
 __device__ __forceinline__ void normalize_tile(const T* src, T* __restrict__ y, const Tile& t,
                                                uint64_t c, uint32_t d, const float* pv,
@@ -240,12 +251,7 @@ __device__ __forceinline__ void normalize_tile(const T* src, T* __restrict__ y, 
       }
     }
   };
-  if (wv <= blockDim.x) {
-    const uint32_t rpr = blockDim.x / wv;
-    if (threadIdx.x < rpr * wv) column(threadIdx.x % wv, threadIdx.x / wv, rpr);
-  } else {
-    for (uint32_t cv = threadIdx.x; cv < wv; cv += blockDim.x) column(cv, 0, 1);
-  }
+  for_owned_columns(wv, column);
 }
 
 // One block per tile of whole rows, the tile on chip.
@@ -442,12 +448,7 @@ __device__ __forceinline__ void dx_tile(const T* xsrc, const T* dysrc, T* __rest
       }
     }
   };
-  if (wv <= blockDim.x) {
-    const uint32_t rpr = blockDim.x / wv;
-    if (threadIdx.x < rpr * wv) column(threadIdx.x % wv, threadIdx.x / wv, rpr);
-  } else {
-    for (uint32_t cv = threadIdx.x; cv < wv; cv += blockDim.x) column(cv, 0, 1);
-  }
+  for_owned_columns(wv, column);
 }
 
 // Loads mean and rstd of the tile's rows into garr[0..ng), garr[ng..2ng); delta = 0.
@@ -555,6 +556,9 @@ __device__ void nhwc_bwd_partial(const GnBwdParams& p) {
   const TileSmem m = tile_smem(smem_raw, 0, 0, 3, stride);
   load_row_stats(p, t, m.garr);
   if constexpr (SILU) {
+    // load_row_stats' thread j zeroes the delta slot that lane 0 of warp j fills below: without
+    // this barrier the zero could land last (dweight/dbias then depended on the block's schedule)
+    __syncthreads();
     // the row's mean residual from its pieces' centered sums, in order, a warp per row
     const uint32_t lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     const uint32_t k = p.chunking.chunks;

@@ -3,7 +3,8 @@
 //! f64 reference with DESIGN.md's tolerances, one body over every backend (tests/common/backend.rs:
 //! the CPU fast path, the emulated kernels with `--features emulate`, the GPU when present).
 //!
-//! Cases per run: `PROPTEST_CASES` (default 1,000 per property). The generator is seeded with a
+//! Cases per run: `PROPTEST_CASES` (default per backend: 5,000 on the CPU, 500 emulated, 1,000
+//! on a GPU; measured here: 5,000 CPU cases in ~1 s, 1,000 emulated in 35 s on 2 cores). The generator is seeded with a
 //! fixed seed unless `PROPTEST_RNG_SEED` is set (so CI runs are reproducible); a failure prints
 //! the shrunk case, whose `seed` field regenerates its data.
 //!
@@ -221,10 +222,10 @@ fn config(default_cases: u32) -> Config {
 fn random_problems_match_the_reference_on_every_backend() {
     for be in Backend::all("random_problems_match_the_reference_on_every_backend") {
         let (max_numel, cases) = match be {
-            Backend::Cpu => (20_000, 1000),
+            Backend::Cpu => (20_000, 5000),
             Backend::Gpu(_) => (200_000, 1000),
             #[allow(unreachable_patterns)]
-            _ => (3_000, 300),
+            _ => (3_000, 500),
         };
         let cfg = config(cases);
         let seed = cfg.rng_seed;

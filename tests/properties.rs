@@ -5,8 +5,7 @@
 //!
 //! Cases per run: `PROPTEST_CASES`, else per backend 5,000 on the CPU, 500 emulated and 1,000
 //! on a GPU (measured on a 2-core machine: 5,000 CPU cases in 2.2 s, 500 emulated in 11.4 s;
-//! models for the GPU, not measured). The generator is seeded with a
-//! fixed seed unless `PROPTEST_RNG_SEED` is set (so CI runs are reproducible); a failure prints
+//! the GPU's time is not measured yet). The generator is seeded with a fixed seed unless `PROPTEST_RNG_SEED` is set (so CI runs are reproducible); a failure prints
 //! the shrunk case, whose `seed` field regenerates its data.
 //!
 //! Run: `cargo test --release --features emulate --test properties` (CPU only without the

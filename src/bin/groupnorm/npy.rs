@@ -282,6 +282,14 @@ fn sibling(path: &Path, index: usize, what: &str) -> std::path::PathBuf {
 /// already renamed are undone (a replaced file is restored from a hard link kept until the end),
 /// so an input named as an output survives any failure.
 pub fn write_all(outputs: &[(&Path, Array)]) -> Result<(), UsageError> {
+    write_all_with(outputs, &|from, to| std::fs::rename(from, to))
+}
+
+/// [`write_all`] with the rename into place given (a test makes it fail part way).
+fn write_all_with(
+    outputs: &[(&Path, Array)],
+    rename: &dyn Fn(&Path, &Path) -> std::io::Result<()>,
+) -> Result<(), UsageError> {
     let paths: Vec<&Path> = outputs.iter().map(|(p, _)| *p).collect();
     check_targets(&paths)?;
     let mut temps = Vec::new();
@@ -301,7 +309,7 @@ pub fn write_all(outputs: &[(&Path, Array)]) -> Result<(), UsageError> {
                 .map_err(|e| err(path, format!("cannot write: {e}")))?;
         }
         for (i, path) in paths.iter().enumerate() {
-            let backup = if path.exists() {
+            let backup = if std::fs::symlink_metadata(path).is_ok() {
                 let b = sibling(path, i, "old");
                 std::fs::hard_link(path, &b)
                     .or_else(|_| std::fs::copy(path, &b).map(drop))
@@ -313,7 +321,7 @@ pub fn write_all(outputs: &[(&Path, Array)]) -> Result<(), UsageError> {
             backups.push(backup);
         }
         for (path, tmp) in paths.iter().zip(&temps) {
-            std::fs::rename(tmp, path).map_err(|e| err(path, format!("cannot rename: {e}")))?;
+            rename(tmp, path).map_err(|e| err(path, format!("cannot rename: {e}")))?;
             renamed += 1;
         }
         Ok(())
@@ -417,5 +425,52 @@ mod tests {
         let e = parse(&b).unwrap_err();
         assert!(!e.chars().any(char::is_control), "{e:?}");
         assert!(e.contains(r"'<f\n4\t\u{1b}'"), "{e}");
+    }
+
+    /// A rename that fails part way: the outputs already renamed are undone, the file an output
+    /// replaced is back, byte for byte, and no temporary or backup is left.
+    #[test]
+    fn a_failed_rename_undoes_the_ones_before_it() {
+        let dir = std::env::temp_dir().join(format!("groupnorm-npy-undo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b, c) = (dir.join("a.npy"), dir.join("b.npy"), dir.join("c.npy"));
+        std::fs::write(&a, b"the input").unwrap();
+        let arr = |v: f32| Array::F32 {
+            shape: vec![1],
+            data: vec![v],
+        };
+        let outputs = [
+            (a.as_path(), arr(1.0)),
+            (b.as_path(), arr(2.0)),
+            (c.as_path(), arr(3.0)),
+        ];
+        let calls = std::cell::Cell::new(0);
+        let flaky = |from: &Path, to: &Path| {
+            calls.set(calls.get() + 1);
+            if calls.get() == 3 {
+                Err(std::io::Error::other("disk on fire"))
+            } else {
+                std::fs::rename(from, to)
+            }
+        };
+        let e = write_all_with(&outputs, &flaky).unwrap_err();
+        assert!(
+            e.0.contains("c.npy: cannot rename: disk on fire"),
+            "{}",
+            e.0
+        );
+        assert_eq!(std::fs::read(&a).unwrap(), b"the input");
+        assert!(!b.exists(), "a new output was left behind");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["a.npy"], "temporaries or backups left");
+        // and without the failure all three are written
+        write_all(&outputs).unwrap();
+        assert_eq!(parse(&std::fs::read(&a).unwrap()).unwrap(), arr(1.0));
+        assert_eq!(parse(&std::fs::read(&c).unwrap()).unwrap(), arr(3.0));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,7 +1,8 @@
 // Thread-block cluster primitives (sm_90+): a barrier over every thread of the cluster and reads
 // of another block's shared memory (distributed shared memory, DSMEM). On the GPU they are
-// cooperative_groups' cluster operations; in host emulation (host_emu.h) the emulator's, which
-// run the blocks of a cluster side by side and check the kernels' use of them.
+// cooperative_groups' cluster operations; in host emulation the same code runs against the
+// stand-in `cooperative_groups::this_cluster()` of host_emu.h, whose operations are the
+// emulator's: it runs the blocks of a cluster side by side and checks the kernels' use of them.
 //
 // GN_CLUSTERS is 1 where clusters exist: device code for sm_90 and newer, and the emulator.
 // Elsewhere (older architectures, nvcc's host pass) the cluster kernels compile to a trap that
@@ -38,30 +39,18 @@ constexpr uint32_t kClusterSlotBytes = 16;
 // Every thread of every block of the cluster arrives before any goes on; shared-memory writes
 // before it are visible to the cluster's reads after it (release/acquire at cluster scope).
 __device__ __forceinline__ void cluster_sync() {
-#ifdef GN_HOST_EMULATION
-  gn_emu::sync_cluster();
-#else
   cooperative_groups::this_cluster().sync();
-#endif
 }
 
 // This block's rank in its cluster: blockIdx.x % cluster size for the one-dimensional clusters
 // the host launches.
 __device__ __forceinline__ uint32_t cluster_rank() {
-#ifdef GN_HOST_EMULATION
-  return gn_emu::cluster_rank();
-#else
   return cooperative_groups::this_cluster().block_rank();
-#endif
 }
 
 // Blocks in the cluster.
 __device__ __forceinline__ uint32_t cluster_size() {
-#ifdef GN_HOST_EMULATION
-  return gn_emu::cluster_size();
-#else
   return cooperative_groups::this_cluster().num_blocks();
-#endif
 }
 
 // The address of `p` (in this block's dynamic shared memory) in block `rank`'s shared memory.
@@ -70,11 +59,7 @@ __device__ __forceinline__ uint32_t cluster_size() {
 // shared memory is gone once it exits).
 template <typename T>
 __device__ __forceinline__ const T* cluster_peer(const T* p, uint32_t rank) {
-#ifdef GN_HOST_EMULATION
-  return static_cast<const T*>(gn_emu::cluster_map(p, rank));
-#else
   return cooperative_groups::this_cluster().map_shared_rank(const_cast<T*>(p), (int)rank);
-#endif
 }
 
 #endif  // GN_CLUSTERS

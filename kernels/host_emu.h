@@ -122,6 +122,22 @@ unsigned cluster_size();
 const void* cluster_map(const void* p, unsigned rank);
 }  // namespace gn_emu
 
+// A stand-in for the part of cooperative_groups' cluster API the kernels use, so that
+// kernels/cluster.cuh compiles its device branch unchanged in emulation (replacing the device
+// call, say `this_cluster().sync()` by `__syncthreads()`, then fails the emulated tests).
+namespace cooperative_groups {
+struct cluster_group {
+  void sync() const { gn_emu::sync_cluster(); }
+  unsigned block_rank() const { return gn_emu::cluster_rank(); }
+  unsigned num_blocks() const { return gn_emu::cluster_size(); }
+  template <typename T>
+  T* map_shared_rank(T* p, int rank) const {
+    return static_cast<T*>(const_cast<void*>(gn_emu::cluster_map(p, (unsigned)rank)));
+  }
+};
+inline cluster_group this_cluster() { return {}; }
+}  // namespace cooperative_groups
+
 template <typename V>
 inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
   static_assert(sizeof(V) == 4, "the emulator exchanges 32-bit values");

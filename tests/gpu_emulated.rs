@@ -57,8 +57,8 @@ const PLAIN_PATHS: [Path; 3] = [Path::Auto, Path::Split, Path::Fused];
 /// How one parity case is built.
 #[derive(Clone, Copy)]
 struct Opts {
-    /// Weight and bias present (else both absent; dbias still asked for).
-    affine: bool,
+    /// Which of weight and bias are present (dbias is asked for always, dweight with a weight).
+    affine: Affine,
     /// Start x, dy, y and dx one element past a 16-byte boundary (the scalar kernels).
     misalign: bool,
     /// Mean of x (a large offset tests the per-row pivot and the mean correction).
@@ -73,8 +73,27 @@ struct Opts {
     silu: bool,
 }
 
+/// The affine parameters a case passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Affine {
+    None,
+    Weight,
+    Bias,
+    Both,
+}
+
+impl Affine {
+    const ALL: [Affine; 4] = [Affine::None, Affine::Weight, Affine::Bias, Affine::Both];
+    fn weight(self) -> bool {
+        matches!(self, Affine::Weight | Affine::Both)
+    }
+    fn bias(self) -> bool {
+        matches!(self, Affine::Bias | Affine::Both)
+    }
+}
+
 const PLAIN: Opts = Opts {
-    affine: true,
+    affine: Affine::Both,
     misalign: false,
     x_mean: 0.0,
     f32_abs: F32_FORWARD_ABS,
@@ -110,7 +129,7 @@ fn assert_guards<E: Element>(b: &HostBuffer<E>, what: &str, ctx: &str) {
 /// on every path (the planner's choice, split, and fused where the row fits). Returns what ran.
 fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: Opts) -> Vec<Ran> {
     let case = format!(
-        "{dims:?} G={groups} {}/{} {} silu={} affine={} misaligned={} mean={} limits={:?}",
+        "{dims:?} G={groups} {}/{} {} silu={} affine={:?} misaligned={} mean={} limits={:?}",
         T::DTYPE,
         P::DTYPE,
         o.layout.name(),
@@ -137,16 +156,13 @@ fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: O
     let w: Vec<P> = uniform_vec(&mut r, c, 0.5, 1.5);
     let b: Vec<P> = normal_vec(&mut r, c, 0.0, 0.5);
     let dy: Vec<T> = normal_vec(&mut r, numel, 0.0, 1.0);
-    let (wh, bh) = if o.affine {
-        (Some(&w[..]), Some(&b[..]))
-    } else {
-        (None, None)
-    };
+    let wh = o.affine.weight().then_some(&w[..]);
+    let bh = o.affine.bias().then_some(&b[..]);
     let off = usize::from(o.misalign);
     let reference = reference::forward(&gn, &x, dims, wh, bh).unwrap();
     let grads = reference::backward_activated(&gn, &dy, &x, dims, wh, bh).unwrap();
-    let w64 = o.affine.then(|| to_f64(&w));
-    let b64 = o.affine.then(|| to_f64(&b));
+    let w64 = o.affine.weight().then(|| to_f64(&w));
+    let b64 = o.affine.bias().then(|| to_f64(&b));
     // dx errors are measured against ||rstd w dz||, dz the gradient reaching the normalization
     // (dy itself without an activation): see tests/cpu_activation.rs
     let geo = gn.geometry(dims).unwrap();
@@ -212,7 +228,7 @@ fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: O
             wh,
             bh,
             dx.as_mut_slice(),
-            if o.affine {
+            if o.affine.weight() {
                 Some(dw.as_mut_slice())
             } else {
                 None
@@ -233,7 +249,7 @@ fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: O
                 assert!(!bwd.vec, "{ctx}: misaligned buffers ran the vector kernels");
             }
             assert_dx_close(dx.as_slice(), &grads.dx, scale, &format!("{ctx}: dx"));
-            if o.affine {
+            if o.affine.weight() {
                 assert_param_grad_close(dw.as_slice(), &grads.dweight, "dweight", &ctx);
             } else {
                 assert!(
@@ -583,7 +599,7 @@ fn small_and_odd_shapes() {
             case.groups,
             200 + i as u64,
             Opts {
-                affine: false,
+                affine: Affine::None,
                 ..PLAIN
             },
         );
@@ -937,74 +953,131 @@ fn deterministic_under_every_schedule() {
         (&[2, 32, 296], 2),
         (&[2, 32, 301], 2),
     ] {
-        let c = dims[1];
-        let gn = GroupNorm::new(groups, c).unwrap();
-        let mut r = rng(900);
-        let n: usize = dims.iter().product();
-        let x: Vec<f16> = normal_vec(&mut r, n, 0.0, 1.0);
-        let dy: Vec<f16> = normal_vec(&mut r, n, 0.0, 1.0);
-        let w: Vec<f32> = uniform_vec(&mut r, c, 0.5, 1.5);
-        let b: Vec<f32> = normal_vec(&mut r, c, 0.0, 0.5);
-        for path in PLAIN_PATHS {
-            let mut first = None;
-            for schedule in [
-                Schedule::Forward,
-                Schedule::Forward,
-                Schedule::Reverse,
-                Schedule::Shuffled(1),
-                Schedule::Shuffled(2),
-                Schedule::RoundRobin,
-            ] {
-                emulate::set_schedule(schedule);
-                let Ok((y, stats)) =
-                    emulate::forward(&gn, path, &x, dims, Some(&w[..]), Some(&b[..]), 4, 8192)
-                else {
-                    assert_eq!(path, Path::Fused, "{dims:?}: only fused may refuse");
+        schedule_determinism(dims, groups, Layout::Nchw, Activation::None);
+    }
+}
+
+/// The same for channels-last tiles (fused and split into pieces, a wide tile) and for the fused
+/// SiLU in both layouts: their reductions must not depend on the block order either.
+#[test]
+fn deterministic_under_every_schedule_nhwc_and_silu() {
+    for (dims, groups, layout, act) in [
+        (&[2usize, 24, 3, 11][..], 6, Layout::Nhwc, Activation::None),
+        (&[1, 64, 24, 24], 8, Layout::Nhwc, Activation::None),
+        (&[1, 1040, 2, 3], 2, Layout::Nhwc, Activation::None),
+        (&[2, 16, 20, 20], 8, Layout::Nchw, Activation::Silu),
+        (&[1, 4, 5000], 2, Layout::Nchw, Activation::Silu),
+    ] {
+        schedule_determinism(dims, groups, layout, act);
+    }
+}
+
+/// NHWC + SiLU on the split path: its backward's dweight and dbias differ (by 1e-6 to 4e-6)
+/// between the Forward and Reverse block schedules today (the fused path and NHWC without SiLU
+/// are deterministic), a determinism bug in the NHWC SiLU split backward found by this test
+/// (issue 15); ignored until the kernel is fixed, so that CI stays meaningful.
+#[test]
+#[ignore = "NHWC SiLU split backward: dweight/dbias depend on the block schedule (kernel bug)"]
+fn deterministic_under_every_schedule_nhwc_silu() {
+    for (dims, groups) in [(&[2usize, 24, 3, 11][..], 6), (&[1, 64, 24, 24], 8)] {
+        schedule_determinism(dims, groups, Layout::Nhwc, Activation::Silu);
+    }
+}
+
+/// Runs forward and backward on every plain path under several block schedules and asserts
+/// bit-identical outputs.
+fn schedule_determinism(dims: &[usize], groups: usize, layout: Layout, act: Activation) {
+    let mut failures = Vec::new();
+    let c = dims[1];
+    let gn = GroupNorm::new(groups, c)
+        .unwrap()
+        .layout(layout)
+        .activation(act);
+    let mut r = rng(900);
+    let n: usize = dims.iter().product();
+    let x: Vec<f16> = normal_vec(&mut r, n, 0.0, 1.0);
+    let dy: Vec<f16> = normal_vec(&mut r, n, 0.0, 1.0);
+    let w: Vec<f32> = uniform_vec(&mut r, c, 0.5, 1.5);
+    let b: Vec<f32> = normal_vec(&mut r, c, 0.0, 0.5);
+    let smem = if c > 512 { 48 * 1024 } else { 8192 };
+    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let bits16 = |v: &[f16]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for path in PLAIN_PATHS {
+        let mut first = None;
+        for schedule in [
+            Schedule::Forward,
+            Schedule::Forward,
+            Schedule::Reverse,
+            Schedule::Shuffled(1),
+            Schedule::Shuffled(2),
+            Schedule::RoundRobin,
+        ] {
+            emulate::set_schedule(schedule);
+            let Ok((y, stats)) =
+                emulate::forward(&gn, path, &x, dims, Some(&w[..]), Some(&b[..]), 4, smem)
+            else {
+                assert_eq!(path, Path::Fused, "{dims:?}: only fused may refuse");
+                break;
+            };
+            let Ok(g) = emulate::backward(
+                &gn,
+                path,
+                &dy,
+                &x,
+                dims,
+                &stats,
+                Some(&w[..]),
+                Some(&b[..]),
+                true,
+                4,
+                smem,
+            ) else {
+                assert_eq!(path, Path::Fused, "{dims:?}: only fused may refuse");
+                break;
+            };
+            let got = (
+                bits16(&y),
+                bits(&stats.mean),
+                bits(&stats.rstd),
+                bits16(&g.dx),
+                bits(&g.dweight.unwrap()),
+                bits(&g.dbias.unwrap()),
+            );
+            match &first {
+                None => first = Some(got),
+                Some(f) if f != &got => {
+                    let max_diff = |a: &[u32], b: &[u32]| {
+                        a.iter()
+                            .zip(b)
+                            .map(|(x, y)| (f32::from_bits(*x) - f32::from_bits(*y)).abs())
+                            .fold(0.0f32, f32::max)
+                    };
+                    let differ: Vec<&str> = [
+                        ("y", f.0 == got.0),
+                        ("mean", f.1 == got.1),
+                        ("rstd", f.2 == got.2),
+                        ("dx", f.3 == got.3),
+                        ("dweight", f.4 == got.4),
+                        ("dbias", f.5 == got.5),
+                    ]
+                    .into_iter()
+                    .filter_map(|(name, same)| (!same).then_some(name))
+                    .collect();
+                    failures.push(format!(
+                        "{dims:?} {} {act:?} {path:?}: {schedule:?} differs from the first run in \
+                         {differ:?} (dweight by up to {}, dbias by up to {})",
+                        layout.name(),
+                        max_diff(&f.4, &got.4),
+                        max_diff(&f.5, &got.5),
+                    ));
                     break;
-                };
-                let Ok(g) = emulate::backward(
-                    &gn,
-                    path,
-                    &dy,
-                    &x,
-                    dims,
-                    &stats,
-                    Some(&w[..]),
-                    None,
-                    true,
-                    4,
-                    8192,
-                ) else {
-                    assert_eq!(path, Path::Fused, "{dims:?}: only fused may refuse");
-                    break;
-                };
-                let bits = (
-                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    stats.mean.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    stats.rstd.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    g.dx.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    g.dweight
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect::<Vec<_>>(),
-                    g.dbias
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect::<Vec<_>>(),
-                );
-                match &first {
-                    None => first = Some(bits),
-                    Some(f) => assert!(
-                        f == &bits,
-                        "{dims:?} {path:?}: {schedule:?} differs from the first run"
-                    ),
                 }
+                Some(_) => {}
             }
         }
     }
     emulate::set_schedule(Schedule::Forward);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1091,7 +1164,15 @@ fn silu_parity() {
             all_dtypes(dims, groups, 970 + i as u64, o);
         }
         // no affine parameters: z = xhat
-        parity::<f32, f32>(&[2, 12, 7], 3, 979, Opts { affine: false, ..o });
+        parity::<f32, f32>(
+            &[2, 12, 7],
+            3,
+            979,
+            Opts {
+                affine: Affine::None,
+                ..o
+            },
+        );
     }
 }
 
@@ -1221,7 +1302,10 @@ fn cluster_parity() {
     {
         for opts in [
             o,
-            Opts { affine: false, ..o },
+            Opts {
+                affine: Affine::None,
+                ..o
+            },
             Opts {
                 misalign: true,
                 ..o
@@ -1434,4 +1518,94 @@ fn cluster_deterministic_under_every_schedule() {
         }
     }
     emulate::set_schedule(Schedule::Forward);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Coverage the planted-bug sweep of issue 15 found missing
+// ---------------------------------------------------------------------------------------------
+
+/// Weight without bias and bias without weight (the README's GPU example passes a weight only)
+/// on every path and layout, with and without SiLU: a kernel that tests one pointer for the
+/// other's presence fails here.
+#[test]
+fn weight_without_bias_and_bias_without_weight_on_every_path() {
+    let nchw = PLAIN;
+    let nhwc = Opts {
+        layout: Layout::Nhwc,
+        ..PLAIN
+    };
+    let clusters = Opts {
+        limits: SMALL_CLUSTERS,
+        ..PLAIN
+    };
+    let cases: [(&[usize], usize, Opts); 9] = [
+        (&[2, 12, 7], 3, nchw),       // fused
+        (&[1, 8, 600], 2, nchw),      // split into chunks
+        (&[1, 4, 5000], 2, nchw),     // split into pieces of a channel
+        (&[1, 4, 3000], 2, clusters), // cluster
+        (&[2, 24, 3, 11], 6, nhwc),   // NHWC, several groups per tile
+        (&[1, 32, 24, 24], 8, nhwc),  // NHWC split into pieces
+        (&[2, 12, 7], 3, Opts { silu: true, ..nchw }),
+        (&[1, 4, 5000], 2, Opts { silu: true, ..nchw }),
+        (&[1, 32, 24, 24], 8, Opts { silu: true, ..nhwc }),
+    ];
+    for (i, (dims, groups, o)) in cases.into_iter().enumerate() {
+        for affine in [Affine::Weight, Affine::Bias] {
+            let o = Opts { affine, ..o };
+            let seed = 1500 + i as u64;
+            let ran = parity::<f32, f32>(dims, groups, seed, o);
+            parity::<f16, f32>(dims, groups, seed, o);
+            parity::<bf16, bf16>(dims, groups, seed, o);
+            if o.limits.max_cluster > 0 {
+                assert!(
+                    ran.iter().any(|r| r.fwd.cluster > 1),
+                    "{dims:?}: no cluster ran"
+                );
+            }
+        }
+    }
+}
+
+/// NHWC tiles wider than the 512-thread block: `column_sums` in nhwc.cu then takes its wide
+/// branch (a thread per column, several columns per thread past 1,024), forward and backward,
+/// fused (H100 limits) and split, every affine combination.
+#[test]
+fn nhwc_tiles_wider_than_the_block() {
+    let wide = Opts {
+        layout: Layout::Nhwc,
+        limits: MEDIUM,
+        ..PLAIN
+    };
+    let cases: [(&[usize], usize); 3] = [
+        (&[2, 1040, 2, 3], 2), // W = 520
+        (&[1, 1100, 3, 2], 1), // W = 1,100: more than two columns per thread
+        (&[1, 1024, 4, 4], 1), // W = 1,024 exactly
+    ];
+    for (i, (dims, groups)) in cases.into_iter().enumerate() {
+        let d = dims[1] / groups;
+        for affine in Affine::ALL {
+            for limits in [MEDIUM, H100] {
+                let o = Opts {
+                    affine,
+                    limits,
+                    ..wide
+                };
+                for ran in [
+                    parity::<f32, f32>(dims, groups, 1600 + i as u64, o),
+                    parity::<f16, f32>(dims, groups, 1600 + i as u64, o),
+                ] {
+                    for r in &ran {
+                        assert!(r.fwd.nhwc, "{dims:?}: NHWC ran the NCHW kernels");
+                        assert!(
+                            r.fwd.cpb as usize * d > 512,
+                            "{dims:?}: a tile of {} channels",
+                            r.fwd.cpb as usize * d
+                        );
+                    }
+                }
+            }
+        }
+        let o = Opts { silu: true, ..wide };
+        parity::<bf16, bf16>(dims, groups, 1650 + i as u64, o);
+    }
 }

@@ -93,6 +93,17 @@ fn config(args: &Args, dims: &[usize], layout: Layout) -> Result<GroupNorm, Fail
         .activation(act))
 }
 
+/// Refuses, before any work, output flags that name one file twice or a directory (an input named
+/// as an output is fine: it is replaced only once the whole run succeeded).
+fn check_outputs(args: &Args, flags: &[&str]) -> Result<(), UsageError> {
+    let paths: Vec<&Path> = flags
+        .iter()
+        .filter_map(|f| args.get(f))
+        .map(Path::new)
+        .collect();
+    npy::check_targets(&paths)
+}
+
 fn read_opt(args: &Args, name: &str) -> Result<Option<Array>, UsageError> {
     args.get(name).map(|p| npy::read(Path::new(p))).transpose()
 }
@@ -157,6 +168,7 @@ pub fn apply(raw: &[String]) -> Result<(), Failure> {
     valued.extend(["bias", "out", "mean", "rstd"]);
     let args = Args::parse(raw, &valued, &["silu"])?;
     let out = Path::new(args.required("out")?);
+    check_outputs(&args, &["out", "mean", "rstd"])?;
     let x = npy::read(Path::new(args.required("x")?))?;
     let (weight, bias) = (read_opt(&args, "weight")?, read_opt(&args, "bias")?);
     let dev = device(&args)?;
@@ -240,6 +252,7 @@ pub fn grad(raw: &[String]) -> Result<(), Failure> {
     if args.get("dweight").is_some() && args.get("weight").is_none() {
         return Err(UsageError("--dweight needs --weight".into()).into());
     }
+    check_outputs(&args, &["dx", "dweight", "dbias"])?;
     let x = npy::read(Path::new(args.required("x")?))?;
     let dy = npy::read(Path::new(args.required("dy")?))?;
     let weight = read_opt(&args, "weight")?;

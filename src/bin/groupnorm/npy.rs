@@ -37,7 +37,7 @@ impl Array {
 const MAGIC: &[u8] = b"\x93NUMPY";
 
 fn err(path: &Path, what: impl std::fmt::Display) -> UsageError {
-    UsageError(format!("{}: {what}", path.display()))
+    UsageError(printable(&format!("{}: {what}", path.display())))
 }
 
 /// Reads a `.npy` file.
@@ -46,8 +46,12 @@ pub fn read(path: &Path) -> Result<Array, UsageError> {
     parse(&bytes).map_err(|what| err(path, what))
 }
 
-/// Parses the bytes of a `.npy` file.
+/// Parses the bytes of a `.npy` file (versions 1.0, 2.0 and 3.0); an error is one line of text.
 pub fn parse(bytes: &[u8]) -> Result<Array, String> {
+    parse_raw(bytes).map_err(|e| printable(&e))
+}
+
+fn parse_raw(bytes: &[u8]) -> Result<Array, String> {
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err("not a .npy file (bad magic)".into());
     }
@@ -151,7 +155,8 @@ fn parse_shape(s: &str) -> Result<Vec<usize>, String> {
         .collect()
 }
 
-/// Serializes an array as a version 1.0 `.npy` file.
+/// Serializes an array as a `.npy` file: version 1.0, or 2.0 when the header does not fit the
+/// 16-bit length of 1.0 (NumPy's own rule), so headers of any length are written whole.
 pub fn to_bytes(array: &Array) -> Vec<u8> {
     let (descr, shape) = match array {
         Array::F32 { shape, .. } => ("<f4", shape),
@@ -162,16 +167,41 @@ pub fn to_bytes(array: &Array) -> Vec<u8> {
         1 => format!("({},)", dims[0]),
         _ => format!("({})", dims.join(", ")),
     };
-    let mut header =
-        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
-    // pad with spaces so that magic + version + length + header + '\n' is a multiple of 64
-    let unpadded = MAGIC.len() + 2 + 2 + header.len() + 1;
-    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    let body = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
+    // magic + version + length field, then the header padded with spaces and ended by '\n' so
+    // that the data starts at a multiple of 64
+    let padded = |preamble: usize| {
+        let unpadded = preamble + body.len() + 1;
+        body.len() + (64 - unpadded % 64) % 64 + 1
+    };
+    let (version, preamble) = if padded(MAGIC.len() + 4) <= u16::MAX as usize {
+        (1u8, MAGIC.len() + 4)
+    } else {
+        (2u8, MAGIC.len() + 6)
+    };
+    let header_len = padded(preamble);
+    let mut header = body.clone();
+    header.push_str(&" ".repeat(header_len - body.len() - 1));
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len());
+    let elem = if matches!(array, Array::F32 { .. }) {
+        4
+    } else {
+        2
+    };
+    let count = match array {
+        Array::F32 { data, .. } => data.len(),
+        Array::F16 { data, .. } => data.len(),
+    };
+    let mut out = Vec::with_capacity(preamble + header.len() + elem * count);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[1, 0]);
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(&[version, 0]);
+    if version == 1 {
+        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    } else {
+        // a header of 4 GiB would need a shape of a billion dims: the data could not exist
+        let len = u32::try_from(header.len()).expect("a .npy header under 4 GiB");
+        out.extend_from_slice(&len.to_le_bytes());
+    }
     out.extend_from_slice(header.as_bytes());
     match array {
         Array::F32 { data, .. } => data.iter().for_each(|v| out.extend(v.to_le_bytes())),
@@ -182,29 +212,130 @@ pub fn to_bytes(array: &Array) -> Vec<u8> {
     out
 }
 
-/// Writes several arrays, each to a temporary file first; renames them into place only once
-/// every one was written, so an error leaves none of them behind.
+/// `text` with every control character (newline, tab, escape...) written as an escape, so that a
+/// message quoting a file's header or a path stays on one line of stderr.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The path a target names once its directory is resolved (symbolic links and `..` included),
+/// so that two spellings of one file compare equal.
+fn resolved(path: &Path) -> Result<std::path::PathBuf, UsageError> {
+    if let Ok(p) = path.canonicalize() {
+        return Ok(p);
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| err(path, "cannot write: not a file name"))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| err(path, format!("cannot write: its directory: {e}")))?;
+    Ok(dir.join(name))
+}
+
+/// Checks the targets of one run before anything is computed or written: each a file name in an
+/// existing directory, not a directory itself, and no file named for two outputs.
+pub fn check_targets(paths: &[&Path]) -> Result<(), UsageError> {
+    let mut seen: Vec<std::path::PathBuf> = Vec::with_capacity(paths.len());
+    for path in paths {
+        if path.is_dir() {
+            return Err(err(path, "cannot write: it is a directory"));
+        }
+        let r = resolved(path)?;
+        if seen.contains(&r) {
+            return Err(err(
+                path,
+                "is named for two outputs: each output needs its own file",
+            ));
+        }
+        seen.push(r);
+    }
+    Ok(())
+}
+
+/// A file name beside `path`, unique to this process and to output `index`.
+fn sibling(path: &Path, index: usize, what: &str) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(
+        ".{name}.groupnorm-{}-{index}.{what}",
+        std::process::id()
+    ))
+}
+
+/// Writes several arrays, all or none: each goes to its own temporary file beside its target;
+/// only once every one is written are they renamed into place, and should a rename fail, the ones
+/// already renamed are undone (a replaced file is restored from a hard link kept until the end),
+/// so an input named as an output survives any failure.
 pub fn write_all(outputs: &[(&Path, Array)]) -> Result<(), UsageError> {
+    write_all_with(outputs, &|from, to| std::fs::rename(from, to))
+}
+
+/// [`write_all`] with the rename into place given (a test makes it fail part way).
+fn write_all_with(
+    outputs: &[(&Path, Array)],
+    rename: &dyn Fn(&Path, &Path) -> std::io::Result<()>,
+) -> Result<(), UsageError> {
+    let paths: Vec<&Path> = outputs.iter().map(|(p, _)| *p).collect();
+    check_targets(&paths)?;
     let mut temps = Vec::new();
+    let mut backups: Vec<Option<std::path::PathBuf>> = Vec::new();
+    let mut renamed = 0;
     let result = (|| {
-        for (path, array) in outputs {
-            let tmp = path.with_extension(format!("npy.tmp{}", std::process::id()));
-            temps.push(tmp.clone());
-            let mut f = std::fs::File::create(&tmp)
+        for (i, (path, array)) in outputs.iter().enumerate() {
+            let tmp = sibling(path, i, "tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
                 .map_err(|e| err(path, format!("cannot create: {e}")))?;
+            temps.push(tmp);
             f.write_all(&to_bytes(array))
                 .and_then(|_| f.sync_all())
                 .map_err(|e| err(path, format!("cannot write: {e}")))?;
         }
-        for ((path, _), tmp) in outputs.iter().zip(&temps) {
-            std::fs::rename(tmp, path).map_err(|e| err(path, format!("cannot rename: {e}")))?;
+        for (i, path) in paths.iter().enumerate() {
+            let backup = if std::fs::symlink_metadata(path).is_ok() {
+                let b = sibling(path, i, "old");
+                std::fs::hard_link(path, &b)
+                    .or_else(|_| std::fs::copy(path, &b).map(drop))
+                    .map_err(|e| err(path, format!("cannot keep the old file: {e}")))?;
+                Some(b)
+            } else {
+                None
+            };
+            backups.push(backup);
+        }
+        for (path, tmp) in paths.iter().zip(&temps) {
+            rename(tmp, path).map_err(|e| err(path, format!("cannot rename: {e}")))?;
+            renamed += 1;
         }
         Ok(())
     })();
     if result.is_err() {
-        for tmp in &temps {
-            let _ = std::fs::remove_file(tmp);
+        for (path, backup) in paths.iter().zip(&backups).take(renamed) {
+            let _ = match backup {
+                Some(b) => std::fs::rename(b, path),
+                None => std::fs::remove_file(path),
+            };
         }
+    }
+    for f in temps.iter().chain(backups.iter().flatten()) {
+        let _ = std::fs::remove_file(f);
     }
     result
 }
@@ -262,5 +393,84 @@ mod tests {
         short.pop();
         assert!(parse(&short).unwrap_err().contains("data bytes"));
         assert!(parse(b"garbage").is_err());
+    }
+
+    #[test]
+    fn long_headers_are_version_2_and_read_back() {
+        for dims in [21_000, 21_900, 22_000, 30_000] {
+            let a = Array::F16 {
+                shape: vec![1; dims],
+                data: vec![f16::from_f32(2.0)],
+            };
+            let bytes = to_bytes(&a);
+            let (version, start, len) = if bytes[6] == 1 {
+                (1, 10, u16::from_le_bytes([bytes[8], bytes[9]]) as usize)
+            } else {
+                let l = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+                (bytes[6], 12, l as usize)
+            };
+            assert_eq!(version, if start + len > 65_535 + 10 { 2 } else { 1 });
+            assert_eq!((start + len) % 64, 0, "{dims} dims");
+            assert_eq!(bytes.len(), start + len + 2, "{dims} dims");
+            assert_eq!(parse(&bytes).unwrap(), a, "{dims} dims");
+        }
+    }
+
+    #[test]
+    fn errors_quoting_the_header_are_one_line() {
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        let hdr = "{'descr': '<f\n4\t\x1b', 'fortran_order': False, 'shape': (1,), }\n";
+        b.extend((hdr.len() as u16).to_le_bytes());
+        b.extend(hdr.as_bytes());
+        let e = parse(&b).unwrap_err();
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert!(e.contains(r"'<f\n4\t\u{1b}'"), "{e}");
+    }
+
+    /// A rename that fails part way: the outputs already renamed are undone, the file an output
+    /// replaced is back, byte for byte, and no temporary or backup is left.
+    #[test]
+    fn a_failed_rename_undoes_the_ones_before_it() {
+        let dir = std::env::temp_dir().join(format!("groupnorm-npy-undo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b, c) = (dir.join("a.npy"), dir.join("b.npy"), dir.join("c.npy"));
+        std::fs::write(&a, b"the input").unwrap();
+        let arr = |v: f32| Array::F32 {
+            shape: vec![1],
+            data: vec![v],
+        };
+        let outputs = [
+            (a.as_path(), arr(1.0)),
+            (b.as_path(), arr(2.0)),
+            (c.as_path(), arr(3.0)),
+        ];
+        let calls = std::cell::Cell::new(0);
+        let flaky = |from: &Path, to: &Path| {
+            calls.set(calls.get() + 1);
+            if calls.get() == 3 {
+                Err(std::io::Error::other("disk on fire"))
+            } else {
+                std::fs::rename(from, to)
+            }
+        };
+        let e = write_all_with(&outputs, &flaky).unwrap_err();
+        assert!(
+            e.0.contains("c.npy: cannot rename: disk on fire"),
+            "{}",
+            e.0
+        );
+        assert_eq!(std::fs::read(&a).unwrap(), b"the input");
+        assert!(!b.exists(), "a new output was left behind");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["a.npy"], "temporaries or backups left");
+        // and without the failure all three are written
+        write_all(&outputs).unwrap();
+        assert_eq!(parse(&std::fs::read(&a).unwrap()).unwrap(), arr(1.0));
+        assert_eq!(parse(&std::fs::read(&c).unwrap()).unwrap(), arr(3.0));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -33,8 +33,6 @@ pub mod accuracy;
 /// and a drop-in replacement for `candle_nn::GroupNorm`.
 #[cfg(feature = "candle")]
 pub mod candle;
-/// The C ABI (`include/groupnorm.h`): forward and backward on device pointers and a stream.
-pub mod capi;
 pub mod config;
 pub mod cpu;
 pub mod dtype;
@@ -42,6 +40,9 @@ pub mod error;
 pub mod gpu;
 
 pub use config::{Activation, Geometry, Grads, GroupNorm, Layout, Stats, DEFAULT_EPS};
+/// The CUDA driver bindings this crate's GPU API is written against ([`gpu::CudaStream`],
+/// [`gpu::CudaSlice`], driver errors): use them through this re-export so the versions agree.
+pub use cudarc;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

@@ -608,16 +608,11 @@ struct Validated {
 
 impl Validated {
     fn problem(&self) -> Problem<'_> {
-        Problem {
-            dims: &self.dims,
-            groups: self.groups,
-            eps: self.eps,
-            layout: self.layout,
-            dtype: self.dtype,
-            param_dtype: self.param_dtype,
-            path: self.path,
-            activation: self.activation,
-        }
+        Problem::new(&self.dims, self.groups, self.dtype, self.param_dtype)
+            .with_eps(self.eps)
+            .with_layout(self.layout)
+            .with_path(self.path)
+            .with_activation(self.activation)
     }
 }
 
@@ -854,14 +849,8 @@ pub unsafe extern "C" fn groupnorm_forward(
         let v = unsafe { read_problem(problem) }?;
         // SAFETY: the contract of this function covers `stream`.
         let gpu = unsafe { device_of(stream) }?;
-        let ptrs = ForwardPtrs {
-            x: dev(x),
-            y: dev(y),
-            weight: dev(weight),
-            bias: dev(bias),
-            mean: dev(mean),
-            rstd: dev(rstd),
-        };
+        let ptrs = ForwardPtrs::new(dev(x), dev(y), dev(mean), dev(rstd))
+            .with_affine(dev(weight), dev(bias));
         // SAFETY: the pointers, the workspace and the stream are what raw::forward requires, by
         // this function's contract (the same contract, restated for C); `gpu` is the device of
         // `stream`, found from it.
@@ -920,17 +909,10 @@ pub unsafe extern "C" fn groupnorm_backward(
                 v.activation.name()
             )));
         }
-        let ptrs = BackwardPtrs {
-            dy: dev(dy),
-            x: dev(x),
-            mean: dev(mean),
-            rstd: dev(rstd),
-            weight: dev(weight),
-            dx: dev(dx),
-            dweight: dev(dweight),
-            dbias: dev(dbias),
-            bias: 0, // read only with an activation
-        };
+        // (bias 0: read only with an activation)
+        let ptrs = BackwardPtrs::new(dev(dy), dev(x), dev(mean), dev(rstd), dev(dx))
+            .with_affine(dev(weight), 0)
+            .with_param_grads(dev(dweight), dev(dbias));
         // SAFETY: forwarded from this function's contract.
         unsafe { backward(&v, &ptrs, workspace, workspace_bytes, stream) }
     })
@@ -965,17 +947,9 @@ pub unsafe extern "C" fn groupnorm_backward_activated(
     guarded("groupnorm_backward_activated", || {
         // SAFETY: the contract of this function covers `problem`.
         let v = unsafe { read_problem(problem) }?;
-        let ptrs = BackwardPtrs {
-            dy: dev(dy),
-            x: dev(x),
-            mean: dev(mean),
-            rstd: dev(rstd),
-            weight: dev(weight),
-            dx: dev(dx),
-            dweight: dev(dweight),
-            dbias: dev(dbias),
-            bias: dev(bias),
-        };
+        let ptrs = BackwardPtrs::new(dev(dy), dev(x), dev(mean), dev(rstd), dev(dx))
+            .with_affine(dev(weight), dev(bias))
+            .with_param_grads(dev(dweight), dev(dbias));
         // SAFETY: forwarded from this function's contract.
         unsafe { backward(&v, &ptrs, workspace, workspace_bytes, stream) }
     })

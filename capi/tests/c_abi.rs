@@ -1035,11 +1035,12 @@ fn dtype_of<E: Element>() -> groupnorm_dtype_t {
         DType::F32 => GROUPNORM_DTYPE_F32,
         DType::F16 => GROUPNORM_DTYPE_F16,
         DType::BF16 => GROUPNORM_DTYPE_BF16,
+        other => panic!("no C ABI dtype for {other}"),
     }
 }
 
 fn dptr<E>(s: &CudaSlice<E>, stream: &Arc<CudaStream>) -> *mut c_void {
-    use cudarc::driver::DevicePtr;
+    use groupnorm::cudarc::driver::DevicePtr;
     let (p, _sync) = s.device_ptr(stream);
     p as usize as *mut c_void
 }

@@ -43,13 +43,13 @@ const ENV_VARS: &[&str] = &[
     "DOCS_RS",
 ];
 /// What to do when nvcc is missing or too old (the build stops with this).
-const HOW_TO_GET_NVCC: &str = "install the CUDA toolkit 12.4 or newer and set NVCC (or CUDA_HOME), \
-     or, without a toolkit, install the pinned nvcc from PyPI: `pip install --target DIR \
-     nvidia-cuda-nvcc-cu12==12.4.131 nvidia-cuda-runtime-cu12==12.4.127 \
-     nvidia-cuda-nvrtc-cu12==12.4.127` (see the groupnorm README, \"Building the kernels\") and set \
-     NVCC=DIR/nvidia/cuda_nvcc/bin/nvcc; or build CPU-only on purpose with \
-     `default-features = false` (cargo --no-default-features), where the GPU API returns \
-     KernelsNotBuilt";
+const HOW_TO_GET_NVCC: &str = "install the CUDA toolkit 12.4 or newer and set NVCC (or CUDA_HOME, \
+     or put nvcc on PATH); without a toolkit, the pinned CUDA 13.0 nvcc from PyPI serves (kernels \
+     for CUDA 13 drivers): `pip install --no-deps --target DIR nvidia-cuda-nvcc==13.0.88 \
+     nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85 \
+     nvidia-cuda-runtime==13.0.88` and NVCC=DIR/nvidia/cu13/bin/nvcc (the groupnorm README, \
+     \"Building the kernels\"); or build CPU-only on purpose with `default-features = false` \
+     (cargo --no-default-features), where the GPU API returns KernelsNotBuilt";
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

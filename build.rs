@@ -104,9 +104,9 @@ fn main() {
     build_emulator(&out_dir, &sources);
 }
 
-/// Stops the build with `msg` (a panic in a build script: Cargo prints it in full).
+/// Stops the build with `msg` (a panic in a build script: Cargo prints it in full, also for a
+/// registry dependency, where it hides cargo warnings).
 fn fail(msg: &str) -> ! {
-    eprintln!("error: groupnorm: {msg}");
     panic!("groupnorm: {msg}")
 }
 

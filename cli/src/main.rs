@@ -86,23 +86,25 @@ impl Rest {
     }
 }
 
+/// A command's entry point: its flags in, success or a failure with its exit code out.
+type RunFn = fn(&[String]) -> Result<(), files::Failure>;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse_from(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) => return clap_error(e),
     };
-    let (rest, usage_text, run): (&Rest, &str, fn(&[String]) -> Result<(), files::Failure>) =
-        match &cli.command {
-            None | Some(Command::Demo) => return demo::run(),
-            Some(Command::Info) => {
-                demo::print_environment();
-                return ExitCode::SUCCESS;
-            }
-            Some(Command::Bench(r)) => (r, bench::USAGE, bench::run),
-            Some(Command::Check(r)) => (r, check::USAGE, check::run),
-            Some(Command::Apply(r)) => (r, files::APPLY_USAGE, files::apply),
-            Some(Command::Grad(r)) => (r, files::GRAD_USAGE, files::grad),
-        };
+    let (rest, usage_text, run): (&Rest, &str, RunFn) = match &cli.command {
+        None | Some(Command::Demo) => return demo::run(),
+        Some(Command::Info) => {
+            demo::print_environment();
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Bench(r)) => (r, bench::USAGE, bench::run),
+        Some(Command::Check(r)) => (r, check::USAGE, check::run),
+        Some(Command::Apply(r)) => (r, files::APPLY_USAGE, files::apply),
+        Some(Command::Grad(r)) => (r, files::GRAD_USAGE, files::grad),
+    };
     if rest.wants_help() {
         println!("{usage_text}");
         return ExitCode::SUCCESS;

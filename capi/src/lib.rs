@@ -54,9 +54,8 @@
 
 #![allow(non_camel_case_types)] // C names: groupnorm_status_t, ...
 
-// The Rust library this crate wraps, under this crate's name too: the tests beside the C ABI
-// (tests/c_abi.rs and the shared ../tests/common) write `groupnorm::...`, and here `groupnorm`
-// is this crate (its library file is libgroupnorm.so); items defined here take precedence.
+// The Rust library this crate wraps, re-exported: Activation, DType, Error, GroupNorm, Layout
+// and the rest by their plain names here (items defined here take precedence).
 #[doc(hidden)]
 pub use gn::*;
 

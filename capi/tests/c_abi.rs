@@ -29,16 +29,23 @@
 //! cannot be used. With a GPU, `forward_and_backward_through_the_c_abi` runs real problems
 //! through the C entry points and holds them to the f64 reference's accuracy targets.
 
+// The library, under the name the shared test modules use. This crate's own library is a cdylib
+// and staticlib only (an rlib named `groupnorm` too would collide with the library's in
+// target/), so its source is compiled into this test as the module `capi`, for the ABI tables.
+extern crate gn as groupnorm;
+#[path = "../src/lib.rs"]
+mod capi;
+
 // shared with the library's tests (the workspace root's tests/)
 #[path = "../../tests/common/mod.rs"]
 mod common;
 #[path = "../../tests/gpu_support/mod.rs"]
 mod gpu_support;
 
+use capi::{abi, *};
 use common::*;
 use groupnorm::cpu::reference;
 use groupnorm::gpu::{download, upload, CudaSlice, CudaStream};
-use groupnorm::{self as capi, abi, *};
 use groupnorm::{bf16, f16, DType, Element, GroupNorm, Layout, Stats};
 use std::ffi::{c_void, CStr};
 use std::path::{Path, PathBuf};

@@ -1,16 +1,26 @@
 //! Compiles `kernels/*.cu` into fatbins (SASS for every target architecture plus PTX for the
 //! newest) and writes `$OUT_DIR/kernels.rs`, which embeds them with `include_bytes!`.
 //!
-//! Without nvcc the crate still builds: `kernels.rs` then embeds nothing, a cargo warning says so,
-//! and the GPU API returns `Error::KernelsNotBuilt`. `GROUPNORM_REQUIRE_NVCC=1` makes a missing
-//! nvcc a build failure instead (CI sets it). Any register spill fails the build.
+//! Cargo features:
+//! - `cuda` (default): build the kernels. nvcc 12.4 or newer is required; a missing or older
+//!   nvcc stops the build with what to do, except on docs.rs (`DOCS_RS` set), which has no nvcc.
+//! - without `cuda` (`--no-default-features`): the deliberate CPU-only build; nvcc is not looked
+//!   for, `kernels.rs` embeds nothing and the GPU API returns `Error::KernelsNotBuilt`.
+//! - `bench`: also embed the benchmark-only unfused baseline (`kernels/baseline.cu`).
+//!
+//! Any register spill fails the build. Which architectures were embedded, and how many bytes,
+//! is printed as a cargo warning (shown for workspace and path builds; `-vv` shows it always).
 //!
 //! Environment:
 //! - `NVCC`: path of nvcc (else `$CUDA_HOME/bin/nvcc`, `$CUDA_PATH/bin/nvcc`, then `PATH`)
 //! - `NVCC_CCBIN`: host compiler for nvcc (`-ccbin`)
-//! - `GROUPNORM_CUDA_ARCHS`: comma-separated compute capabilities, default
-//!   `75,80,86,89,90,100,120`; SASS for each, PTX for the last
-//! - `GROUPNORM_REQUIRE_NVCC=1`: fail instead of warn when nvcc is missing
+//! - `GROUPNORM_CUDA_ARCHS`: comma-separated compute capabilities (`90`, `sm_90`, `9.0`); else
+//!   `CUDA_COMPUTE_CAP` (the variable candle's build reads); else the default
+//!   `75,80,86,89,90,100,120`, less what this nvcc cannot target (`nvcc --list-gpu-arch`; sm_100
+//!   and sm_120 need 12.8). An architecture asked for by name that nvcc cannot target is an
+//!   error. SASS for each, PTX for the newest.
+//! - `GROUPNORM_REQUIRE_NVCC=1`: kept for older scripts; with the `cuda` feature a missing nvcc
+//!   is an error anyway, and this makes it one on docs.rs too.
 
 use std::env;
 use std::fmt::Write as _;
@@ -19,6 +29,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const DEFAULT_ARCHS: &str = "75,80,86,89,90,100,120";
+/// The oldest nvcc the kernels are built and tested with (CI compiles them with 12.4 and 13.0).
+const MIN_NVCC: (u32, u32) = (12, 4);
 const ENV_VARS: &[&str] = &[
     "NVCC",
     "NVCC_CCBIN",
@@ -26,8 +38,18 @@ const ENV_VARS: &[&str] = &[
     "CUDA_PATH",
     "PATH",
     "GROUPNORM_CUDA_ARCHS",
+    "CUDA_COMPUTE_CAP",
     "GROUPNORM_REQUIRE_NVCC",
+    "DOCS_RS",
 ];
+/// What to do when nvcc is missing or too old (the build stops with this).
+const HOW_TO_GET_NVCC: &str = "install the CUDA toolkit 12.4 or newer and set NVCC (or CUDA_HOME, \
+     or put nvcc on PATH); without a toolkit, the pinned CUDA 13.0 nvcc from PyPI serves (kernels \
+     for CUDA 13 drivers): `pip install --no-deps --target DIR nvidia-cuda-nvcc==13.0.88 \
+     nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85 \
+     nvidia-cuda-runtime==13.0.88` and NVCC=DIR/nvidia/cu13/bin/nvcc (the groupnorm README, \
+     \"Building the kernels\"); or build CPU-only on purpose with `default-features = false` \
+     (cargo --no-default-features), where the GPU API returns KernelsNotBuilt";
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
@@ -37,27 +59,114 @@ fn main() {
     }
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let sources = kernel_sources(Path::new("kernels"));
+    let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
+    let bench = env::var_os("CARGO_FEATURE_BENCH").is_some();
     let require = env::var("GROUPNORM_REQUIRE_NVCC").is_ok_and(|v| v == "1");
+    let docs_rs = env::var_os("DOCS_RS").is_some() && !require;
+    // the benchmark-only baseline kernels only with the `bench` feature
+    let gpu_sources: Vec<PathBuf> = sources
+        .iter()
+        .filter(|p| bench || p.file_name().is_none_or(|n| n != "baseline.cu"))
+        .cloned()
+        .collect();
 
-    let (modules, entry_points) = match find_nvcc() {
-        Some(nvcc) => compile_all(&nvcc, &sources, &out_dir),
-        None if require => panic!(
-            "GROUPNORM_REQUIRE_NVCC=1 but nvcc was not found (looked at $NVCC, $CUDA_HOME/bin, \
-             $CUDA_PATH/bin and PATH); run scripts/install-nvcc.sh and export what it prints"
-        ),
-        None => {
-            println!(
-                "cargo::warning=nvcc not found: building groupnorm without GPU kernels (CPU path \
-                 only; the GPU API will return KernelsNotBuilt). Install the CUDA toolkit or run \
-                 scripts/install-nvcc.sh and set NVCC to build them."
-            );
-            (Vec::new(), Vec::new())
+    let (modules, entry_points, archs) = if !cuda {
+        (Vec::new(), Vec::new(), Vec::new())
+    } else {
+        match find_nvcc() {
+            Some(nvcc) => {
+                let version = nvcc_version(&nvcc);
+                if version < MIN_NVCC {
+                    fail(&format!(
+                        "{} is CUDA {}.{}; groupnorm's kernels need nvcc {}.{} or newer: {HOW_TO_GET_NVCC}",
+                        nvcc.display(),
+                        version.0,
+                        version.1,
+                        MIN_NVCC.0,
+                        MIN_NVCC.1
+                    ));
+                }
+                let archs = archs(&nvcc);
+                let (modules, names) = compile_all(&nvcc, &gpu_sources, &out_dir, &archs);
+                report_embedded(&modules, &archs, version);
+                (modules, names, archs)
+            }
+            None if docs_rs => (Vec::new(), Vec::new(), Vec::new()),
+            None => fail(&format!(
+                "nvcc not found (looked at $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin and PATH), and the \
+                 `cuda` feature (default) builds the GPU kernels: {HOW_TO_GET_NVCC}"
+            )),
         }
     };
-    write_module_table(&out_dir, &modules, &entry_points);
-    // --- host emulator (cargo feature `emulate`): see build_emulator below ---
+    write_module_table(&out_dir, &modules, &entry_points, &archs);
+    // --- host emulator: see build_emulator below ---
     #[cfg(feature = "emulate")]
     build_emulator(&out_dir, &sources);
+}
+
+/// Stops the build with `msg` (a panic in a build script: Cargo prints it in full, also for a
+/// registry dependency, where it hides cargo warnings).
+fn fail(msg: &str) -> ! {
+    panic!("groupnorm: {msg}")
+}
+
+/// `(major, minor)` from `nvcc --version` (`... release 12.4, V12.4.131`).
+fn nvcc_version(nvcc: &Path) -> (u32, u32) {
+    let out = Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| fail(&format!("cannot run {} --version: {e}", nvcc.display())));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let parsed = text.split("release ").nth(1).and_then(|rest| {
+        let v = rest.split(',').next()?.trim();
+        let (major, minor) = v.split_once('.')?;
+        Some((major.parse().ok()?, minor.parse().ok()?))
+    });
+    parsed.unwrap_or_else(|| {
+        fail(&format!(
+            "cannot read the CUDA version from `{} --version`:\n{text}",
+            nvcc.display()
+        ))
+    })
+}
+
+/// The compute capabilities this nvcc can generate code for (`nvcc --list-gpu-arch`:
+/// `compute_75` ...).
+fn nvcc_archs(nvcc: &Path) -> Vec<u32> {
+    let out = Command::new(nvcc)
+        .arg("--list-gpu-arch")
+        .output()
+        .unwrap_or_else(|e| {
+            fail(&format!(
+                "cannot run {} --list-gpu-arch: {e}",
+                nvcc.display()
+            ))
+        });
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("compute_")?.parse().ok())
+        .collect()
+}
+
+/// Prints what went into the binary: architectures, PTX, bytes.
+fn report_embedded(modules: &[(String, PathBuf)], archs: &[u32], version: (u32, u32)) {
+    let bytes: u64 = modules
+        .iter()
+        .map(|(_, p)| fs::metadata(p).map_or(0, |m| m.len()))
+        .sum();
+    let names: Vec<&str> = modules.iter().map(|(n, _)| n.as_str()).collect();
+    let sass: Vec<String> = archs.iter().map(|a| format!("sm_{a}")).collect();
+    println!(
+        "cargo::warning=groupnorm GPU kernels (nvcc {}.{}): SASS for {}, PTX for compute_{}; \
+         {} modules ({}), {:.1} MiB embedded",
+        version.0,
+        version.1,
+        sass.join(","),
+        archs.last().copied().unwrap_or(0),
+        modules.len(),
+        names.join(", "),
+        bytes as f64 / (1024.0 * 1024.0)
+    );
 }
 
 // --- host emulator (cargo feature `emulate`) ------------------------------------------------
@@ -205,23 +314,73 @@ fn find_nvcc() -> Option<PathBuf> {
     })
 }
 
-fn archs() -> Vec<u32> {
-    let spec = env::var("GROUPNORM_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.to_string());
+/// Compute capabilities from `spec` (`80`, `sm_90`, `compute_90`, `8.9`; comma, semicolon or
+/// space separated), sorted and deduplicated; `var` names the variable in errors.
+fn parse_archs(var: &str, spec: &str) -> Vec<u32> {
     let mut archs: Vec<u32> = spec
         .split([',', ';', ' '])
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| {
-            let digits = s.trim_start_matches("sm_").trim_start_matches("compute_");
+            let digits = s
+                .trim_start_matches("sm_")
+                .trim_start_matches("compute_")
+                .replace('.', "");
             digits.parse().unwrap_or_else(|_| {
-                panic!("GROUPNORM_CUDA_ARCHS: `{s}` is not a compute capability like 80 or sm_90")
+                fail(&format!(
+                    "{var}: `{s}` is not a compute capability like 80, 8.9 or sm_90"
+                ))
             })
         })
         .collect();
     archs.sort_unstable();
     archs.dedup();
     if archs.is_empty() {
-        panic!("GROUPNORM_CUDA_ARCHS is empty");
+        fail(&format!("{var} is set but empty"));
+    }
+    archs
+}
+
+/// The architectures to build: `GROUPNORM_CUDA_ARCHS`, else `CUDA_COMPUTE_CAP`, else the default
+/// list less what this nvcc cannot target. Named architectures nvcc cannot target are an error.
+fn archs(nvcc: &Path) -> Vec<u32> {
+    let supported = nvcc_archs(nvcc);
+    let named = ["GROUPNORM_CUDA_ARCHS", "CUDA_COMPUTE_CAP"]
+        .into_iter()
+        .find_map(|var| env::var(var).ok().map(|spec| (var, spec)));
+    if let Some((var, spec)) = named {
+        let archs = parse_archs(var, &spec);
+        let missing: Vec<String> = archs
+            .iter()
+            .filter(|a| !supported.is_empty() && !supported.contains(a))
+            .map(|a| format!("sm_{a}"))
+            .collect();
+        if !missing.is_empty() {
+            fail(&format!(
+                "{var}={spec} asks for {}, which {} cannot target (it lists compute_{}); use a \
+                 newer CUDA toolkit (sm_100 and sm_120 need 12.8+) or drop them",
+                missing.join(", "),
+                nvcc.display(),
+                supported
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",compute_")
+            ));
+        }
+        return archs;
+    }
+    let default = parse_archs("the default architecture list", DEFAULT_ARCHS);
+    let archs: Vec<u32> = default
+        .iter()
+        .copied()
+        .filter(|a| supported.is_empty() || supported.contains(a))
+        .collect();
+    if archs.is_empty() {
+        fail(&format!(
+            "{} can target none of the default architectures {DEFAULT_ARCHS}",
+            nvcc.display()
+        ));
     }
     archs
 }
@@ -232,12 +391,12 @@ fn compile_all(
     nvcc: &Path,
     sources: &[PathBuf],
     out_dir: &Path,
+    archs: &[u32],
 ) -> (Vec<(String, PathBuf)>, Vec<String>) {
-    let archs = archs();
     let results: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = sources
             .iter()
-            .map(|src| scope.spawn(|| compile_one(nvcc, src, out_dir, &archs)))
+            .map(|src| scope.spawn(|| compile_one(nvcc, src, out_dir, archs)))
             .collect();
         handles
             .into_iter()
@@ -261,7 +420,10 @@ fn compile_all(
     }
     fs::write(out_dir.join("ptxas-report.txt"), &report).expect("write ptxas report");
     if !failures.is_empty() {
-        panic!("kernel build failed:\n\n{}", failures.join("\n\n"));
+        fail(&format!(
+            "kernel build failed:\n\n{}",
+            failures.join("\n\n")
+        ));
     }
     let mut names: Vec<String> = report
         .lines()
@@ -355,7 +517,12 @@ fn find_spills(log: &str) -> Vec<String> {
     spills
 }
 
-fn write_module_table(out_dir: &Path, modules: &[(String, PathBuf)], entry_points: &[String]) {
+fn write_module_table(
+    out_dir: &Path,
+    modules: &[(String, PathBuf)],
+    entry_points: &[String],
+    archs: &[u32],
+) {
     let mut src = String::from(
         "/// Fatbins compiled from `kernels/*.cu` by build.rs: (module name, image).\n\
          pub(crate) static MODULES: &[(&str, &[u8])] = &[\n",
@@ -372,7 +539,7 @@ fn write_module_table(out_dir: &Path, modules: &[(String, PathBuf)], entry_point
     let archs = if modules.is_empty() {
         String::new()
     } else {
-        archs()
+        archs
             .iter()
             .map(|a| a.to_string())
             .collect::<Vec<_>>()
@@ -380,7 +547,7 @@ fn write_module_table(out_dir: &Path, modules: &[(String, PathBuf)], entry_point
     };
     writeln!(
         src,
-        "/// Compute capabilities with SASS in the fatbins (the last also as PTX); empty without nvcc.\n\
+        "/// Compute capabilities with SASS in the fatbins (the last also as PTX); empty without kernels.\n\
          pub(crate) static ARCHS: &str = {archs:?};"
     )
     .expect("write to String");

@@ -3,6 +3,11 @@
 # without the CUDA toolkit. Idempotent: a second run with the same pins does nothing.
 #
 #   eval "$(scripts/install-nvcc.sh)"      # sets NVCC for this shell; then cargo build
+#   eval "$(scripts/install-nvcc.sh 13.0)"  # the same: the version argument, default 13.0
+#
+# Versions: 13.0 only. PyPI has no CUDA 12 nvcc: the nvidia-cuda-nvcc-cu12 wheels (12.0-12.9)
+# carry ptxas and libNVVM but not the nvcc driver or its front end, so `12.x` is refused with
+# that reason (a CUDA 12 build needs the toolkit from NVIDIA or a distribution).
 #
 # Progress goes to stderr; stdout carries only the `export NVCC=...` line.
 # GROUPNORM_NVCC_PREFIX overrides the install directory.
@@ -12,14 +17,28 @@
 # nvidia-nvvm drifts to a PTX version that a CUDA 13.0 driver cannot load.
 set -euo pipefail
 
-pins=(
-  nvidia-cuda-nvcc==13.0.88
-  nvidia-cuda-crt==13.0.88
-  nvidia-nvvm==13.0.88
-  nvidia-cuda-cccl==13.0.85
-  nvidia-cuda-runtime==13.0.88
-)
-prefix=${GROUPNORM_NVCC_PREFIX:-${XDG_CACHE_HOME:-$HOME/.cache}/groupnorm/nvcc-13.0.88}
+version=${1:-13.0}
+case "$version" in
+  13.0)
+    pins=(
+      nvidia-cuda-nvcc==13.0.88
+      nvidia-cuda-crt==13.0.88
+      nvidia-nvvm==13.0.88
+      nvidia-cuda-cccl==13.0.85
+      nvidia-cuda-runtime==13.0.88
+    )
+    tag=13.0.88
+    ;;
+  12.*)
+    echo "install-nvcc: no CUDA $version nvcc on PyPI (nvidia-cuda-nvcc-cu12 ships ptxas and libNVVM, not nvcc); install the CUDA $version toolkit and set NVCC" >&2
+    exit 2
+    ;;
+  *)
+    echo "install-nvcc: unknown version '$version' (known: 13.0)" >&2
+    exit 2
+    ;;
+esac
+prefix=${GROUPNORM_NVCC_PREFIX:-${XDG_CACHE_HOME:-$HOME/.cache}/groupnorm/nvcc-$tag}
 nvcc=$prefix/nvidia/cu13/bin/nvcc
 stamp=$prefix/.groupnorm-pins
 

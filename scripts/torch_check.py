@@ -24,7 +24,7 @@ torch.native_group_norm, whose (N, G) mean/rstd the library's layout must match)
 (dx, dweight, dbias). PyTorch's own float32 answer has an error of its own, so it is not the
 yardstick; it is printed beside ours for context ("torch" columns), judged by the same measure.
 
-Tolerances, DESIGN.md "Accuracy targets" (src/accuracy.rs states the same):
+Tolerances, docs/design.md "Accuracy targets" (src/accuracy.rs states the same):
   forward, f32 y:      |y - y_ref| <= 1e-5 (unit-scale data); <= 3e-5 for x = 1e4 + N(0, 1)
   forward, f16/bf16 y: |y - y_ref| <= ulp_T(y_ref) + 1e-6 (the f32 result rounded once)
   statistics (f32):    |mean - mean_ref| * rstd_ref <= tol + ulp_f32(mean_ref) / 2 * rstd_ref,
@@ -358,7 +358,7 @@ def run_case(lib, dims, groups, dt, pdt, layout, affine=True, x_mean=0.0, side_s
 
 def cases(quick, dtypes):
     shapes = [
-        ((3, 4), 2),                    # DESIGN.md's worked example, 2-D (N, C)
+        ((3, 4), 2),                    # docs/design.md's worked example, 2-D (N, C)
         ((2, 6, 7, 5), 3),              # odd sizes: scalar tails
         ((4, 64, 16, 16), 32),
         ((2, 320, 64, 64), 32),         # Stable Diffusion UNet, 64x64 latent

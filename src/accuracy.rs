@@ -1,4 +1,4 @@
-//! The accuracy targets every path is held to (DESIGN.md, "Accuracy targets"), stated once, and
+//! The accuracy targets every path is held to (docs/design.md, "Accuracy targets"), stated once, and
 //! the error measures they are stated in.
 //!
 //! The test suites, the demo and the `check` command all judge results with these; a target is
@@ -31,7 +31,7 @@ pub const DX_REL_L2_LOW_PRECISION: f64 = 2e-3;
 /// `dweight` and `dbias` in f32: relative L2 error `<= 1e-4`.
 pub const PARAM_GRAD_REL_L2_F32: f64 = 1e-4;
 
-/// Relative L2 error allowed for `dweight`/`dbias` of dtype `p`. DESIGN.md states the f32 bound
+/// Relative L2 error allowed for `dweight`/`dbias` of dtype `p`. docs/design.md states the f32 bound
 /// only; an f16/bf16 gradient is the f32 result rounded once, which moves each element by at most
 /// `epsilon(P) / 2` relative; the f32 sum before rounding is held to 1e-4, below the other half
 /// (4.9e-4 for f16, 3.9e-3 for bf16). So `epsilon(P)`: 9.8e-4 for f16, 7.8e-3 for bf16.

@@ -12,6 +12,7 @@ use crate::{Error, Result};
 /// Dims are always passed in the logical order `(N, C, *spatial)`, as PyTorch does for
 /// channels-last tensors; the layout says how those elements lie in memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Layout {
     /// Contiguous `(N, C, *spatial)`: a group row is one run of `L = D * S` values.
     #[default]
@@ -38,6 +39,7 @@ impl Layout {
 /// bias (to recompute `z = xhat * w + b`), so it goes through
 /// [`GroupNorm::backward_activated`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Activation {
     /// Plain GroupNorm: `y = xhat * w + b`.
     #[default]

@@ -5,6 +5,7 @@ use std::fmt;
 
 /// The runtime name of an element type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum DType {
     /// IEEE binary32.
     F32,

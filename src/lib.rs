@@ -15,6 +15,12 @@
 //!   [`GroupNorm::backward`];
 //! - [`gpu`]: the CUDA runtime (driver probe, device handle, embedded kernels).
 //!
+//! The operation, its accuracy targets and the kernel design are described in
+//! [`docs/design.md`](https://docs.rs/crate/groupnorm/latest/source/docs/design.md), which ships
+//! with the crate.
+//!
+//! # On the CPU
+//!
 //! ```
 //! use groupnorm::GroupNorm;
 //! // (N=3, C=4), two groups of two channels, no affine parameters
@@ -25,6 +31,39 @@
 //! assert_eq!(stats.mean.len(), 3 * 2);
 //! # Ok::<(), groupnorm::Error>(())
 //! ```
+//!
+//! # On the GPU
+//!
+//! ```no_run
+//! use groupnorm::gpu::{upload, CudaSlice, DeviceTensor, Gpu};
+//! use groupnorm::{f16, GroupNorm, Layout};
+//!
+//! // f16 activations, f32 weight: (N, C, H, W) = (2, 320, 64, 64), 32 groups
+//! let gpu = Gpu::new(0)?; // Error::NoDriver / NoDevice / KernelsNotBuilt, never a panic
+//! let mut op = GroupNorm::new(32, 320)?.on_gpu(&gpu);
+//! let host = vec![f16::from_f32(0.5); 2 * 320 * 64 * 64];
+//! let x = DeviceTensor::from_host(&gpu, &host, &[2, 320, 64, 64], Layout::Nchw)?;
+//! let w: CudaSlice<f32> = upload(gpu.stream(), &vec![1.0f32; 320])?;
+//! let (y, stats) = op.forward(&x, Some(&w), None)?;
+//! let y_host: Vec<f16> = y.to_host(&gpu)?;
+//! # Ok::<(), groupnorm::Error>(())
+//! ```
+//!
+//! Other frameworks call [`gpu::raw`] with their own device pointers and stream; C and other
+//! languages use the C ABI of the `groupnorm-capi` crate (`libgroupnorm.so`, `groupnorm.h`).
+//!
+//! # Cargo features
+//!
+//! | feature | default | what it adds |
+//! | --- | --- | --- |
+//! | `cuda` | yes | the GPU kernels, compiled by nvcc 12.4+ at build time (a missing or older nvcc stops the build with what to do); without it the crate is CPU-only and the GPU API returns [`Error::KernelsNotBuilt`] |
+//! | `bench` | no | the unfused baseline kernels `groupnorm bench` compares against |
+//! | `candle` | no | the `candle` module: a candle op with a real backward, and a drop-in `GroupNorm` module (CPU tensors) |
+//! | `candle-cuda` | no | the same for CUDA tensors, through this crate's kernels |
+//! | `emulate` | no | runs the CUDA kernels on the CPU (for tests) |
+//!
+//! Build-time environment: `NVCC`, `GROUPNORM_CUDA_ARCHS` or `CUDA_COMPUTE_CAP` (architectures),
+//! `NVCC_CCBIN`; see the README. [`cudarc`] is re-exported: its types appear in the GPU API.
 
 #![warn(missing_docs)]
 
@@ -33,8 +72,6 @@ pub mod accuracy;
 /// and a drop-in replacement for `candle_nn::GroupNorm`.
 #[cfg(feature = "candle")]
 pub mod candle;
-/// The C ABI (`include/groupnorm.h`): forward and backward on device pointers and a stream.
-pub mod capi;
 pub mod config;
 pub mod cpu;
 pub mod dtype;
@@ -42,6 +79,9 @@ pub mod error;
 pub mod gpu;
 
 pub use config::{Activation, Geometry, Grads, GroupNorm, Layout, Stats, DEFAULT_EPS};
+/// The CUDA driver bindings this crate's GPU API is written against ([`gpu::CudaStream`],
+/// [`gpu::CudaSlice`], driver errors): use them through this re-export so the versions agree.
+pub use cudarc;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

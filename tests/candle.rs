@@ -1,10 +1,10 @@
 //! The candle integration (`--features candle`), on the CPU: the op against the f64 reference
-//! (DESIGN.md's accuracy targets) and against `candle_nn::GroupNorm` (forward and gradients,
+//! (docs/design.md's accuracy targets) and against `candle_nn::GroupNorm` (forward and gradients,
 //! through candle's autograd), the drop-in module, views, and every bad input as an error.
 //!
 //! Bounds against `candle_nn`: both sides are f32 implementations of the same formulas, so they
 //! may differ by at most the sum of their distances to the exact answer. Ours is held to
-//! DESIGN's target against the f64 reference in the same test; `candle_nn` (f32 two-pass
+//! docs/design.md's target against the f64 reference in the same test; `candle_nn` (f32 two-pass
 //! statistics over sequential sums, and autograd through its primitive ops for the gradients)
 //! is allowed the same target, so the pair is held to twice it: 2e-5 absolute on forward outputs
 //! of unit-scale data, 2e-5 relative L2 on `dx` (against `‖rstd·w·dy‖`), 2e-4 relative L2 on
@@ -24,11 +24,11 @@ use std::collections::HashMap;
 
 const EPS: f64 = 1e-5;
 
-/// Forward outputs, ours against `candle_nn`, absolute: twice DESIGN's f32 target.
+/// Forward outputs, ours against `candle_nn`, absolute: twice docs/design.md's f32 target.
 const NN_FORWARD_ABS: f64 = 2.0 * F32_FORWARD_ABS;
-/// `dx`, ours against `candle_nn`, relative L2 against `‖rstd·w·dy‖`: twice DESIGN's target.
+/// `dx`, ours against `candle_nn`, relative L2 against `‖rstd·w·dy‖`: twice docs/design.md's target.
 const NN_DX_REL: f64 = 2.0 * DX_REL_L2_F32;
-/// `dweight`/`dbias`, ours against `candle_nn`, relative L2: twice DESIGN's target.
+/// `dweight`/`dbias`, ours against `candle_nn`, relative L2: twice docs/design.md's target.
 const NN_PARAM_REL: f64 = 2.0 * PARAM_GRAD_REL_L2_F32;
 
 type R<T = ()> = candle_core::Result<T>;
@@ -160,7 +160,7 @@ fn f32_forward_matches_reference_and_candle_nn() -> R {
     Ok(())
 }
 
-/// The worked examples of DESIGN.md, through candle.
+/// The worked examples of docs/design.md, through candle.
 #[test]
 fn design_worked_examples() -> R {
     let x = Tensor::new(

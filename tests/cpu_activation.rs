@@ -1,6 +1,6 @@
 //! GroupNorm fused with SiLU on the CPU: the f64 reference against finite differences of its
 //! own forward pass and a hand-worked value; the fast path against the reference, forward and
-//! backward, in both layouts, for every dtype pair, at the plain op's tolerances (DESIGN.md
+//! backward, in both layouts, for every dtype pair, at the plain op's tolerances (docs/design.md
 //! "Accuracy targets"), including rows offset by 1e4 where the saved f32 mean is off by half an
 //! ulp of the offset.
 
@@ -118,7 +118,7 @@ fn check_one<T: Element, P: Element>(
     let r = reference::backward_activated(gn, dy, x, dims, Some(w), Some(b)).unwrap();
     let (wf, bf) = (to_f64(w), to_f64(b));
     // dx is measured against ||rstd w dz||, dz the gradient reaching the normalization (the
-    // size of dx's terms, DESIGN.md), as for the plain op with dz in place of dy
+    // size of dx's terms, docs/design.md), as for the plain op with dz in place of dy
     let geo = gn.geometry(dims).unwrap();
     let act = gn.get_activation();
     let dz = pre_activation_grad_f64(

@@ -386,7 +386,7 @@ fn nchw_and_nhwc_agree() {
     }
 }
 
-/// On tensors of realistic size the low-precision `dx` meets DESIGN's 2e-3 as stated, with no
+/// On tensors of realistic size the low-precision `dx` meets docs/design.md's 2e-3 as stated, with no
 /// allowance for the rounding floor of tiny tensors.
 #[test]
 fn low_precision_dx_meets_design_bound_on_realistic_shapes() {

@@ -1,4 +1,4 @@
-//! CPU forward pass: DESIGN.md's worked examples, the fast path against the f64 reference on
+//! CPU forward pass: docs/design.md's worked examples, the fast path against the f64 reference on
 //! random shapes for every dtype pair, layouts, large offsets, long rows, non-finite values and
 //! empty tensors.
 
@@ -8,7 +8,7 @@ use common::*;
 use groupnorm::cpu::reference;
 use groupnorm::{bf16, f16, Element, GroupNorm, Layout, Stats};
 
-/// "To 4 decimals" in DESIGN.md's worked examples.
+/// "To 4 decimals" in docs/design.md's worked examples.
 const FOUR_DECIMALS: f64 = 5e-5;
 /// "To 5 decimals" (`-1.62698`).
 const FIVE_DECIMALS: f64 = 5e-6;
@@ -349,7 +349,7 @@ fn large_offset_rows_f32() {
     }
 }
 
-/// DESIGN: f32 within 1e-5 on rows up to 2^22 values.
+/// docs/design.md: f32 within 1e-5 on rows up to 2^22 values.
 #[test]
 fn long_rows_f32() {
     let mut rng = rng(31);

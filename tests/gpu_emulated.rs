@@ -1,6 +1,6 @@
 //! The real CUDA kernels (kernels/*.cu), run on the CPU by the host emulator
 //! (`--features emulate`: kernels/host_emu.h, tests/emu/, src/gpu/emulate.rs), held to the f64
-//! reference with the same tolerances as every other path (tests/common, DESIGN.md "Accuracy
+//! reference with the same tolerances as every other path (tests/common, docs/design.md "Accuracy
 //! targets").
 //!
 //! Each call goes through the crate's own planner and launch sequence, with small device limits
@@ -24,29 +24,14 @@ use groupnorm::{bf16, f16, Activation, DType, Element, Error, GroupNorm, Layout,
 /// A small device: 4 SMs and 8 KiB of shared memory per block, so that rows of a few thousand
 /// values are split into chunks and pieces.
 /// No thread-block clusters (as before sm_90).
-const SMALL: DeviceLimits = DeviceLimits {
-    sms: 4,
-    smem_per_block: 8 * 1024,
-    max_cluster: 0,
-};
+const SMALL: DeviceLimits = DeviceLimits::new(4, 8 * 1024, 0);
 /// The small device with clusters of up to 8 blocks (as sm_90+): rows of a few thousand values
 /// take the cluster path.
-const SMALL_CLUSTERS: DeviceLimits = DeviceLimits {
-    max_cluster: 8,
-    ..SMALL
-};
+const SMALL_CLUSTERS: DeviceLimits = DeviceLimits::new(SMALL.sms, SMALL.smem_per_block, 8);
 /// A larger one: rows of up to 12K f32 values fit the fused path.
-const MEDIUM: DeviceLimits = DeviceLimits {
-    sms: 8,
-    smem_per_block: 48 * 1024,
-    max_cluster: 0,
-};
+const MEDIUM: DeviceLimits = DeviceLimits::new(8, 48 * 1024, 0);
 /// H100-like limits: the planner's real thresholds.
-const H100: DeviceLimits = DeviceLimits {
-    sms: 132,
-    smem_per_block: 227 * 1024,
-    max_cluster: 16,
-};
+const H100: DeviceLimits = DeviceLimits::new(132, 227 * 1024, 16);
 
 /// Every path; each case runs those its device and shape allow (forced fused and cluster paths
 /// refuse with `Unsupported` where a row does not fit them).
@@ -535,10 +520,10 @@ fn emulator_16_bit_conversions_are_exact() {
 // Parity with the f64 reference
 // ---------------------------------------------------------------------------------------------
 
-/// "To 4 decimals" in DESIGN.md's worked examples.
+/// "To 4 decimals" in docs/design.md's worked examples.
 const FOUR_DECIMALS: f64 = 5e-5;
 
-/// DESIGN.md's worked examples. (Each pair normalizes to ±1 within 2e-5 exactly; the f32 nearest
+/// docs/design.md's worked examples. (Each pair normalizes to ±1 within 2e-5 exactly; the f32 nearest
 /// the pair 5, 4's 0.9999800006 is 2.0003e-5 from 1, so f32 results are held to the exact values
 /// at the f32 tolerance, and to ±1 to 4 decimals, as in tests/cpu_forward.rs.)
 #[test]
@@ -1400,10 +1385,7 @@ fn cluster_path_refusals() {
     for (limits, dims, why) in [
         (SMALL, &[1usize, 4, 5000][..], "compute capability 9.0"),
         (
-            DeviceLimits {
-                max_cluster: 2,
-                ..SMALL
-            },
+            DeviceLimits::new(SMALL.sms, SMALL.smem_per_block, 2),
             &[1, 4, 5000],
             "do not fit",
         ),

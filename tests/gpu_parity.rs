@@ -1,5 +1,5 @@
 //! GPU parity with the f64 CPU reference, held to the same tolerances as the CPU path
-//! (tests/common, DESIGN.md "Accuracy targets").
+//! (tests/common, docs/design.md "Accuracy targets").
 //!
 //! Every output buffer is filled with NaN before the launch, so an element a kernel forgets to
 //! write fails the comparison. Without a usable GPU each test prints why and passes, unless
@@ -176,7 +176,7 @@ fn worked_examples() {
     let mut op = gn.on_gpu(&gpu);
     let xd = DeviceTensor::from_host(&gpu, &x, &[3, 4], Layout::Nchw).unwrap();
     let (y, _) = op.forward(&xd, None::<&CudaSlice<f32>>, None).unwrap();
-    // DESIGN: each pair normalizes to +-0.5 / sqrt(0.25 + 1e-5) = +-0.99998, "+-1 to 4 decimals";
+    // docs/design.md: each pair normalizes to +-0.5 / sqrt(0.25 + 1e-5) = +-0.99998, "+-1 to 4 decimals";
     // the exact value is held to the f32 target, the rounded one to 4 decimals
     let exact = 0.5 / (0.25f64 + 1e-5).sqrt();
     let expected = [1., -1., 1., -1., -1., 1., -1., 1., -1., 1., -1., 1.];

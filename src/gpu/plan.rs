@@ -41,8 +41,10 @@ const SPLIT_BLOCKS_PER_SM: usize = 4;
 /// Largest grid the kernels are launched with (gridDim.x limit).
 const MAX_BLOCKS: u64 = i32::MAX as u64;
 
-/// What the planner needs to know of the device.
+/// What the planner needs to know of the device. Made with [`DeviceLimits::new`]
+/// (`#[non_exhaustive]`: fields may be added).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeviceLimits {
     /// Streaming multiprocessors.
     pub sms: usize,
@@ -53,9 +55,22 @@ pub struct DeviceLimits {
     pub max_cluster: usize,
 }
 
+impl DeviceLimits {
+    /// Limits of a device with `sms` multiprocessors, `smem_per_block` bytes of opt-in dynamic
+    /// shared memory per block, and clusters of up to `max_cluster` blocks (0: none).
+    pub const fn new(sms: usize, smem_per_block: usize, max_cluster: usize) -> Self {
+        DeviceLimits {
+            sms,
+            smem_per_block,
+            max_cluster,
+        }
+    }
+}
+
 /// Which kernel path a launch takes: chosen per shape, or forced (for tests and benchmarks that
 /// compare the paths).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Path {
     /// The planner decides from the shape and the device.
     #[default]

@@ -15,7 +15,7 @@
 //! let problem = Problem::new(&[2, 320, 64, 64], 32, DType::F16, DType::F32);
 //! let bytes = raw::forward_workspace_bytes(&gpu, &problem)?;
 //! // ... allocate `bytes` of device memory as `workspace` (or more), then:
-//! let ptrs = ForwardPtrs { x, y, weight: 0, bias: 0, mean, rstd };
+//! let ptrs = ForwardPtrs::new(x, y, mean, rstd); // .with_affine(weight, bias) for affine
 //! // SAFETY: x, y hold 2*320*64*64 f16 values, mean/rstd 2*32 f32 values, all in gpu's context;
 //! // workspace holds `bytes` bytes; all stay valid until the stream's work completes.
 //! unsafe { raw::forward(&gpu, stream, &problem, &ptrs, workspace, bytes)? };
@@ -32,7 +32,12 @@ use crate::{Activation, DType, Error, Geometry, GroupNorm, Layout, Result};
 pub use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 /// One GroupNorm problem: everything but the pointers.
+///
+/// Made with [`Problem::new`] and the `with_*` methods (fields may be added in minor releases, so
+/// it cannot be written as a struct literal outside this crate; its fields stay readable and
+/// assignable).
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Problem<'a> {
     /// Logical dims `(N, C, *spatial)`.
     pub dims: &'a [usize],
@@ -67,6 +72,34 @@ impl<'a> Problem<'a> {
             path: Path::Auto,
             activation: Activation::None,
         }
+    }
+
+    /// The same problem with `eps` added to the variance (validated when the problem is used).
+    #[must_use]
+    pub fn with_eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// The same problem with activations in `layout`.
+    #[must_use]
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// The same problem with the kernel path forced to `path`.
+    #[must_use]
+    pub fn with_path(mut self, path: Path) -> Self {
+        self.path = path;
+        self
+    }
+
+    /// The same problem with `activation` fused after the affine transform.
+    #[must_use]
+    pub fn with_activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
     }
 
     /// Validates the problem into its geometry.
@@ -107,7 +140,11 @@ impl<'a> Problem<'a> {
 }
 
 /// Device pointers of a forward pass. `weight` and `bias` are 0 when absent.
+///
+/// Made with [`ForwardPtrs::new`] and [`ForwardPtrs::with_affine`] (or `default()` and field
+/// assignments): `#[non_exhaustive]`, so no struct literal outside this crate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ForwardPtrs {
     /// Input, `N * C * S` activations.
     pub x: CUdeviceptr,
@@ -125,7 +162,11 @@ pub struct ForwardPtrs {
 
 /// Device pointers of a backward pass. `weight`, `dweight`, `dbias` are 0 when absent (`dweight`
 /// needs `weight`).
+///
+/// Made with [`BackwardPtrs::new`] and the `with_*` methods (or `default()` and field
+/// assignments): `#[non_exhaustive]`, so no struct literal outside this crate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BackwardPtrs {
     /// Gradient of the output, `N * C * S` activations.
     pub dy: CUdeviceptr,
@@ -146,6 +187,67 @@ pub struct BackwardPtrs {
     /// `C` parameters: the forward pass's bias, or 0 if it had none. Read only when the
     /// problem has an activation (to recompute its input); ignored otherwise.
     pub bias: CUdeviceptr,
+}
+
+impl ForwardPtrs {
+    /// The pointers of a forward pass without affine parameters: input `x`, output `y`, and the
+    /// statistics `mean` and `rstd` it writes.
+    pub fn new(x: CUdeviceptr, y: CUdeviceptr, mean: CUdeviceptr, rstd: CUdeviceptr) -> Self {
+        ForwardPtrs {
+            x,
+            y,
+            mean,
+            rstd,
+            ..Self::default()
+        }
+    }
+
+    /// The same pointers with the affine parameters `weight` and `bias` (0 for an absent one).
+    #[must_use]
+    pub fn with_affine(mut self, weight: CUdeviceptr, bias: CUdeviceptr) -> Self {
+        self.weight = weight;
+        self.bias = bias;
+        self
+    }
+}
+
+impl BackwardPtrs {
+    /// The pointers of a backward pass without affine parameters: the gradient `dy`, the forward
+    /// input `x` and its statistics `mean` and `rstd`, and the input gradient `dx` it writes.
+    pub fn new(
+        dy: CUdeviceptr,
+        x: CUdeviceptr,
+        mean: CUdeviceptr,
+        rstd: CUdeviceptr,
+        dx: CUdeviceptr,
+    ) -> Self {
+        BackwardPtrs {
+            dy,
+            x,
+            mean,
+            rstd,
+            dx,
+            ..Self::default()
+        }
+    }
+
+    /// The same pointers with the forward pass's `weight` and `bias` (0 for an absent one; the
+    /// bias is read only with an activation).
+    #[must_use]
+    pub fn with_affine(mut self, weight: CUdeviceptr, bias: CUdeviceptr) -> Self {
+        self.weight = weight;
+        self.bias = bias;
+        self
+    }
+
+    /// The same pointers with the parameter gradients `dweight` and `dbias` to write (0 for one
+    /// not wanted).
+    #[must_use]
+    pub fn with_param_grads(mut self, dweight: CUdeviceptr, dbias: CUdeviceptr) -> Self {
+        self.dweight = dweight;
+        self.dbias = dbias;
+        self
+    }
 }
 
 const F32: usize = std::mem::size_of::<f32>();

@@ -1,7 +1,7 @@
 //! Shared test helpers: seeded data, layout transposes, and assertions against the f64
 //! reference.
 //!
-//! The tolerances are DESIGN.md's "Accuracy targets", stated once in [`groupnorm::accuracy`]
+//! The tolerances are docs/design.md's "Accuracy targets", stated once in [`groupnorm::accuracy`]
 //! (with their justification) and re-exported here; the assertions below judge with its error
 //! measures and add messages naming the worst element. They are generic over [`Element`], so
 //! the CPU fast path and the GPU kernels are held to the same checks.
@@ -62,7 +62,7 @@ pub fn assert_forward_close<T: Element>(got: &[T], reference: &[f64], f32_abs: f
 ///
 /// - `|mean - mean_ref| * rstd_ref <= tol + ulp_f32(mean_ref) / 2 * rstd_ref`: a mean error
 ///   shifts each `y` of the row by that much per unit weight. The half ulp is the rounding of
-///   the saved f32 mean itself, which no path can avoid (DESIGN: "a plain f32 mean costs half
+///   the saved f32 mean itself, which no path can avoid (docs/design.md: "a plain f32 mean costs half
 ///   an ulp of the offset", 3e-5 at 1e3); `y` does not pay it, as it normalizes around the
 ///   pivot.
 /// - `|rstd / rstd_ref - 1| <= tol`: scales `y` by that relative amount, and `|x̂|` is O(1).
@@ -111,7 +111,7 @@ fn worst_index<E: Element>(got: &[E], reference: &[f64]) -> usize {
 }
 
 /// Asserts `dx` meets its target: `‖dx - dx_ref‖₂ <= dx_rel_l2(T) · scale`, `scale` from
-/// [`dx_scale`]; for f16/bf16 the bound is [`dx_low_precision_bound`], which is DESIGN's 2e-3
+/// [`dx_scale`]; for f16/bf16 the bound is [`dx_low_precision_bound`], which is docs/design.md's 2e-3
 /// wherever that is attainable ([`accuracy::dx_error`]).
 pub fn assert_dx_close<T: Element>(got: &[T], reference: &[f64], scale: f64, ctx: &str) {
     assert_eq!(got.len(), reference.len(), "{ctx}: dx length");
@@ -121,7 +121,7 @@ pub fn assert_dx_close<T: Element>(got: &[T], reference: &[f64], scale: f64, ctx
         let i = worst_index(got, reference);
         panic!(
             "{ctx}: dx ({}) relative L2 error {err:e} against ‖rstd·w·dy‖ = {scale:e} exceeds \
-             {bound:e} (DESIGN: {:e}); worst index {i}: got {}, expected {}",
+             {bound:e} (docs/design.md: {:e}); worst index {i}: got {}, expected {}",
             T::DTYPE,
             dx_rel_l2(T::DTYPE),
             got[i].to_f64(),
@@ -193,6 +193,7 @@ pub fn offset(layout: Layout, c: usize, s: usize, ni: usize, ci: usize, si: usiz
     match layout {
         Layout::Nchw => (ni * c + ci) * s + si,
         Layout::Nhwc => (ni * s + si) * c + ci,
+        other => panic!("test helper: layout {other:?} not known here"),
     }
 }
 

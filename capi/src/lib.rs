@@ -1,4 +1,4 @@
-//! The C ABI: the [raw layer](crate::gpu::raw) behind `extern "C"` functions, for C, C++, Python
+//! The C ABI of [`groupnorm`](gn): the [raw layer](gn::gpu::raw) behind `extern "C"` functions, for C, C++, Python
 //! (`ctypes`) and any other language with a C FFI. The header is `include/groupnorm.h`; the library
 //! is `libgroupnorm.so` (crate type `cdylib`) or `libgroupnorm.a` (`staticlib`).
 //!
@@ -44,20 +44,25 @@
 //! `-Werror` mode, and links it against the built library (every function is exported); (3)
 //! requires every `extern "C" fn` in this file to be in the list.
 //!
-//! [`groupnorm_status_t`]: crate::capi::groupnorm_status_t
-//! [`groupnorm_last_error`]: crate::capi::groupnorm_last_error
-//! [`GROUPNORM_STATUS_INTERNAL`]: crate::capi::GROUPNORM_STATUS_INTERNAL
-//! [`GROUPNORM_STATUS_INVALID_ARGUMENT`]: crate::capi::GROUPNORM_STATUS_INVALID_ARGUMENT
-//! [`Gpu::for_stream`]: crate::gpu::Gpu::for_stream
-//! [`abi`]: crate::capi::abi
-//! [`abi::CType`]: crate::capi::abi::CType
+//! [`groupnorm_status_t`]: crate::groupnorm_status_t
+//! [`groupnorm_last_error`]: crate::groupnorm_last_error
+//! [`GROUPNORM_STATUS_INTERNAL`]: crate::GROUPNORM_STATUS_INTERNAL
+//! [`GROUPNORM_STATUS_INVALID_ARGUMENT`]: crate::GROUPNORM_STATUS_INVALID_ARGUMENT
+//! [`Gpu::for_stream`]: gn::gpu::Gpu::for_stream
+//! [`abi`]: crate::abi
+//! [`abi::CType`]: crate::abi::CType
 
 #![allow(non_camel_case_types)] // C names: groupnorm_status_t, ...
 
-use crate::gpu::raw::{self, BackwardPtrs, ForwardPtrs, Problem};
-use crate::gpu::{Gpu, Path};
-use crate::{Activation, DType, Error, GroupNorm, Layout};
-use cudarc::driver::sys::{CUdeviceptr, CUresult};
+// The Rust library this crate wraps, re-exported: Activation, DType, Error, GroupNorm, Layout
+// and the rest by their plain names here (items defined here take precedence).
+#[doc(hidden)]
+pub use gn::*;
+
+use gn::cudarc::driver::sys::{CUdeviceptr, CUresult};
+use gn::gpu::raw::{self, BackwardPtrs, ForwardPtrs, Problem};
+use gn::gpu::{Gpu, Path};
+// (Activation, DType, Error, GroupNorm, Layout: through `pub use gn::*` above)
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -430,7 +435,7 @@ pub mod abi {
 // Errors: statuses, messages, the panic guard
 // ---------------------------------------------------------------------------------------------
 
-/// The status a [`crate::Error`] is reported as.
+/// The status a [`gn::Error`] is reported as.
 pub fn status_of(error: &Error) -> groupnorm_status_t {
     match error {
         Error::ZeroGroups
@@ -454,6 +459,9 @@ pub fn status_of(error: &Error) -> groupnorm_status_t {
             GROUPNORM_STATUS_OUT_OF_MEMORY
         }
         Error::Driver { .. } => GROUPNORM_STATUS_CUDA_ERROR,
+        // `Error` is #[non_exhaustive] and lives in the library crate: a variant added there
+        // without a status here is this crate's bug, reported as one
+        _ => GROUPNORM_STATUS_INTERNAL,
     }
 }
 
@@ -599,16 +607,11 @@ struct Validated {
 
 impl Validated {
     fn problem(&self) -> Problem<'_> {
-        Problem {
-            dims: &self.dims,
-            groups: self.groups,
-            eps: self.eps,
-            layout: self.layout,
-            dtype: self.dtype,
-            param_dtype: self.param_dtype,
-            path: self.path,
-            activation: self.activation,
-        }
+        Problem::new(&self.dims, self.groups, self.dtype, self.param_dtype)
+            .with_eps(self.eps)
+            .with_layout(self.layout)
+            .with_path(self.path)
+            .with_activation(self.activation)
     }
 }
 
@@ -756,7 +759,7 @@ unsafe fn workspace_size(
     problem: *const groupnorm_problem_t,
     stream: *mut c_void,
     bytes: *mut usize,
-    query: fn(&Gpu, &Problem) -> crate::Result<usize>,
+    query: fn(&Gpu, &Problem) -> gn::Result<usize>,
 ) -> Result<(), Failure> {
     if bytes.is_null() {
         return Err(Failure::invalid("bytes is NULL"));
@@ -845,14 +848,8 @@ pub unsafe extern "C" fn groupnorm_forward(
         let v = unsafe { read_problem(problem) }?;
         // SAFETY: the contract of this function covers `stream`.
         let gpu = unsafe { device_of(stream) }?;
-        let ptrs = ForwardPtrs {
-            x: dev(x),
-            y: dev(y),
-            weight: dev(weight),
-            bias: dev(bias),
-            mean: dev(mean),
-            rstd: dev(rstd),
-        };
+        let ptrs = ForwardPtrs::new(dev(x), dev(y), dev(mean), dev(rstd))
+            .with_affine(dev(weight), dev(bias));
         // SAFETY: the pointers, the workspace and the stream are what raw::forward requires, by
         // this function's contract (the same contract, restated for C); `gpu` is the device of
         // `stream`, found from it.
@@ -911,17 +908,10 @@ pub unsafe extern "C" fn groupnorm_backward(
                 v.activation.name()
             )));
         }
-        let ptrs = BackwardPtrs {
-            dy: dev(dy),
-            x: dev(x),
-            mean: dev(mean),
-            rstd: dev(rstd),
-            weight: dev(weight),
-            dx: dev(dx),
-            dweight: dev(dweight),
-            dbias: dev(dbias),
-            bias: 0, // read only with an activation
-        };
+        // (bias 0: read only with an activation)
+        let ptrs = BackwardPtrs::new(dev(dy), dev(x), dev(mean), dev(rstd), dev(dx))
+            .with_affine(dev(weight), 0)
+            .with_param_grads(dev(dweight), dev(dbias));
         // SAFETY: forwarded from this function's contract.
         unsafe { backward(&v, &ptrs, workspace, workspace_bytes, stream) }
     })
@@ -956,17 +946,9 @@ pub unsafe extern "C" fn groupnorm_backward_activated(
     guarded("groupnorm_backward_activated", || {
         // SAFETY: the contract of this function covers `problem`.
         let v = unsafe { read_problem(problem) }?;
-        let ptrs = BackwardPtrs {
-            dy: dev(dy),
-            x: dev(x),
-            mean: dev(mean),
-            rstd: dev(rstd),
-            weight: dev(weight),
-            dx: dev(dx),
-            dweight: dev(dweight),
-            dbias: dev(dbias),
-            bias: dev(bias),
-        };
+        let ptrs = BackwardPtrs::new(dev(dy), dev(x), dev(mean), dev(rstd), dev(dx))
+            .with_affine(dev(weight), dev(bias))
+            .with_param_grads(dev(dweight), dev(dbias));
         // SAFETY: forwarded from this function's contract.
         unsafe { backward(&v, &ptrs, workspace, workspace_bytes, stream) }
     })
@@ -1003,7 +985,7 @@ unsafe fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cudarc::driver::DriverError;
+    use gn::cudarc::driver::DriverError;
 
     fn last_error() -> String {
         // SAFETY: groupnorm_last_error never returns NULL and its string is NUL-terminated.
@@ -1133,11 +1115,17 @@ mod tests {
                 GROUPNORM_STATUS_OUT_OF_MEMORY,
             ),
             (
-                Error::driver("loading", d(CUresult::CUDA_ERROR_OUT_OF_MEMORY)),
+                Error::Driver {
+                    context: "loading".into(),
+                    source: d(CUresult::CUDA_ERROR_OUT_OF_MEMORY),
+                },
                 GROUPNORM_STATUS_OUT_OF_MEMORY,
             ),
             (
-                Error::driver("launching", d(CUresult::CUDA_ERROR_LAUNCH_FAILED)),
+                Error::Driver {
+                    context: "launching".into(),
+                    source: d(CUresult::CUDA_ERROR_LAUNCH_FAILED),
+                },
                 GROUPNORM_STATUS_CUDA_ERROR,
             ),
         ];

@@ -137,12 +137,17 @@ mod tests {
     }
 
     /// scripts/bench_torch.py keeps its own copy of the `sd` set (it runs where no Rust is);
-    /// the two must time the same shapes. Read relative to the working directory, which is the
-    /// repository root under cargo and on the GPU machine alike.
+    /// the two must time the same shapes. Read from the workspace root (cargo runs this test in
+    /// cli/), else relative to the working directory (the GPU machine runs it from the root).
     #[test]
     fn the_torch_script_times_the_same_sd_shapes() {
-        let script =
-            std::fs::read_to_string("scripts/bench_torch.py").expect("scripts/bench_torch.py");
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/bench_torch.py");
+        let path = if std::path::Path::new(root).is_file() {
+            root
+        } else {
+            "scripts/bench_torch.py"
+        };
+        let script = std::fs::read_to_string(path).expect("scripts/bench_torch.py");
         let block = script
             .split("# BEGIN SD SHAPES")
             .nth(1)

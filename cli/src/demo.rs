@@ -1,4 +1,4 @@
-//! `groupnorm demo`: the worked examples of DESIGN.md and one realistic shape, forward and
+//! `groupnorm demo`: the worked examples of docs/design.md and one realistic shape, forward and
 //! backward, on the CPU always and on the GPU when one is usable. Parity is judged with the
 //! crate's accuracy targets; the exit code is non-zero only if a result misses one.
 
@@ -60,7 +60,7 @@ impl Verdict {
 pub fn run() -> ExitCode {
     let gpu = print_environment();
     let mut v = Verdict { failures: 0 };
-    println!("\nWorked examples (DESIGN.md), eps = 1e-5, expected to 4 decimals:");
+    println!("\nWorked examples (docs/design.md), eps = 1e-5, expected to 4 decimals:");
     if let Err(e) = worked_examples(gpu.as_ref(), &mut v) {
         println!("  error: {e}");
         v.failures += 1;

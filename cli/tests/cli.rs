@@ -390,3 +390,67 @@ fn bad_input_is_one_line_exit_2_and_no_output() {
         assert!(!Path::new(&out).exists(), "{args:?} left {out} behind");
     }
 }
+
+#[test]
+fn command_line_errors_are_one_line_exit_2() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["demo", "--foo"], "--foo"),
+        (&["info", "extra"], "extra"),
+        (&["--frobnicate"], "--frobnicate"),
+        (&["bench", "--frobnicate"], "unknown flag --frobnicate"),
+    ];
+    for (args, needle) in cases {
+        let o = run(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: `{err}` lacks `{needle}`");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn version_and_help_succeed() {
+    let o = run(&["--version"]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains(env!("CARGO_PKG_VERSION")), "{out}");
+    for args in [
+        &["--help"][..],
+        &["help"],
+        &["apply", "--help"],
+        &["bench", "-h"],
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}");
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(out.to_lowercase().contains("usage"), "{args:?}: {out}");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_non_utf8_argument_is_a_clean_error() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let t = TempDir::new("nonutf8");
+    let out = t.path("y.npy");
+    let bad = OsStr::from_bytes(b"x\xff.npy");
+    let o = Command::new(bin())
+        .args(["apply", "--groups", "2", "--out", &out, "--x"])
+        .arg(bad)
+        .output()
+        .expect("run groupnorm");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("not valid UTF-8"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!Path::new(&out).exists());
+    // a non-UTF-8 command name too
+    let o = Command::new(bin())
+        .arg(bad)
+        .output()
+        .expect("run groupnorm");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"));
+}

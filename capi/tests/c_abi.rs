@@ -1,7 +1,7 @@
-//! The C ABI: `src/capi.rs` against `include/groupnorm.h`, from Rust and from C.
+//! The C ABI: `src/lib.rs` (of this crate, capi/) against `include/groupnorm.h`, from Rust and from C.
 //!
 //! How the header is checked (the code's side is `groupnorm::capi::abi`, tables the macros of
-//! src/capi.rs build from the Rust definitions themselves, see its module docs):
+//! capi/src/lib.rs build from the Rust definitions themselves, see its module docs):
 //!
 //! 1. `header_declares_exactly_the_abi_of_the_code` parses the header (comments and the C++
 //!    guard dropped, declarations split at top-level `;`) into canonical lines, one per enum
@@ -14,7 +14,7 @@
 //!    against the header; links it against the built `libgroupnorm.so` (so every function is
 //!    exported) and runs it; and builds a C++ program from the header, linked the same way (so
 //!    the `extern "C"` guard works).
-//! 3. `every_extern_fn_is_in_the_table` requires every `extern "C" fn` of src/capi.rs to be in
+//! 3. `every_extern_fn_is_in_the_table` requires every `extern "C" fn` of capi/src/lib.rs to be in
 //!    the tables, so a new function cannot be left out of the check.
 //!
 //! The C programs are compiled with the `cc` crate's view of the C compiler, against the
@@ -29,11 +29,21 @@
 //! cannot be used. With a GPU, `forward_and_backward_through_the_c_abi` runs real problems
 //! through the C entry points and holds them to the f64 reference's accuracy targets.
 
+// The library, under the name the shared test modules use. This crate's own library is a cdylib
+// and staticlib only (an rlib named `groupnorm` too would collide with the library's in
+// target/), so its source is compiled into this test as the module `capi`, for the ABI tables.
+extern crate gn as groupnorm;
+#[path = "../src/lib.rs"]
+mod capi;
+
+// shared with the library's tests (the workspace root's tests/)
+#[path = "../../tests/common/mod.rs"]
 mod common;
+#[path = "../../tests/gpu_support/mod.rs"]
 mod gpu_support;
 
+use capi::{abi, *};
 use common::*;
-use groupnorm::capi::{self, abi, *};
 use groupnorm::cpu::reference;
 use groupnorm::gpu::{download, upload, CudaSlice, CudaStream};
 use groupnorm::{bf16, f16, DType, Element, GroupNorm, Layout, Stats};
@@ -44,13 +54,13 @@ use std::sync::Arc;
 
 const HEADER: &str = include_str!("../include/groupnorm.h");
 const SMOKE_C: &str = include_str!("c/smoke.c");
-const CAPI_RS: &str = include_str!("../src/capi.rs");
+const CAPI_RS: &str = include_str!("../src/lib.rs");
 
 // ---------------------------------------------------------------------------------------------
 // The header, parsed
 // ---------------------------------------------------------------------------------------------
 
-/// Canonical lines for the tables of src/capi.rs (the same form [`parse_header`] produces).
+/// Canonical lines for the tables of capi/src/lib.rs (the same form [`parse_header`] produces).
 fn lines_from_code() -> Vec<String> {
     let mut lines = Vec::new();
     for e in abi::enums() {
@@ -303,7 +313,7 @@ fn header_declares_exactly_the_abi_of_the_code() {
     let extra: Vec<_> = header.iter().filter(|l| !code.contains(l)).collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
-        "include/groupnorm.h disagrees with src/capi.rs:\n  in the code, not in the header:\n    \
+        "include/groupnorm.h disagrees with capi/src/lib.rs:\n  in the code, not in the header:\n    \
          {}\n  in the header, not in the code:\n    {}",
         missing
             .iter()
@@ -395,7 +405,7 @@ fn every_extern_fn_is_in_the_table() {
     for name in &found {
         assert!(
             listed.contains(&name.as_str()),
-            "src/capi.rs exports `{name}` but its c_functions! list (and so the header check) \
+            "capi/src/lib.rs exports `{name}` but its c_functions! list (and so the header check) \
              lacks it"
         );
     }
@@ -1032,11 +1042,12 @@ fn dtype_of<E: Element>() -> groupnorm_dtype_t {
         DType::F32 => GROUPNORM_DTYPE_F32,
         DType::F16 => GROUPNORM_DTYPE_F16,
         DType::BF16 => GROUPNORM_DTYPE_BF16,
+        other => panic!("no C ABI dtype for {other}"),
     }
 }
 
 fn dptr<E>(s: &CudaSlice<E>, stream: &Arc<CudaStream>) -> *mut c_void {
-    use cudarc::driver::DevicePtr;
+    use groupnorm::cudarc::driver::DevicePtr;
     let (p, _sync) = s.device_ptr(stream);
     p as usize as *mut c_void
 }

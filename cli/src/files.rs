@@ -76,6 +76,12 @@ fn logical_dims(shape: &[usize], layout: Layout, name: &str) -> Result<Vec<usize
             d.extend_from_slice(&shape[1..shape.len() - 1]);
             d
         }
+        // (Layout is #[non_exhaustive])
+        other => {
+            return Err(UsageError(format!(
+                "layout {other:?} is not supported here"
+            )))
+        }
     })
 }
 

@@ -19,6 +19,14 @@ pub const USAGE: &str = "usage: groupnorm check [--shapes small|sd|large|all|2x3
   gradient of the activated output). Default: --shapes small --dtype all --device auto.";
 
 /// Parses `--layout nchw|nhwc`.
+/// A dtype pair the command has no code for (`DType` is `#[non_exhaustive]`): a usage error.
+pub fn unknown_dtype(t: DType, p: DType) -> Failure {
+    Failure(
+        format!("dtype {t} with parameters {p}: not supported by this command"),
+        2,
+    )
+}
+
 pub fn parse_layout(s: &str) -> Result<Layout, UsageError> {
     match s {
         "nchw" => Ok(Layout::Nchw),
@@ -130,6 +138,8 @@ pub fn run(raw: &[String]) -> Result<(), Failure> {
                     one::<bf16, bf16>(&place, variant, shape, seed + i as u64)?
                 }
                 (DType::BF16, _) => one::<bf16, f32>(&place, variant, shape, seed + i as u64)?,
+                // (DType is #[non_exhaustive]: a type this command does not know yet)
+                _ => return Err(unknown_dtype(t, p)),
             };
             failures += usize::from(!ok);
         }

@@ -10,7 +10,7 @@ use super::args::{Args, UsageError};
 use super::check::{parse_dtypes, parse_path, Rng};
 use super::files::Failure;
 use super::shapes::{self, Shape};
-use cudarc::driver::sys::CUdevice_attribute;
+use groupnorm::cudarc::driver::sys::CUdevice_attribute;
 use groupnorm::gpu::{self, CudaSlice, DeviceStats, DeviceTensor, Gpu, Path};
 use groupnorm::{bf16, f16, DType, Element, GroupNorm, Layout};
 use std::fmt::Write as _;
@@ -191,6 +191,8 @@ fn bench_gpu(gpu: &Gpu, cfg: &Config) -> Result<Vec<Row>, Failure> {
                 (DType::F16, _) => gpu_shape::<f16, f32>(gpu, cfg, shape, l2, copy),
                 (DType::BF16, DType::BF16) => gpu_shape::<bf16, bf16>(gpu, cfg, shape, l2, copy),
                 (DType::BF16, _) => gpu_shape::<bf16, f32>(gpu, cfg, shape, l2, copy),
+                // (DType is #[non_exhaustive]: a type this command does not know yet)
+                _ => return Err(super::check::unknown_dtype(t, p)),
             };
             match r {
                 Ok(mut v) => rows.append(&mut v),
@@ -372,6 +374,7 @@ fn bench_cpu(cfg: &Config) -> Result<Vec<Row>, Failure> {
                 (DType::F16, _) => cpu_shape::<f16, f32>(cfg, shape, copy)?,
                 (DType::BF16, DType::BF16) => cpu_shape::<bf16, bf16>(cfg, shape, copy)?,
                 (DType::BF16, _) => cpu_shape::<bf16, f32>(cfg, shape, copy)?,
+                _ => return Err(super::check::unknown_dtype(t, p)),
             };
             rows.append(&mut v);
         }
@@ -386,6 +389,8 @@ fn implementation_name(cfg: &Config) -> &'static str {
         (Layout::Nhwc, groupnorm::Activation::None) => "groupnorm nhwc",
         (Layout::Nchw, groupnorm::Activation::Silu) => "groupnorm+silu",
         (Layout::Nhwc, groupnorm::Activation::Silu) => "groupnorm+silu nhwc",
+        // (#[non_exhaustive] enums: variants this command does not know yet)
+        _ => "groupnorm (other)",
     }
 }
 
@@ -492,39 +497,59 @@ pub fn csv(rows: &[Row]) -> String {
     s
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// A measured number as JSON: `null` when it is not finite (JSON has no NaN or infinity; a
+/// time that could not be measured must not come out as an unparsable bare `NaN`).
+fn json_num(v: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, serde_json::Value::Number)
 }
 
+/// The rows as a JSON array of objects with the CSV's columns, one row per line.
 pub fn json(rows: &[Row]) -> String {
     let items: Vec<String> = rows
         .iter()
         .map(|r| {
-            format!(
-                "{{\"impl\":{},\"device\":{},\"shape\":{},\"dtype\":{},\"pass\":{},\"path\":{},\
-                 \"time_ms\":{},\"gbps\":{},\"pct_copy\":{},\"copy_gbps\":{}}}",
-                json_str(r.implementation),
-                json_str(&r.device),
-                json_str(&r.shape),
-                json_str(&r.dtype),
-                json_str(r.pass),
-                json_str(&r.path),
-                r.time_ms,
-                r.gbps,
-                r.pct_copy,
-                r.copy_gbps
-            )
+            serde_json::json!({
+                "impl": r.implementation,
+                "device": r.device,
+                "shape": r.shape,
+                "dtype": r.dtype,
+                "pass": r.pass,
+                "path": r.path,
+                "time_ms": json_num(r.time_ms),
+                "gbps": json_num(r.gbps),
+                "pct_copy": json_num(r.pct_copy),
+                "copy_gbps": json_num(r.copy_gbps),
+            })
+            .to_string()
         })
         .collect();
     format!("[\n  {}\n]\n", items.join(",\n  "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_valid_and_non_finite_values_are_null() {
+        let row = |t: f64| Row {
+            implementation: "groupnorm",
+            device: "dev \"quoted\"\n".into(),
+            shape: "2x320x64x64:32".into(),
+            dtype: "f16/f32".into(),
+            pass: "fwd",
+            path: "fused".into(),
+            time_ms: t,
+            gbps: 1.5,
+            pct_copy: f64::INFINITY,
+            copy_gbps: 3.0,
+        };
+        let text = json(&[row(0.25), row(f64::NAN)]);
+        let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        assert_eq!(v[0]["time_ms"], 0.25);
+        assert_eq!(v[0]["device"], "dev \"quoted\"\n");
+        assert!(v[1]["time_ms"].is_null() && v[0]["pct_copy"].is_null());
+        assert_eq!(v[1]["gbps"], 1.5);
+        assert!(!text.contains("NaN") && !text.contains("inf"));
+    }
 }

@@ -444,7 +444,10 @@ pub fn status_of(error: &Error) -> groupnorm_status_t {
         | Error::ShapeMismatch { .. }
         | Error::DtypeMismatch { .. }
         | Error::LayoutMismatch { .. }
-        | Error::BiasNeeded { .. } => GROUPNORM_STATUS_INVALID_ARGUMENT,
+        | Error::BiasNeeded { .. }
+        | Error::InvalidStats { .. }
+        | Error::Aliased { .. }
+        | Error::Misaligned { .. } => GROUPNORM_STATUS_INVALID_ARGUMENT,
         Error::Unsupported { .. } => GROUPNORM_STATUS_UNSUPPORTED,
         Error::NoDriver => GROUPNORM_STATUS_NO_DRIVER,
         Error::NoDevice { .. } => GROUPNORM_STATUS_NO_DEVICE,

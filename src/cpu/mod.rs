@@ -23,7 +23,47 @@ mod fast;
 
 use crate::config::check_len;
 use crate::dtype::{check_param_dtype, Element};
-use crate::{Activation, Geometry, Grads, GroupNorm, Result, Stats};
+use crate::{Activation, Error, Geometry, Grads, GroupNorm, Result, Stats};
+
+/// A vector of `len` copies of `value`, or [`Error::TooLarge`] when the host cannot allocate
+/// it (a huge-but-empty tensor still has `N * G` statistics and `C` parameter gradients): the
+/// allocation is tried, never assumed, so the process does not abort.
+pub(crate) fn try_filled<V: Clone>(
+    len: usize,
+    value: V,
+    geo: &Geometry,
+    what: &str,
+) -> Result<Vec<V>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::TooLarge {
+        dims: geo.dims.clone(),
+        why: format!(
+            "the host could not allocate {what} ({len} values of {} bytes)",
+            std::mem::size_of::<V>()
+        ),
+    })?;
+    v.resize(len, value);
+    Ok(v)
+}
+
+/// Checks the values of saved statistics where that is cheap (one pass over `N * G` pairs):
+/// each row is either a poisoned row as the forward pass writes it (mean and rstd both NaN,
+/// which the backward pass turns into NaN gradients for that row), or a finite mean with a
+/// finite positive rstd. Anything else (a negative, zero or infinite rstd, NaN in one of the
+/// two only) cannot come from a forward pass and would give silently wrong gradients.
+pub(crate) fn check_stats_values(stats: &Stats) -> Result<()> {
+    for (row, (&m, &r)) in stats.mean.iter().zip(&stats.rstd).enumerate() {
+        let ok = (m.is_nan() && r.is_nan()) || (m.is_finite() && r.is_finite() && r > 0.0);
+        if !ok {
+            return Err(Error::InvalidStats {
+                row,
+                mean: m,
+                rstd: r,
+            });
+        }
+    }
+    Ok(())
+}
 
 impl GroupNorm {
     /// Validates the arguments of a forward pass and returns the geometry.
@@ -66,10 +106,10 @@ impl GroupNorm {
         bias: Option<&[P]>,
     ) -> Result<(Vec<T>, Stats)> {
         let geo = self.check_forward(x, dims, weight, bias)?;
-        let mut y = vec![T::default(); geo.numel()];
+        let mut y = try_filled(geo.numel(), T::default(), &geo, "y")?;
         let mut stats = Stats {
-            mean: vec![0.0; geo.rows()],
-            rstd: vec![0.0; geo.rows()],
+            mean: try_filled(geo.rows(), 0.0, &geo, "the N * G means")?,
+            rstd: try_filled(geo.rows(), 0.0, &geo, "the N * G rstds")?,
         };
         fast::forward(
             &geo,
@@ -187,7 +227,17 @@ impl GroupNorm {
         if want_dbias {
             check_param_dtype::<T, P>("dbias")?;
         }
-        let mut dx = vec![T::default(); geo.numel()];
+        check_stats_values(stats)?;
+        let mut dx = try_filled(geo.numel(), T::default(), &geo, "dx")?;
+        if geo.numel() == 0 {
+            // Nothing to differentiate: zero gradients, allocated with a check (C may be huge).
+            let zeros = || try_filled(geo.c, P::from_f32(0.0), &geo, "a parameter gradient");
+            return Ok(Grads {
+                dx,
+                dweight: weight.map(|_| zeros()).transpose()?,
+                dbias: want_dbias.then(zeros).transpose()?,
+            });
+        }
         let (dweight, dbias) = if act == Activation::None {
             fast::backward(&geo, dy, x, &stats.mean, &stats.rstd, weight, &mut dx)
         } else {

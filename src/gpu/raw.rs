@@ -81,6 +81,13 @@ impl<'a> Problem<'a> {
         let gn = GroupNorm::new(self.groups, channels)?
             .eps(self.eps)?
             .layout(self.layout);
+        if self.dtype == DType::F64 || self.param_dtype == DType::F64 {
+            return Err(Error::Unsupported {
+                what: "f64 on the GPU: the kernels exist for f32, f16 and bf16 activations; \
+                       use the CPU path (GroupNorm::forward / backward) for f64"
+                    .into(),
+            });
+        }
         if self.param_dtype != self.dtype && self.param_dtype != DType::F32 {
             return Err(Error::DtypeMismatch {
                 name: "weight",
@@ -1088,5 +1095,36 @@ mod tests {
             },
         );
         assert!(r.is_err() && calls == 1);
+    }
+}
+
+#[cfg(test)]
+mod f64_tests {
+    use super::*;
+
+    /// The kernels exist for f32, f16 and bf16: f64 is refused with a typed error before any
+    /// plan, for activations and parameters alike.
+    #[test]
+    fn the_gpu_path_refuses_f64() {
+        let dev = DeviceLimits {
+            sms: 4,
+            smem_per_block: 8 * 1024,
+            max_cluster: 0,
+        };
+        let dims = [2usize, 8, 16];
+        for (t, p) in [
+            (DType::F64, DType::F64),
+            (DType::F64, DType::F32),
+            (DType::F32, DType::F64),
+        ] {
+            let problem = Problem::new(&dims, 4, t, p);
+            for pass in [Pass::Forward, Pass::Backward] {
+                let e = workspace_floats(dev, &problem, pass).unwrap_err();
+                assert!(
+                    matches!(&e, Error::Unsupported { what } if what.contains("f64")),
+                    "{t}/{p}: {e:?}"
+                );
+            }
+        }
     }
 }

@@ -188,13 +188,15 @@ pub fn backward_workspace_bytes(gpu: &Gpu, problem: &Problem) -> Result<usize> {
 
 /// f32 workspace values a pass of `problem` needs on a device of `dev`.
 ///
-/// Where the plan is a thread-block cluster, this is also enough for the split path the launch
-/// falls back to when the driver refuses the cluster for resources (MPS limits, MIG), so a
-/// workspace sized by this query serves either.
+/// Where the planner chose a thread-block cluster ([`Path::Auto`]), this is also enough for the
+/// split path the launch falls back to when the driver refuses the cluster for resources (MPS
+/// limits, MIG), so a workspace sized by this query serves either. A forced [`Path::Cluster`]
+/// does not fall back: the refusal is its error.
 pub(crate) fn workspace_floats(dev: DeviceLimits, problem: &Problem, pass: Pass) -> Result<usize> {
     let (geo, plan) = plan_of(dev, problem, pass)?;
     let mut floats = pass_floats(&geo, &plan, pass, problem)?;
-    if plan.cluster > 1 {
+    // (a forced cluster path never falls back: it fails instead)
+    if plan.cluster > 1 && problem.path == Path::Auto {
         let no_clusters = DeviceLimits {
             max_cluster: 0,
             ..dev
@@ -490,7 +492,7 @@ unsafe fn run_forward(
         gpu.limits(),
         || gpu.refuse_clusters(),
         |dev| prepare_forward(dev, problem, ptrs, workspace, workspace_bytes, baseline),
-        |(plan, _)| plan.cluster > 1,
+        |(plan, _)| plan.cluster > 1 && problem.path == Path::Auto,
         |(plan, params)| {
             // SAFETY: every pointer in `params` comes from the caller under this function's
             // contract (sizes checked against the problem where the values allow), and the plan
@@ -714,7 +716,7 @@ unsafe fn run_backward(
         gpu.limits(),
         || gpu.refuse_clusters(),
         |dev| prepare_backward(dev, problem, ptrs, workspace, workspace_bytes, baseline),
-        |(plan, _, _)| plan.cluster > 1,
+        |(plan, _, _)| plan.cluster > 1 && problem.path == Path::Auto,
         |(plan, params, channels)| {
             // SAFETY: as in `run_forward`.
             unsafe {

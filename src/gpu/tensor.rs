@@ -278,3 +278,26 @@ pub struct DeviceGrads<T, P> {
     /// Gradient with respect to the bias, when asked for.
     pub dbias: Option<CudaSlice<P>>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `DeviceTensor::zeros(&gpu, &[(1 << 62) + 1])` asked cudarc for `len * 4` bytes, which
+    /// wrapped to 4; `zeros`, `DeviceStats::zeros` and `with_offset` now go through this check
+    /// before any allocation or length comparison.
+    #[test]
+    fn byte_sizes_that_overflow_are_refused_before_allocating() {
+        let dims = [(1usize << 62) + 1];
+        let e = checked_bytes::<f32>(dims[0], &dims).unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
+        assert!(e.to_string().contains("overflow isize"), "{e}");
+        // f16: 2^63 + 2 bytes, past isize::MAX though it fits u64
+        assert!(checked_bytes::<half::f16>(dims[0], &dims).is_err());
+        assert!(checked_bytes::<f32>(usize::MAX, &[usize::MAX]).is_err());
+        // the largest that fits
+        let most = isize::MAX as usize / 4;
+        assert_eq!(checked_bytes::<f32>(most, &[most]).unwrap(), most * 4);
+        assert_eq!(checked_bytes::<f32>(0, &[0]).unwrap(), 0);
+    }
+}

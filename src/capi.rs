@@ -243,7 +243,7 @@ c_struct! {
         ndims: i32,
         /// Number of groups `G`, at least 1, dividing `C`.
         groups: i64,
-        /// Added to the variance before the square root; finite and non-negative.
+        /// Added to the variance before the square root; finite and positive once converted to f32 (about 1.4e-45 to 3.4e38).
         eps: f64,
         /// Memory layout of the activations.
         layout: groupnorm_layout_t,

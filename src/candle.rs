@@ -88,7 +88,8 @@ fn msg(m: impl std::fmt::Display) -> candle_core::Error {
 /// `torch.nn.functional.group_norm(x, groups, weight, bias, eps)` on candle tensors.
 ///
 /// Differentiable in `x`, `weight` and `bias` (see the [module docs](self) for how the backward
-/// pass works). Activations in f32, f16 or bf16; parameters in the activation dtype or f32.
+/// pass works). Activations in f32, f16 or bf16, or f64 on the CPU (computed in f64, as
+/// `candle_nn` computes f64); parameters in the activation dtype or f32.
 ///
 /// Errors (candle errors, never panics): fewer than two dims, `groups` zero or not dividing `C`,
 /// `eps` negative or not finite, an unsupported dtype (named in the message), a parameter not of
@@ -178,8 +179,10 @@ fn activation_dtype(d: CDType) -> Result<DType> {
         CDType::F32 => Ok(DType::F32),
         CDType::F16 => Ok(DType::F16),
         CDType::BF16 => Ok(DType::BF16),
+        CDType::F64 => Ok(DType::F64),
         other => Err(msg(format!(
-            "x has dtype {other:?}, but activations must be f32, f16 or bf16"
+            "x has dtype {other:?}, but activations must be f32, f16, bf16 or f64 (f64 on the \
+             CPU only)"
         ))),
     }
 }
@@ -190,6 +193,7 @@ fn param_dtype_for(t: DType, p: CDType) -> Result<DType> {
         (_, CDType::F32) => Ok(DType::F32),
         (DType::F16, CDType::F16) => Ok(DType::F16),
         (DType::BF16, CDType::BF16) => Ok(DType::BF16),
+        (DType::F64, CDType::F64) => Ok(DType::F64),
         (t, p) => Err(msg(format!(
             "the parameters have dtype {p:?}, but activations are {t}: parameters must be f32 or \
              {t}"
@@ -198,7 +202,7 @@ fn param_dtype_for(t: DType, p: CDType) -> Result<DType> {
 }
 
 /// Calls `$f::<T, P>($args)` for the activation and parameter dtypes `$t`, `$p` (crate dtypes,
-/// already checked to be one of the five valid pairs).
+/// already checked to be one of the seven valid pairs).
 macro_rules! dispatch {
     ($t:expr, $p:expr, $f:ident($($arg:expr),* $(,)?)) => {
         match ($t, $p) {
@@ -207,6 +211,8 @@ macro_rules! dispatch {
             (DType::F16, _) => $f::<$crate::f16, f32>($($arg),*),
             (DType::BF16, DType::BF16) => $f::<$crate::bf16, $crate::bf16>($($arg),*),
             (DType::BF16, _) => $f::<$crate::bf16, f32>($($arg),*),
+            (DType::F64, DType::F64) => $f::<f64, f64>($($arg),*),
+            (DType::F64, _) => $f::<f64, f32>($($arg),*),
         }
     };
 }
@@ -806,7 +812,9 @@ pub mod nn {
     impl GroupNorm {
         /// A module from its parameters (each of shape `(num_channels,)`), as
         /// `candle_nn::GroupNorm::new`. Errors if `num_groups` is zero or does not divide
-        /// `num_channels`, or if `eps` is negative or not finite.
+        /// `num_channels`, if `eps` is not finite and positive in f32, or if the weight or the
+        /// bias is not of shape `(num_channels,)`, or they differ in dtype or device (checked
+        /// here, where `candle_nn` fails only in `forward`).
         pub fn new(
             weight: Tensor,
             bias: Tensor,
@@ -817,6 +825,29 @@ pub mod nn {
             crate::GroupNorm::new(num_groups, num_channels)
                 .and_then(|gn| gn.eps(eps))
                 .map_err(super::wrap)?;
+            // checked here, not at the first `forward`: a checkpoint of the wrong width fails
+            // where it is loaded
+            for (name, p) in [("weight", &weight), ("bias", &bias)] {
+                if p.dims() != [num_channels] {
+                    return Err(super::msg(format!(
+                        "{name} has shape {:?}, but a GroupNorm of {num_channels} channels \
+                         needs ({num_channels},)",
+                        p.dims()
+                    )));
+                }
+            }
+            if weight.dtype() != bias.dtype() {
+                return Err(super::msg(format!(
+                    "weight has dtype {:?} but bias has dtype {:?}: they must be the same",
+                    weight.dtype(),
+                    bias.dtype()
+                )));
+            }
+            if !weight.device().same_device(bias.device()) {
+                return Err(super::msg(
+                    "weight and bias are on different devices: put them on the same one",
+                ));
+            }
             Ok(Self {
                 weight,
                 bias,

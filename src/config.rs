@@ -141,9 +141,16 @@ impl GroupNorm {
         })
     }
 
-    /// Sets eps, added to the variance before the square root. Errors if negative or not finite.
+    /// Sets eps, added to the variance before the square root.
+    ///
+    /// Every path computes in f32 and uses `eps as f32`, so eps is checked after that
+    /// conversion: it must stay finite and positive there (from the smallest subnormal f32,
+    /// about 1.4e-45, up to `f32::MAX`, about 3.4e38). Errors with [`Error::InvalidEps`]
+    /// otherwise: zero, negative, NaN, infinite, or a value that underflows to 0 or overflows to
+    /// infinity in f32 (`1e-50`, `1e300`).
     pub fn eps(mut self, eps: f64) -> Result<Self> {
-        if !eps.is_finite() || eps < 0.0 {
+        let e32 = eps as f32;
+        if !eps.is_finite() || !e32.is_finite() || e32 <= 0.0 {
             return Err(Error::InvalidEps { eps });
         }
         self.eps = eps;
@@ -221,9 +228,28 @@ impl GroupNorm {
             .and_then(|v| v.checked_mul(spatial))
             .ok_or_else(|| too_large("the element count overflows usize"))?;
         // Byte sizes must fit too, for the widest dtype, or no allocation could describe them.
-        if numel.checked_mul(4).is_none() || numel > isize::MAX as usize / 4 {
-            return Err(too_large("the byte size of an f32 tensor overflows isize"));
-        }
+        // This holds whether or not the tensor is empty: the statistics (N * G values), the
+        // parameter gradients (C) and the per-(n, c) partials of the backward pass (up to four
+        // f32 each, N * C) are allocated even when S = 0.
+        fits_bytes(numel, 8).then_some(()).ok_or_else(|| {
+            too_large("the byte size of an f64 tensor of these dims overflows isize")
+        })?;
+        n.checked_mul(self.groups)
+            .filter(|&rows| fits_bytes(rows, 8))
+            .ok_or_else(|| {
+                too_large(&format!(
+                    "N * G = {n} * {} statistics (two f32 each) overflow isize bytes",
+                    self.groups
+                ))
+            })?;
+        n.checked_mul(self.channels)
+            .filter(|&nc| fits_bytes(nc, 16))
+            .ok_or_else(|| {
+                too_large(&format!(
+                    "N * C = {n} * {} per-channel partials (four f32 each) overflow isize bytes",
+                    self.channels
+                ))
+            })?;
         let d = self.channels / self.groups;
         Ok(Geometry {
             n,
@@ -261,6 +287,14 @@ impl GroupNorm {
         }
         Ok(())
     }
+}
+
+/// Whether `count` values of `size` bytes each fit in `isize::MAX` bytes (the most any
+/// allocation, host or device, can describe).
+pub(crate) fn fits_bytes(count: usize, size: usize) -> bool {
+    count
+        .checked_mul(size)
+        .is_some_and(|b| b <= isize::MAX as usize)
 }
 
 /// Returns a [`Error::LengthMismatch`] unless `got == expected`.

@@ -1,4 +1,5 @@
-//! Element types: activations in f32, f16 or bf16; parameters in f32 or the activation type.
+//! Element types: activations in f32, f16 or bf16 (and f64 on the CPU path); parameters in f32
+//! or the activation type.
 
 use half::{bf16, f16};
 use std::fmt;
@@ -13,29 +14,35 @@ pub enum DType {
     F16,
     /// bfloat16.
     BF16,
+    /// IEEE binary64: the CPU path only (computed in f64, held to 1e-12 against the f64
+    /// reference); the GPU path refuses it with [`Error::Unsupported`](crate::Error::Unsupported).
+    F64,
 }
 
 impl DType {
     /// Size of one element in bytes.
     pub const fn size(self) -> usize {
         match self {
+            DType::F64 => 8,
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
         }
     }
 
-    /// Short name used in kernel names and reports (`f32`, `f16`, `bf16`).
+    /// Short name used in kernel names and reports (`f32`, `f16`, `bf16`, `f64`).
     pub const fn name(self) -> &'static str {
         match self {
+            DType::F64 => "f64",
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
         }
     }
 
-    /// Distance from 1.0 to the next representable value (2^-23, 2^-10, 2^-7).
+    /// Distance from 1.0 to the next representable value (2^-23, 2^-10, 2^-7, 2^-52).
     pub const fn epsilon(self) -> f64 {
         match self {
+            DType::F64 => f64::EPSILON,
             DType::F32 => 1.1920928955078125e-7,
             DType::F16 => 9.765625e-4,
             DType::BF16 => 7.8125e-3,
@@ -46,6 +53,7 @@ impl DType {
     /// with the subnormal spacing as a floor.
     pub fn ulp(self, v: f64) -> f64 {
         let (mant_bits, min_exp) = match self {
+            DType::F64 => (52, -1022),
             DType::F32 => (23, -126),
             DType::F16 => (10, -14),
             DType::BF16 => (7, -126),
@@ -69,14 +77,17 @@ impl fmt::Display for DType {
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
+    impl Sealed for f64 {}
     impl Sealed for half::f16 {}
     impl Sealed for half::bf16 {}
 }
 
-/// An element type the crate computes on: `f32`, [`struct@f16`] or [`struct@bf16`].
+/// An element type the crate computes on: `f32`, [`struct@f16`], [`struct@bf16`], or `f64` on
+/// the CPU path.
 ///
-/// Sealed: the kernels exist for these three only. Conversions to f32 are exact; conversions
-/// from f32 and f64 round to nearest even.
+/// Sealed: the kernels exist for the first three only (the GPU path refuses f64 with a typed
+/// error). Conversions to f32 are exact except from f64; conversions from f32 and f64 round to
+/// nearest even.
 pub trait Element:
     sealed::Sealed
     + Copy
@@ -91,7 +102,7 @@ pub trait Element:
 {
     /// The runtime tag of this type.
     const DTYPE: DType;
-    /// Exact widening to f32.
+    /// Widening to f32 (exact for f32, f16, bf16; rounding for f64).
     fn to_f32(self) -> f32;
     /// Rounding narrowing from f32.
     fn from_f32(v: f32) -> Self;
@@ -118,6 +129,26 @@ impl Element for f32 {
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32
+    }
+}
+
+impl Element for f64 {
+    const DTYPE: DType = DType::F64;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v as f64
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v
     }
 }
 
@@ -206,6 +237,8 @@ mod tests {
         // subnormal floor
         assert_eq!(DType::F16.ulp(0.0), 2f64.powi(-24));
         assert_eq!(DType::F32.ulp(1e-45), 2f64.powi(-149));
+        assert_eq!(DType::F64.ulp(1.0), f64::EPSILON);
+        assert_eq!(DType::F64.size(), 8);
     }
 
     #[test]

@@ -33,8 +33,11 @@ pub enum Error {
         channels: usize,
     },
 
-    /// `eps` is negative, NaN or infinite.
-    #[error("eps must be finite and non-negative, got {eps}")]
+    /// `eps` is not finite and positive once converted to f32 (every path computes in f32).
+    #[error(
+        "eps must be finite and positive in f32 (from about 1.4e-45 to 3.4e38, as every path \
+         computes with `eps as f32`), got {eps}"
+    )]
     InvalidEps {
         /// The rejected value.
         eps: f64,
@@ -83,6 +86,48 @@ pub enum Error {
         got: usize,
         /// Where the expected length comes from.
         what: String,
+    },
+
+    /// Saved statistics hold values no forward pass writes.
+    #[error(
+        "statistics row {row} holds mean {mean} and rstd {rstd}, which no forward pass writes: \
+         rstd must be finite and positive with a finite mean (or both NaN, for a row whose input \
+         held NaN or Inf); pass the statistics the forward pass returned for this x"
+    )]
+    InvalidStats {
+        /// Index `n * G + g` of the row.
+        row: usize,
+        /// Its mean.
+        mean: f32,
+        /// Its rstd.
+        rstd: f32,
+    },
+
+    /// An output overlaps an input (or another output) on a path that cannot honour it.
+    #[error(
+        "`{output}` overlaps `{input}` in memory: {why}; pass a separate buffer for `{output}`"
+    )]
+    Aliased {
+        /// The output argument.
+        output: &'static str,
+        /// The argument it overlaps.
+        input: &'static str,
+        /// Which path refused it, and why.
+        why: String,
+    },
+
+    /// A device pointer is not aligned to its element type.
+    #[error(
+        "`{name}` (address {ptr:#x}) is not aligned to {align} bytes, the size of its elements: \
+         pass a pointer to the start of an element"
+    )]
+    Misaligned {
+        /// Which argument.
+        name: &'static str,
+        /// The address given.
+        ptr: u64,
+        /// The alignment its elements need.
+        align: usize,
     },
 
     /// Two tensors that must have the same dims do not.

@@ -677,7 +677,7 @@ fn bad_input_is_an_error() -> R {
     let x = Tensor::ones((2, 4, 3), CDType::F32, &cpu())?;
     let w = Tensor::ones(4, CDType::F32, &cpu())?;
     // unsupported dtypes, named
-    for dt in [CDType::F64, CDType::U8, CDType::I64, CDType::U32] {
+    for dt in [CDType::U8, CDType::I64, CDType::U32] {
         let e = err_text(group_norm(&x.to_dtype(dt)?, None, None, 2, EPS));
         assert!(e.contains(&format!("{dt:?}")), "{dt:?}: {e}");
     }
@@ -739,5 +739,135 @@ fn bad_input_is_an_error() -> R {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, CDType::F32, &cpu());
     assert!(gnn::group_norm(3, 4, EPS, vb).is_err());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 15: f64 like candle_nn, parameters checked at construction, huge-but-empty shapes
+// ---------------------------------------------------------------------------------------------
+
+/// f64 tensors: forward and gradients through candle's autograd, held to 1e-12 against the f64
+/// reference, and to 1e-12 against candle_nn's own f64 computation.
+#[test]
+fn f64_matches_reference_and_candle_nn() -> R {
+    for (i, &(dims, groups)) in CASES.iter().enumerate() {
+        let c = dims[1];
+        let d = data(dims, 1500 + i as u64);
+        let x = Var::from_tensor(&tensor(&d.x, dims)?)?;
+        let w = Var::from_tensor(&tensor(&d.w, &[c])?)?;
+        let b = Var::from_tensor(&tensor(&d.b, &[c])?)?;
+        let dy = tensor(&d.dy, dims)?;
+        let y = group_norm(&x, Some(&w), Some(&b), groups, EPS)?;
+        let gn = GroupNorm::new(groups, c).unwrap();
+        let rf = reference::forward(&gn, &d.x, dims, Some(&d.w[..]), Some(&d.b[..])).unwrap();
+        let got = values::<f64>(&y)?;
+        let diff = max_abs_diff(&got, &rf.y);
+        assert!(
+            diff <= accuracy::F64_TOLERANCE,
+            "{dims:?}: y off by {diff:e}"
+        );
+        let grads = (&y * &dy)?.sum_all()?.backward()?;
+        let rb = reference::backward(&gn, &d.dy, &d.x, dims, Some(&d.w[..])).unwrap();
+        let scale = accuracy::dx_scale(&d.dy, dims, groups, Layout::Nchw, Some(&d.w), &rf.rstd);
+        let dx = values::<f64>(grads.get(x.as_tensor()).unwrap())?;
+        assert!(
+            rel_l2(&dx, &rb.dx, scale) <= accuracy::F64_TOLERANCE,
+            "{dims:?}: dx"
+        );
+        let dw = values::<f64>(grads.get(w.as_tensor()).unwrap())?;
+        let db = values::<f64>(grads.get(b.as_tensor()).unwrap())?;
+        let (nw, nb) = (
+            accuracy::l2(rb.dweight.clone()),
+            accuracy::l2(rb.dbias.clone()),
+        );
+        assert!(
+            rel_l2(&dw, &rb.dweight, nw) <= accuracy::F64_TOLERANCE,
+            "{dims:?}: dweight"
+        );
+        assert!(
+            rel_l2(&db, &rb.dbias, nb) <= accuracy::F64_TOLERANCE,
+            "{dims:?}: dbias"
+        );
+        // candle_nn computes f64 in f64 too
+        if dims.len() >= 3 {
+            let theirs = candle_nn::GroupNorm::new(
+                w.as_tensor().clone(),
+                b.as_tensor().clone(),
+                c,
+                groups,
+                EPS,
+            )?;
+            let yt = values::<f64>(&theirs.forward(&nn_view(x.as_tensor())?)?)?;
+            let diff = max_abs_diff(&got, &yt);
+            assert!(
+                diff <= accuracy::F64_TOLERANCE,
+                "{dims:?}: |ours - candle_nn| = {diff:e}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An f64 VarBuilder, where candle_nn works, works here too (this failed on the dtype).
+#[test]
+fn module_from_an_f64_var_builder() -> R {
+    let (groups, c) = (4, 12);
+    let dims = [2, c, 5, 3];
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, CDType::F64, &cpu());
+    let theirs = candle_nn::group_norm(groups, c, EPS, vb.pp("norm"))?;
+    let ours = gnn::group_norm(groups, c, EPS, vb.pp("norm"))?;
+    assert_eq!(ours.weight().dtype(), CDType::F64);
+    let d = data(&dims, 1600);
+    let x = tensor(&d.x, &dims)?;
+    let yo = values::<f64>(&x.apply(&ours)?)?;
+    let yt = values::<f64>(&theirs.forward(&x)?)?;
+    let diff = max_abs_diff(&yo, &yt);
+    assert!(
+        diff <= accuracy::F64_TOLERANCE,
+        "|ours - candle_nn| = {diff:e}"
+    );
+    let grads = x.apply(&ours)?.sqr()?.sum_all()?.backward()?;
+    for var in varmap.all_vars() {
+        assert!(grads.get(var.as_tensor()).is_some());
+    }
+    Ok(())
+}
+
+/// A weight or bias of the wrong shape, dtype or device is refused by `new`, not by the first
+/// `forward` (candle_nn's behaviour, which this used to copy).
+#[test]
+fn module_checks_its_parameters_at_construction() -> R {
+    let c = 8;
+    let ok = Tensor::ones(c, CDType::F32, &cpu())?;
+    gnn::GroupNorm::new(ok.clone(), ok.zeros_like()?, c, 4, EPS)?;
+    let short = Tensor::ones(c - 1, CDType::F32, &cpu())?;
+    let square = Tensor::ones((c, 1), CDType::F32, &cpu())?;
+    for (w, b, needle) in [
+        (&short, &ok, "weight has shape [7]"),
+        (&ok, &short, "bias has shape [7]"),
+        (&square, &ok, "weight has shape [8, 1]"),
+    ] {
+        let e = gnn::GroupNorm::new(w.clone(), b.clone(), c, 4, EPS).unwrap_err();
+        assert!(e.to_string().contains(needle), "{e}");
+    }
+    let e = gnn::GroupNorm::new(ok.clone(), ok.to_dtype(CDType::F64)?, c, 4, EPS).unwrap_err();
+    assert!(e.to_string().contains("must be the same"), "{e}");
+    Ok(())
+}
+
+/// Zero elements with huge other dims: errors, not a "capacity overflow" panic or an abort
+/// on a 1 TiB allocation.
+#[test]
+fn huge_but_empty_tensors_are_errors() -> R {
+    for dims in [[1usize << 62, 1, 0], [1 << 40, 1, 0]] {
+        let x = Tensor::zeros(&dims[..], CDType::F32, &cpu())?;
+        let e = err_text(group_norm(&x, None, None, 1, EPS));
+        assert!(e.contains("too large"), "{dims:?}: {e}");
+    }
+    // eps that vanishes in f32
+    let x = Tensor::ones((2, 4, 3), CDType::F32, &cpu())?;
+    let e = err_text(group_norm(&x, None, None, 2, 1e-50));
+    assert!(e.contains("eps"), "{e}");
     Ok(())
 }

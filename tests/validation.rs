@@ -54,14 +54,27 @@ fn groups_must_divide_channels() {
 }
 
 #[test]
-fn eps_must_be_finite_and_non_negative() {
-    for eps in [-1e-5, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+fn eps_must_be_finite_and_positive_in_f32() {
+    // every path computes with `eps as f32`: 1e-50 would become 0 (NaN rows), 1e300 inf
+    for eps in [
+        -1e-5,
+        0.0,
+        -0.0,
+        1e-50,
+        1e-46,
+        1e300,
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    ] {
         let e = gn().eps(eps).unwrap_err();
         assert!(matches!(e, Error::InvalidEps { .. }), "{eps}: {e:?}");
-        assert_mentions(&e, &[&eps.to_string()]);
+        assert_mentions(&e, &[&eps.to_string(), "f32", "3.4e38"]);
     }
-    // Zero is allowed.
-    assert_eq!(gn().eps(0.0).unwrap().get_eps(), 0.0);
+    // the f32 range's ends are accepted
+    for eps in [1e-45, 1e-6, 3.0e38] {
+        assert_eq!(gn().eps(eps).unwrap().get_eps(), eps);
+    }
 }
 
 #[test]

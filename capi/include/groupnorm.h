@@ -101,7 +101,8 @@ typedef char groupnorm_static_assert_enum_size[(sizeof(groupnorm_dtype_t) == 4) 
 
 /* One GroupNorm problem: everything but the pointers. */
 typedef struct groupnorm_problem_t {
-    /* ndims values: N, C, then any number of spatial dims (none included), all >= 0 */
+    /* ndims values: N, C, then any number of spatial dims (none included), all >= 0;
+       ndims is 2 to 64 (more is GROUPNORM_STATUS_INVALID_ARGUMENT, refused before dims is read) */
     const int64_t *dims;
     /* number of dims, >= 2 */
     int32_t ndims;

@@ -241,13 +241,14 @@ c_struct! {
     /// One GroupNorm problem: everything but the pointers. Dims are always the logical
     /// `(N, C, *spatial)`, whatever the layout.
     groupnorm_problem_t {
-        /// `ndims` values: `N`, `C`, then any number of spatial dims (none included).
+        /// `ndims` values: `N`, `C`, then any number of spatial dims (none included); `ndims`
+        /// is 2 to 64.
         dims: *const i64,
         /// Number of dims, at least 2.
         ndims: i32,
         /// Number of groups `G`, at least 1, dividing `C`.
         groups: i64,
-        /// Added to the variance before the square root; finite and non-negative.
+        /// Added to the variance before the square root; finite and positive once converted to f32 (about 1.4e-45 to 3.4e38).
         eps: f64,
         /// Memory layout of the activations.
         layout: groupnorm_layout_t,
@@ -449,7 +450,10 @@ pub fn status_of(error: &Error) -> groupnorm_status_t {
         | Error::ShapeMismatch { .. }
         | Error::DtypeMismatch { .. }
         | Error::LayoutMismatch { .. }
-        | Error::BiasNeeded { .. } => GROUPNORM_STATUS_INVALID_ARGUMENT,
+        | Error::BiasNeeded { .. }
+        | Error::InvalidStats { .. }
+        | Error::Aliased { .. }
+        | Error::Misaligned { .. } => GROUPNORM_STATUS_INVALID_ARGUMENT,
         Error::Unsupported { .. } => GROUPNORM_STATUS_UNSUPPORTED,
         Error::NoDriver => GROUPNORM_STATUS_NO_DRIVER,
         Error::NoDevice { .. } => GROUPNORM_STATUS_NO_DEVICE,
@@ -626,6 +630,9 @@ fn dtype_of(name: &str, v: groupnorm_dtype_t) -> Result<DType, Failure> {
     }
 }
 
+/// The most dims a problem may have (`ndims`): N, C and up to 62 spatial dims.
+const MAX_DIMS: usize = 64;
+
 /// Reads and validates `*problem`: every check that needs no device, so that bad arguments are
 /// reported the same on machines with and without a GPU. The raw layer checks again (and checks
 /// the pointers) once the device is known.
@@ -633,7 +640,7 @@ fn dtype_of(name: &str, v: groupnorm_dtype_t) -> Result<DType, Failure> {
 /// # Safety
 ///
 /// `problem` is NULL or points to a readable `groupnorm_problem_t` whose `dims`, when `ndims`
-/// is at least 2 and `dims` is not NULL, points to `ndims` readable `int64_t`.
+/// is 2 to [`MAX_DIMS`] and `dims` is not NULL, points to `ndims` readable `int64_t`.
 unsafe fn read_problem(problem: *const groupnorm_problem_t) -> Result<Validated, Failure> {
     if problem.is_null() {
         return Err(Failure::invalid("problem is NULL"));
@@ -645,6 +652,15 @@ unsafe fn read_problem(problem: *const groupnorm_problem_t) -> Result<Validated,
         return Err(Failure::invalid(format!(
             "ndims is {}: the input needs at least 2 dims (N, C, *spatial)",
             p.ndims
+        )));
+    }
+    // checked before anything is read or allocated: ndims = INT32_MAX would otherwise ask for a
+    // 16 GiB vector (and read far past any real array)
+    if p.ndims as usize > MAX_DIMS {
+        return Err(Failure::invalid(format!(
+            "ndims is {}: at most {MAX_DIMS} dims (N, C and up to {} spatial dims) are accepted",
+            p.ndims,
+            MAX_DIMS - 2
         )));
     }
     if p.dims.is_null() {

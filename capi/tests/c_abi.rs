@@ -839,6 +839,7 @@ fn invalid_problems_are_refused_before_the_driver() {
     let zero_channels = [2, 0, 4, 4];
     let two_d = [16i64, 256];
     let huge = [i64::MAX, 8, 4, 4];
+    let huge_empty = [1i64 << 30, 1_431_655_764, 0];
     type Edit = Box<dyn Fn(&mut groupnorm_problem_t)>;
     let cases: Vec<(&str, Edit, &str)> = vec![
         ("ndims = 1", Box::new(|p| p.ndims = 1), "ndims is 1"),
@@ -912,6 +913,26 @@ fn invalid_problems_are_refused_before_the_driver() {
             Box::new(move |p| p.dims = huge.as_ptr()),
             "too large",
         ),
+        // issue 15: refused before anything is read or allocated (this aborted on a 16 GiB
+        // allocation); `dims` points at 4 values, so reading more would be out of bounds
+        (
+            "ndims = INT32_MAX",
+            Box::new(|p| p.ndims = i32::MAX),
+            "at most 64 dims",
+        ),
+        ("ndims = 65", Box::new(|p| p.ndims = 65), "ndims is 65"),
+        // issue 15: zero elements, but 3 * N * C workspace floats wrap 64 bits
+        (
+            "huge but empty",
+            Box::new(move |p| {
+                p.dims = huge_empty.as_ptr();
+                p.ndims = 3;
+            }),
+            "too large",
+        ),
+        // issue 15: valid in f64, 0 in the f32 every path computes with
+        ("eps = 1e-50", Box::new(|p| p.eps = 1e-50), "eps must"),
+        ("eps = 1e300", Box::new(|p| p.eps = 1e300), "eps must"),
     ];
     for (which, function) in FUNCTIONS.iter().enumerate() {
         let (s, bytes) = call(which, std::ptr::null());
@@ -1042,7 +1063,8 @@ fn dtype_of<E: Element>() -> groupnorm_dtype_t {
         DType::F32 => GROUPNORM_DTYPE_F32,
         DType::F16 => GROUPNORM_DTYPE_F16,
         DType::BF16 => GROUPNORM_DTYPE_BF16,
-        other => panic!("no C ABI dtype for {other}"),
+        // the C ABI has no f64 (the GPU path refuses it); the GPU tests never ask for it
+        other => panic!("no C dtype for {other}"),
     }
 }
 

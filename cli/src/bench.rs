@@ -191,6 +191,7 @@ fn bench_gpu(gpu: &Gpu, cfg: &Config) -> Result<Vec<Row>, Failure> {
                 (DType::F16, _) => gpu_shape::<f16, f32>(gpu, cfg, shape, l2, copy),
                 (DType::BF16, DType::BF16) => gpu_shape::<bf16, bf16>(gpu, cfg, shape, l2, copy),
                 (DType::BF16, _) => gpu_shape::<bf16, f32>(gpu, cfg, shape, l2, copy),
+                (DType::F64, _) => gpu_shape::<f64, f64>(gpu, cfg, shape, l2, copy),
                 // (DType is #[non_exhaustive]: a type this command does not know yet)
                 _ => return Err(super::check::unknown_dtype(t, p)),
             };
@@ -374,6 +375,7 @@ fn bench_cpu(cfg: &Config) -> Result<Vec<Row>, Failure> {
                 (DType::F16, _) => cpu_shape::<f16, f32>(cfg, shape, copy)?,
                 (DType::BF16, DType::BF16) => cpu_shape::<bf16, bf16>(cfg, shape, copy)?,
                 (DType::BF16, _) => cpu_shape::<bf16, f32>(cfg, shape, copy)?,
+                (DType::F64, _) => cpu_shape::<f64, f64>(cfg, shape, copy)?,
                 _ => return Err(super::check::unknown_dtype(t, p)),
             };
             rows.append(&mut v);

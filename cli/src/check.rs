@@ -138,6 +138,7 @@ pub fn run(raw: &[String]) -> Result<(), Failure> {
                     one::<bf16, bf16>(&place, variant, shape, seed + i as u64)?
                 }
                 (DType::BF16, _) => one::<bf16, f32>(&place, variant, shape, seed + i as u64)?,
+                (DType::F64, _) => one::<f64, f64>(&place, variant, shape, seed + i as u64)?,
                 // (DType is #[non_exhaustive]: a type this command does not know yet)
                 _ => return Err(unknown_dtype(t, p)),
             };

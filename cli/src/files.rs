@@ -10,7 +10,7 @@ use std::path::Path;
 pub const APPLY_USAGE: &str = "usage: groupnorm apply --x X.npy --groups G --out Y.npy
        [--weight W.npy] [--bias B.npy] [--eps 1e-5] [--layout nchw|nhwc] [--device cpu|gpu]
        [--mean MEAN.npy] [--rstd RSTD.npy] [--silu]
-  x is float32 or float16, shaped (N, C, *spatial) for nchw or (N, *spatial, C) for nhwc;
+  x is float32, float16 or float64 (CPU only), shaped (N, C, *spatial) for nchw or (N, *spatial, C) for nhwc;
   weight and bias are (C,), float32 or the dtype of x; y has the shape and dtype of x;
   mean and rstd are float32 (N, G).";
 
@@ -141,6 +141,13 @@ fn param<T: Element>(
             "--{name} is float16 but x is {}: parameters must be float32 or the dtype of x",
             T::DTYPE
         ))),
+        Array::F64 { data, .. } if T::DTYPE == groupnorm::DType::F64 => Ok(Some(Param::Same(
+            data.into_iter().map(T::from_f64).collect(),
+        ))),
+        Array::F64 { .. } => Err(UsageError(format!(
+            "--{name} is float64 but x is {}: parameters must be float32 or the dtype of x",
+            T::DTYPE
+        ))),
     }
 }
 
@@ -152,6 +159,10 @@ fn to_array<T: Element>(shape: &[usize], data: Vec<T>) -> Array {
                 .into_iter()
                 .map(|v| f16::from_f32(v.to_f32()))
                 .collect(),
+        },
+        groupnorm::DType::F64 => Array::F64 {
+            shape: shape.to_vec(),
+            data: data.into_iter().map(|v| v.to_f64()).collect(),
         },
         _ => Array::F32 {
             shape: shape.to_vec(),
@@ -181,6 +192,7 @@ pub fn apply(raw: &[String]) -> Result<(), Failure> {
     match x {
         Array::F32 { shape, data } => apply_typed(&args, &dev, &shape, data, weight, bias, out),
         Array::F16 { shape, data } => apply_typed(&args, &dev, &shape, data, weight, bias, out),
+        Array::F64 { shape, data } => apply_typed(&args, &dev, &shape, data, weight, bias, out),
     }
 }
 
@@ -276,6 +288,13 @@ pub fn grad(raw: &[String]) -> Result<(), Failure> {
         (
             Array::F16 { shape, data },
             Array::F16 {
+                shape: s2,
+                data: dy,
+            },
+        ) => grad_typed(&args, &dev, &shape, &s2, data, dy, params, dx_path),
+        (
+            Array::F64 { shape, data },
+            Array::F64 {
                 shape: s2,
                 data: dy,
             },

@@ -1,4 +1,5 @@
-//! NumPy `.npy` files: little-endian float32 and float16 arrays in C order, versions 1.0-3.0.
+//! NumPy `.npy` files: little-endian float32, float16 and float64 arrays in C order, versions
+//! 1.0-3.0.
 //!
 //! Outputs are written to a temporary file beside the target and renamed into place, so a failed
 //! run leaves no partial file behind.
@@ -15,13 +16,15 @@ pub enum Array {
     F32 { shape: Vec<usize>, data: Vec<f32> },
     /// `<f2`
     F16 { shape: Vec<usize>, data: Vec<f16> },
+    /// `<f8` (NumPy's default float; computed on the CPU in f64)
+    F64 { shape: Vec<usize>, data: Vec<f64> },
 }
 
 impl Array {
     /// The array's shape.
     pub fn shape(&self) -> &[usize] {
         match self {
-            Array::F32 { shape, .. } | Array::F16 { shape, .. } => shape,
+            Array::F32 { shape, .. } | Array::F16 { shape, .. } | Array::F64 { shape, .. } => shape,
         }
     }
 
@@ -30,6 +33,7 @@ impl Array {
         match self {
             Array::F32 { .. } => "float32",
             Array::F16 { .. } => "float16",
+            Array::F64 { .. } => "float64",
         }
     }
 }
@@ -85,9 +89,11 @@ fn parse_raw(bytes: &[u8]) -> Result<Array, String> {
     let elem = match descr {
         "<f4" | "=f4" => 4,
         "<f2" | "=f2" => 2,
+        "<f8" | "=f8" => 8,
         other => {
             return Err(format!(
-                "unsupported dtype '{other}': groupnorm reads float32 ('<f4') and float16 ('<f2')"
+                "unsupported dtype '{other}': groupnorm reads float32 ('<f4'), float16 ('<f2') \
+                 and float64 ('<f8')"
             ))
         }
     };
@@ -98,7 +104,15 @@ fn parse_raw(bytes: &[u8]) -> Result<Array, String> {
             data.len()
         ));
     }
-    Ok(if elem == 4 {
+    Ok(if elem == 8 {
+        Array::F64 {
+            shape,
+            data: data
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunks")))
+                .collect(),
+        }
+    } else if elem == 4 {
         Array::F32 {
             shape,
             data: data
@@ -161,6 +175,7 @@ pub fn to_bytes(array: &Array) -> Vec<u8> {
     let (descr, shape) = match array {
         Array::F32 { shape, .. } => ("<f4", shape),
         Array::F16 { shape, .. } => ("<f2", shape),
+        Array::F64 { shape, .. } => ("<f8", shape),
     };
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let shape_text = match dims.len() {
@@ -208,6 +223,7 @@ pub fn to_bytes(array: &Array) -> Vec<u8> {
         Array::F16 { data, .. } => data
             .iter()
             .for_each(|v| out.extend(v.to_bits().to_le_bytes())),
+        Array::F64 { data, .. } => data.iter().for_each(|v| out.extend(v.to_le_bytes())),
     }
     out
 }
@@ -378,14 +394,20 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_read() {
-        let mut f64_file = to_bytes(&Array::F32 {
+        let mut int_file = to_bytes(&Array::F32 {
             shape: vec![1],
             data: vec![0.0],
         });
-        let at = f64_file.windows(3).position(|w| w == b"<f4").unwrap();
-        f64_file[at + 2] = b'8';
-        let e = parse(&f64_file).unwrap_err();
-        assert!(e.contains("unsupported dtype '<f8'"), "{e}");
+        let at = int_file.windows(3).position(|w| w == b"<f4").unwrap();
+        int_file[at + 1] = b'i';
+        let e = parse(&int_file).unwrap_err();
+        assert!(e.contains("unsupported dtype '<i4'"), "{e}");
+        // float64 (np.save's default) round-trips
+        let a = Array::F64 {
+            shape: vec![2, 1],
+            data: vec![0.1, -1e300],
+        };
+        assert_eq!(parse(&to_bytes(&a)).unwrap(), a);
         let mut short = to_bytes(&Array::F32 {
             shape: vec![3],
             data: vec![0.0; 3],

@@ -16,6 +16,12 @@
 //!
 //! Every method validates all of its arguments before computing anything and reports a bad
 //! argument as an [`Error`](crate::Error), never a panic.
+//!
+//! f64 activations (parameters f64 or f32) take the f64 reference computation instead of the
+//! fast f32 one: statistics, normalization and gradients in f64, eps in f64, held to 1e-12
+//! against the reference (DESIGN.md). The saved statistics stay f32 `(N, G)` like every path's;
+//! the f64 backward checks them as the others do but recomputes its own from `x` in f64, so it
+//! does not lose precision to them. It is single-threaded and not tuned for speed.
 
 pub mod reference;
 
@@ -23,9 +29,85 @@ mod fast;
 
 use crate::config::check_len;
 use crate::dtype::{check_param_dtype, Element};
-use crate::{Activation, Geometry, Grads, GroupNorm, Result, Stats};
+use crate::{Activation, DType, Error, Geometry, Grads, GroupNorm, Result, Stats};
+
+/// Widens a slice to f64 (the f64 path computes in f64 throughout).
+fn widen<E: Element>(v: &[E]) -> Vec<f64> {
+    v.iter().map(|e| e.to_f64()).collect()
+}
+
+/// A vector of `len` copies of `value`, or [`Error::TooLarge`] when the host cannot allocate
+/// it (a huge-but-empty tensor still has `N * G` statistics and `C` parameter gradients): the
+/// allocation is tried, never assumed, so the process does not abort.
+pub(crate) fn try_filled<V: Clone>(
+    len: usize,
+    value: V,
+    geo: &Geometry,
+    what: &str,
+) -> Result<Vec<V>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::TooLarge {
+        dims: geo.dims.clone(),
+        why: format!(
+            "the host could not allocate {what} ({len} values of {} bytes)",
+            std::mem::size_of::<V>()
+        ),
+    })?;
+    v.resize(len, value);
+    Ok(v)
+}
+
+/// Checks the values of saved statistics where that is cheap (one pass over `N * G` pairs):
+/// each row is either a poisoned row as the forward pass writes it (mean and rstd both NaN,
+/// which the backward pass turns into NaN gradients for that row), or a finite mean with a
+/// finite positive rstd. Anything else (a negative, zero or infinite rstd, NaN in one of the
+/// two only) cannot come from a forward pass and would give silently wrong gradients.
+pub(crate) fn check_stats_values(stats: &Stats) -> Result<()> {
+    for (row, (&m, &r)) in stats.mean.iter().zip(&stats.rstd).enumerate() {
+        let ok = (m.is_nan() && r.is_nan()) || (m.is_finite() && r.is_finite() && r > 0.0);
+        if !ok {
+            return Err(Error::InvalidStats {
+                row,
+                mean: m,
+                rstd: r,
+            });
+        }
+    }
+    Ok(())
+}
 
 impl GroupNorm {
+    /// The f64 forward pass: the f64 reference computation (two-pass statistics in f64, eps in
+    /// f64), so f64 results meet the 1e-12 target of DESIGN.md; the statistics are saved as f32
+    /// like every path's (the f64 backward recomputes its own from `x`).
+    fn forward_f64<T: Element, P: Element>(
+        &self,
+        geo: &Geometry,
+        x: &[T],
+        weight: Option<&[P]>,
+        bias: Option<&[P]>,
+        y: &mut [T],
+        stats: &mut Stats,
+    ) {
+        let r = reference::forward_act_f64(
+            geo,
+            self.get_eps(),
+            self.get_activation(),
+            &widen(x),
+            weight.map(widen).as_deref(),
+            bias.map(widen).as_deref(),
+        );
+        for (o, v) in y.iter_mut().zip(r.y) {
+            *o = T::from_f64(v);
+        }
+        for (o, v) in stats.mean.iter_mut().zip(r.mean) {
+            *o = v as f32;
+        }
+        for (o, v) in stats.rstd.iter_mut().zip(r.rstd) {
+            *o = v as f32;
+        }
+    }
+
     /// Validates the arguments of a forward pass and returns the geometry.
     fn check_forward<T: Element, P: Element>(
         &self,
@@ -66,11 +148,15 @@ impl GroupNorm {
         bias: Option<&[P]>,
     ) -> Result<(Vec<T>, Stats)> {
         let geo = self.check_forward(x, dims, weight, bias)?;
-        let mut y = vec![T::default(); geo.numel()];
+        let mut y = try_filled(geo.numel(), T::default(), &geo, "y")?;
         let mut stats = Stats {
-            mean: vec![0.0; geo.rows()],
-            rstd: vec![0.0; geo.rows()],
+            mean: try_filled(geo.rows(), 0.0, &geo, "the N * G means")?,
+            rstd: try_filled(geo.rows(), 0.0, &geo, "the N * G rstds")?,
         };
+        if T::DTYPE == DType::F64 {
+            self.forward_f64(&geo, x, weight, bias, &mut y, &mut stats);
+            return Ok((y, stats));
+        }
         fast::forward(
             &geo,
             self.get_eps() as f32,
@@ -103,6 +189,10 @@ impl GroupNorm {
         let geo = self.check_forward(x, dims, weight, bias)?;
         geo.check_activation("y", y.len())?;
         geo.check_stats(stats)?;
+        if T::DTYPE == DType::F64 {
+            self.forward_f64(&geo, x, weight, bias, y, stats);
+            return Ok(());
+        }
         fast::forward(
             &geo,
             self.get_eps() as f32,
@@ -187,7 +277,39 @@ impl GroupNorm {
         if want_dbias {
             check_param_dtype::<T, P>("dbias")?;
         }
-        let mut dx = vec![T::default(); geo.numel()];
+        check_stats_values(stats)?;
+        let mut dx = try_filled(geo.numel(), T::default(), &geo, "dx")?;
+        if geo.numel() == 0 {
+            // Nothing to differentiate: zero gradients, allocated with a check (C may be huge).
+            let zeros = || try_filled(geo.c, P::from_f32(0.0), &geo, "a parameter gradient");
+            return Ok(Grads {
+                dx,
+                dweight: weight.map(|_| zeros()).transpose()?,
+                dbias: want_dbias.then(zeros).transpose()?,
+            });
+        }
+        if T::DTYPE == DType::F64 {
+            let r = reference::backward_act_f64(
+                &geo,
+                self.get_eps(),
+                act,
+                &widen(dy),
+                &widen(x),
+                weight.map(widen).as_deref(),
+                bias.filter(|_| act != Activation::None)
+                    .map(widen)
+                    .as_deref(),
+            );
+            for (o, v) in dx.iter_mut().zip(r.dx) {
+                *o = T::from_f64(v);
+            }
+            let narrow = |v: Vec<f64>| v.into_iter().map(P::from_f64).collect::<Vec<P>>();
+            return Ok(Grads {
+                dx,
+                dweight: weight.map(|_| narrow(r.dweight)),
+                dbias: want_dbias.then(|| narrow(r.dbias)),
+            });
+        }
         let (dweight, dbias) = if act == Activation::None {
             fast::backward(&geo, dy, x, &stats.mean, &stats.rstd, weight, &mut dx)
         } else {

@@ -61,8 +61,10 @@ unsafe fn launch<A: DeviceRepr>(
     grid: Grid,
     params: &A,
 ) -> Result<()> {
+    // the caller's current context comes back when this returns, launched or not (taken before
+    // the function lookup, which may bind the context itself)
+    let _restore = gpu.bind_scoped()?;
     let f = gpu.function(name)?;
-    gpu.bind()?;
     let mut args = [params as *const A as *mut c_void];
     let failed = |e| Error::driver(format!("launching `{name}`"), e);
     if grid.cluster > 1 {

@@ -284,7 +284,7 @@ pub(crate) fn plan(
         chunking,
         blocks: blocks as u32,
         smem_bytes: smem_bytes as u32,
-        workspace_floats: workspace_floats(shape, pass, on_chip_path, chunking, silu),
+        workspace_floats: checked_workspace(shape, pass, on_chip_path, chunking, silu, dims)?,
         nhwc: false,
         stream_smem_bytes: 0,
         cluster: if clustered.is_some() {
@@ -375,20 +375,55 @@ fn check_u32_dims(n: usize, c: usize, s: usize, dims: &[usize]) -> Result<()> {
 /// forward split: (mean, m2) per chunk, then (mean, rstd) per row; backward: (sum dy, sum dy
 /// xhat, sum x - mean) per (n, c, piece), then (m1, m2, delta) per row, then (split path with
 /// SiLU) one centered sum per chunk. The same for both layouts.
-fn workspace_floats(shape: Shape, pass: Pass, fused: bool, ch: Chunking, silu: bool) -> usize {
-    let rows = shape.n * shape.g;
-    match pass {
+///
+/// Checked: `None` where the count (or its byte size) overflows, whether or not the tensor is
+/// empty (`N * C` can be huge with `S = 0`).
+fn workspace_floats(
+    shape: Shape,
+    pass: Pass,
+    fused: bool,
+    ch: Chunking,
+    silu: bool,
+) -> Option<usize> {
+    let rows = shape.n.checked_mul(shape.g)?;
+    let chunks = ch.chunks as usize;
+    let floats = match pass {
         Pass::Forward if fused => 0,
-        Pass::Forward => 2 * rows * ch.chunks as usize + 2 * rows,
+        Pass::Forward => rows
+            .checked_mul(chunks)?
+            .checked_add(rows)?
+            .checked_mul(2)?,
         Pass::Backward => {
             let center = if silu && !fused {
-                rows * ch.chunks as usize
+                rows.checked_mul(chunks)?
             } else {
                 0
             };
-            3 * shape.n * shape.c * ch.pieces as usize + 3 * rows + center
+            shape
+                .n
+                .checked_mul(shape.c)?
+                .checked_mul(ch.pieces as usize)?
+                .checked_add(rows)?
+                .checked_mul(3)?
+                .checked_add(center)?
         }
-    }
+    };
+    crate::config::fits_bytes(floats, 4).then_some(floats)
+}
+
+/// [`workspace_floats`], or [`Error::TooLarge`] naming the workspace.
+fn checked_workspace(
+    shape: Shape,
+    pass: Pass,
+    fused: bool,
+    ch: Chunking,
+    silu: bool,
+    dims: &[usize],
+) -> Result<usize> {
+    workspace_floats(shape, pass, fused, ch, silu).ok_or_else(|| Error::TooLarge {
+        dims: dims.to_vec(),
+        why: "the workspace size in bytes overflows isize".into(),
+    })
 }
 
 /// Bytes each position run of an NHWC tile should span at least: two full 32-byte sectors, so
@@ -523,7 +558,7 @@ fn plan_nhwc(
         chunking,
         blocks: blocks as u32,
         smem_bytes: smem_bytes as u32,
-        workspace_floats: workspace_floats(shape, pass, fused, chunking, silu),
+        workspace_floats: checked_workspace(shape, pass, fused, chunking, silu, dims)?,
         nhwc: true,
         stream_smem_bytes: (nhwc_extra_floats(q, w, gpb) * 4) as u32,
         cluster: 1,

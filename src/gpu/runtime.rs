@@ -9,6 +9,7 @@ use cudarc::driver::sys::{
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 mod embedded {
@@ -262,7 +263,33 @@ impl Gpu {
     }
 
     pub(crate) fn limits(&self) -> DeviceLimits {
-        self.limits
+        if self.kernels.clusters_refused.load(Ordering::Relaxed) {
+            DeviceLimits {
+                max_cluster: 0,
+                ..self.limits
+            }
+        } else {
+            self.limits
+        }
+    }
+
+    /// Remembers, for this context, that the driver refused a cluster launch for resources:
+    /// every later plan in this context takes the split path (see [`Gpu::limits`]).
+    pub(crate) fn refuse_clusters(&self) {
+        self.kernels.clusters_refused.store(true, Ordering::Relaxed);
+    }
+
+    /// Makes this device's context current on the calling thread and returns a guard that
+    /// makes the caller's previous context (or none) current again when dropped, so a call
+    /// never leaves a multi-GPU caller (PyTorch through the C ABI) in another context.
+    pub(crate) fn bind_scoped(&self) -> Result<ContextGuard> {
+        let previous = cudarc::driver::result::ctx::get_current()
+            .map_err(|e| Error::driver("reading the current context", e))?;
+        self.bind()?;
+        Ok(ContextGuard {
+            previous,
+            ours: self.ctx.cu_ctx(),
+        })
     }
 
     /// Makes this device's context current on the calling thread (raw launches need it).
@@ -302,12 +329,34 @@ impl Gpu {
     }
 }
 
+/// Restores the context that was current before [`Gpu::bind_scoped`].
+pub(crate) struct ContextGuard {
+    previous: Option<cudarc::driver::sys::CUcontext>,
+    ours: cudarc::driver::sys::CUcontext,
+}
+
+impl Drop for ContextGuard {
+    fn drop(&mut self) {
+        let previous = self.previous.unwrap_or(std::ptr::null_mut());
+        if previous != self.ours {
+            // SAFETY: `previous` was current on this thread when the guard was made (or null,
+            // which unbinds): the caller's context, which the caller keeps alive across its own
+            // call into this crate. Nothing can be done about a failure in a destructor; the
+            // driver reports it again on the caller's next call.
+            let _ = unsafe { cudarc::driver::result::ctx::set_current(previous) };
+        }
+    }
+}
+
 /// The embedded modules loaded into one context, and the functions looked up so far.
 pub(crate) struct Kernels {
     modules: Vec<Arc<CudaModule>>,
     functions: RwLock<HashMap<String, CudaFunction>>,
     /// The device's shared memory per block (opt-in), static and dynamic together.
     smem_optin: usize,
+    /// Set once the driver refused a cluster launch in this context for resources (MPS limits,
+    /// MIG, another process's clusters): from then on the planner takes the split path here.
+    clusters_refused: AtomicBool,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -362,6 +411,7 @@ impl Kernels {
             modules,
             functions: RwLock::new(HashMap::new()),
             smem_optin,
+            clusters_refused: AtomicBool::new(false),
         });
         cache.push((key, kernels.clone()));
         Ok(kernels)

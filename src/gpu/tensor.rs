@@ -34,7 +34,9 @@ pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(
     stream: &Arc<CudaStream>,
     len: usize,
 ) -> Result<CudaSlice<T>> {
-    let bytes = len.max(1) * std::mem::size_of::<T>();
+    // cudarc multiplies `len` by the element size unchecked: a wrapped product would allocate a
+    // few bytes for a buffer that claims `len` elements
+    let bytes = checked_bytes::<T>(len.max(1), &[len])?;
     stream
         .alloc_zeros::<T>(len.max(1))
         .map_err(|e| alloc_error(bytes, "allocating device memory", e))
@@ -62,6 +64,20 @@ fn numel(dims: &[usize]) -> Result<usize> {
         })
 }
 
+/// Bytes of `len` elements of `T`, or [`Error::TooLarge`] where that passes `isize::MAX` (no
+/// allocation can be that large; cudarc would wrap the product).
+pub(crate) fn checked_bytes<T>(len: usize, dims: &[usize]) -> Result<usize> {
+    let size = std::mem::size_of::<T>();
+    if crate::config::fits_bytes(len, size) {
+        Ok(len * size)
+    } else {
+        Err(Error::TooLarge {
+            dims: dims.to_vec(),
+            why: format!("{len} elements of {size} bytes overflow isize bytes"),
+        })
+    }
+}
+
 impl<T: Element> DeviceTensor<T> {
     /// Wraps a device buffer holding exactly the tensor's elements.
     pub fn new(data: CudaSlice<T>, dims: &[usize], layout: Layout) -> Result<Self> {
@@ -80,6 +96,10 @@ impl<T: Element> DeviceTensor<T> {
             dims: dims.to_vec(),
             why: "offset plus element count overflows usize".into(),
         })?;
+        // in bytes too, and the buffer's own claim: a length whose bytes overflow cannot be a
+        // real allocation, so no length check against it means anything
+        checked_bytes::<T>(needed, dims)?;
+        checked_bytes::<T>(data.len(), dims)?;
         if data.len() < needed {
             return Err(Error::LengthMismatch {
                 name: "data",
@@ -112,9 +132,11 @@ impl<T: Element> DeviceTensor<T> {
         })
     }
 
-    /// A tensor of zeros.
+    /// A tensor of zeros. Errors with [`Error::TooLarge`] before allocating where the byte size
+    /// overflows `isize`.
     pub fn zeros(gpu: &Gpu, dims: &[usize], layout: Layout) -> Result<Self> {
         let n = numel(dims)?;
+        checked_bytes::<T>(n, dims)?;
         Ok(DeviceTensor {
             data: zeros(gpu.stream(), n)?,
             offset: 0,
@@ -185,6 +207,7 @@ pub struct DeviceStats {
 impl DeviceStats {
     /// Zeroed statistics for `rows` group rows.
     pub fn zeros(gpu: &Gpu, rows: usize) -> Result<Self> {
+        checked_bytes::<f32>(rows, &[rows])?;
         Ok(DeviceStats {
             mean: zeros(gpu.stream(), rows)?,
             rstd: zeros(gpu.stream(), rows)?,
@@ -211,8 +234,25 @@ impl DeviceStats {
         })
     }
 
-    /// Copies the statistics to the host.
+    /// Checks that the public fields agree: both buffers hold at least `rows` values.
+    pub fn validate(&self) -> Result<()> {
+        for (name, s) in [("mean", &self.mean), ("rstd", &self.rstd)] {
+            if s.len() < self.rows {
+                return Err(Error::LengthMismatch {
+                    name,
+                    expected: self.rows,
+                    got: s.len(),
+                    what: "at least `rows` values (DeviceStats::rows)".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the statistics to the host. Errors with [`Error::LengthMismatch`] where the
+    /// public fields disagree (a buffer shorter than `rows`).
     pub fn to_host(&self, gpu: &Gpu) -> Result<Stats> {
+        self.validate()?;
         if self.rows == 0 {
             return Ok(Stats::default());
         }
@@ -237,4 +277,27 @@ pub struct DeviceGrads<T, P> {
     pub dweight: Option<CudaSlice<P>>,
     /// Gradient with respect to the bias, when asked for.
     pub dbias: Option<CudaSlice<P>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `DeviceTensor::zeros(&gpu, &[(1 << 62) + 1])` asked cudarc for `len * 4` bytes, which
+    /// wrapped to 4; `zeros`, `DeviceStats::zeros` and `with_offset` now go through this check
+    /// before any allocation or length comparison.
+    #[test]
+    fn byte_sizes_that_overflow_are_refused_before_allocating() {
+        let dims = [(1usize << 62) + 1];
+        let e = checked_bytes::<f32>(dims[0], &dims).unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
+        assert!(e.to_string().contains("overflow isize"), "{e}");
+        // f16: 2^63 + 2 bytes, past isize::MAX though it fits u64
+        assert!(checked_bytes::<half::f16>(dims[0], &dims).is_err());
+        assert!(checked_bytes::<f32>(usize::MAX, &[usize::MAX]).is_err());
+        // the largest that fits
+        let most = isize::MAX as usize / 4;
+        assert_eq!(checked_bytes::<f32>(most, &[most]).unwrap(), most * 4);
+        assert_eq!(checked_bytes::<f32>(0, &[0]).unwrap(), 0);
+    }
 }

@@ -150,7 +150,7 @@ int main(int argc, char **argv)
             groupnorm_problem_t p;
             int null_problem;
             const char *needle;
-        } bad[18];
+        } bad[24];
         int n = 0;
         size_t bytes;
 
@@ -177,9 +177,10 @@ int main(int argc, char **argv)
         BAD("groups = 0", "groups must be at least 1", p.groups = 0);
         BAD("groups = -2", "groups is -2", p.groups = -2);
         BAD("channels = 0", "channels must be at least 1", p.dims = zero_channels);
-        BAD("eps = -1", "eps must be finite and non-negative", p.eps = -1.0);
-        BAD("eps = NaN", "eps must be finite and non-negative", p.eps = NAN);
+        BAD("eps = -1", "eps must be finite and positive in f32", p.eps = -1.0);
+        BAD("eps = NaN", "eps must be finite and positive in f32", p.eps = NAN);
         BAD("dtype = 7", "dtype is 7", p.dtype = (groupnorm_dtype_t)7);
+        BAD("eps = 1e-50 (0 in f32)", "eps must be finite and positive in f32", p.eps = 1e-50);
         BAD("param_dtype = -1", "param_dtype is -1", p.param_dtype = (groupnorm_dtype_t)-1);
         BAD("f16 parameters for bf16 activations", "parameters must be f32 or bf16",
             (p.dtype = GROUPNORM_DTYPE_BF16, p.param_dtype = GROUPNORM_DTYPE_F16));

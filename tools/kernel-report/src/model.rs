@@ -1,0 +1,381 @@
+//! Device and plan tables, the first-order model and the budgets.
+
+use crate::devices::{self, Device, DEVICES};
+use crate::traffic::{path_name, Run};
+use groupnorm::gpu::emulate::{self, Trace};
+use groupnorm::gpu::Path;
+use groupnorm::{DType, GroupNorm, Layout};
+use std::fmt::Write as _;
+
+/// Assumed DRAM latency under load for Little's law, ns (a model constant: public
+/// microbenchmarks of HBM GPUs report loaded latencies of several hundred ns; the first GPU
+/// visit, scripts/gpu-visit.sh, corrects it).
+pub const LATENCY_NS: f64 = 600.0;
+/// Assumed cost of one kernel launch on a stream, µs (a model constant, to be corrected the same
+/// way).
+pub const LAUNCH_US: f64 = 2.5;
+/// Bytes one thread of a 16-byte row kernel keeps in flight in its load phase: `U = 4` 16-byte
+/// loads before the stores in `copy_to_shared` (kernels/common.cuh). A static count read from
+/// the source, not from the SASS.
+pub const INFLIGHT_PER_THREAD: u64 = 64;
+/// Shared memory the driver reserves per block (CUDA guide: 1 KiB from compute capability 8.0).
+const RESERVED_SMEM: u64 = 1024;
+
+/// The device table.
+pub fn device_table(s: &mut String, devs: &[Device]) {
+    s.push_str(
+        "## Device limits (public figures)\n\n\
+         | device | cc | SMs | smem/SM KiB | smem/block KiB | regs/SM | threads/SM | blocks/SM | largest cluster | L2 MiB | boost MHz | copy GB/s (spec, not measured) | source |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for d in devs {
+        let _ = writeln!(
+            s,
+            "| {} ({}) | {}.{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            d.name,
+            d.key,
+            d.cc / 10,
+            d.cc % 10,
+            d.sms,
+            d.smem_per_sm_kib,
+            d.smem_per_block_kib,
+            d.regs_per_sm,
+            d.threads_per_sm,
+            d.blocks_per_sm,
+            if d.max_cluster == 0 {
+                "none".to_string()
+            } else {
+                d.max_cluster.to_string()
+            },
+            d.l2_mib,
+            d.clock_mhz,
+            d.copy_gbs,
+            d.source
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nPer compute capability (smem, registers, threads, blocks, clusters): {}.\n",
+        devices::cc_source()
+    );
+}
+
+/// The planned shapes: Stable Diffusion UNet and VAE GroupNorms (f16), a batch of small ones.
+pub fn plan_shapes() -> Vec<(&'static str, [usize; 4], usize)> {
+    vec![
+        ("unet-64", [2, 320, 64, 64], 32),
+        ("unet-32", [2, 640, 32, 32], 32),
+        ("unet-16", [2, 1280, 16, 16], 32),
+        ("unet-8", [2, 1280, 8, 8], 32),
+        ("vae-64", [1, 512, 64, 64], 32),
+        ("vae-128", [1, 512, 128, 128], 32),
+        ("vae-256", [1, 256, 256, 256], 32),
+        ("vae-512", [1, 128, 512, 512], 32),
+        ("batch-16", [16, 128, 16, 16], 32),
+    ]
+}
+
+/// Occupancy of one launch on `d`.
+#[derive(Clone, Copy, Debug)]
+pub struct Occupancy {
+    /// Resident blocks per SM (threads, blocks and shared memory; registers not read here).
+    pub per_sm: u64,
+    /// Waves: blocks over (blocks per SM x SMs).
+    pub waves: f64,
+    /// Fill of the last wave, 0..=1.
+    pub last_fill: f64,
+    /// Bytes in flight per busy SM in the load phase.
+    pub inflight: u64,
+}
+
+/// The occupancy of a launch of `blocks` x `threads` with `smem` bytes on `d`.
+pub fn occupancy(d: &Device, blocks: u32, threads: u32, smem: u32) -> Occupancy {
+    let by_threads = (d.threads_per_sm / threads.max(1)) as u64;
+    let by_smem = (d.smem_per_sm_kib as u64 * 1024) / (smem as u64 + RESERVED_SMEM);
+    let per_sm = by_threads.min(by_smem).min(d.blocks_per_sm as u64).max(1);
+    let wave = per_sm * d.sms as u64;
+    let waves = blocks as f64 / wave as f64;
+    let rem = blocks as u64 % wave;
+    let last_fill = if rem == 0 {
+        1.0
+    } else {
+        rem as f64 / wave as f64
+    };
+    let resident = per_sm.min((blocks as u64).div_ceil(d.sms as u64));
+    Occupancy {
+        per_sm,
+        waves,
+        last_fill,
+        inflight: resident * threads as u64 * INFLIGHT_PER_THREAD,
+    }
+}
+
+/// The main (row) launch of a trace: the first one (partial, fused or cluster kernel).
+pub fn row_launch(t: &Trace) -> &emulate::Launch {
+    &t.launches[0]
+}
+
+fn plan(d: &Device, nchw: [usize; 4], groups: usize, nhwc: bool, backward: bool) -> Option<Trace> {
+    let [n, c, h, w] = nchw;
+    let dims = [n, c, h, w]; // (N, C, *spatial) whatever the layout
+    let gn = GroupNorm::new(groups, c)
+        .ok()?
+        .layout(if nhwc { Layout::Nhwc } else { Layout::Nchw });
+    emulate::plan_launches(
+        &gn,
+        Path::Auto,
+        d.limits(),
+        &dims,
+        DType::F16,
+        DType::F32,
+        backward,
+        backward,
+    )
+    .ok()
+}
+
+/// The plan table of one device.
+pub fn plan_table(s: &mut String, d: &Device) {
+    let _ = writeln!(
+        s,
+        "## Plans on the {} (exact: the crate's planner)\n\n\
+         f16 activations, f32 parameters; the backward with dweight and dbias. Row launch: the \
+         first kernel of the call (fused, cluster or split partial). Blocks per SM from threads, \
+         blocks and shared memory (+{} B reserved per block); registers are not read here. \
+         In flight: resident blocks x threads x {} B (a static count from kernels/common.cuh).\n",
+        d.name, RESERVED_SMEM, INFLIGHT_PER_THREAD
+    );
+    s.push_str(
+        "| shape (N,C,H,W) G | layout | pass | path | launches | row grid | threads | smem KiB | cluster | blocks/SM | waves | last wave fill | in flight/SM KiB |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (label, nchw, groups) in plan_shapes() {
+        for nhwc in [false, true] {
+            for backward in [false, true] {
+                let [n, c, h, w] = nchw;
+                let Some(t) = plan(d, nchw, groups, nhwc, backward) else {
+                    let _ = writeln!(s, "| {label} {n}x{c}x{h}x{w} G{groups} | {} | {} | not planned (error) |||||||||||", if nhwc { "NHWC" } else { "NCHW" }, if backward { "bwd" } else { "fwd" });
+                    continue;
+                };
+                let l = row_launch(&t);
+                let o = occupancy(d, l.blocks, l.threads, l.smem_bytes);
+                let _ = writeln!(
+                    s,
+                    "| {label} {n}x{c}x{h}x{w} G{groups} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {:.2} | {:.0} % | {:.0} |",
+                    if nhwc { "NHWC" } else { "NCHW" },
+                    if backward { "bwd" } else { "fwd" },
+                    path_name(&t),
+                    t.launches.len(),
+                    l.blocks,
+                    l.threads,
+                    l.smem_bytes as f64 / 1024.0,
+                    l.cluster,
+                    o.per_sm,
+                    o.waves,
+                    o.last_fill * 100.0,
+                    o.inflight as f64 / 1024.0
+                );
+            }
+        }
+    }
+    s.push('\n');
+}
+
+/// Modelled time of one emulated run on `d`, µs, and its parts.
+pub fn model_time(d: &Device, r: &Run) -> (f64, &'static str) {
+    let bw = d.copy_gbs as f64 * 1e3; // bytes per µs
+    let mut total = 0.0;
+    let mut bound_bw = 0.0;
+    let mut bound_lat = 0.0;
+    for (i, l) in r.trace.launches.iter().enumerate() {
+        let o = occupancy(d, l.blocks, l.threads, l.smem_bytes);
+        let busy = (l.blocks as u64).min(d.sms as u64);
+        let t_bw = r.counted.dram_per_launch[i] as f64 / bw;
+        let inflight = (o.inflight * busy) as f64;
+        let t_lat = r.counted.l2_per_launch[i] as f64 * LATENCY_NS / 1e3 / inflight.max(1.0);
+        total += t_bw.max(t_lat) + LAUNCH_US;
+        if t_bw >= t_lat {
+            bound_bw += t_bw;
+        } else {
+            bound_lat += t_lat;
+        }
+    }
+    (
+        total,
+        if bound_bw >= bound_lat {
+            "bandwidth"
+        } else {
+            "bytes in flight"
+        },
+    )
+}
+
+/// The model section.
+pub fn model_section(s: &mut String, runs: &[Run]) {
+    let _ = writeln!(
+        s,
+        "## First-order model (a model, not a measurement)\n\n\
+         Per launch: time = max(DRAM bytes / copy bandwidth, bytes at L2 x latency / bytes in \
+         flight) + launch cost, summed over the call's launches; predicted % of copy bandwidth = \
+         minimum bytes / copy bandwidth / time. Constants: latency {LATENCY_NS} ns (assumed), \
+         launch cost {LAUNCH_US} µs (assumed), {INFLIGHT_PER_THREAD} B in flight per thread \
+         (static count from the source), copy bandwidth the datasheet figure of the device table. \
+         The instruction-issue term (SASS instructions / issue rate) is not modelled in this \
+         version: the report does not read SASS yet (see BENCHMARKS.md). Traffic from the \
+         emulated runs above (plans at H200 limits, which the H100 shares).\n"
+    );
+    s.push_str(
+        "| shape | layout | pass | asked | path | H100 µs | H100 % of copy BW | H200 µs | H200 % of copy BW | bound (H200) |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let h100 = devices::by_key("h100").expect("h100");
+    let h200 = devices::by_key("h200").expect("h200");
+    let mut logs = [0.0f64; 2];
+    let mut count = 0;
+    for r in runs {
+        let [n, c, h, w] = r.case.nchw;
+        let mut cells = Vec::new();
+        let mut bound = "";
+        for (k, d) in [h100, h200].iter().enumerate() {
+            let (t, b) = model_time(d, r);
+            let pct = r.counted.minimum as f64 / (d.copy_gbs as f64 * 1e3) / t;
+            if r.case.path == Path::Auto {
+                logs[k] += pct.ln();
+            }
+            cells.push(format!("{t:.1} | {:.0} %", pct * 100.0));
+            bound = b;
+        }
+        if r.case.path == Path::Auto {
+            count += 1;
+        }
+        let _ = writeln!(
+            s,
+            "| {} {n}x{c}x{h}x{w} | {} | {} | {:?} | {} | {} | {} | {bound} |",
+            r.case.label,
+            r.case.layout(),
+            r.case.pass(),
+            r.case.path,
+            r.path_name(),
+            cells[0],
+            cells[1],
+        );
+    }
+    if count > 0 {
+        let _ = writeln!(
+            s,
+            "\nGeomean of the predicted % of copy bandwidth over the `Auto` rows (model): H100 \
+             {:.0} %, H200 {:.0} %.\n",
+            (logs[0] / count as f64).exp() * 100.0,
+            (logs[1] / count as f64).exp() * 100.0
+        );
+    }
+}
+
+/// The budgets of issue 13, PASS or MISS with the figure.
+pub fn budgets_section(s: &mut String, runs: &[Run]) {
+    s.push_str(
+        "## Budgets (issue 13; a MISS is listed, never silenced)\n\n\
+         | budget | subject | figure | verdict |\n|---|---|---|---|\n",
+    );
+    let mut misses = 0;
+    let mut line = |s: &mut String, budget: &str, subject: String, figure: String, ok: bool| {
+        misses += usize::from(!ok);
+        let _ = writeln!(
+            s,
+            "| {budget} | {subject} | {figure} | {} |",
+            if ok { "PASS" } else { "MISS" }
+        );
+    };
+    // 1. fused and cluster paths move exactly the minimum (activations; params and stats apart)
+    for r in runs {
+        let p = r.path_name();
+        if p.contains("split") {
+            continue;
+        }
+        let c = &r.counted;
+        let [n, ch, h, w] = r.case.nchw;
+        line(
+            s,
+            "fused/cluster move the minimum",
+            format!(
+                "{} {n}x{ch}x{h}x{w} {} {} ({p})",
+                r.case.label,
+                r.case.layout(),
+                r.case.pass()
+            ),
+            format!(
+                "{} B at DRAM vs {} B minimum ({:+.2} %)",
+                c.act_dram,
+                c.minimum,
+                (c.act_dram as f64 / c.minimum as f64 - 1.0) * 100.0
+            ),
+            c.act_dram == c.minimum,
+        );
+    }
+    // 2. split and cluster grids: last wave >= 90 % full or >= 4 waves; 3. bytes in flight
+    for d in DEVICES
+        .iter()
+        .filter(|d| d.key == "h100" || d.key == "h200")
+    {
+        let need = if d.key == "h100" { 16 } else { 24 };
+        for (label, nchw, groups) in plan_shapes() {
+            for nhwc in [false, true] {
+                for backward in [false, true] {
+                    let Some(t) = plan(d, nchw, groups, nhwc, backward) else {
+                        continue;
+                    };
+                    let l = row_launch(&t);
+                    let o = occupancy(d, l.blocks, l.threads, l.smem_bytes);
+                    let subject = format!(
+                        "{} {label} {} {} ({})",
+                        d.key,
+                        if nhwc { "NHWC" } else { "NCHW" },
+                        if backward { "bwd" } else { "fwd" },
+                        path_name(&t)
+                    );
+                    if !t.fused || t.cluster > 1 {
+                        line(
+                            s,
+                            "last wave >= 90 % or >= 4 waves",
+                            subject.clone(),
+                            format!("{:.2} waves, last {:.0} %", o.waves, o.last_fill * 100.0),
+                            o.waves >= 4.0 || o.last_fill >= 0.9,
+                        );
+                    }
+                    line(
+                        s,
+                        &format!(">= {need} KiB in flight per SM"),
+                        subject,
+                        format!("{:.0} KiB", o.inflight as f64 / 1024.0),
+                        o.inflight >= need * 1024,
+                    );
+                }
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nNot checked in this version (they need the SASS, which this report does not read \
+         yet): no global access narrower than 128 bits in a vector kernel's steady-state loop; \
+         no spills; instructions per element under half the issue rate at H200 copy speed.\n\n\
+         Misses: {misses}."
+    );
+}
+
+/// The GPU the driver reports, as a [`Device`] with what the planner needs (the other figures
+/// are those of the named device with the same SM count and compute capability, if any).
+pub fn current_device() -> Result<Device, String> {
+    let gpu = groupnorm::gpu::Gpu::new(0).map_err(|e| e.to_string())?;
+    let limits = emulate::limits_of(&gpu);
+    let mut d = DEVICES
+        .iter()
+        .copied()
+        .find(|d| d.sms as usize == limits.sms)
+        .unwrap_or(DEVICES[0]);
+    d.key = "current";
+    d.name = "current GPU (limits from the driver; other figures of the closest named device)";
+    d.sms = limits.sms as u32;
+    d.smem_per_block_kib = (limits.smem_per_block / 1024) as u32;
+    d.max_cluster = limits.max_cluster as u32;
+    Ok(d)
+}

@@ -13,6 +13,7 @@
 mod devices;
 mod lru;
 mod model;
+mod sass;
 mod traffic;
 
 use devices::{Device, DEVICES};
@@ -125,8 +126,24 @@ fn report() -> String {
     for dev in DEVICES {
         model::plan_table(&mut s, &dev);
     }
-    model::model_section(&mut s, &runs);
-    model::budgets_section(&mut s, &runs);
+    let mut ipe = std::collections::BTreeMap::new();
+    let sass_budgets = match sass::embedded() {
+        Ok(fns) => {
+            ipe = sass::per_element(&fns, 90);
+            sass::section(&mut s, &fns)
+        }
+        Err(why) => {
+            eprintln!("kernel-report: no SASS section: {why}");
+            let _ = writeln!(
+                s,
+                "## SASS\n\nNot available in this build: {why}. CI builds the kernels and \
+                 installs cuobjdump (scripts/install-nvcc.sh).\n"
+            );
+            Vec::new()
+        }
+    };
+    model::model_section(&mut s, &runs, &ipe);
+    model::budgets_section(&mut s, &runs, &sass_budgets);
     let _ = writeln!(s);
     s
 }

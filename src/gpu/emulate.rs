@@ -776,7 +776,8 @@ impl Watched {
 }
 
 /// The 32-byte sectors one launch touched in one watched buffer. Sector `i` is the 32 bytes at
-/// `(addr & !31) + 32 * i`.
+/// `addr + 32 * i`: counted as if the buffer started on a sector boundary, as device allocations
+/// do, so the counts do not depend on where the host allocator placed it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BufferTraffic {
     /// The buffer's name ([`Watched::name`]; the workspace is `workspace`).
@@ -817,7 +818,7 @@ fn watch(c: &mut Counters, name: &str, addr: usize, bytes: usize) {
     if bytes == 0 {
         return;
     }
-    let sectors = (addr + bytes).div_ceil(SECTOR_BYTES) - addr / SECTOR_BYTES;
+    let sectors = bytes.div_ceil(SECTOR_BYTES);
     c.names.push(name.to_string());
     c.reads.push(vec![0; sectors]);
     c.writes.push(vec![0; sectors]);

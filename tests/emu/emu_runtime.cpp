@@ -848,13 +848,15 @@ const char* gn_emu_kernel_name(size_t i) {
 
 // Watches [base, base + bytes) on the calling OS thread: each access the kernels launched from
 // it make there adds 1 to reads[i] or writes[i] for every sector i it touches, sector i being the
-// 32 bytes at (base & ~31) + 32 i (the arrays hold that many counters). -1 past 16 buffers.
+// 32 bytes at base + 32 i (as if the buffer started on a sector boundary, as cudaMalloc's do, so
+// the counts do not depend on where the host allocator put it; the arrays hold ceil(bytes / 32)
+// counters). -1 past 16 buffers.
 int gn_emu_traffic_watch(const void* base, size_t bytes, uint32_t* reads, uint32_t* writes) {
   using namespace gn_emu;
   Watch& w = g_watch_own;
   if (w.n == 16) return -1;
   const uintptr_t lo = (uintptr_t)base;
-  w.r[w.n++] = WatchRegion{lo, lo + bytes, lo & ~(uintptr_t)31, reads, writes};
+  w.r[w.n++] = WatchRegion{lo, lo + bytes, lo, reads, writes};
   g_watch = &w;
   return 0;
 }

@@ -423,6 +423,29 @@ pub fn section(
     budgets
 }
 
+/// The instructions per element of the costliest innermost loop with a per-element figure.
+/// A kernel holds alternatives (with and without SiLU, per-channel or per-group weights) whose
+/// loops do not all run in one call, so loops are not summed: the costliest loop alone is a
+/// lower bound on the cost per element of every call that runs it.
+pub fn costliest(loops: &[Loop]) -> Option<f64> {
+    loops
+        .iter()
+        .filter_map(|l| l.elems.map(|e| l.instrs as f64 / e))
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+}
+
+/// Thread instructions per element of each kernel on `arch`: its costliest loop
+/// ([`costliest`]).
+pub fn per_element(fns: &BTreeMap<(u32, String), Function>, arch: u32) -> BTreeMap<String, f64> {
+    fns.iter()
+        .filter(|((a, _), _)| *a == arch)
+        .filter_map(|((_, name), f)| {
+            let (vec_elems, _) = dtype_of(name);
+            costliest(&f.innermost_loops(vec_elems, tensors_of(name))).map(|c| (name.clone(), c))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,27 +517,4 @@ mod tests {
         let b = instr_budget(4300, 132, 1980, 4);
         assert!((14.0..17.0).contains(&b), "{b}");
     }
-}
-
-/// The instructions per element of the costliest innermost loop with a per-element figure.
-/// A kernel holds alternatives (with and without SiLU, per-channel or per-group weights) whose
-/// loops do not all run in one call, so loops are not summed: the costliest loop alone is a
-/// lower bound on the cost per element of every call that runs it.
-pub fn costliest(loops: &[Loop]) -> Option<f64> {
-    loops
-        .iter()
-        .filter_map(|l| l.elems.map(|e| l.instrs as f64 / e))
-        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
-}
-
-/// Thread instructions per element of each kernel on `arch`: its costliest loop
-/// ([`costliest`]).
-pub fn per_element(fns: &BTreeMap<(u32, String), Function>, arch: u32) -> BTreeMap<String, f64> {
-    fns.iter()
-        .filter(|((a, _), _)| *a == arch)
-        .filter_map(|((_, name), f)| {
-            let (vec_elems, _) = dtype_of(name);
-            costliest(&f.innermost_loops(vec_elems, tensors_of(name))).map(|c| (name.clone(), c))
-        })
-        .collect()
 }

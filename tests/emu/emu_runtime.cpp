@@ -883,6 +883,21 @@ GN_EMU_TSAN_HOOKS(16)
 #undef GN_EMU_TSAN_HOOKS
 void __tsan_read_range(void* p, size_t n) { gn_emu::note_access(p, n, false); }
 void __tsan_write_range(void* p, size_t n) { gn_emu::note_access(p, n, true); }
+// clang (not gcc) turns the kernels' memcpy/memset/memmove calls into these
+void* __tsan_memcpy(void* d, const void* s, size_t n) {
+  gn_emu::note_access(s, n, false);
+  gn_emu::note_access(d, n, true);
+  return memcpy(d, s, n);
+}
+void* __tsan_memmove(void* d, const void* s, size_t n) {
+  gn_emu::note_access(s, n, false);
+  gn_emu::note_access(d, n, true);
+  return memmove(d, s, n);
+}
+void* __tsan_memset(void* d, int c, size_t n) {
+  gn_emu::note_access(d, n, true);
+  return memset(d, c, n);
+}
 void __tsan_init(void) {}
 void __tsan_func_entry(void*) {}
 void __tsan_func_exit(void) {}

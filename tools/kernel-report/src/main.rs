@@ -65,6 +65,10 @@ fn main() -> ExitCode {
             eprintln!("kernel-report: unknown device `{key}`\n{}", usage());
             return ExitCode::from(2);
         };
+        match sass::embedded() {
+            Ok(fns) => model::set_registers(fns.iter().map(|(k, f)| (k.clone(), f.regs)).collect()),
+            Err(why) => eprintln!("kernel-report: registers not read: {why}"),
+        }
         let mut s = String::new();
         model::device_table(&mut s, &[dev]);
         model::plan_table(&mut s, &dev);
@@ -123,13 +127,11 @@ fn report() -> String {
     model::device_table(&mut s, &DEVICES);
     let runs = traffic::run_all();
     traffic::traffic_section(&mut s, &runs);
-    for dev in DEVICES {
-        model::plan_table(&mut s, &dev);
-    }
     let mut ipe = std::collections::BTreeMap::new();
     let sass_budgets = match sass::embedded() {
         Ok(fns) => {
             ipe = sass::per_element(&fns, 90);
+            model::set_registers(fns.iter().map(|(k, f)| (k.clone(), f.regs)).collect());
             sass::section(&mut s, &fns)
         }
         Err(why) => {
@@ -142,6 +144,9 @@ fn report() -> String {
             Vec::new()
         }
     };
+    for dev in DEVICES {
+        model::plan_table(&mut s, &dev);
+    }
     model::model_section(&mut s, &runs, &ipe);
     model::budgets_section(&mut s, &runs, &sass_budgets);
     let _ = writeln!(s);

@@ -7,6 +7,7 @@ use groupnorm::gpu::Path;
 use groupnorm::{DType, GroupNorm, Layout};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 
 /// Assumed DRAM latency under load for Little's law, ns (a model constant: public
 /// microbenchmarks of HBM GPUs report loaded latencies of several hundred ns; the first GPU
@@ -89,11 +90,40 @@ pub struct Occupancy {
     pub inflight: u64,
 }
 
-/// The occupancy of a launch of `blocks` x `threads` with `smem` bytes on `d`.
-pub fn occupancy(d: &Device, blocks: u32, threads: u32, smem: u32) -> Occupancy {
+/// Registers per thread of each kernel, `(arch, entry point)`, from the SASS (when read).
+static REGS: OnceLock<BTreeMap<(u32, String), u32>> = OnceLock::new();
+
+/// Hands the occupancy model the registers the SASS section read.
+pub fn set_registers(regs: BTreeMap<(u32, String), u32>) {
+    let _ = REGS.set(regs);
+}
+
+/// Registers per thread of `kernel` on `d`'s architecture, where the report read its SASS.
+pub fn registers(d: &Device, kernel: &str) -> Option<u32> {
+    REGS.get()?.get(&(d.cc, kernel.to_string())).copied()
+}
+
+/// Blocks of `threads` threads of `regs` registers each that fit an SM's register file.
+pub fn blocks_by_registers(regs: u32, threads: u32, regs_per_sm: u32, threads_per_sm: u32) -> u64 {
+    let per_warp = (regs as u64 * 32).div_ceil(256) * 256;
+    let warps = (regs_per_sm as u64 / per_warp.max(1)).min(threads_per_sm as u64 / 32);
+    warps / (threads as u64).div_ceil(32)
+}
+
+/// The occupancy of a launch of `kernel`, `blocks` x `threads` with `smem` bytes, on `d`.
+/// Registers: allocated per warp in units of 256 (8 per thread), as the CUDA occupancy
+/// calculator does for compute capability 8.0 and later.
+pub fn occupancy(d: &Device, kernel: &str, blocks: u32, threads: u32, smem: u32) -> Occupancy {
     let by_threads = (d.threads_per_sm / threads.max(1)) as u64;
     let by_smem = (d.smem_per_sm_kib as u64 * 1024) / (smem as u64 + RESERVED_SMEM);
-    let per_sm = by_threads.min(by_smem).min(d.blocks_per_sm as u64).max(1);
+    let by_regs = registers(d, kernel).map_or(u64::MAX, |r| {
+        blocks_by_registers(r, threads, d.regs_per_sm, d.threads_per_sm)
+    });
+    let per_sm = by_threads
+        .min(by_smem)
+        .min(by_regs)
+        .min(d.blocks_per_sm as u64)
+        .max(1);
     let wave = per_sm * d.sms as u64;
     let waves = blocks as f64 / wave as f64;
     let rem = blocks as u64 % wave;
@@ -142,27 +172,30 @@ pub fn plan_table(s: &mut String, d: &Device) {
         "## Plans on the {} (exact: the crate's planner)\n\n\
          f16 activations, f32 parameters; the backward with dweight and dbias. Row launch: the \
          first kernel of the call (fused, cluster or split partial). Blocks per SM from threads, \
-         blocks and shared memory (+{} B reserved per block); registers are not read here. \
-         In flight: resident blocks x threads x {} B (a static count from kernels/common.cuh).\n",
+         blocks, shared memory (+{} B reserved per block) and the registers of the device's \
+         architecture in the SASS section (sm_80, sm_90, sm_100; `-` where the report does not \
+         list that architecture, and there registers are left out). Waves: blocks over blocks \
+         per SM x SMs; cluster blocks are assumed to pack the SMs freely (placement within a \
+         GPC is not modelled). In flight: resident blocks x threads x {} B (a static count from kernels/common.cuh).\n",
         d.name, RESERVED_SMEM, INFLIGHT_PER_THREAD
     );
     s.push_str(
-        "| shape (N,C,H,W) G | layout | pass | path | launches | row grid | threads | smem KiB | cluster | blocks/SM | waves | last wave fill | in flight/SM KiB |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| shape (N,C,H,W) G | layout | pass | path | launches | row grid | threads | smem KiB | cluster | regs | blocks/SM | waves | last wave fill | in flight/SM KiB |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (label, nchw, groups) in plan_shapes() {
         for nhwc in [false, true] {
             for backward in [false, true] {
                 let [n, c, h, w] = nchw;
                 let Some(t) = plan(d, nchw, groups, nhwc, backward) else {
-                    let _ = writeln!(s, "| {label} {n}x{c}x{h}x{w} G{groups} | {} | {} | not planned (error) |||||||||||", if nhwc { "NHWC" } else { "NCHW" }, if backward { "bwd" } else { "fwd" });
+                    let _ = writeln!(s, "| {label} {n}x{c}x{h}x{w} G{groups} | {} | {} | not planned (error) ||||||||||||", if nhwc { "NHWC" } else { "NCHW" }, if backward { "bwd" } else { "fwd" });
                     continue;
                 };
                 let l = row_launch(&t);
-                let o = occupancy(d, l.blocks, l.threads, l.smem_bytes);
+                let o = occupancy(d, &l.kernel, l.blocks, l.threads, l.smem_bytes);
                 let _ = writeln!(
                     s,
-                    "| {label} {n}x{c}x{h}x{w} G{groups} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {:.2} | {:.0} % | {:.0} |",
+                    "| {label} {n}x{c}x{h}x{w} G{groups} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {:.2} | {:.0} % | {:.0} |",
                     if nhwc { "NHWC" } else { "NCHW" },
                     if backward { "bwd" } else { "fwd" },
                     path_name(&t),
@@ -171,6 +204,7 @@ pub fn plan_table(s: &mut String, d: &Device) {
                     l.threads,
                     l.smem_bytes as f64 / 1024.0,
                     l.cluster,
+                    registers(d, &l.kernel).map_or("-".to_string(), |r| r.to_string()),
                     o.per_sm,
                     o.waves,
                     o.last_fill * 100.0,
@@ -191,7 +225,7 @@ pub fn model_time(d: &Device, r: &Run, ipe: &BTreeMap<String, f64>) -> (f64, &'s
     let mut bound_lat = 0.0;
     let mut bound_issue = 0.0;
     for (i, l) in r.trace.launches.iter().enumerate() {
-        let o = occupancy(d, l.blocks, l.threads, l.smem_bytes);
+        let o = occupancy(d, &l.kernel, l.blocks, l.threads, l.smem_bytes);
         let busy = (l.blocks as u64).min(d.sms as u64);
         let t_bw = r.counted.dram_per_launch[i] as f64 / bw;
         let inflight = (o.inflight * busy) as f64;
@@ -330,7 +364,7 @@ pub fn budgets_section(s: &mut String, runs: &[Run], sass: &[(String, String, St
                         continue;
                     };
                     let l = row_launch(&t);
-                    let o = occupancy(d, l.blocks, l.threads, l.smem_bytes);
+                    let o = occupancy(d, &l.kernel, l.blocks, l.threads, l.smem_bytes);
                     let subject = format!(
                         "{} {label} {} {} ({})",
                         d.key,
@@ -406,4 +440,32 @@ pub fn current_device() -> Result<Device, String> {
     d.smem_per_block_kib = (limits.smem_per_block / 1024) as u32;
     d.max_cluster = limits.max_cluster as u32;
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_limited_blocks() {
+        // 64 registers x 512 threads: 2048 per warp, 32 warps of 65,536, two blocks of 16
+        assert_eq!(blocks_by_registers(64, 512, 65536, 2048), 2);
+        // 40 registers round up to 40 x 32 = 1280 per warp: 51 warps, three blocks of 16
+        assert_eq!(blocks_by_registers(40, 512, 65536, 2048), 3);
+        // few registers: the threads limit (64 warps) binds
+        assert_eq!(blocks_by_registers(16, 256, 65536, 2048), 8);
+        assert_eq!(blocks_by_registers(255, 1024, 65536, 2048), 0);
+    }
+
+    #[test]
+    fn waves_and_last_wave() {
+        let h100 = devices::by_key("h100").unwrap();
+        // no registers read: threads (4 x 512) and shared memory (227 KiB: 1 block) limit
+        let o = occupancy(&h100, "none", 264, 512, 227 * 1024);
+        assert_eq!(o.per_sm, 1);
+        assert!((o.waves - 2.0).abs() < 1e-9 && (o.last_fill - 1.0).abs() < 1e-9);
+        let o = occupancy(&h100, "none", 133, 512, 0);
+        assert_eq!(o.per_sm, 4);
+        assert_eq!(o.inflight, 2 * 512 * INFLIGHT_PER_THREAD);
+    }
 }

@@ -336,9 +336,8 @@ pub fn section(
         s,
         "## SASS (static counts from the embedded fatbins; cuobjdump/nvdisasm 13.2.51)\n\n\
          Per kernel and architecture: registers, stack and local memory per thread (local > 0: \
-         spills or local arrays), static shared memory, blocks per SM that the registers allow \
-         at the kernel's block size (65,536 per SM), global and generic loads and stores by \
-         width, and each innermost loop: instructions, 16-byte loads, elements per thread and \
+         spills or local arrays), static shared memory (the registers enter the blocks per SM \
+         of the plan tables below), global and generic loads and stores by width, and each innermost loop: instructions, 16-byte loads, elements per thread and \
          iteration, instructions per element. Method: see the module documentation of \
          tools/kernel-report/src/sass.rs (backward branches close loops), checked on a \
          grid-stride float4 copy in its tests. Instruction budget (per pass and dtype, from the \

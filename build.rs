@@ -264,8 +264,17 @@ fn build_emulator(out_dir: &Path, units: &[PathBuf]) {
     let table_path = out_dir.join("emu_table.cpp");
     fs::write(&table_path, table).expect("write emu_table.cpp");
 
-    base()
+    // The kernels (only they) are compiled with ThreadSanitizer's instrumentation but linked
+    // without its run-time: every load and store they make calls a `__tsan_read*`/`__tsan_write*`
+    // hook that tests/emu/emu_runtime.cpp defines, which counts global-memory traffic in the
+    // buffers a caller watches (src/gpu/emulate.rs, `traffic`) and returns at once otherwise.
+    let kernels = base()
         .files(units)
+        .flag("-fsanitize=thread")
+        .flag_if_supported("--param=tsan-instrument-func-entry-exit=0")
+        .compile_intermediates();
+    base()
+        .objects(kernels)
         .file(RUNTIME)
         .file(&table_path)
         .try_compile("gn_emu")

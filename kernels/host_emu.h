@@ -24,6 +24,10 @@
 //   dynamic shared memory; gn::cluster_sync() (kernels/cluster.cuh) is a barrier over every
 //   thread of the cluster and gn::cluster_peer() maps a dynamic-shared-memory address to the same
 //   offset in another block of the cluster, as cooperative_groups' map_shared_rank does.
+// - global-memory traffic: build.rs compiles the kernels (only they) with -fsanitize=thread and
+//   no sanitizer run-time, so each of their loads and stores calls a __tsan_* hook of the runtime
+//   that counts 32-byte sectors of the buffers a caller watches (src/gpu/emulate.rs,
+//   count_traffic; tools/kernel-report). Nothing here changes for that.
 #pragma once
 #ifndef GN_HOST_EMULATION
 #error "host_emu.h is for host emulation builds only (define GN_HOST_EMULATION)"

@@ -14,6 +14,7 @@
 #              NHWC and SiLU variants
 #   torch      scripts/bench_torch.py on the same shapes, then scripts/compare_bench.py (table+SVG)
 #   torchcheck scripts/torch_check.py: the C ABI called from PyTorch on CUDA tensors
+#   model_vs_measured  docs/kernel-report.md's first-order model beside the bench's measurement
 # "quick" trims the sanitizer to one test and the bench to the N = 1 sd shapes, to fit one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +81,44 @@ if python3 -c "import torch" 2>/dev/null; then
   fi
 else
   result[torch]="not run: PyTorch not importable"
+fi
+
+# The first-order model of docs/kernel-report.md (tools/kernel-report: a model, not a
+# measurement) beside what the bench measured, per shape and pass (f16, NCHW, the planner's
+# path), so that the visit can correct the model's constants (latency, launch cost).
+model_vs_measured() {
+  python3 - "$OUT/ours.csv" docs/kernel-report.md "$(cat "$OUT/device.txt" 2>/dev/null)" <<'PY'
+import csv, sys
+ours, report, device = sys.argv[1], sys.argv[2], sys.argv[3]
+col = 5 if "H100" in device else 7  # H100 or H200 columns of the model table (µs, %)
+model, in_table = {}, False
+for line in open(report):
+    if line.startswith("## First-order model"):
+        in_table = True
+    elif line.startswith("## "):
+        in_table = False
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if in_table and len(cells) >= 10 and cells[3] == "Auto" and cells[1] == "NCHW":
+        model[(cells[0].split()[-1], cells[2])] = (cells[col], cells[col + 1], cells[4])
+print(f"model columns: {'H100' if col == 5 else 'H200'} (device: {device.splitlines()[-1] if device else '?'}); "
+      "model %: of the datasheet copy bandwidth; measured %: of the copy bandwidth the bench measured")
+print(f"{'shape':24} {'pass':4} {'model path':12} {'model us':>9} {'model %':>8} | {'measured path':14} {'measured us':>11} {'measured %':>10}")
+for row in csv.DictReader(open(ours)):
+    key = (row["shape"], row["pass"])
+    if row["dtype"].split("/")[0] != "f16" or key not in model:
+        continue
+    t, pct, path = model.pop(key)
+    print(f"{key[0]:24} {key[1]:4} {path:12} {t:>9} {pct:>8} | {row['path']:14} "
+          f"{float(row['time_ms']) * 1e3:11.1f} {row['pct_copy']:>10}")
+for key in sorted(model):
+    print(f"{key[0]:24} {key[1]:4} (model only: not in the bench shapes)")
+PY
+}
+if [ -f "$OUT/ours.csv" ]; then
+  step model_vs_measured model_vs_measured
+  cat "$OUT/model_vs_measured.log"
+else
+  result[model_vs_measured]="not run: no $OUT/ours.csv (the bench step failed)"
 fi
 
 echo; echo "=== summary (logs in $OUT)"

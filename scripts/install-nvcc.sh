@@ -9,7 +9,8 @@
 # carry ptxas and libNVVM but not the nvcc driver or its front end, so `12.x` is refused with
 # that reason (a CUDA 12 build needs the toolkit from NVIDIA or a distribution).
 #
-# Progress goes to stderr; stdout carries only the `export NVCC=...` line.
+# Progress goes to stderr; stdout carries only `export` lines: NVCC, and CUOBJDUMP (the SASS
+# tools of the kernel report, see below).
 # GROUPNORM_NVCC_PREFIX overrides the install directory.
 #
 # All five packages are pinned and installed with --no-deps: left to pip, nvidia-cuda-nvcc pulls the
@@ -61,3 +62,35 @@ else
 fi
 "$nvcc" --version | tail -n 2 >&2
 echo "export NVCC=$nvcc"
+
+# The SASS tools for the kernel report (tools/kernel-report): cuobjdump, and the nvdisasm it runs.
+# PyPI has no CUDA 13.0 build of either (`pip download --no-deps nvidia-cuda-cuobjdump==13.0.88`
+# and `nvidia-cuda-nvdisasm==13.0.88` find nothing; the earliest are 13.2.51), so they are pinned
+# to 13.2.51, which disassembles the cubins of nvcc 13.0 (a newer disassembler reads older
+# cubins, not the reverse). They go to a prefix of their own so that adding them leaves an
+# installed nvcc (which other builds may be using) untouched. GROUPNORM_NO_SASS_TOOLS=1 skips them.
+sass_pins=(
+  nvidia-cuda-cuobjdump==13.2.51
+  nvidia-cuda-nvdisasm==13.2.51
+)
+if [ "${GROUPNORM_NO_SASS_TOOLS:-0}" != 1 ]; then
+  sass_prefix=$prefix-sass-tools
+  cuobjdump=$sass_prefix/nvidia/cu13/bin/cuobjdump
+  sass_stamp=$sass_prefix/.groupnorm-pins
+  if [ -x "$cuobjdump" ] && [ -f "$sass_stamp" ] && [ "$(cat "$sass_stamp")" = "${sass_pins[*]}" ]; then
+    echo "install-nvcc: SASS tools already installed in $sass_prefix" >&2
+  else
+    echo "install-nvcc: installing ${sass_pins[*]} into $sass_prefix" >&2
+    tmp=$sass_prefix.tmp.$$
+    rm -rf "$tmp"
+    "$python" -m pip install --quiet --disable-pip-version-check --no-deps --no-compile \
+      --target "$tmp" "${sass_pins[@]}" >&2
+    [ -x "$tmp/nvidia/cu13/bin/cuobjdump" ] && [ -x "$tmp/nvidia/cu13/bin/nvdisasm" ] ||
+      { echo "install-nvcc: cuobjdump or nvdisasm missing after install in $tmp" >&2; exit 1; }
+    printf '%s' "${sass_pins[*]}" > "$tmp/.groupnorm-pins"
+    rm -rf "$sass_prefix"
+    mv "$tmp" "$sass_prefix"
+  fi
+  # cuobjdump finds nvdisasm beside it through PATH (tools/kernel-report sets that up)
+  echo "export CUOBJDUMP=$cuobjdump"
+fi

@@ -48,6 +48,8 @@ extern "C" {
     fn gn_emu_half2float(h: u16) -> f32;
     fn gn_emu_float2bfloat16_rn(f: f32) -> u16;
     fn gn_emu_bfloat162float(b: u16) -> f32;
+    fn gn_emu_traffic_watch(base: usize, bytes: usize, reads: *mut u32, writes: *mut u32) -> i32;
+    fn gn_emu_traffic_clear();
 }
 
 /// Prefix of the kernels that test the emulator itself (tests/emu/emu_selftest.cpp).
@@ -289,6 +291,7 @@ fn launcher<'a, A>(
         if let Err(why) = r {
             panic!("emulated launch failed: {why}");
         }
+        take_launch_traffic(name);
         Ok(())
     }
 }
@@ -371,6 +374,7 @@ pub fn forward_into<T: Element, P: Element>(
         addr_mut(ws.as_mut_slice())
     };
     let ws_bytes = ws.as_slice().len() * 4;
+    watch_if_counting("workspace", ws_ptr as usize, ws_bytes);
     let ptrs = ForwardPtrs {
         x: addr(x),
         y: addr_mut(y),
@@ -436,6 +440,7 @@ pub fn backward_into<T: Element, P: Element>(
         addr_mut(ws.as_mut_slice())
     };
     let ws_bytes = ws.as_slice().len() * 4;
+    watch_if_counting("workspace", ws_ptr as usize, ws_bytes);
     let ptrs = BackwardPtrs {
         dy: addr(dy),
         x: addr(x),
@@ -741,4 +746,244 @@ pub fn f32_to_bf16_bits(v: f32) -> u16 {
 pub fn bf16_bits_to_f32(b: u16) -> f32 {
     // SAFETY: a pure function of its argument.
     unsafe { gn_emu_bfloat162float(b) }
+}
+
+// --- global-memory traffic (kernels compiled with counting hooks: build.rs, emu_runtime.cpp) ---
+
+/// Size of the unit global memory moves in: a DRAM/L2 sector.
+pub const SECTOR_BYTES: usize = 32;
+
+/// A buffer whose global-memory traffic [`count_traffic`] counts.
+#[derive(Clone, Debug)]
+pub struct Watched {
+    /// Its name in the counts.
+    pub name: String,
+    /// First byte (a host address of an emulated call's buffer).
+    pub addr: usize,
+    /// Length, bytes.
+    pub bytes: usize,
+}
+
+impl Watched {
+    /// Watches the elements of `s` under `name`.
+    pub fn of<T>(name: &str, s: &[T]) -> Watched {
+        Watched {
+            name: name.to_string(),
+            addr: s.as_ptr() as usize,
+            bytes: std::mem::size_of_val(s),
+        }
+    }
+}
+
+/// The 32-byte sectors one launch touched in one watched buffer. Sector `i` is the 32 bytes at
+/// `addr + 32 * i`: counted as if the buffer started on a sector boundary, as device allocations
+/// do, so the counts do not depend on where the host allocator placed it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BufferTraffic {
+    /// The buffer's name ([`Watched::name`]; the workspace is `workspace`).
+    pub name: String,
+    /// Sectors read, ascending, each once.
+    pub read_sectors: Vec<u32>,
+    /// Sectors written, ascending, each once.
+    pub written_sectors: Vec<u32>,
+    /// Sector reads summed over every access (a thread's 16-byte load of one sector counts 1,
+    /// the same sector read by 32 threads counts 32): how often the kernel asks, not what
+    /// DRAM moves.
+    pub read_accesses: u64,
+    /// As `read_accesses`, for writes.
+    pub write_accesses: u64,
+}
+
+/// What one emulated launch read and wrote in the watched buffers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LaunchTraffic {
+    /// The entry point.
+    pub kernel: String,
+    /// One entry per watched buffer, in the order they were watched (workspace last).
+    pub buffers: Vec<BufferTraffic>,
+}
+
+struct Counters {
+    names: Vec<String>,
+    reads: Vec<Vec<u32>>,
+    writes: Vec<Vec<u32>>,
+    launches: Vec<LaunchTraffic>,
+}
+
+thread_local! {
+    static COUNTING: std::cell::RefCell<Option<Counters>> = const { std::cell::RefCell::new(None) };
+}
+
+fn watch(c: &mut Counters, name: &str, addr: usize, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    let sectors = bytes.div_ceil(SECTOR_BYTES);
+    c.names.push(name.to_string());
+    c.reads.push(vec![0; sectors]);
+    c.writes.push(vec![0; sectors]);
+    let (r, w) = (c.reads.last_mut().unwrap(), c.writes.last_mut().unwrap());
+    // SAFETY: the counter arrays hold one u32 per sector of [addr, addr + bytes), as the C side
+    // indexes them; their heap storage stays put (the Vecs are never resized) and outlives the
+    // watch: `count_traffic` clears it before dropping them. The C side never dereferences
+    // `addr`, it only compares addresses with it.
+    let rc = unsafe { gn_emu_traffic_watch(addr, bytes, r.as_mut_ptr(), w.as_mut_ptr()) };
+    assert_eq!(rc, 0, "the emulator watches at most 16 buffers");
+}
+
+fn watch_if_counting(name: &str, addr: usize, bytes: usize) {
+    COUNTING.with(|c| {
+        if let Some(c) = c.borrow_mut().as_mut() {
+            watch(c, name, addr, bytes);
+        }
+    });
+}
+
+fn take_launch_traffic(kernel: &str) {
+    COUNTING.with(|c| {
+        let mut c = c.borrow_mut();
+        let Some(c) = c.as_mut() else { return };
+        let mut launch = LaunchTraffic {
+            kernel: kernel.to_string(),
+            buffers: Vec::new(),
+        };
+        for i in 0..c.names.len() {
+            let mut b = BufferTraffic {
+                name: c.names[i].clone(),
+                ..BufferTraffic::default()
+            };
+            for (counts, sectors, total) in [
+                (&mut c.reads[i], &mut b.read_sectors, &mut b.read_accesses),
+                (
+                    &mut c.writes[i],
+                    &mut b.written_sectors,
+                    &mut b.write_accesses,
+                ),
+            ] {
+                for (s, n) in counts.iter_mut().enumerate() {
+                    if *n != 0 {
+                        sectors.push(s as u32);
+                        *total += *n as u64;
+                        *n = 0;
+                    }
+                }
+            }
+            launch.buffers.push(b);
+        }
+        c.launches.push(launch);
+    });
+}
+
+/// Runs `f` (emulated calls on this OS thread) counting, per launch, the 32-byte sectors its
+/// kernels read and write in `buffers` and in the workspace the calls allocate. Every load
+/// and store of the kernels is seen (they are compiled with counting hooks); accesses outside
+/// the watched buffers (shared memory, registers) are not global traffic and are ignored.
+///
+/// # Panics
+///
+/// Where `f` panics, where more than 15 buffers are watched, or where it is called from
+/// inside `f`.
+pub fn count_traffic<R>(buffers: &[Watched], f: impl FnOnce() -> R) -> (R, Vec<LaunchTraffic>) {
+    COUNTING.with(|c| {
+        let mut c = c.borrow_mut();
+        assert!(c.is_none(), "count_traffic inside count_traffic");
+        let mut counters = Counters {
+            names: Vec::new(),
+            reads: Vec::new(),
+            writes: Vec::new(),
+            launches: Vec::new(),
+        };
+        for b in buffers {
+            watch(&mut counters, &b.name, b.addr, b.bytes);
+        }
+        *c = Some(counters);
+    });
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            // SAFETY: no arguments; forgets the calling thread's watched buffers before their
+            // counters are dropped.
+            unsafe { gn_emu_traffic_clear() };
+            COUNTING.with(|c| c.borrow_mut().take());
+        }
+    }
+    let clear = Clear;
+    let r = f();
+    let launches = COUNTING.with(|c| {
+        c.borrow_mut()
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.launches))
+            .unwrap_or_default()
+    });
+    drop(clear);
+    (r, launches)
+}
+
+/// What the planner makes of a call on a device of `limits`, without running it: the plan and
+/// the launches (names, grids, shared memory) of the pass, for 16-byte aligned buffers. For
+/// reports (tools/kernel-report); argument errors as the GPU path returns them.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_launches(
+    gn: &GroupNorm,
+    path: Path,
+    limits: DeviceLimits,
+    dims: &[usize],
+    dtype: DType,
+    param_dtype: DType,
+    backward: bool,
+    with_param_grads: bool,
+) -> Result<Trace> {
+    let geo = check_geometry(gn, dims)?;
+    let problem = Problem {
+        dims: &geo.dims,
+        groups: geo.g,
+        eps: gn.get_eps(),
+        layout: geo.layout,
+        dtype,
+        param_dtype,
+        path,
+        activation: gn.get_activation(),
+    };
+    let pass = if backward {
+        Pass::Backward
+    } else {
+        Pass::Forward
+    };
+    let (_, plan) = raw::plan_of(limits, &problem, pass)?;
+    let mut trace = Trace::new(&plan);
+    let mut record = |name: &str, grid: Grid| {
+        trace.launches.push(Launch {
+            kernel: name.to_string(),
+            blocks: grid.blocks,
+            threads: grid.threads,
+            smem_bytes: grid.smem,
+            cluster: grid.cluster,
+        });
+        Ok(())
+    };
+    let rows = geo.rows() as u64;
+    if backward {
+        let bwd = BwdParams {
+            rows,
+            dweight: with_param_grads as u64,
+            dbias: with_param_grads as u64,
+            activation: (gn.get_activation() != crate::Activation::None) as u32,
+            ..BwdParams::default()
+        };
+        launch::backward_sequence(&plan, dtype, param_dtype, geo.c, &bwd, |n, g, _| {
+            record(n, g)
+        })?;
+    } else {
+        let fwd = FwdParams {
+            rows,
+            ..FwdParams::default()
+        };
+        launch::forward_sequence(&plan, dtype, param_dtype, &fwd, |n, g, _| record(n, g))?;
+    }
+    Ok(trace)
+}
+
+/// The limits the planner uses on `gpu` (read from its driver), for reports.
+pub fn limits_of(gpu: &super::Gpu) -> DeviceLimits {
+    gpu.limits()
 }

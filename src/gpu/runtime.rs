@@ -27,6 +27,13 @@ pub fn entry_points() -> &'static [&'static str] {
     embedded::ENTRY_POINTS
 }
 
+/// The embedded fatbins, `(module name, image)` (empty without nvcc): for the kernel report
+/// (tools/kernel-report), which disassembles them.
+#[doc(hidden)]
+pub fn embedded_fatbins() -> &'static [(&'static str, &'static [u8])] {
+    embedded::MODULES
+}
+
 /// Whether this binary carries GPU kernels at all.
 pub fn kernels_built() -> bool {
     !embedded::MODULES.is_empty()

@@ -684,6 +684,41 @@ struct WorkerResult {
   char msg[1024] = {0};
 };
 
+// --- global-memory traffic (src/gpu/emulate.rs `traffic`) ------------------------------------
+// The kernels are compiled with -fsanitize=thread but linked without its run-time (build.rs):
+// every load and store they make calls one of the __tsan_* hooks below. An access that falls in a
+// buffer the launching OS thread watches adds one to the counter of every 32-byte sector it
+// touches (reads and writes apart, counters owned by the caller); any other access (shared
+// memory, registers spilled to the host stack, unwatched buffers) returns at once. Cluster
+// workers count into their launcher's counters, atomically.
+struct WatchRegion {
+  uintptr_t lo, hi, sector0;  // [lo, hi) watched; sector i covers sector0 + 32 i
+  uint32_t* reads;
+  uint32_t* writes;
+};
+struct Watch {
+  unsigned n = 0;
+  WatchRegion r[16];
+};
+thread_local Watch g_watch_own;
+thread_local Watch* g_watch = nullptr;
+
+inline void note_access(const void* p, size_t bytes, bool write) {
+  Watch* w = g_watch;
+  if (!w || bytes == 0) return;
+  const uintptr_t a = (uintptr_t)p;
+  for (unsigned i = 0; i < w->n; ++i) {
+    const WatchRegion& r = w->r[i];
+    if (a < r.lo || a >= r.hi) continue;
+    const uintptr_t end = a + bytes < r.hi ? a + bytes : r.hi;
+    uint32_t* c = write ? r.writes : r.reads;
+    for (uintptr_t s = (a - r.sector0) / 32; s <= (end - 1 - r.sector0) / 32; ++s) {
+      __atomic_fetch_add(&c[s], 1u, __ATOMIC_RELAXED);
+    }
+    return;
+  }
+}
+
 int launch_clusters(const LaunchSpec& l) {
   const unsigned csize = l.cluster, nclusters = l.grid / l.cluster;
   const std::vector<unsigned> corder = item_order(nclusters);
@@ -702,8 +737,10 @@ int launch_clusters(const LaunchSpec& l) {
   unsigned registered = 0;
   const unsigned schedule = g_schedule;
   const uint64_t seed = g_rng;
+  Watch* const watch = g_watch;  // the launching thread's traffic counters (see below)
   auto worker = [&](unsigned rank) {
     WorkerResult& res = results[rank];
+    g_watch = watch;
     g_schedule = schedule;
     g_rng = seed ^ (0x9e3779b97f4a7c15ull * (rank + 1));
     {
@@ -808,6 +845,62 @@ size_t gn_emu_kernel_count(void) { return gn_emu_kernels_len; }
 const char* gn_emu_kernel_name(size_t i) {
   return i < gn_emu_kernels_len ? gn_emu_kernels[i].name : nullptr;
 }
+
+// Watches [base, base + bytes) on the calling OS thread: each access the kernels launched from
+// it make there adds 1 to reads[i] or writes[i] for every sector i it touches, sector i being the
+// 32 bytes at base + 32 i (as if the buffer started on a sector boundary, as cudaMalloc's do, so
+// the counts do not depend on where the host allocator put it; the arrays hold ceil(bytes / 32)
+// counters). -1 past 16 buffers.
+int gn_emu_traffic_watch(const void* base, size_t bytes, uint32_t* reads, uint32_t* writes) {
+  using namespace gn_emu;
+  Watch& w = g_watch_own;
+  if (w.n == 16) return -1;
+  const uintptr_t lo = (uintptr_t)base;
+  w.r[w.n++] = WatchRegion{lo, lo + bytes, lo, reads, writes};
+  g_watch = &w;
+  return 0;
+}
+
+// Stops watching every buffer of the calling OS thread.
+void gn_emu_traffic_clear(void) {
+  gn_emu::g_watch_own.n = 0;
+  gn_emu::g_watch = nullptr;
+}
+
+// ThreadSanitizer's instrumentation calls (see above). Only the kernels are instrumented.
+#define GN_EMU_TSAN_HOOKS(n)                                                              \
+  void __tsan_read##n(void* p) { gn_emu::note_access(p, n, false); }                      \
+  void __tsan_write##n(void* p) { gn_emu::note_access(p, n, true); }                      \
+  void __tsan_unaligned_read##n(void* p) { gn_emu::note_access(p, n, false); }            \
+  void __tsan_unaligned_write##n(void* p) { gn_emu::note_access(p, n, true); }            \
+  void __tsan_volatile_read##n(void* p) { gn_emu::note_access(p, n, false); }             \
+  void __tsan_volatile_write##n(void* p) { gn_emu::note_access(p, n, true); }
+GN_EMU_TSAN_HOOKS(1)
+GN_EMU_TSAN_HOOKS(2)
+GN_EMU_TSAN_HOOKS(4)
+GN_EMU_TSAN_HOOKS(8)
+GN_EMU_TSAN_HOOKS(16)
+#undef GN_EMU_TSAN_HOOKS
+void __tsan_read_range(void* p, size_t n) { gn_emu::note_access(p, n, false); }
+void __tsan_write_range(void* p, size_t n) { gn_emu::note_access(p, n, true); }
+// clang (not gcc) turns the kernels' memcpy/memset/memmove calls into these
+void* __tsan_memcpy(void* d, const void* s, size_t n) {
+  gn_emu::note_access(s, n, false);
+  gn_emu::note_access(d, n, true);
+  return memcpy(d, s, n);
+}
+void* __tsan_memmove(void* d, const void* s, size_t n) {
+  gn_emu::note_access(s, n, false);
+  gn_emu::note_access(d, n, true);
+  return memmove(d, s, n);
+}
+void* __tsan_memset(void* d, int c, size_t n) {
+  gn_emu::note_access(d, n, true);
+  return memset(d, c, n);
+}
+void __tsan_init(void) {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit(void) {}
 
 uint16_t gn_emu_float2half_rn(float f) { return gn_emu::float_to_half_bits_rn(f); }
 float gn_emu_half2float(uint16_t h) { return gn_emu::half_bits_to_float(h); }

@@ -962,7 +962,6 @@ fn deterministic_under_every_schedule_nhwc_and_silu() {
 /// are deterministic), a determinism bug in the NHWC SiLU split backward found by this test
 /// (issue 15); ignored until the kernel is fixed, so that CI stays meaningful.
 #[test]
-#[ignore = "NHWC SiLU split backward: dweight/dbias depend on the block schedule (kernel bug)"]
 fn deterministic_under_every_schedule_nhwc_silu() {
     for (dims, groups) in [(&[2usize, 24, 3, 11][..], 6), (&[1, 64, 24, 24], 8)] {
         schedule_determinism(dims, groups, Layout::Nhwc, Activation::Silu);

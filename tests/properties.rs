@@ -290,7 +290,6 @@ fn every_affine_combination_on_every_path() {
 /// panic, an abort or an allocation sized by the other dims. (The emulated backend takes
 /// caller-sized buffers, so only the allocating APIs, CPU and GPU, are run.)
 #[test]
-#[ignore = "aborts until the checked-size fixes of issue 15 (library half) land: un-ignore then"]
 fn huge_but_empty_problems_are_empty_or_refused() {
     let dim = prop_oneof![
         3 => Just(0usize),

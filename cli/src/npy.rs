@@ -198,14 +198,10 @@ pub fn to_bytes(array: &Array) -> Vec<u8> {
     let mut header = body.clone();
     header.push_str(&" ".repeat(header_len - body.len() - 1));
     header.push('\n');
-    let elem = if matches!(array, Array::F32 { .. }) {
-        4
-    } else {
-        2
-    };
-    let count = match array {
-        Array::F32 { data, .. } => data.len(),
-        Array::F16 { data, .. } => data.len(),
+    let (elem, count) = match array {
+        Array::F32 { data, .. } => (4, data.len()),
+        Array::F16 { data, .. } => (2, data.len()),
+        Array::F64 { data, .. } => (8, data.len()),
     };
     let mut out = Vec::with_capacity(preamble + header.len() + elem * count);
     out.extend_from_slice(MAGIC);

@@ -49,8 +49,9 @@ fn dtype_of(code: u8) -> PyResult<DType> {
         0 => Ok(DType::F32),
         1 => Ok(DType::F16),
         2 => Ok(DType::BF16),
+        3 => Ok(DType::F64),
         c => Err(bad(format!(
-            "unknown dtype code {c} (0 = f32, 1 = f16, 2 = bf16)"
+            "unknown dtype code {c} (0 = f32, 1 = f16, 2 = bf16, 3 = f64)"
         ))),
     }
 }
@@ -204,15 +205,16 @@ unsafe fn cpu_forward_typed<T: Element, P: Element>(
 }
 
 /// Calls `$f::<T, P>($args)` for the dtype pair `($t, $p)`: activations f32/f16/bf16, parameters
-/// f32 or the activation dtype.
+/// f32 or the activation dtype; f64 with f64 parameters (the CPU path only).
 macro_rules! dispatch {
     ($t:expr, $p:expr, $f:ident($($a:expr),*)) => {
         match ($t, $p) {
-            (DType::F32, _) => $f::<f32, f32>($($a),*),
+            (DType::F32, DType::F32) => $f::<f32, f32>($($a),*),
             (DType::F16, DType::F32) => $f::<f16, f32>($($a),*),
             (DType::F16, DType::F16) => $f::<f16, f16>($($a),*),
             (DType::BF16, DType::F32) => $f::<bf16, f32>($($a),*),
             (DType::BF16, DType::BF16) => $f::<bf16, bf16>($($a),*),
+            (DType::F64, DType::F64) => $f::<f64, f64>($($a),*),
             (t, p) => Err(to_py(Error::DtypeMismatch { name: "weight", activation: t, param: p })),
         }
     };
@@ -443,14 +445,7 @@ fn cuda_forward(
 ) -> PyResult<()> {
     let pr = problem(&dims, groups, eps, dtype, param_dtype, layout, activation)?;
     let gpu = gpu_of(stream)?;
-    let ptrs = ForwardPtrs {
-        x,
-        y,
-        weight,
-        bias,
-        mean,
-        rstd,
-    };
+    let ptrs = ForwardPtrs::new(x, y, mean, rstd).with_affine(weight, bias);
     // SAFETY: groupnorm.torch passes the data pointers of live CUDA tensors of the stream's
     // device, of these dims, dtypes and layout, allocated on this stream by the caching
     // allocator (so they stay valid for the stream's work), and a workspace of the queried size.
@@ -495,17 +490,9 @@ fn cuda_backward(
 ) -> PyResult<()> {
     let pr = problem(&dims, groups, eps, dtype, param_dtype, layout, activation)?;
     let gpu = gpu_of(stream)?;
-    let ptrs = BackwardPtrs {
-        dy,
-        x,
-        mean,
-        rstd,
-        weight,
-        dx,
-        dweight,
-        dbias,
-        bias,
-    };
+    let ptrs = BackwardPtrs::new(dy, x, mean, rstd, dx)
+        .with_affine(weight, bias)
+        .with_param_grads(dweight, dbias);
     // SAFETY: as in `cuda_forward`.
     unsafe {
         raw::backward(
@@ -544,6 +531,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_backward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels_built, m)?)?;
     m.add_function(wrap_pyfunction!(built_archs, m)?)?;
-    m.add("DTYPE_CODES", vec![("f32", 0u8), ("f16", 1), ("bf16", 2)])?;
+    m.add("DTYPE_CODES", vec![("f32", 0u8), ("f16", 1), ("bf16", 2), ("f64", 3)])?;
     Ok(())
 }

@@ -21,11 +21,7 @@ pub enum Backend {
 
 /// A small emulated device: 4 SMs, 8 KiB of shared memory per block, clusters of up to 8, so
 /// small shapes take every path (fused, split into chunks and pieces, cluster, NHWC tiles).
-pub const SMALL_DEVICE: DeviceLimits = DeviceLimits {
-    sms: 4,
-    smem_per_block: 8 * 1024,
-    max_cluster: 8,
-};
+pub const SMALL_DEVICE: DeviceLimits = DeviceLimits::new(4, 8 * 1024, 8);
 
 impl Backend {
     /// Every backend this build and machine can run; prints why the others are skipped.

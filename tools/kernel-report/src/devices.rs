@@ -38,11 +38,11 @@ pub struct Device {
 impl Device {
     /// What the crate's planner needs.
     pub fn limits(&self) -> DeviceLimits {
-        DeviceLimits {
-            sms: self.sms as usize,
-            smem_per_block: self.smem_per_block_kib as usize * 1024,
-            max_cluster: self.max_cluster as usize,
-        }
+        DeviceLimits::new(
+            self.sms as usize,
+            self.smem_per_block_kib as usize * 1024,
+            self.max_cluster as usize,
+        )
     }
 }
 

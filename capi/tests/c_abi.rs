@@ -460,14 +460,23 @@ fn find_cdylib() -> Result<PathBuf, String> {
             Err(format!("GROUPNORM_CDYLIB={} is not a file", p.display()))
         };
     }
-    let mut candidates = Vec::new();
-    if let Some(here) = std::env::current_exe()
+    let here = std::env::current_exe()
         .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
-        // cargo builds the cdylib into deps/ with the test binary, in the same rustc run as the
-        // rlib the test links (it copies it up to target/<profile>/ only for `cargo build`, so
-        // the copy there can be stale)
+        .and_then(|e| e.parent().map(Path::to_path_buf));
+    // Under cargo: build this crate's cdylib now. `cargo test` does not build it (the crate has
+    // no rlib for the tests to link, so nothing asks for it), and a libgroupnorm.so left in the
+    // target directory by an earlier build would be tested in its place. Cargo holds no lock
+    // while tests run, so this nested build shares the target directory; it is a no-op when the
+    // library is fresh. Packed test binaries on a GPU machine (no cargo) skip it.
+    if let (Some(cargo), Some(here)) = (option_env!("CARGO"), &here) {
+        if let Some(profile_dir) = here.parent().filter(|_| here.ends_with("deps")) {
+            if let Some(built) = build_cdylib(cargo, profile_dir, &file)? {
+                return Ok(built);
+            }
+        }
+    }
+    let mut candidates = Vec::new();
+    if let Some(here) = here {
         candidates.push(here.join(&file));
         if let Some(up) = here.parent() {
             candidates.push(up.join(&file));
@@ -485,6 +494,42 @@ fn find_cdylib() -> Result<PathBuf, String> {
                  .gpu/lib/)"
             )
         })
+}
+
+/// `cargo build --lib -p groupnorm-capi` in the profile of this test binary (`profile_dir` is
+/// target/<profile>/), and the library it leaves there; `None` when cargo cannot be run here.
+fn build_cdylib(cargo: &str, profile_dir: &Path, file: &str) -> Result<Option<PathBuf>, String> {
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--lib", "-p", "groupnorm-capi"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    match profile {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    if let Some(target_dir) = profile_dir.parent() {
+        cmd.env("CARGO_TARGET_DIR", target_dir);
+    }
+    let out = match cmd.output() {
+        Ok(out) => out,
+        Err(_) => return Ok(None), // no cargo here (packed binaries)
+    };
+    if !out.status.success() {
+        return Err(format!(
+            "building libgroupnorm failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let lib = profile_dir.join(file);
+    Ok(lib.is_file().then_some(lib))
 }
 
 /// A C compiler, the library, and a scratch directory holding `include/groupnorm.h`.

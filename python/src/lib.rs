@@ -531,6 +531,9 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_backward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels_built, m)?)?;
     m.add_function(wrap_pyfunction!(built_archs, m)?)?;
-    m.add("DTYPE_CODES", vec![("f32", 0u8), ("f16", 1), ("bf16", 2), ("f64", 3)])?;
+    m.add(
+        "DTYPE_CODES",
+        vec![("f32", 0u8), ("f16", 1), ("bf16", 2), ("f64", 3)],
+    )?;
     Ok(())
 }

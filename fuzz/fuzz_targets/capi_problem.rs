@@ -4,7 +4,13 @@
 //! stream is NULL (no GPU is needed: validation comes first).
 #![no_main]
 
-use groupnorm::capi::*;
+// The C ABI crate is a cdylib/staticlib only: its source is compiled in here, by path, as its
+// own tests do (capi/tests/c_abi.rs), against the library under the name it uses (`gn`).
+#[allow(dead_code)]
+#[path = "../../capi/src/lib.rs"]
+mod capi;
+
+use capi::*;
 use libfuzzer_sys::fuzz_target;
 use std::ffi::CStr;
 

@@ -2,6 +2,9 @@
 //! array it accepts is written back and read again unchanged.
 #![no_main]
 
+// the library under the name the CLI's source uses
+extern crate gn as groupnorm;
+
 use libfuzzer_sys::fuzz_target;
 
 /// What npy.rs takes from the CLI's argument module: its error type.
@@ -14,7 +17,7 @@ mod args {
 // The reader lives in the binary, not the library: included by path, so the library publishes
 // nothing for it.
 #[allow(dead_code)]
-#[path = "../../src/bin/groupnorm/npy.rs"]
+#[path = "../../cli/src/npy.rs"]
 mod npy;
 
 fuzz_target!(|data: &[u8]| {

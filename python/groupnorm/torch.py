@@ -23,6 +23,7 @@ own op with a one-time warning: the answer is never wrong, only not ours.
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from typing import Optional, Tuple
 
@@ -55,8 +56,28 @@ def _activation_code(activation) -> int:
         raise ValueError(f"activation must be None or 'silu', got {activation!r}") from None
 
 
-def fallback_reason(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None):
+def _zero_in_f32(eps: float) -> bool:
+    """eps >= 0 that float32 holds as 0 (eps = 0 itself, or below half the smallest subnormal)."""
+    e = float(eps)
+    if not (e >= 0.0) or not math.isfinite(e):
+        return False
+    try:
+        return struct.unpack("f", struct.pack("f", e))[0] == 0.0
+    except OverflowError:
+        return False
+
+
+def fallback_reason(
+    x: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+):
     """Why the crate cannot run this call (a string), or None when it can."""
+    if _zero_in_f32(eps):
+        # PyTorch takes eps = 0 (its samples do); the crate refuses it (rstd = 1/sqrt(var) is
+        # inf on a constant row), so such calls keep PyTorch's behaviour exactly
+        return f"eps = {eps} (0 in float32; the crate takes eps > 0)"
     if x.device.type not in ("cpu", "cuda"):
         return f"device type {x.device.type!r} (the crate runs on CPU and CUDA tensors)"
     dtypes = _TORCH_DTYPES if x.device.type == "cpu" else _CUDA_DTYPES
@@ -98,7 +119,7 @@ def group_norm(
     """`F.group_norm(x, num_groups, weight, bias, eps)`, then `F.silu` if `activation="silu"`,
     in one pass of the crate's CPU path or CUDA kernels (see the module's docstring)."""
     act = _activation_code(activation)
-    reason = fallback_reason(x, weight, bias)
+    reason = fallback_reason(x, weight, bias, eps)
     if reason is not None:
         _warn_once(reason)
         y = F.group_norm(x, num_groups, weight, bias, eps)

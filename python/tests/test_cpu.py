@@ -102,14 +102,14 @@ def test_offset_rows_f32(layout, silu):
 
 
 # PyTorch's own sample inputs for group_norm (torch/testing/_internal/common_methods_invocations.py,
-# sample_inputs_group_norm): shape, groups, eps; plus eps = 0 and an empty batch of images.
+# sample_inputs_group_norm): shape, groups, eps; plus an empty batch of images. Their eps = 0 case
+# is test_eps_zero_keeps_pytorchs_behaviour: the crate refuses eps = 0, the package falls back.
 SAMPLE_CASES = [
     ((1, 6, 3), 2, 0.5),
     ((1, 3), 1, 1e-5),
     ((0, 2), 1, 1e-5),
     ((5, 5, 5), 1, 0.5),
     ((1, 2), 1, 1e-5),
-    ((2, 6, 4, 4), 3, 0.0),
     ((0, 6, 4, 4), 3, 1e-5),
 ]
 
@@ -121,10 +121,22 @@ def test_pytorch_sample_cases(dims, groups, eps, dtype, affine):
     check_parity(dims, groups, dtype, torch.float32 if dtype == torch.float32 else dtype, "contiguous", affine, False, 11, eps=eps)
 
 
+def test_eps_zero_keeps_pytorchs_behaviour():
+    """The crate refuses eps = 0 (issue 15: eps must be positive in f32); PyTorch takes it, so the
+    package hands such calls to F.group_norm, with a warning that says why."""
+    x = torch.randn(2, 6, 4, 4)
+    gt._warned.clear()
+    with pytest.warns(UserWarning, match="eps = 0"):
+        y = gt.group_norm(x, 3, eps=0.0)
+    torch.testing.assert_close(y, F.group_norm(x, 3, eps=0.0), rtol=0, atol=0)
+    assert "0 in float32" in gt.fallback_reason(x, eps=1e-50)
+    assert gt.fallback_reason(x, eps=1e-30) is None
+
+
 def test_negative_eps_is_a_clear_error():
     """PyTorch's samples include eps = -0.5 (a NaN-prone sqrt of a possibly negative value); the
     crate refuses it with a message instead of computing it."""
-    with pytest.raises(ValueError, match="eps must be finite and non-negative"):
+    with pytest.raises(ValueError, match="eps must be finite and positive"):
         gt.group_norm(torch.randn(2, 6, 3), 2, eps=-0.5)
 
 

@@ -6,6 +6,7 @@ summed, by DDP's all-reduce, with no code of ours in between."""
 import os
 import socket
 import tempfile
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,9 @@ def _worker(rank, world, port, out):
         loss.backward()
         if rank == 0:
             torch.save([p.grad for p in model.module.parameters()], out)
+        # neither rank tears down its gloo connections while the other still uses them (without
+        # this, one run in the whole suite ended with a rank killed by SIGABRT in teardown)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -59,7 +63,14 @@ def test_ddp_two_processes_match_one_process():
     whole = [p.grad for p in model.parameters()]
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "grads.pt")
-        mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        try:
+            mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        except mp.ProcessExitedException as e:
+            # Once in about five runs of the whole suite on a loaded 2-core machine a rank died by
+            # SIGABRT in gloo's setup or teardown (never in our op: alone, the test passed every
+            # time). One more try on a fresh port; a second failure fails the test.
+            warnings.warn(f"DDP run retried after: {e}")
+            mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
         ddp = torch.load(out)
     assert len(ddp) == len(whole)
     for i, (a, b) in enumerate(zip(ddp, whole)):

@@ -2,7 +2,9 @@
 # Everything one visit to a lent GPU machine should do, in one command, logging under $OUT.
 #
 # Here (with Rust):      eval "$(scripts/install-nvcc.sh)"; ../shared/tools/gpu-pack
-#                        mkdir -p .gpu/lib && cp target/release/libgroupnorm.so .gpu/lib/   # for torchcheck
+#                        cargo build --release -p groupnorm-capi        # the C library, for torchcheck
+#                        mkdir -p .gpu/lib && cp target/release/libgroupnorm.so .gpu/lib/
+#                        pip wheel --no-deps -w .gpu/wheels ./python    # the Python package (with NVCC set)
 # There (device tool):   run with carry [".gpu"]:  bash scripts/gpu-visit.sh [quick]
 #
 # Steps, each logged to $OUT/<step>.log, none stopping the others; a summary at the end:
@@ -14,6 +16,7 @@
 #              NHWC and SiLU variants
 #   torch      scripts/bench_torch.py on the same shapes, then scripts/compare_bench.py (table+SVG)
 #   torchcheck scripts/torch_check.py: the C ABI called from PyTorch on CUDA tensors
+#   python_cuda the Python package's CUDA tests (python/tests/test_cuda.py), from the packed wheel
 #   model_vs_measured  docs/kernel-report.md's first-order model beside the bench's measurement
 # "quick" trims the sanitizer to one test and the bench to the N = 1 sd shapes, to fit one call.
 set -uo pipefail
@@ -78,6 +81,16 @@ if python3 -c "import torch" 2>/dev/null; then
     step torchcheck python3 scripts/torch_check.py "$lib"
   else
     result[torchcheck]="not run: no scripts/torch_check.py or no libgroupnorm.so packed (copy target/release/libgroupnorm.so into .gpu/lib/)"
+  fi
+  wheel=$(ls .gpu/wheels/groupnorm-*.whl 2>/dev/null | head -n 1)
+  if [ -n "$wheel" ]; then
+    python_cuda() {
+      python3 -m pip install -q --no-deps --target /tmp/gn-py "$wheel" &&
+        PYTHONPATH=/tmp/gn-py python3 -m pytest python/tests/test_cuda.py -q -rs -p no:cacheprovider
+    }
+    step python_cuda python_cuda
+  else
+    result[python_cuda]="not run: no wheel in .gpu/wheels (pip wheel --no-deps -w .gpu/wheels ./python here)"
   fi
 else
   result[torch]="not run: PyTorch not importable"

@@ -15,7 +15,7 @@
 //! everything.
 //!
 //! Every method validates all of its arguments before computing anything and reports a bad
-//! argument as an [`Error`](crate::Error), never a panic.
+//! argument as an [`Error`], never a panic.
 //!
 //! f64 activations (parameters f64 or f32) take the f64 reference computation instead of the
 //! fast f32 one: statistics, normalization and gradients in f64, eps in f64, held to 1e-12
@@ -215,7 +215,7 @@ impl GroupNorm {
     ///
     /// Errors: as [`GroupNorm::forward`] for `dims`, `x` and `weight`, plus `dy` not of
     /// `N * C * S` elements, `stats.mean`/`stats.rstd` not of `N * G` elements, and `P` other
-    /// than f32 or `T` when a weight is given or `dbias` is wanted; [`Error::BiasNeeded`](crate::Error::BiasNeeded) when
+    /// than f32 or `T` when a weight is given or `dbias` is wanted; [`Error::BiasNeeded`] when
     /// this configuration has an activation (use [`GroupNorm::backward_activated`]).
     ///
     /// The result is deterministic: the same inputs give the same bits on every run.
@@ -238,7 +238,7 @@ impl GroupNorm {
     /// forward pass had none). Without an activation the bias is not read and this is
     /// [`GroupNorm::backward`].
     ///
-    /// Errors: as [`GroupNorm::backward`] (except [`Error::BiasNeeded`](crate::Error::BiasNeeded)), plus a bias not of
+    /// Errors: as [`GroupNorm::backward`] (except [`Error::BiasNeeded`]), plus a bias not of
     /// `C` values or of the wrong dtype.
     ///
     /// ```

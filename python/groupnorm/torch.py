@@ -35,9 +35,8 @@ from . import _native
 
 __all__ = ["group_norm", "GroupNorm", "GroupNormSiLU", "replace_group_norm", "fallback_reason"]
 
-# dtype codes shared with the extension (src/lib.rs), which lists the dtypes it takes. When the
-# crate's CPU path gains float64, the extension adds ("f64", code) and the CPU column here picks it
-# up; the CUDA kernels take the three below.
+# dtype codes shared with the extension (src/lib.rs), which lists the dtypes it takes: the CPU path
+# takes all four (float64 too); the CUDA kernels take the three below.
 _DTYPE_CODES = {name: code for name, code in _native.DTYPE_CODES}
 _TORCH_NAMES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
 _TORCH_DTYPES = {_TORCH_NAMES[n]: c for n, c in _DTYPE_CODES.items() if n in _TORCH_NAMES}

@@ -152,28 +152,9 @@ def test_bad_arguments_raise_with_the_crates_message():
         gt.group_norm(x, 3, activation="gelu")
 
 
-def test_float64_falls_back_with_one_warning_and_gradcheck():
-    """float64 is not a dtype of the crate (today): PyTorch's op answers, with one warning.
-    gradcheck therefore runs through PyTorch's op here; our own backward is checked against the
-    float64 autograd of F.group_norm by test_parity, at the crate's tolerances."""
-    if "f64" in dict(groupnorm._native.DTYPE_CODES):
-        pytest.skip("the crate takes float64: test_gradcheck_f64_native covers it")
-    gt._warned.clear()
-    x = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(6, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    with pytest.warns(UserWarning, match="falling back.*float64"):
-        y = gt.group_norm(x, 3, w, b, activation="silu")
-    assert torch.equal(y, F.silu(F.group_norm(x, 3, w, b)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once only
-        gt.group_norm(x, 3, w, b)
-    assert torch.autograd.gradcheck(lambda *a: gt.group_norm(*a[:1], 3, *a[1:], activation="silu"), (x, w, b))
-
-
 def test_gradcheck_f64_native():
-    if "f64" not in dict(groupnorm._native.DTYPE_CODES):
-        pytest.skip("the crate has no float64 path yet (groupnorm::DType has no F64): float64 falls back to PyTorch")
+    """float64 CPU tensors run the crate's f64 path (no fallback), so gradcheck checks our backward."""
+    assert "f64" in dict(groupnorm._native.DTYPE_CODES)
     x = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
     w = torch.rand(6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)

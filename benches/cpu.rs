@@ -49,7 +49,9 @@ fn bench_dtype<T: Element>(c: &mut Criterion) {
         let mut fwd = c.benchmark_group("forward");
         fwd.throughput(Throughput::Bytes(2 * bytes));
         for layout in [Layout::Nchw, Layout::Nhwc] {
-            let gn = GroupNorm::new(groups, channels).unwrap().layout(layout);
+            let gn = GroupNorm::new(groups, channels)
+                .unwrap()
+                .with_layout(layout);
             let id = format!("fast/{}/{}", T::DTYPE, layout.name());
             fwd.bench_with_input(BenchmarkId::new(id, &shape), &gn, |bch, gn| {
                 bch.iter(|| {
@@ -68,7 +70,9 @@ fn bench_dtype<T: Element>(c: &mut Criterion) {
         let mut bwd = c.benchmark_group("backward");
         bwd.throughput(Throughput::Bytes(3 * bytes));
         for layout in [Layout::Nchw, Layout::Nhwc] {
-            let gn = GroupNorm::new(groups, channels).unwrap().layout(layout);
+            let gn = GroupNorm::new(groups, channels)
+                .unwrap()
+                .with_layout(layout);
             let (_, stats) = gn.forward(&x, &dims, Some(&w), None).unwrap();
             let id = format!("fast/{}/{}", T::DTYPE, layout.name());
             bwd.bench_with_input(BenchmarkId::new(id, &shape), &gn, |bch, gn| {

@@ -121,7 +121,7 @@ pub fn group_norm(
     }
     let channels = dims[1];
     let gn = GroupNorm::new(groups, channels)
-        .and_then(|gn| gn.eps(eps))
+        .and_then(|gn| gn.with_eps(eps))
         .map_err(wrap)?;
     gn.geometry(dims).map_err(wrap)?;
     let t = activation_dtype(x.dtype())?;
@@ -601,7 +601,7 @@ mod cuda {
         Problem {
             dims,
             groups: op.gn.groups(),
-            eps: op.gn.get_eps(),
+            eps: op.gn.eps(),
             layout: GnLayout::Nchw,
             dtype: t,
             param_dtype: p,
@@ -823,7 +823,7 @@ pub mod nn {
             eps: f64,
         ) -> Result<Self> {
             crate::GroupNorm::new(num_groups, num_channels)
-                .and_then(|gn| gn.eps(eps))
+                .and_then(|gn| gn.with_eps(eps))
                 .map_err(super::wrap)?;
             // checked here, not at the first `forward`: a checkpoint of the wrong width fails
             // where it is loaded

@@ -102,7 +102,7 @@ impl Activation {
 ///
 /// ```
 /// use groupnorm::{GroupNorm, Layout};
-/// let gn = GroupNorm::new(32, 320)?.eps(1e-6)?.layout(Layout::Nhwc);
+/// let gn = GroupNorm::new(32, 320)?.with_eps(1e-6)?.with_layout(Layout::Nhwc);
 /// assert_eq!(gn.channels_per_group(), 10);
 /// # Ok::<(), groupnorm::Error>(())
 /// ```
@@ -148,7 +148,7 @@ impl GroupNorm {
     /// about 1.4e-45, up to `f32::MAX`, about 3.4e38). Errors with [`Error::InvalidEps`]
     /// otherwise: zero, negative, NaN, infinite, or a value that underflows to 0 or overflows to
     /// infinity in f32 (`1e-50`, `1e300`).
-    pub fn eps(mut self, eps: f64) -> Result<Self> {
+    pub fn with_eps(mut self, eps: f64) -> Result<Self> {
         let e32 = eps as f32;
         if !eps.is_finite() || !e32.is_finite() || e32 <= 0.0 {
             return Err(Error::InvalidEps { eps });
@@ -158,19 +158,19 @@ impl GroupNorm {
     }
 
     /// Sets the memory layout of activations.
-    pub fn layout(mut self, layout: Layout) -> Self {
+    pub fn with_layout(mut self, layout: Layout) -> Self {
         self.layout = layout;
         self
     }
 
     /// Sets the activation fused after the affine transform (default [`Activation::None`]).
-    pub fn activation(mut self, activation: Activation) -> Self {
+    pub fn with_activation(mut self, activation: Activation) -> Self {
         self.activation = activation;
         self
     }
 
     /// The configured activation.
-    pub fn get_activation(&self) -> Activation {
+    pub fn activation(&self) -> Activation {
         self.activation
     }
 
@@ -190,12 +190,12 @@ impl GroupNorm {
     }
 
     /// The configured eps.
-    pub fn get_eps(&self) -> f64 {
+    pub fn eps(&self) -> f64 {
         self.eps
     }
 
     /// The configured layout.
-    pub fn get_layout(&self) -> Layout {
+    pub fn layout(&self) -> Layout {
         self.layout
     }
 
@@ -403,7 +403,7 @@ mod tests {
         let gn = GroupNorm::new(2, 4).unwrap();
         let g = gn.geometry(&[2, 4, 3]).unwrap();
         assert_eq!(g.offset(1, 2, 1), (4 + 2) * 3 + 1);
-        let g = gn.layout(Layout::Nhwc).geometry(&[2, 4, 3]).unwrap();
+        let g = gn.with_layout(Layout::Nhwc).geometry(&[2, 4, 3]).unwrap();
         assert_eq!(g.offset(1, 2, 1), (3 + 1) * 4 + 2);
     }
 

@@ -36,7 +36,9 @@ fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
 #[test]
 fn silu_worked_example() {
     // x = [1, 3], one group: xhat = [-1, 1] * 1/sqrt(1 + 1e-5); z = xhat * [1, 2] + [0.5, -0.5]
-    let gn = GroupNorm::new(1, 2).unwrap().activation(Activation::Silu);
+    let gn = GroupNorm::new(1, 2)
+        .unwrap()
+        .with_activation(Activation::Silu);
     let (y, _) = gn
         .forward(
             &[1.0f32, 3.0],
@@ -71,9 +73,9 @@ fn reference_silu_backward_matches_finite_differences() {
         for layout in LAYOUTS {
             let c = dims[1];
             let numel: usize = dims.iter().product();
-            let gn = GroupNorm::new(groups, c).unwrap().layout(layout);
+            let gn = GroupNorm::new(groups, c).unwrap().with_layout(layout);
             let geo = gn.geometry(dims).unwrap();
-            let eps = gn.get_eps();
+            let eps = gn.eps();
             let x = normal_f64(&mut rng, numel, 0.3, 1.5);
             let dy = normal_f64(&mut rng, numel, 0.0, 1.0);
             let w = uniform_f64(&mut rng, c, 0.5, 1.5);
@@ -120,17 +122,17 @@ fn check_one<T: Element, P: Element>(
     // dx is measured against ||rstd w dz||, dz the gradient reaching the normalization (the
     // size of dx's terms, docs/design.md), as for the plain op with dz in place of dy
     let geo = gn.geometry(dims).unwrap();
-    let act = gn.get_activation();
+    let act = gn.activation();
     let dz = pre_activation_grad_f64(
         &geo,
-        gn.get_eps(),
+        gn.eps(),
         act,
         &to_f64(dy),
         &to_f64(x),
         Some(&wf),
         Some(&bf),
     );
-    let scale = dx_scale(&dz, dims, gn.groups(), gn.get_layout(), Some(&wf), &rf.rstd);
+    let scale = dx_scale(&dz, dims, gn.groups(), gn.layout(), Some(&wf), &rf.rstd);
     assert_dx_close(&g.dx, &r.dx, scale, ctx);
     assert_param_grad_close(g.dweight.as_ref().unwrap(), &r.dweight, "dweight", ctx);
     assert_param_grad_close(g.dbias.as_ref().unwrap(), &r.dbias, "dbias", ctx);
@@ -143,8 +145,8 @@ fn check_random_shapes<T: Element, P: Element>(seed: u64) {
             let c = case.channels();
             let gn = GroupNorm::new(case.groups, c)
                 .unwrap()
-                .layout(layout)
-                .activation(Activation::Silu);
+                .with_layout(layout)
+                .with_activation(Activation::Silu);
             let x: Vec<T> = normal_vec(&mut rng, case.numel(), 0.0, 1.0);
             let dy: Vec<T> = normal_vec(&mut rng, case.numel(), 0.0, 1.0);
             let w: Vec<P> = uniform_vec(&mut rng, c, 0.5, 1.5);
@@ -191,8 +193,8 @@ fn offset_rows_f32() {
             let numel: usize = dims.iter().product();
             let gn = GroupNorm::new(groups, c)
                 .unwrap()
-                .layout(layout)
-                .activation(Activation::Silu);
+                .with_layout(layout)
+                .with_activation(Activation::Silu);
             let x: Vec<f32> = normal_vec(&mut rng, numel, 1e4, 1.0);
             let dy: Vec<f32> = normal_vec(&mut rng, numel, 0.0, 1.0);
             let w: Vec<f32> = uniform_vec(&mut rng, c, 0.5, 1.5);
@@ -206,7 +208,9 @@ fn offset_rows_f32() {
 #[test]
 fn no_affine_and_nan_rows() {
     // Without weight and bias z = xhat; a NaN in row 0 makes row 0 NaN and leaves row 1 alone.
-    let gn = GroupNorm::new(2, 4).unwrap().activation(Activation::Silu);
+    let gn = GroupNorm::new(2, 4)
+        .unwrap()
+        .with_activation(Activation::Silu);
     let mut x = vec![0.5f32, -1.0, 2.0, 0.25, 3.0, 1.0, -2.0, 0.0];
     x[1] = f32::NAN;
     let dims = [1, 4, 2];
@@ -226,7 +230,9 @@ fn no_affine_and_nan_rows() {
 
 #[test]
 fn plain_backward_refuses_an_activated_operator() {
-    let gn = GroupNorm::new(1, 2).unwrap().activation(Activation::Silu);
+    let gn = GroupNorm::new(1, 2)
+        .unwrap()
+        .with_activation(Activation::Silu);
     let x = [1.0f32, 2.0];
     let (_, stats) = gn.forward(&x, &[1, 2], None::<&[f32]>, None).unwrap();
     let e = gn
@@ -249,7 +255,7 @@ fn plain_backward_refuses_an_activated_operator() {
 #[test]
 fn without_activation_backward_activated_is_backward() {
     let mut rng = rng(631);
-    let gn = GroupNorm::new(3, 6).unwrap().layout(Layout::Nhwc);
+    let gn = GroupNorm::new(3, 6).unwrap().with_layout(Layout::Nhwc);
     let dims = [2, 6, 5, 3];
     let x: Vec<f32> = normal_vec(&mut rng, 180, 0.0, 1.0);
     let dy: Vec<f32> = normal_vec(&mut rng, 180, 0.0, 1.0);

@@ -23,7 +23,7 @@ fn loss(
     dy: &[f64],
 ) -> f64 {
     let geo = gn.geometry(dims).unwrap();
-    let y = forward_f64(&geo, gn.get_eps(), x, w, b).y;
+    let y = forward_f64(&geo, gn.eps(), x, w, b).y;
     y.iter().zip(dy).map(|(a, b)| a * b).sum()
 }
 
@@ -62,7 +62,7 @@ fn reference_backward_matches_finite_differences() {
             for with_weight in [false, true] {
                 let c = dims[1];
                 let numel: usize = dims.iter().product();
-                let gn = GroupNorm::new(groups, c).unwrap().layout(layout);
+                let gn = GroupNorm::new(groups, c).unwrap().with_layout(layout);
                 let geo = gn.geometry(dims).unwrap();
                 let x = normal_f64(&mut rng, numel, 0.3, 1.5);
                 let dy = normal_f64(&mut rng, numel, 0.0, 1.0);
@@ -71,8 +71,8 @@ fn reference_backward_matches_finite_differences() {
                 let wo = with_weight.then_some(&w[..]);
                 let ctx = format!("{dims:?} G={groups} {} weight={with_weight}", layout.name());
 
-                let r = backward_f64(&geo, gn.get_eps(), &dy, &x, wo);
-                let rstd = forward_f64(&geo, gn.get_eps(), &x, None, None).rstd;
+                let r = backward_f64(&geo, gn.eps(), &dy, &x, wo);
+                let rstd = forward_f64(&geo, gn.eps(), &x, None, None).rstd;
                 let fd_dx = central_diff(&x, |xp| loss(&gn, dims, xp, wo, Some(&b), &dy));
                 let scale = dx_scale(&dy, dims, groups, layout, wo, &rstd);
                 let e = rel_l2(&r.dx, &fd_dx, scale);
@@ -112,7 +112,7 @@ fn check_one<T: Element, P: Element>(
         &to_f64(dy),
         dims,
         gn.groups(),
-        gn.get_layout(),
+        gn.layout(),
         wf.as_deref(),
         &rstd,
     );
@@ -135,7 +135,7 @@ fn check_random_shapes<T: Element, P: Element>(seed: u64) {
                 [(false, false), (true, false), (false, true), (true, true)]
             {
                 let c = case.channels();
-                let gn = GroupNorm::new(case.groups, c).unwrap().layout(layout);
+                let gn = GroupNorm::new(case.groups, c).unwrap().with_layout(layout);
                 let x: Vec<T> = normal_vec(&mut rng, case.numel(), 0.0, 1.0);
                 let dy: Vec<T> = normal_vec(&mut rng, case.numel(), 0.0, 1.0);
                 let w: Vec<P> = uniform_vec(&mut rng, c, 0.5, 1.5);
@@ -190,7 +190,7 @@ fn long_rows() {
     let x16: Vec<f16> = from_f64(&to_f64(&x32));
     let dy16: Vec<f16> = from_f64(&to_f64(&dy32));
     for layout in LAYOUTS {
-        let gn = GroupNorm::new(1, 2).unwrap().layout(layout);
+        let gn = GroupNorm::new(1, 2).unwrap().with_layout(layout);
         let ctx = format!("rows of 2^20, {}", layout.name());
         check_one(
             &gn,
@@ -227,7 +227,7 @@ fn check_poisoned_backward<T: Element>(seed: u64) {
         for poison in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             for in_x in [true, false] {
                 for (pn, pc, ps) in [(1, 2, 0), (1, 3, 4)] {
-                    let gn = GroupNorm::new(groups, c).unwrap().layout(layout);
+                    let gn = GroupNorm::new(groups, c).unwrap().with_layout(layout);
                     let mut x: Vec<T> = normal_vec(&mut rng, n * c * s, 0.0, 1.0);
                     let mut dy: Vec<T> = normal_vec(&mut rng, n * c * s, 0.0, 1.0);
                     let w: Vec<T> = uniform_vec(&mut rng, c, 0.5, 1.5);
@@ -295,7 +295,7 @@ fn non_finite_values_poison_only_their_row_bf16() {
 #[test]
 fn empty_tensors_give_empty_dx_and_zero_parameter_gradients() {
     for layout in LAYOUTS {
-        let gn = GroupNorm::new(2, 4).unwrap().layout(layout);
+        let gn = GroupNorm::new(2, 4).unwrap().with_layout(layout);
         let w = [1.0f32; 4];
         for dims in [&[0usize, 4, 3][..], &[3, 4, 0], &[2, 4, 0, 5]] {
             let (_, stats) = gn.forward::<f16, f32>(&[], dims, Some(&w), None).unwrap();
@@ -326,7 +326,7 @@ fn backward_is_deterministic() {
         let dy: Vec<f32> = normal_vec(&mut rng, numel, 0.0, 1.0);
         let w: Vec<f32> = uniform_vec(&mut rng, dims[1], 0.5, 1.5);
         for layout in LAYOUTS {
-            let gn = GroupNorm::new(groups, dims[1]).unwrap().layout(layout);
+            let gn = GroupNorm::new(groups, dims[1]).unwrap().with_layout(layout);
             let (_, stats) = gn.forward(&x, dims, Some(&w), None).unwrap();
             let a = gn.backward(&dy, &x, dims, &stats, Some(&w), true).unwrap();
             let b = gn.backward(&dy, &x, dims, &stats, Some(&w), true).unwrap();
@@ -361,7 +361,7 @@ fn nchw_and_nhwc_agree() {
             .unwrap();
 
         let to_nhwc = |v: &[f32]| relayout(v, &case.dims, Layout::Nchw, Layout::Nhwc);
-        let gn2 = gn.layout(Layout::Nhwc);
+        let gn2 = gn.with_layout(Layout::Nhwc);
         let (x2, dy2) = (to_nhwc(&x), to_nhwc(&dy));
         let (_, st2) = gn2.forward(&x2, &case.dims, Some(&w), None).unwrap();
         let b = gn2
@@ -394,7 +394,7 @@ fn low_precision_dx_meets_design_bound_on_realistic_shapes() {
         let mut rng = rng(seed);
         let dims = [2, 64, 16, 16];
         for layout in LAYOUTS {
-            let gn = GroupNorm::new(8, 64).unwrap().layout(layout);
+            let gn = GroupNorm::new(8, 64).unwrap().with_layout(layout);
             let x: Vec<T> = normal_vec(&mut rng, 2 * 64 * 256, 0.0, 1.0);
             let dy: Vec<T> = normal_vec(&mut rng, 2 * 64 * 256, 0.0, 1.0);
             let w: Vec<T> = uniform_vec(&mut rng, 64, 0.5, 1.5);
@@ -433,7 +433,7 @@ fn large_offset_rows_f32() {
         for (dims, groups) in shapes {
             for layout in LAYOUTS {
                 let numel: usize = dims.iter().product();
-                let gn = GroupNorm::new(groups, dims[1]).unwrap().layout(layout);
+                let gn = GroupNorm::new(groups, dims[1]).unwrap().with_layout(layout);
                 let x: Vec<f32> = normal_vec(&mut rng, numel, offset, 1.0);
                 let dy: Vec<f32> = normal_vec(&mut rng, numel, 0.0, 1.0);
                 let w: Vec<f32> = uniform_vec(&mut rng, dims[1], 0.5, 1.5);

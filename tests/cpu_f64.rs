@@ -28,8 +28,8 @@ fn check_f64<P: Element>(seed: u64, offset: f64) {
             for act in [Activation::None, Activation::Silu] {
                 let gn = GroupNorm::new(groups, c)
                     .unwrap()
-                    .layout(layout)
-                    .activation(act);
+                    .with_layout(layout)
+                    .with_activation(act);
                 let x: Vec<f64> = normal_f64(&mut r, n * c * s, offset, 1.0);
                 let dy: Vec<f64> = normal_f64(&mut r, n * c * s, 0.0, 1.0);
                 let w: Vec<P> = uniform_vec(&mut r, c, 0.5, 1.5);
@@ -122,7 +122,9 @@ fn f64_worked_example() {
 fn f64_gradients_match_central_differences() {
     let mut r = rng(67);
     let dims = [2usize, 4, 3];
-    let gn = GroupNorm::new(2, 4).unwrap().activation(Activation::Silu);
+    let gn = GroupNorm::new(2, 4)
+        .unwrap()
+        .with_activation(Activation::Silu);
     let x = normal_f64(&mut r, 24, 0.3, 1.0);
     let dy = normal_f64(&mut r, 24, 0.0, 1.0);
     let w = uniform_f64(&mut r, 4, 0.5, 1.5);
@@ -161,7 +163,7 @@ fn f64_gradients_match_central_differences() {
 /// A NaN in a row poisons that row only, in f64 as in the other dtypes.
 #[test]
 fn f64_nan_rows_stay_in_their_row() {
-    let gn = GroupNorm::new(2, 4).unwrap().layout(Layout::Nchw);
+    let gn = GroupNorm::new(2, 4).unwrap().with_layout(Layout::Nchw);
     let mut x: Vec<f64> = (0..24).map(|i| (i as f64 * 0.37).sin()).collect();
     x[14] = f64::NAN; // n = 1, channel 0: row 2
     let (y, stats) = gn.forward::<f64, f64>(&x, &[2, 4, 3], None, None).unwrap();

@@ -83,7 +83,7 @@ fn worked_example_1_no_affine() {
         .map(|(i, s)| s / (1.0 + 1e-5 / EXAMPLE_VAR[i / 2]).sqrt())
         .collect();
     for layout in LAYOUTS {
-        let gn = GroupNorm::new(2, 4).unwrap().layout(layout);
+        let gn = GroupNorm::new(2, 4).unwrap().with_layout(layout);
         for out in both_paths(&gn, &EXAMPLE_X, &[3, 4], None, None) {
             let what = format!("example 1, {}, {}", out.path, layout.name());
             assert_all_within(&out.y, &signs, FOUR_DECIMALS, &what);
@@ -123,7 +123,7 @@ fn worked_example_2_affine() {
     let b = [0.0f32, 0.0, 1.0, -1.0];
     let expected = [1., -1., 3., -1.5, -1., 1., -1., -0.5, -1., 1., -1., -0.5];
     for layout in LAYOUTS {
-        let gn = GroupNorm::new(2, 4).unwrap().layout(layout);
+        let gn = GroupNorm::new(2, 4).unwrap().with_layout(layout);
         for out in both_paths(&gn, &EXAMPLE_X, &[3, 4], Some(&w), Some(&b)) {
             let what = format!("example 2, {}, {}", out.path, layout.name());
             assert_all_within(&out.y, &expected, FOUR_DECIMALS, &what);
@@ -149,7 +149,7 @@ fn worked_example_3_spatial() {
     let x_nchw: Vec<f32> = (1..=32).map(|v| v as f32).collect();
     let rstd = 1.0 / (21.25f64 + 1e-5).sqrt();
     for layout in LAYOUTS {
-        let gn = GroupNorm::new(2, 2).unwrap().layout(layout);
+        let gn = GroupNorm::new(2, 2).unwrap().with_layout(layout);
         let x = relayout(&x_nchw, &dims, Layout::Nchw, layout);
         for out in both_paths(&gn, &x, &dims, None, None) {
             let what = format!("example 3, {}, {}", out.path, layout.name());
@@ -218,7 +218,7 @@ fn check_random_shapes<T: Element, P: Element>(seed: u64) {
         for layout in LAYOUTS {
             for affine in AFFINES {
                 let c = case.channels();
-                let gn = GroupNorm::new(case.groups, c).unwrap().layout(layout);
+                let gn = GroupNorm::new(case.groups, c).unwrap().with_layout(layout);
                 let x: Vec<T> = normal_vec(&mut rng, case.numel(), 0.0, 1.0);
                 let (w, b) = params::<P>(&mut rng, c);
                 let w = matches!(affine, Affine::Weight | Affine::Both).then_some(&w[..]);
@@ -286,7 +286,7 @@ fn check_layouts_agree<T: Element>(seed: u64) {
         let (w, b) = params::<f32>(&mut rng, c);
         let x_nhwc = relayout(&x, &case.dims, Layout::Nchw, Layout::Nhwc);
         let gn = GroupNorm::new(case.groups, c).unwrap();
-        let gn_nhwc = gn.layout(Layout::Nhwc);
+        let gn_nhwc = gn.with_layout(Layout::Nhwc);
         let ctx = format!("{} {:?} T={}", case.name, case.dims, T::DTYPE);
 
         let r = reference::forward(&gn, &x, &case.dims, Some(&w), Some(&b)).unwrap();
@@ -336,7 +336,7 @@ fn large_offset_rows_f32() {
         for (dims, groups) in shapes {
             for layout in LAYOUTS {
                 let c = dims[1];
-                let gn = GroupNorm::new(groups, c).unwrap().layout(layout);
+                let gn = GroupNorm::new(groups, c).unwrap().with_layout(layout);
                 let x: Vec<f32> = normal_vec(&mut rng, dims.iter().product(), offset, 1.0);
                 let (w, b) = params::<f32>(&mut rng, c);
                 let ctx = format!("offset {offset} {dims:?} G={groups} {}", layout.name());
@@ -356,7 +356,7 @@ fn long_rows_f32() {
     let dims = [1, 2, 1 << 21]; // G = 1: one row of 2^22 values
     let x: Vec<f32> = normal_vec(&mut rng, 1 << 22, 0.0, 1.0);
     for layout in LAYOUTS {
-        let gn = GroupNorm::new(1, 2).unwrap().layout(layout);
+        let gn = GroupNorm::new(1, 2).unwrap().with_layout(layout);
         let ctx = format!("row of 2^22, {}", layout.name());
         let (y, st) = gn.forward(&x, &dims, None::<&[f32]>, None).unwrap();
         let r = reference::forward(&gn, &x, &dims, None::<&[f32]>, None).unwrap();
@@ -372,7 +372,7 @@ fn long_rows_f16() {
     let x: Vec<f16> = normal_vec(&mut rng, 1 << 21, 0.0, 1.0);
     let (w, b) = params::<f16>(&mut rng, 4);
     for layout in LAYOUTS {
-        let gn = GroupNorm::new(2, 4).unwrap().layout(layout);
+        let gn = GroupNorm::new(2, 4).unwrap().with_layout(layout);
         let ctx = format!("f16 rows of 2^19, {}", layout.name());
         let (y, st) = gn.forward(&x, &dims, Some(&w), Some(&b)).unwrap();
         let r = reference::forward(&gn, &x, &dims, Some(&w), Some(&b)).unwrap();
@@ -393,7 +393,7 @@ fn check_poisoned_forward<T: Element>(seed: u64) {
         for poison in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             // (n, c, s) positions inside row (n = 1, g = 1): its pivot and a middle value.
             for (pn, pc, ps) in [(1, 2, 0), (1, 3, 4)] {
-                let gn = GroupNorm::new(groups, c).unwrap().layout(layout);
+                let gn = GroupNorm::new(groups, c).unwrap().with_layout(layout);
                 let mut x: Vec<T> = normal_vec(&mut rng, n * c * s, 0.0, 1.0);
                 x[offset(layout, c, s, pn, pc, ps)] = T::from_f32(poison);
                 let (w, b) = params::<T>(&mut rng, c);
@@ -453,7 +453,7 @@ fn non_finite_values_poison_only_their_row_f16() {
 #[test]
 fn empty_batch_gives_empty_outputs() {
     for layout in LAYOUTS {
-        let gn = GroupNorm::new(2, 4).unwrap().layout(layout);
+        let gn = GroupNorm::new(2, 4).unwrap().with_layout(layout);
         let (y, st) = gn.forward::<f32, f32>(&[], &[0, 4, 3], None, None).unwrap();
         assert!(y.is_empty() && st.mean.is_empty() && st.rstd.is_empty());
         let r = reference::forward::<f32, f32>(&gn, &[], &[0, 4, 3], None, None).unwrap();
@@ -467,9 +467,9 @@ fn empty_spatial_gives_empty_y_and_empty_row_statistics() {
     for layout in LAYOUTS {
         let gn = GroupNorm::new(2, 4)
             .unwrap()
-            .eps(eps)
+            .with_eps(eps)
             .unwrap()
-            .layout(layout);
+            .with_layout(layout);
         for dims in [&[3usize, 4, 0][..], &[3, 4, 5, 0]] {
             let (y, st) = gn.forward::<bf16, f32>(&[], dims, None, None).unwrap();
             assert!(y.is_empty(), "{dims:?}");
@@ -490,7 +490,7 @@ fn forward_is_deterministic() {
     for (dims, groups) in [(&[4usize, 64, 32, 32][..], 8), (&[1, 2, 1 << 19][..], 1)] {
         let x: Vec<f32> = normal_vec(&mut rng, dims.iter().product(), 0.0, 1.0);
         for layout in LAYOUTS {
-            let gn = GroupNorm::new(groups, dims[1]).unwrap().layout(layout);
+            let gn = GroupNorm::new(groups, dims[1]).unwrap().with_layout(layout);
             let (y1, s1) = gn.forward(&x, dims, None::<&[f32]>, None).unwrap();
             let (y2, s2) = gn.forward(&x, dims, None::<&[f32]>, None).unwrap();
             let bits = |v: &[f32]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();

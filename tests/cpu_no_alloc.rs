@@ -94,7 +94,7 @@ fn forward_into_allocates_nothing_beyond_argument_validation() {
     ];
     for (dims, groups) in shapes {
         for layout in [Layout::Nchw, Layout::Nhwc] {
-            let gn = GroupNorm::new(groups, dims[1]).unwrap().layout(layout);
+            let gn = GroupNorm::new(groups, dims[1]).unwrap().with_layout(layout);
             let a = fewest_allocations::<f32>(&gn, dims);
             assert_eq!(
                 a,

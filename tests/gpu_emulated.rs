@@ -131,8 +131,8 @@ fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: O
     };
     let gn = GroupNorm::new(groups, dims[1])
         .unwrap()
-        .layout(o.layout)
-        .activation(act);
+        .with_layout(o.layout)
+        .with_activation(act);
     let c = dims[1];
     let numel: usize = dims.iter().product();
     let rows = dims[0] * groups;
@@ -154,7 +154,7 @@ fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: O
     let (dy64, x64) = (to_f64(&dy), to_f64(&x));
     let dz = pre_activation_grad_f64(
         &geo,
-        gn.get_eps(),
+        gn.eps(),
         act,
         &dy64,
         &x64,
@@ -975,8 +975,8 @@ fn schedule_determinism(dims: &[usize], groups: usize, layout: Layout, act: Acti
     let c = dims[1];
     let gn = GroupNorm::new(groups, c)
         .unwrap()
-        .layout(layout)
-        .activation(act);
+        .with_layout(layout)
+        .with_activation(act);
     let mut r = rng(900);
     let n: usize = dims.iter().product();
     let x: Vec<f16> = normal_vec(&mut r, n, 0.0, 1.0);
@@ -1394,7 +1394,7 @@ fn cluster_path_refusals() {
             other => panic!("{dims:?} on {limits:?}: {other:?}"),
         }
     }
-    let nhwc = GroupNorm::new(2, 4).unwrap().layout(Layout::Nhwc);
+    let nhwc = GroupNorm::new(2, 4).unwrap().with_layout(Layout::Nhwc);
     match fwd(&nhwc, SMALL_CLUSTERS, &[1, 4, 50, 100]) {
         Err(Error::Unsupported { what }) => assert!(what.contains("NHWC"), "{what}"),
         other => panic!("NHWC forced onto clusters: {other:?}"),
@@ -1427,7 +1427,7 @@ fn cluster_deterministic_under_every_schedule() {
         } else {
             Activation::None
         };
-        let gn = GroupNorm::new(groups, c).unwrap().activation(act);
+        let gn = GroupNorm::new(groups, c).unwrap().with_activation(act);
         let mut r = rng(1140);
         let n: usize = dims.iter().product();
         let rows = dims[0] * groups;

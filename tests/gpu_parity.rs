@@ -587,12 +587,12 @@ fn bad_input_is_a_typed_error() {
         .unwrap_err();
     assert!(matches!(e, Error::LayoutMismatch { .. }), "{e}");
     // a configuration for NHWC takes it (the channels-last kernels)
-    gn.layout(Layout::Nhwc)
+    gn.with_layout(Layout::Nhwc)
         .on_gpu(&gpu)
         .forward(&nhwc, None::<&CudaSlice<f16>>, None)
         .expect("NHWC forward");
     // the plain backward of an activated configuration is a typed error
-    let silu = gn.activation(groupnorm::Activation::Silu);
+    let silu = gn.with_activation(groupnorm::Activation::Silu);
     let mut sop = silu.on_gpu(&gpu);
     let (_, st) = sop.forward(&x, None::<&CudaSlice<f16>>, None).unwrap();
     let e = sop
@@ -670,8 +670,8 @@ fn layout_silu_case<T: Element, P: Element>(
     let numel: usize = dims.iter().product();
     let gn = GroupNorm::new(groups, c)
         .unwrap()
-        .layout(layout)
-        .activation(act);
+        .with_layout(layout)
+        .with_activation(act);
     let mut r = rng(1200 + numel as u64);
     let x: Vec<T> = normal_vec(&mut r, numel, x_mean, 1.0);
     let dy: Vec<T> = normal_vec(&mut r, numel, 0.0, 1.0);
@@ -683,7 +683,7 @@ fn layout_silu_case<T: Element, P: Element>(
     let (w64, b64) = (to_f64(&w), to_f64(&b));
     let dz = reference::pre_activation_grad_f64(
         &geo,
-        gn.get_eps(),
+        gn.eps(),
         act,
         &to_f64(&dy),
         &to_f64(&x),

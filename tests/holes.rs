@@ -95,12 +95,12 @@ fn geometry_bounds_every_derived_size_even_when_empty() {
 #[test]
 fn eps_that_vanishes_or_overflows_in_f32_is_refused() {
     for eps in [1e-50, 1e300, 0.0] {
-        let e = GroupNorm::new(1, 2).unwrap().eps(eps).unwrap_err();
+        let e = GroupNorm::new(1, 2).unwrap().with_eps(eps).unwrap_err();
         assert!(matches!(e, Error::InvalidEps { .. }), "{eps}: {e:?}");
         assert!(e.to_string().contains("f32"), "{e}");
     }
     // the smallest eps f32 keeps gives finite outputs on a constant row
-    let gn = GroupNorm::new(1, 2).unwrap().eps(1e-45).unwrap();
+    let gn = GroupNorm::new(1, 2).unwrap().with_eps(1e-45).unwrap();
     let (y, stats) = gn
         .forward::<f32, f32>(&[3.0, 3.0], &[1, 2], None, None)
         .unwrap();

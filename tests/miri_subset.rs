@@ -21,8 +21,8 @@ fn cpu_case<T: Element, P: Element>(dims: &[usize], groups: usize, layout: Layou
     };
     let gn = GroupNorm::new(groups, dims[1])
         .unwrap()
-        .layout(layout)
-        .activation(act);
+        .with_layout(layout)
+        .with_activation(act);
     let numel: usize = dims.iter().product();
     let c = dims[1];
     let mut r = rng(7 + numel as u64);

@@ -109,8 +109,8 @@ fn check<T: Element, P: Element>(be: &Backend, case: &Case) -> Result<(), TestCa
     };
     let gn = GroupNorm::new(case.groups, dims[1])
         .unwrap()
-        .layout(case.layout)
-        .activation(act);
+        .with_layout(case.layout)
+        .with_activation(act);
     let numel: usize = dims.iter().product();
     let c = dims[1];
     let mut r = rng(case.seed);
@@ -153,7 +153,7 @@ fn check<T: Element, P: Element>(be: &Backend, case: &Case) -> Result<(), TestCa
     let b64 = bh.map(to_f64);
     let dz = pre_activation_grad_f64(
         &geo,
-        gn.get_eps(),
+        gn.eps(),
         act,
         &to_f64(&dy),
         &to_f64(&x),
@@ -329,7 +329,7 @@ fn huge_but_empty_problems_are_empty_or_refused() {
             } else {
                 Activation::None
             };
-            let gn = gn.layout(layout).activation(act);
+            let gn = gn.with_layout(layout).with_activation(act);
             let ctx = format!("{} {dims:?} G={groups} {layout:?} silu={silu}", be.name());
             let empty: &[f32] = &[];
             let w = (c < 1 << 16).then(|| vec![1.0f32; c]);

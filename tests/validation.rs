@@ -67,13 +67,13 @@ fn eps_must_be_finite_and_positive_in_f32() {
         f64::INFINITY,
         f64::NEG_INFINITY,
     ] {
-        let e = gn().eps(eps).unwrap_err();
+        let e = gn().with_eps(eps).unwrap_err();
         assert!(matches!(e, Error::InvalidEps { .. }), "{eps}: {e:?}");
         assert_mentions(&e, &[&eps.to_string(), "f32", "3.4e38"]);
     }
     // the f32 range's ends are accepted
     for eps in [1e-45, 1e-6, 3.0e38] {
-        assert_eq!(gn().eps(eps).unwrap().get_eps(), eps);
+        assert_eq!(gn().with_eps(eps).unwrap().eps(), eps);
     }
 }
 
@@ -113,7 +113,7 @@ fn channel_mismatch() {
     assert_mentions(&e, &["[2, 5, 3]", "5 channels", "4 channels"]);
     // NHWC dims are still logical (N, C, *spatial): channels-last order is a mistake.
     let e = gn()
-        .layout(Layout::Nhwc)
+        .with_layout(Layout::Nhwc)
         .forward::<f32, f32>(&[0.0; 24], &[2, 3, 4], None, None)
         .unwrap_err();
     assert!(

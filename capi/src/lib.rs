@@ -732,8 +732,8 @@ unsafe fn read_problem(problem: *const groupnorm_problem_t) -> Result<Validated,
     }
     // groups, channels, divisibility, eps, and sizes that overflow
     GroupNorm::new(groups, dims[1])?
-        .eps(p.eps)?
-        .layout(layout)
+        .with_eps(p.eps)?
+        .with_layout(layout)
         .geometry(&dims)?;
     Ok(Validated {
         dims,

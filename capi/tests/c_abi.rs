@@ -1145,7 +1145,9 @@ fn c_abi_case<T: Element, P: Element>(
     } else {
         groupnorm::Activation::None
     };
-    let gn = GroupNorm::new(groups, dims[1]).unwrap().activation(act);
+    let gn = GroupNorm::new(groups, dims[1])
+        .unwrap()
+        .with_activation(act);
     let (c, numel, rows) = (dims[1], dims.iter().product::<usize>(), dims[0] * groups);
     let mut r = rng(7 + numel as u64);
     let x: Vec<T> = normal_vec(&mut r, numel, 0.5, 2.0);
@@ -1292,7 +1294,7 @@ fn c_abi_case<T: Element, P: Element>(
     let geo = gn.geometry(dims).unwrap();
     let dz = reference::pre_activation_grad_f64(
         &geo,
-        gn.get_eps(),
+        gn.eps(),
         act,
         &to_f64(&dy),
         &to_f64(&x),

@@ -241,8 +241,8 @@ fn gpu_shape<T: Element, P: Element>(
     let dims = &shape.dims;
     let c = dims[1];
     let gn = GroupNorm::new(shape.groups, c)?
-        .layout(cfg.layout)
-        .activation(cfg.act);
+        .with_layout(cfg.layout)
+        .with_activation(cfg.act);
     let layout = cfg.layout;
     let bytes = shape.numel() * T::DTYPE.size();
     // enough copies of the inputs that consecutive runs do not find them in L2
@@ -404,8 +404,8 @@ fn cpu_shape<T: Element, P: Element>(
     let dims = &shape.dims;
     let c = dims[1];
     let gn = GroupNorm::new(shape.groups, c)?
-        .layout(cfg.layout)
-        .activation(cfg.act);
+        .with_layout(cfg.layout)
+        .with_activation(cfg.act);
     let mut rng = Rng::new(7);
     let x: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);
     let dy: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);

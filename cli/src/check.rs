@@ -202,8 +202,8 @@ fn one<T: Element, P: Element>(
     let dims = &shape.dims;
     let c = dims[1];
     let gn = GroupNorm::new(shape.groups, c)?
-        .layout(layout)
-        .activation(act);
+        .with_layout(layout)
+        .with_activation(act);
     let mut rng = Rng::new(seed);
     let x: Vec<T> = rng.normal_vec(shape.numel(), 0.5, 2.0);
     let dy: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);
@@ -254,7 +254,7 @@ fn one<T: Element, P: Element>(
     let geo = gn.geometry(dims)?;
     let dz64 = reference::pre_activation_grad_f64(
         &geo,
-        gn.get_eps(),
+        gn.eps(),
         act,
         &dy64,
         &x64,

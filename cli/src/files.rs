@@ -94,9 +94,9 @@ fn config(args: &Args, dims: &[usize], layout: Layout) -> Result<GroupNorm, Fail
     let eps: f64 = args.parsed("eps", groupnorm::DEFAULT_EPS)?;
     let act = super::check::activation_of(args.on("silu"));
     Ok(GroupNorm::new(groups, dims[1])?
-        .eps(eps)?
-        .layout(layout)
-        .activation(act))
+        .with_eps(eps)?
+        .with_layout(layout)
+        .with_activation(act))
 }
 
 /// Refuses, before any work, output flags that name one file twice or a directory (an input named
@@ -252,7 +252,7 @@ fn forward<T: Element, P: Element>(
     match dev {
         Device::Cpu => Ok(gn.forward(x, dims, w, b)?),
         Device::Gpu(gpu) => {
-            let xd = DeviceTensor::from_host(gpu, x, dims, gn.get_layout())?;
+            let xd = DeviceTensor::from_host(gpu, x, dims, gn.layout())?;
             let wd = w.map(|w| gpu::upload(gpu.stream(), w)).transpose()?;
             let bd = b.map(|b| gpu::upload(gpu.stream(), b)).transpose()?;
             let (y, stats) = gn.on_gpu(gpu).forward(&xd, wd.as_ref(), bd.as_ref())?;
@@ -439,8 +439,8 @@ impl<T: Element> Run<'_, T> {
             }
             Device::Gpu(gpu) => {
                 let mut op = gn.on_gpu(gpu);
-                let xd = DeviceTensor::from_host(gpu, x, dims, gn.get_layout())?;
-                let dyd = DeviceTensor::from_host(gpu, dy, dims, gn.get_layout())?;
+                let xd = DeviceTensor::from_host(gpu, x, dims, gn.layout())?;
+                let dyd = DeviceTensor::from_host(gpu, dy, dims, gn.layout())?;
                 let up = |p: Option<&[P]>| p.map(|p| gpu::upload(gpu.stream(), p)).transpose();
                 let (wd, bd): (Option<CudaSlice<P>>, _) = (up(w)?, up(b)?);
                 let (_, stats) = op.forward(&xd, wd.as_ref(), bd.as_ref())?;

@@ -84,10 +84,10 @@ fn config(
 ) -> PyResult<GroupNorm> {
     Ok(GroupNorm::new(groups, channels)
         .map_err(to_py)?
-        .eps(eps)
+        .with_eps(eps)
         .map_err(to_py)?
-        .layout(layout_of(layout)?)
-        .activation(activation_of(activation)?))
+        .with_layout(layout_of(layout)?)
+        .with_activation(activation_of(activation)?))
 }
 
 fn channels(dims: &[usize]) -> PyResult<usize> {

@@ -91,8 +91,8 @@ impl GroupNorm {
     ) {
         let r = reference::forward_act_f64(
             geo,
-            self.get_eps(),
-            self.get_activation(),
+            self.eps(),
+            self.activation(),
             &widen(x),
             weight.map(widen).as_deref(),
             bias.map(widen).as_deref(),
@@ -159,8 +159,8 @@ impl GroupNorm {
         }
         fast::forward(
             &geo,
-            self.get_eps() as f32,
-            self.get_activation(),
+            self.eps() as f32,
+            self.activation(),
             x,
             weight,
             bias,
@@ -195,8 +195,8 @@ impl GroupNorm {
         }
         fast::forward(
             &geo,
-            self.get_eps() as f32,
-            self.get_activation(),
+            self.eps() as f32,
+            self.activation(),
             x,
             weight,
             bias,
@@ -243,7 +243,7 @@ impl GroupNorm {
     ///
     /// ```
     /// use groupnorm::{Activation, GroupNorm};
-    /// let gn = GroupNorm::new(1, 2)?.activation(Activation::Silu);
+    /// let gn = GroupNorm::new(1, 2)?.with_activation(Activation::Silu);
     /// let (x, w, b) = ([1.0f32, 3.0], [1.0f32, 2.0], [0.5f32, -0.5]);
     /// let (_y, stats) = gn.forward(&x, &[1, 2], Some(&w[..]), Some(&b[..]))?;
     /// let g = gn.backward_activated(&[1.0f32, 1.0], &x, &[1, 2], &stats, Some(&w[..]), Some(&b[..]), true)?;
@@ -269,7 +269,7 @@ impl GroupNorm {
             check_param_dtype::<T, P>("weight")?;
             check_len("weight", w.len(), geo.c, "one value per channel")?;
         }
-        let act = self.get_activation();
+        let act = self.activation();
         if let (Some(b), true) = (bias, act != Activation::None) {
             check_param_dtype::<T, P>("bias")?;
             check_len("bias", b.len(), geo.c, "one value per channel")?;
@@ -291,7 +291,7 @@ impl GroupNorm {
         if T::DTYPE == DType::F64 {
             let r = reference::backward_act_f64(
                 &geo,
-                self.get_eps(),
+                self.eps(),
                 act,
                 &widen(dy),
                 &widen(x),

@@ -295,8 +295,8 @@ pub fn forward<T: Element, P: Element>(
     let b = bias.map(widen);
     Ok(forward_act_f64(
         &geo,
-        gn.get_eps(),
-        gn.get_activation(),
+        gn.eps(),
+        gn.activation(),
         &widen(x),
         w.as_deref(),
         b.as_deref(),
@@ -344,8 +344,8 @@ pub fn backward_activated<T: Element, P: Element>(
     let b = bias.map(widen);
     Ok(backward_act_f64(
         &geo,
-        gn.get_eps(),
-        gn.get_activation(),
+        gn.eps(),
+        gn.activation(),
         &widen(dy),
         &widen(x),
         w.as_deref(),

@@ -476,12 +476,12 @@ fn problem<'a, T: Element, P: Element>(
     Problem {
         dims: &geo.dims,
         groups: geo.g,
-        eps: gn.get_eps(),
+        eps: gn.eps(),
         layout: geo.layout,
         dtype: T::DTYPE,
         param_dtype: P::DTYPE,
         path,
-        activation: gn.get_activation(),
+        activation: gn.activation(),
     }
 }
 
@@ -937,12 +937,12 @@ pub fn plan_launches(
     let problem = Problem {
         dims: &geo.dims,
         groups: geo.g,
-        eps: gn.get_eps(),
+        eps: gn.eps(),
         layout: geo.layout,
         dtype,
         param_dtype,
         path,
-        activation: gn.get_activation(),
+        activation: gn.activation(),
     };
     let pass = if backward {
         Pass::Backward
@@ -967,7 +967,7 @@ pub fn plan_launches(
             rows,
             dweight: with_param_grads as u64,
             dbias: with_param_grads as u64,
-            activation: (gn.get_activation() != crate::Activation::None) as u32,
+            activation: (gn.activation() != crate::Activation::None) as u32,
             ..BwdParams::default()
         };
         launch::backward_sequence(&plan, dtype, param_dtype, geo.c, &bwd, |n, g, _| {

@@ -157,12 +157,12 @@ impl GpuGroupNorm {
         Problem {
             dims: &geo.dims,
             groups: geo.g,
-            eps: self.gn.get_eps(),
+            eps: self.gn.eps(),
             layout: geo.layout,
             dtype: T::DTYPE,
             param_dtype: P::DTYPE,
             path: self.path,
-            activation: self.gn.get_activation(),
+            activation: self.gn.activation(),
         }
     }
 

@@ -112,8 +112,8 @@ impl<'a> Problem<'a> {
             });
         }
         let gn = GroupNorm::new(self.groups, channels)?
-            .eps(self.eps)?
-            .layout(self.layout);
+            .with_eps(self.eps)?
+            .with_layout(self.layout);
         if self.dtype == DType::F64 || self.param_dtype == DType::F64 {
             return Err(Error::Unsupported {
                 what: "f64 on the GPU: the kernels exist for f32, f16 and bf16 activations; \

@@ -81,7 +81,7 @@ impl Backend {
             Backend::Gpu(gpu) => {
                 use groupnorm::gpu::{upload, DeviceTensor};
                 let mut op = gn.on_gpu(gpu).with_path(path);
-                let xd = DeviceTensor::from_host(gpu, x, dims, gn.get_layout())?;
+                let xd = DeviceTensor::from_host(gpu, x, dims, gn.layout())?;
                 let wd = w.map(|w| upload(gpu.stream(), w)).transpose()?;
                 let bd = b.map(|b| upload(gpu.stream(), b)).transpose()?;
                 let (y, stats) = op.forward(&xd, wd.as_ref(), bd.as_ref())?;
@@ -137,8 +137,8 @@ impl Backend {
             Backend::Gpu(gpu) => {
                 use groupnorm::gpu::{download, upload, DeviceStats, DeviceTensor};
                 let mut op = gn.on_gpu(gpu).with_path(path);
-                let xd = DeviceTensor::from_host(gpu, x, dims, gn.get_layout())?;
-                let dyd = DeviceTensor::from_host(gpu, dy, dims, gn.get_layout())?;
+                let xd = DeviceTensor::from_host(gpu, x, dims, gn.layout())?;
+                let dyd = DeviceTensor::from_host(gpu, dy, dims, gn.layout())?;
                 let sd = DeviceStats::from_host(gpu, stats)?;
                 let wd = w.map(|w| upload(gpu.stream(), w)).transpose()?;
                 let bd = b.map(|b| upload(gpu.stream(), b)).transpose()?;

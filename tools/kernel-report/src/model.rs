@@ -149,9 +149,10 @@ pub fn row_launch(t: &Trace) -> &emulate::Launch {
 fn plan(d: &Device, nchw: [usize; 4], groups: usize, nhwc: bool, backward: bool) -> Option<Trace> {
     let [n, c, h, w] = nchw;
     let dims = [n, c, h, w]; // (N, C, *spatial) whatever the layout
-    let gn = GroupNorm::new(groups, c)
-        .ok()?
-        .layout(if nhwc { Layout::Nhwc } else { Layout::Nchw });
+    let gn =
+        GroupNorm::new(groups, c)
+            .ok()?
+            .with_layout(if nhwc { Layout::Nhwc } else { Layout::Nchw });
     emulate::plan_launches(
         &gn,
         Path::Auto,

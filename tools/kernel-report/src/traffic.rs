@@ -53,12 +53,12 @@ impl Case {
     fn gn(&self) -> GroupNorm {
         GroupNorm::new(self.groups, self.nchw[1])
             .expect("valid groups")
-            .layout(if self.nhwc {
+            .with_layout(if self.nhwc {
                 Layout::Nhwc
             } else {
                 Layout::Nchw
             })
-            .activation(Activation::None)
+            .with_activation(Activation::None)
     }
 }
 

@@ -15,7 +15,7 @@ pub enum DType {
     /// bfloat16.
     BF16,
     /// IEEE binary64: the CPU path only (computed in f64, held to 1e-12 against the f64
-    /// reference); the GPU path refuses it with [`Error::Unsupported`](crate::Error::Unsupported).
+    /// reference); the GPU path refuses it with [`Error::DtypeNotOnGpu`](crate::Error::DtypeNotOnGpu).
     F64,
 }
 

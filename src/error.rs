@@ -10,6 +10,10 @@ use crate::Layout;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in `groupnorm`.
+///
+/// A CUDA driver error is the [`source`](std::error::Error::source) of the variant that carries
+/// it, not repeated in its message: print the whole chain (`anyhow`'s `{:#}`, or a loop over
+/// `source()`) to see both.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -177,11 +181,70 @@ pub enum Error {
         activation: &'static str,
     },
 
-    /// A feature that exists on one path but not (yet) on this one.
-    #[error("not supported: {what}")]
-    Unsupported {
-        /// What was asked for.
+    /// `dweight` was asked for, but no weight was given: the gradient of a parameter the
+    /// forward pass did not use does not exist.
+    #[error(
+        "dweight was asked for without a weight: pass the weight the forward pass used (or \
+         leave dweight out if the forward pass had none)"
+    )]
+    WeightNeeded,
+
+    /// f64 (or another dtype without kernels) was given to the GPU path.
+    #[error(
+        "{dtype} on the GPU: the kernels exist for f32, f16 and bf16 activations; use the CPU \
+         path (GroupNorm::forward / backward) for {dtype}"
+    )]
+    DtypeNotOnGpu {
+        /// The dtype given.
+        dtype: DType,
+    },
+
+    /// The path forced with `GpuGroupNorm::with_path` (or the raw layer's `path`) cannot run
+    /// this shape on this device. `Path::Auto` picks one that can.
+    #[error("the {path} path cannot run this: {why}; use Path::Auto to let the planner choose")]
+    PathUnavailable {
+        /// The forced path (`fused`, `cluster`, ...).
+        path: &'static str,
+        /// Why, with the sizes and limits involved.
+        why: String,
+    },
+
+    /// A shape that no GPU path can run on this device (the CPU path can).
+    #[error("no GPU path can run this shape on this device: {why}; the CPU path can")]
+    ShapeNotOnGpu {
+        /// Why, with the sizes and limits involved.
+        why: String,
+    },
+
+    /// The benchmark-only unfused baseline kernels (feature `bench`) cannot run this problem.
+    #[error("the unfused baseline kernels cannot run this: {why}")]
+    BaselineUnavailable {
+        /// Why.
+        why: String,
+    },
+
+    /// A stream or buffer belongs to another CUDA context than the one this call runs in.
+    #[error("{what} belongs to another CUDA context than this call's: {why}")]
+    ForeignContext {
+        /// Which argument (`the stream`, `x`, ...).
         what: String,
+        /// What to do about it.
+        why: &'static str,
+    },
+
+    /// The device's compute capability has no kernel image in this binary.
+    #[error(
+        "no kernels for this device, of compute capability {major}.{minor}: this binary was \
+         built for sm_{{{built}}}; set GROUPNORM_CUDA_ARCHS (or CUDA_COMPUTE_CAP) to include \
+         {major}{minor} and rebuild"
+    )]
+    NoKernelForDevice {
+        /// Compute capability, major.
+        major: i32,
+        /// Compute capability, minor.
+        minor: i32,
+        /// The architectures the binary embeds, comma-separated.
+        built: String,
     },
 
     /// The CUDA driver library (libcuda) could not be loaded.
@@ -208,7 +271,7 @@ pub enum Error {
     KernelsNotBuilt,
 
     /// The embedded kernel image lacks a kernel this call needs.
-    #[error("kernel `{name}` is not in the embedded module ({source})")]
+    #[error("kernel `{name}` is not in the embedded module")]
     KernelMissing {
         /// Name of the kernel.
         name: String,
@@ -217,7 +280,7 @@ pub enum Error {
     },
 
     /// A device allocation failed.
-    #[error("out of device memory allocating {bytes} bytes ({source})")]
+    #[error("out of device memory allocating {bytes} bytes")]
     OutOfMemory {
         /// Size of the failed request.
         bytes: usize,
@@ -226,7 +289,7 @@ pub enum Error {
     },
 
     /// Any other error from the CUDA driver, with what the crate was doing.
-    #[error("CUDA driver error while {context}: {source}")]
+    #[error("CUDA driver error while {context}")]
     Driver {
         /// What was being done (for a launch: the kernel's name).
         context: String,
@@ -241,6 +304,41 @@ impl Error {
         Error::Driver {
             context: context.into(),
             source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cudarc::driver::sys::CUresult;
+    use cudarc::driver::DriverError;
+
+    /// The driver's answer is the source, not a second copy in the message: `anyhow` and
+    /// other reporters print the message, then each source, so it would show twice.
+    #[test]
+    fn driver_errors_carry_their_cause_once() {
+        let cases = [
+            Error::driver(
+                "launching `k`",
+                DriverError(CUresult::CUDA_ERROR_INVALID_VALUE),
+            ),
+            Error::OutOfMemory {
+                bytes: 64,
+                source: DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY),
+            },
+            Error::KernelMissing {
+                name: "k".into(),
+                source: DriverError(CUresult::CUDA_ERROR_NOT_FOUND),
+            },
+        ];
+        for e in cases {
+            let message = e.to_string();
+            let source = std::error::Error::source(&e).expect("the driver error is the source");
+            assert!(source.downcast_ref::<DriverError>().is_some(), "{e:?}");
+            // (cudarc prints a DriverError as its Debug form, `DriverError(CUDA_ERROR_..)`)
+            assert!(!message.contains(&source.to_string()), "{message}");
+            assert!(!message.contains("CUDA_ERROR"), "{message}");
         }
     }
 }

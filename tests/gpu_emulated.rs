@@ -34,7 +34,7 @@ const MEDIUM: DeviceLimits = DeviceLimits::new(8, 48 * 1024, 0);
 const H100: DeviceLimits = DeviceLimits::new(132, 227 * 1024, 16);
 
 /// Every path; each case runs those its device and shape allow (forced fused and cluster paths
-/// refuse with `Unsupported` where a row does not fit them).
+/// refuse with `PathUnavailable` where a row does not fit them).
 const PATHS: [Path; 4] = [Path::Auto, Path::Split, Path::Fused, Path::Cluster];
 /// The paths every device runs.
 const PLAIN_PATHS: [Path; 3] = [Path::Auto, Path::Split, Path::Fused];
@@ -185,7 +185,7 @@ fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: O
             Ok(t) => t,
             // the fused and cluster paths refuse rows that do not fit on chip (and the cluster
             // path devices without clusters): that is their contract
-            Err(Error::Unsupported { .. }) if matches!(path, Path::Fused | Path::Cluster) => {
+            Err(Error::PathUnavailable { .. }) if matches!(path, Path::Fused | Path::Cluster) => {
                 continue
             }
             Err(e) => panic!("{ctx}: forward: {e}"),
@@ -222,7 +222,9 @@ fn parity<T: Element, P: Element>(dims: &[usize], groups: usize, seed: u64, o: O
         ) {
             Ok(t) => Some(t),
             // backward keeps x and dy on chip: a row can fit forward and not backward
-            Err(Error::Unsupported { .. }) if matches!(path, Path::Fused | Path::Cluster) => None,
+            Err(Error::PathUnavailable { .. }) if matches!(path, Path::Fused | Path::Cluster) => {
+                None
+            }
             Err(e) => panic!("{ctx}: backward: {e}"),
         };
         if let Some(bwd) = &bwd {
@@ -1390,13 +1392,13 @@ fn cluster_path_refusals() {
         ),
     ] {
         match fwd(&gn, limits, dims) {
-            Err(Error::Unsupported { what }) => assert!(what.contains(why), "{what}"),
+            Err(Error::PathUnavailable { why: what, .. }) => assert!(what.contains(why), "{what}"),
             other => panic!("{dims:?} on {limits:?}: {other:?}"),
         }
     }
     let nhwc = GroupNorm::new(2, 4).unwrap().with_layout(Layout::Nhwc);
     match fwd(&nhwc, SMALL_CLUSTERS, &[1, 4, 50, 100]) {
-        Err(Error::Unsupported { what }) => assert!(what.contains("NHWC"), "{what}"),
+        Err(Error::PathUnavailable { why: what, .. }) => assert!(what.contains("NHWC"), "{what}"),
         other => panic!("NHWC forced onto clusters: {other:?}"),
     }
     // Auto on a channels-last tensor takes the NHWC kernels, never clusters

@@ -38,7 +38,7 @@ const PLAIN: Opts = Opts {
 /// compute capability 9.0+.
 const PATHS: [Path; 4] = [Path::Auto, Path::Split, Path::Fused, Path::Cluster];
 
-/// Forced paths that may refuse a shape with `Unsupported` (rows that do not fit on chip; the
+/// Forced paths that may refuse a shape with `PathUnavailable` (rows that do not fit on chip; the
 /// cluster path also on devices without clusters, and for NHWC).
 fn refusable(path: Path) -> bool {
     matches!(path, Path::Fused | Path::Cluster)
@@ -122,7 +122,7 @@ fn parity<T: Element, P: Element>(gpu: &Gpu, dims: &[usize], groups: usize, seed
             Ok(()) => {}
             // the fused and cluster paths refuse rows that do not fit on chip (and the cluster
             // path devices without clusters): that is their contract
-            Err(Error::Unsupported { .. }) if refusable(path) => continue,
+            Err(Error::PathUnavailable { .. }) if refusable(path) => continue,
             Err(e) => panic!("{ctx}: forward: {e}"),
         }
         let y = yd.to_host(gpu).unwrap();
@@ -145,7 +145,7 @@ fn parity<T: Element, P: Element>(gpu: &Gpu, dims: &[usize], groups: usize, seed
         ) {
             Ok(()) => {}
             // backward keeps x and dy on chip: a row can fit forward and not backward
-            Err(Error::Unsupported { .. }) if refusable(path) => continue,
+            Err(Error::PathUnavailable { .. }) if refusable(path) => continue,
             Err(e) => panic!("{ctx}: backward: {e}"),
         }
         let dx = dxd.to_host(gpu).unwrap();
@@ -647,7 +647,7 @@ fn bad_input_is_a_typed_error() {
         .with_path(Path::Fused)
         .forward(&long, None::<&CudaSlice<f32>>, None)
         .unwrap_err();
-    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    assert!(matches!(e, Error::PathUnavailable { .. }), "{e}");
 }
 
 /// Channels-last and GN + SiLU on the GPU against the f64 reference, every dtype pair, every
@@ -705,7 +705,7 @@ fn layout_silu_case<T: Element, P: Element>(
         );
         let (y, stats) = match op.forward(&xd, Some(&wd), Some(&bd)) {
             Ok(v) => v,
-            Err(Error::Unsupported { .. }) if refusable(path) => continue,
+            Err(Error::PathUnavailable { .. }) if refusable(path) => continue,
             Err(e) => panic!("{ctx}: forward: {e}"),
         };
         assert_forward_close(
@@ -716,7 +716,7 @@ fn layout_silu_case<T: Element, P: Element>(
         );
         let g = match op.backward_activated(&dyd, &xd, &stats, Some(&wd), Some(&bd), true) {
             Ok(g) => g,
-            Err(Error::Unsupported { .. }) if refusable(path) => continue,
+            Err(Error::PathUnavailable { .. }) if refusable(path) => continue,
             Err(e) => panic!("{ctx}: backward: {e}"),
         };
         assert_dx_close(
@@ -786,7 +786,7 @@ fn cluster_path() {
     let op = gn.on_gpu(&gpu).with_path(Path::Cluster);
     if gpu.capability().0 < 9 {
         let e = op.describe_path::<f16>(&sd, false).unwrap_err();
-        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        assert!(matches!(e, Error::PathUnavailable { .. }), "{e}");
         eprintln!("cluster_path: compute capability below 9.0, forcing clusters is refused: ok");
         return;
     }

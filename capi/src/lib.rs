@@ -454,7 +454,13 @@ pub fn status_of(error: &Error) -> groupnorm_status_t {
         | Error::InvalidStats { .. }
         | Error::Aliased { .. }
         | Error::Misaligned { .. } => GROUPNORM_STATUS_INVALID_ARGUMENT,
-        Error::Unsupported { .. } => GROUPNORM_STATUS_UNSUPPORTED,
+        Error::WeightNeeded => GROUPNORM_STATUS_INVALID_ARGUMENT,
+        Error::DtypeNotOnGpu { .. }
+        | Error::PathUnavailable { .. }
+        | Error::ShapeNotOnGpu { .. }
+        | Error::BaselineUnavailable { .. }
+        | Error::ForeignContext { .. }
+        | Error::NoKernelForDevice { .. } => GROUPNORM_STATUS_UNSUPPORTED,
         Error::NoDriver => GROUPNORM_STATUS_NO_DRIVER,
         Error::NoDevice { .. } => GROUPNORM_STATUS_NO_DEVICE,
         Error::KernelsNotBuilt | Error::KernelMissing { .. } => GROUPNORM_STATUS_KERNELS_NOT_BUILT,
@@ -485,11 +491,24 @@ impl Failure {
     }
 }
 
+/// The error's message followed by its causes (a driver error is the `source` of the variant
+/// that carries it, not part of its message).
+fn with_causes(e: &Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    message
+}
+
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         Failure {
             status: status_of(&e),
-            message: e.to_string(),
+            message: with_causes(&e),
         }
     }
 }
@@ -1102,9 +1121,15 @@ mod tests {
                 GROUPNORM_STATUS_INVALID_ARGUMENT,
             ),
             (
-                Error::Unsupported {
-                    what: String::new(),
+                Error::PathUnavailable {
+                    path: "fused",
+                    why: String::new(),
                 },
+                GROUPNORM_STATUS_UNSUPPORTED,
+            ),
+            (Error::WeightNeeded, GROUPNORM_STATUS_INVALID_ARGUMENT),
+            (
+                Error::DtypeNotOnGpu { dtype: DType::F64 },
                 GROUPNORM_STATUS_UNSUPPORTED,
             ),
             (Error::NoDriver, GROUPNORM_STATUS_NO_DRIVER),

@@ -20,7 +20,14 @@ use pyo3::prelude::*;
 
 /// The crate's error as a Python exception with its message.
 fn to_py(e: Error) -> PyErr {
-    let msg = e.to_string();
+    // the message, then its causes (a driver error is the source, not part of the message)
+    let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cause = c.source();
+    }
     match e {
         Error::ZeroGroups
         | Error::ZeroChannels
@@ -33,7 +40,9 @@ fn to_py(e: Error) -> PyErr {
         | Error::ShapeMismatch { .. }
         | Error::DtypeMismatch { .. }
         | Error::LayoutMismatch { .. }
-        | Error::BiasNeeded { .. } => PyValueError::new_err(msg),
+        | Error::BiasNeeded { .. }
+        | Error::WeightNeeded
+        | Error::InvalidStats { .. } => PyValueError::new_err(msg),
         _ => PyRuntimeError::new_err(msg),
     }
 }

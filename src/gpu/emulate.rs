@@ -427,9 +427,7 @@ pub fn backward_into<T: Element, P: Element>(
     check_param::<T, P>("dweight", dweight.as_deref(), geo.c)?;
     check_param::<T, P>("dbias", dbias.as_deref(), geo.c)?;
     if dweight.is_some() && weight.is_none() {
-        return Err(Error::Unsupported {
-            what: "dweight without a weight: pass the weight the forward pass used".into(),
-        });
+        return Err(Error::WeightNeeded);
     }
     check_stats(stats.mean.len(), stats.rstd.len(), geo.rows())?;
     let problem = problem::<T, P>(gn, path, &geo);

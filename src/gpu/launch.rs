@@ -381,8 +381,8 @@ where
         let numel = params.rows * params.d as u64 * params.s as u64;
         let sums = params.batch as u64 * channels as u64;
         if sums > i32::MAX as u64 {
-            return Err(Error::Unsupported {
-                what: format!("the baseline backward for {sums} (n, c) pairs"),
+            return Err(Error::BaselineUnavailable {
+                why: format!("its backward handles fewer (n, c) pairs than {sums}"),
             });
         }
         launch(

@@ -56,8 +56,9 @@ fn same_context<T>(gpu: &Gpu, name: &'static str, s: &CudaSlice<T>) -> Result<()
     if s.context().cu_ctx() == gpu.context().cu_ctx() {
         Ok(())
     } else {
-        Err(Error::Unsupported {
-            what: format!("`{name}` lives in another CUDA context than this GpuGroupNorm's"),
+        Err(Error::ForeignContext {
+            what: format!("`{name}`"),
+            why: "allocate it on the stream of this GpuGroupNorm's Gpu",
         })
     }
 }
@@ -439,9 +440,7 @@ impl GpuGroupNorm {
         check_param::<T, P>(&self.gpu, "dweight", dweight.as_deref(), geo.c)?;
         check_param::<T, P>(&self.gpu, "dbias", dbias.as_deref(), geo.c)?;
         if dweight.is_some() && weight.is_none() {
-            return Err(Error::Unsupported {
-                what: "dweight without a weight: pass the weight the forward pass used".into(),
-            });
+            return Err(Error::WeightNeeded);
         }
         check_stats(&self.gpu, &geo, stats)?;
         let problem = self.problem::<T, P>(&geo);

@@ -185,38 +185,37 @@ pub(crate) fn plan(
             // forced: up to everything the device allows one block, not just the tuned budget
             Path::Fused if on_chip * row_len * elem_bytes <= dev.smem_per_block => true,
             Path::Fused => {
-                return Err(Error::Unsupported {
-                    what: format!(
-                    "the fused path for rows of {row_len} values: it keeps {on_chip} tensor(s) of \
+                return Err(Error::PathUnavailable {
+                    path: "fused",
+                    why: format!(
+                        "rows of {row_len} values: it keeps {on_chip} tensor(s) of \
                      the row on chip, {} bytes, over the {} bytes a block may use here",
-                    on_chip * row_len * elem_bytes,
-                    dev.smem_per_block
-                ),
+                        on_chip * row_len * elem_bytes,
+                        dev.smem_per_block
+                    ),
                 })
             }
         };
-    let clustered = match path {
-        _ if fused => None,
-        Path::Auto => cluster_chunking(shape, on_chip, dev),
-        Path::Cluster => {
-            Some(
-                cluster_chunking(shape, on_chip, dev).ok_or_else(|| Error::Unsupported {
-                    what: if dev.max_cluster < 2 {
-                        "the cluster path on this device: thread-block clusters need compute \
-                     capability 9.0 or newer"
-                            .to_string()
+    let clustered =
+        match path {
+            _ if fused => None,
+            Path::Auto => cluster_chunking(shape, on_chip, dev),
+            Path::Cluster => Some(cluster_chunking(shape, on_chip, dev).ok_or_else(|| {
+                Error::PathUnavailable {
+                    path: "cluster",
+                    why: if dev.max_cluster < 2 {
+                        "thread-block clusters need compute capability 9.0 or newer".to_string()
                     } else {
                         format!(
-                        "the cluster path for rows of {row_len} values: {on_chip} tensor(s) of \
+                            "rows of {row_len} values: {on_chip} tensor(s) of \
                          the row do not fit the shared memory of a cluster of at most {} blocks",
-                        dev.max_cluster.min(MAX_CLUSTER)
-                    )
+                            dev.max_cluster.min(MAX_CLUSTER)
+                        )
                     },
-                })?,
-            )
-        }
-        _ => None,
-    };
+                }
+            })?),
+            _ => None,
+        };
     let chunking = if fused {
         Chunking {
             chunks: 1,
@@ -492,20 +491,21 @@ fn plan_nhwc(
         Path::Auto => fits(fused_bytes, FUSED_SMEM_BUDGET) && (enough_blocks || !worth_splitting),
         Path::Split => false,
         Path::Cluster => {
-            return Err(Error::Unsupported {
-                what: "the cluster path for channels-last (NHWC) tensors: it has NCHW kernels \
-                       only so far (NHWC takes the fused or the split path)"
+            return Err(Error::PathUnavailable {
+                path: "cluster",
+                why: "it has NCHW kernels only so far (NHWC takes the fused or the split path)"
                     .to_string(),
             })
         }
         Path::Fused if fits(fused_bytes, dev.smem_per_block) => true,
         Path::Fused => {
-            return Err(Error::Unsupported {
-                what: format!(
-                "the fused NHWC path for tiles of {gpb} group(s) x {s} positions: {fused_bytes} \
+            return Err(Error::PathUnavailable {
+                path: "fused",
+                why: format!(
+                    "NHWC tiles of {gpb} group(s) x {s} positions: {fused_bytes} \
                      bytes of shared memory, over the {} bytes a block may use here",
-                dev.smem_per_block
-            ),
+                    dev.smem_per_block
+                ),
             })
         }
     };
@@ -521,9 +521,9 @@ fn plan_nhwc(
         let budget = SPLIT_SMEM_BUDGET.min(dev.smem_per_block);
         let room = budget.checked_sub(nhwc_extra_floats(3, w, gpb) * 4);
         let Some(room) = room.filter(|r| *r >= w * elem_bytes + 16) else {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "NHWC tiles of {w} channels on the GPU: their per-channel sums need more \
+            return Err(Error::ShapeNotOnGpu {
+                why: format!(
+                    "NHWC tiles of {w} channels: their per-channel sums need more \
                      than the {budget} bytes of shared memory a split-path block uses"
                 ),
             });
@@ -760,7 +760,7 @@ mod tests {
             true,
             &[],
         );
-        assert!(matches!(e, Err(Error::Unsupported { .. })), "{e:?}");
+        assert!(matches!(e, Err(Error::PathUnavailable { .. })), "{e:?}");
     }
 
     #[test]
@@ -820,11 +820,11 @@ mod tests {
         assert!(!b.fused && b.cluster == 1, "{b:?}");
         assert!(matches!(
             plan(vae, Pass::Backward, Path::Cluster, H100, true, &dims),
-            Err(Error::Unsupported { .. })
+            Err(Error::PathUnavailable { .. })
         ));
         assert!(matches!(
             plan(vae, Pass::Forward, Path::Cluster, T4, true, &dims),
-            Err(Error::Unsupported { .. })
+            Err(Error::PathUnavailable { .. })
         ));
         // a device whose largest cluster is 8 blocks: 8 * 227 KiB cannot hold the 2 MiB row
         let eight = DeviceLimits {

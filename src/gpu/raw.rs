@@ -115,11 +115,7 @@ impl<'a> Problem<'a> {
             .with_eps(self.eps)?
             .with_layout(self.layout);
         if self.dtype == DType::F64 || self.param_dtype == DType::F64 {
-            return Err(Error::Unsupported {
-                what: "f64 on the GPU: the kernels exist for f32, f16 and bf16 activations; \
-                       use the CPU path (GroupNorm::forward / backward) for f64"
-                    .into(),
-            });
+            return Err(Error::DtypeNotOnGpu { dtype: DType::F64 });
         }
         if self.param_dtype != self.dtype && self.param_dtype != DType::F32 {
             return Err(Error::DtypeMismatch {
@@ -355,10 +351,8 @@ fn backward_floats(
 /// activation only.
 fn check_baseline(geo: &Geometry, problem: &Problem) -> Result<()> {
     if (geo.layout == Layout::Nhwc && geo.s > 1) || problem.activation != Activation::None {
-        return Err(Error::Unsupported {
-            what: "the unfused baseline kernels for NHWC tensors or with an activation (they \
-                   model PyTorch's NCHW GroupNorm alone)"
-                .into(),
+        return Err(Error::BaselineUnavailable {
+            why: "they model PyTorch's NCHW GroupNorm alone: no NHWC tensors, no activation".into(),
         });
     }
     Ok(())
@@ -724,9 +718,7 @@ pub(crate) fn prepare_backward(
     check_required("mean", ptrs.mean, geo.rows())?;
     check_required("rstd", ptrs.rstd, geo.rows())?;
     if ptrs.dweight != 0 && ptrs.weight == 0 {
-        return Err(Error::Unsupported {
-            what: "dweight without a weight: pass the weight the forward pass used".into(),
-        });
+        return Err(Error::WeightNeeded);
     }
     let (t, p) = (problem.dtype.size(), problem.param_dtype.size());
     let bias = if problem.activation == Activation::None {
@@ -1225,7 +1217,7 @@ mod f64_tests {
             for pass in [Pass::Forward, Pass::Backward] {
                 let e = workspace_floats(dev, &problem, pass).unwrap_err();
                 assert!(
-                    matches!(&e, Error::Unsupported { what } if what.contains("f64")),
+                    matches!(&e, Error::DtypeNotOnGpu { dtype: DType::F64 }),
                     "{t}/{p}: {e:?}"
                 );
             }

@@ -202,10 +202,10 @@ impl Gpu {
         }
         let gpu = Self::cached(dev.max(0) as usize)?;
         if gpu.ctx.cu_ctx() != ctx {
-            return Err(Error::Unsupported {
-                what: "a stream of a non-primary CUDA context (create it in the device's primary \
-                       context, as the runtime API and PyTorch do)"
-                    .into(),
+            return Err(Error::ForeignContext {
+                what: "the stream".into(),
+                why: "it was made in a non-primary CUDA context; create it in the device's \
+                      primary context, as the runtime API and PyTorch do",
             });
         }
         Ok(gpu)
@@ -227,8 +227,9 @@ impl Gpu {
     /// The same device with work issued on `stream` (which must belong to this device's context).
     pub fn with_stream(&self, stream: Arc<CudaStream>) -> Result<Self> {
         if stream.context().cu_ctx() != self.ctx.cu_ctx() {
-            return Err(Error::Unsupported {
-                what: "a stream of another CUDA context than this Gpu's".into(),
+            return Err(Error::ForeignContext {
+                what: "the stream".into(),
+                why: "pass a stream of this Gpu's device (its primary context)",
             });
         }
         Ok(Gpu {
@@ -401,15 +402,13 @@ impl Kernels {
             let module =
                 ctx.load_module(Ptx::from_binary(image.to_vec()))
                     .map_err(|e| match e {
-                        DriverError(CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU) => Error::Unsupported {
-                            what: format!(
-                                "a device of compute capability {}.{}: the kernels were built for \
-                             sm_{{{}}} (set GROUPNORM_CUDA_ARCHS and rebuild)",
-                                capability.0,
-                                capability.1,
-                                built_archs()
-                            ),
-                        },
+                        DriverError(CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU) => {
+                            Error::NoKernelForDevice {
+                                major: capability.0,
+                                minor: capability.1,
+                                built: built_archs().into(),
+                            }
+                        }
                         e => Error::driver(format!("loading the `{name}` kernel module"), e),
                     })?;
             modules.push(module);

@@ -336,9 +336,10 @@ mod tests {
             let message = e.to_string();
             let source = std::error::Error::source(&e).expect("the driver error is the source");
             assert!(source.downcast_ref::<DriverError>().is_some(), "{e:?}");
-            // (cudarc prints a DriverError as its Debug form, `DriverError(CUDA_ERROR_..)`)
-            assert!(!message.contains(&source.to_string()), "{message}");
-            assert!(!message.contains("CUDA_ERROR"), "{message}");
+            // cudarc prints a DriverError as its Debug form, `DriverError(CUDA_ERROR_.., "..")`,
+            // which asks libcuda for the text: formatting one here (no driver) would panic, as
+            // the old messages, which embedded it, did
+            assert!(!message.contains("DriverError"), "{message}");
         }
     }
 }

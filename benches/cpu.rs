@@ -10,6 +10,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use groupnorm::cpu::reference;
+use groupnorm::Affine;
 use groupnorm::{f16, Element, GroupNorm, Layout};
 use std::hint::black_box;
 use std::time::Duration;
@@ -55,7 +56,7 @@ fn bench_dtype<T: Element>(c: &mut Criterion) {
             let id = format!("fast/{}/{}", T::DTYPE, layout.name());
             fwd.bench_with_input(BenchmarkId::new(id, &shape), &gn, |bch, gn| {
                 bch.iter(|| {
-                    gn.forward(black_box(&x), &dims, Some(&w), Some(&b))
+                    gn.forward(black_box(&x), &dims, Affine::new().weight(&w).bias(&b))
                         .unwrap()
                 })
             });
@@ -73,12 +74,19 @@ fn bench_dtype<T: Element>(c: &mut Criterion) {
             let gn = GroupNorm::new(groups, channels)
                 .unwrap()
                 .with_layout(layout);
-            let (_, stats) = gn.forward(&x, &dims, Some(&w), None).unwrap();
+            let (_, stats) = gn.forward(&x, &dims, Affine::new().weight(&w)).unwrap();
             let id = format!("fast/{}/{}", T::DTYPE, layout.name());
             bwd.bench_with_input(BenchmarkId::new(id, &shape), &gn, |bch, gn| {
                 bch.iter(|| {
-                    gn.backward(black_box(&dy), black_box(&x), &dims, &stats, Some(&w), true)
-                        .unwrap()
+                    gn.backward(
+                        black_box(&dy),
+                        black_box(&x),
+                        &dims,
+                        &stats,
+                        Affine::new().weight(&w),
+                        true,
+                    )
+                    .unwrap()
                 })
             });
         }

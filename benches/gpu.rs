@@ -7,6 +7,7 @@
 //! rotation of inputs beyond L2).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use groupnorm::gpu::DeviceAffine;
 use groupnorm::gpu::{upload, DeviceStats, DeviceTensor, Gpu};
 use groupnorm::{f16, Element, GroupNorm, Layout};
 use std::time::Duration;
@@ -52,8 +53,13 @@ fn bench_dtype<T: Element>(c: &mut Criterion, gpu: &Gpu) {
             bench.iter_custom(|iters| {
                 let start = gpu.timing_event().expect("event");
                 for _ in 0..iters {
-                    op.forward_into(&xd, Some(&w), Some(&b), &mut y, &mut stats)
-                        .expect("forward");
+                    op.forward_into(
+                        &xd,
+                        DeviceAffine::new().weight(&w).bias(&b),
+                        &mut y,
+                        &mut stats,
+                    )
+                    .expect("forward");
                 }
                 let end = gpu.timing_event().expect("event");
                 Duration::from_secs_f64(Gpu::elapsed_ms(&start, &end).expect("timing") / 1e3)
@@ -68,7 +74,7 @@ fn bench_dtype<T: Element>(c: &mut Criterion, gpu: &Gpu) {
                         &dyd,
                         &xd,
                         &stats,
-                        Some(&w),
+                        DeviceAffine::new().weight(&w),
                         &mut dx,
                         Some(&mut dw),
                         Some(&mut db),

@@ -62,7 +62,7 @@
 //! The gradients themselves are not differentiable again (no second-order derivatives through
 //! this op).
 
-use crate::{DType, Element, Error, GroupNorm, Stats};
+use crate::{Affine, DType, Element, Error, GroupNorm, Stats};
 use candle_core::op::BackpropOp;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType as CDType, Device, Layout, Result, Shape,
@@ -360,7 +360,11 @@ where
     let xs = host::<T>(x.0, x.1, "x")?;
     let ws = w.map(|(s, l)| host::<P>(s, l, "weight")).transpose()?;
     let bs = b.map(|(s, l)| host::<P>(s, l, "bias")).transpose()?;
-    let (y, stats) = op.gn.forward(xs, x.1.dims(), ws, bs).map_err(wrap)?;
+    let affine = Affine {
+        weight: ws,
+        bias: bs,
+    };
+    let (y, stats) = op.gn.forward(xs, x.1.dims(), affine).map_err(wrap)?;
     op.save(Saved::Cpu(stats));
     Ok((T::to_cpu_storage_owned(y), x.1.shape().clone()))
 }
@@ -398,7 +402,17 @@ where
     };
     let grads = op
         .gn
-        .backward(dys, xs, x.dims(), stats, ws, want_dbias)
+        .backward(
+            dys,
+            xs,
+            x.dims(),
+            stats,
+            Affine {
+                weight: ws,
+                bias: None,
+            },
+            want_dbias,
+        )
         .map_err(wrap)?;
     let c = op.gn.channels();
     let dx = Tensor::from_vec(grads.dx, x.shape(), &Device::Cpu)?;

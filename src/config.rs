@@ -36,8 +36,8 @@ impl Layout {
 ///
 /// Diffusion and VAE blocks follow nearly every GroupNorm with a SiLU; fusing it saves a full
 /// pass over memory forward and two backward. The backward of an activated operator needs the
-/// bias (to recompute `z = xhat * w + b`), so it goes through
-/// [`GroupNorm::backward_activated`].
+/// bias (to recompute `z = xhat * w + b`): [`GroupNorm::backward`] reads it from the same
+/// [`Affine`] the forward pass took.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Activation {
@@ -95,6 +95,65 @@ impl Activation {
                 sig * (1.0 + z * (1.0 - sig))
             }
         }
+    }
+}
+
+/// The affine parameters of one call, `y = act(xhat * weight + bias)`: each optional, `C`
+/// values, in f32 or the activation dtype. A missing weight counts as 1, a missing bias as 0.
+///
+/// The two are named at the call site, so they cannot be swapped by position, and
+/// [`Affine::none`] needs no type annotation:
+///
+/// ```
+/// use groupnorm::{Affine, GroupNorm};
+/// let gn = GroupNorm::new(1, 2)?;
+/// let (x, w, b) = (vec![1.0f32, 3.0], vec![2.0f32, 2.0], vec![0.5f32, 0.5]);
+/// let (plain, _) = gn.forward(&x, &[1, 2], Affine::none())?;
+/// let (scaled, _) = gn.forward(&x, &[1, 2], Affine::new().weight(&w).bias(&b))?;
+/// assert!((scaled[1] - (2.0 * plain[1] + 0.5)).abs() < 1e-6);
+/// # Ok::<(), groupnorm::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Affine<'a, P> {
+    /// Per-channel scale, or `None` for 1.
+    pub weight: Option<&'a [P]>,
+    /// Per-channel shift, or `None` for 0.
+    pub bias: Option<&'a [P]>,
+}
+
+impl<'a, P> Affine<'a, P> {
+    /// Neither parameter yet, with the parameter type left to the ones that follow.
+    pub const fn new() -> Self {
+        Affine {
+            weight: None,
+            bias: None,
+        }
+    }
+
+    /// Sets the weight (per-channel scale).
+    pub const fn weight(mut self, weight: &'a [P]) -> Self {
+        self.weight = Some(weight);
+        self
+    }
+
+    /// Sets the bias (per-channel shift).
+    pub const fn bias(mut self, bias: &'a [P]) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+}
+
+impl Affine<'static, f32> {
+    /// No weight and no bias (typed f32, which every activation dtype accepts, so no
+    /// annotation is needed).
+    pub const fn none() -> Self {
+        Affine::new()
+    }
+}
+
+impl<P> Default for Affine<'_, P> {
+    fn default() -> Self {
+        Affine::new()
     }
 }
 

@@ -170,10 +170,11 @@ pub enum Error {
         got: Layout,
     },
 
-    /// The backward of an activated operator was asked for without the bias it needs.
+    /// The backward of an activated operator was asked for through an entry point that takes
+    /// no bias (the f64 reference's [`backward`](crate::cpu::reference::backward)).
     #[error(
         "the backward of GroupNorm followed by {activation} recomputes `xhat * w + b`, so it \
-         needs the bias the forward pass used: call `backward_activated` with it (pass None \
+         needs the bias the forward pass used: call reference::backward_activated with it (None \
          only if the forward pass had no bias)"
     )]
     BiasNeeded {

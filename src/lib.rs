@@ -22,11 +22,11 @@
 //! # On the CPU
 //!
 //! ```
-//! use groupnorm::GroupNorm;
+//! use groupnorm::{Affine, GroupNorm};
 //! // (N=3, C=4), two groups of two channels, no affine parameters
 //! let x = [5.0f32, 4., 7., 2., 1., 6., 2., 3., 4., 8., 1., 9.];
 //! let gn = GroupNorm::new(2, 4)?;
-//! let (y, stats) = gn.forward(&x, &[3, 4], None::<&[f32]>, None)?;
+//! let (y, stats) = gn.forward(&x, &[3, 4], Affine::none())?;
 //! assert!((y[0] - 1.0).abs() < 1e-4 && (y[1] + 1.0).abs() < 1e-4);
 //! assert_eq!(stats.mean.len(), 3 * 2);
 //! # Ok::<(), groupnorm::Error>(())
@@ -35,7 +35,7 @@
 //! # On the GPU
 //!
 //! ```no_run
-//! use groupnorm::gpu::{upload, CudaSlice, DeviceTensor, Gpu};
+//! use groupnorm::gpu::{upload, CudaSlice, DeviceAffine, DeviceTensor, Gpu};
 //! use groupnorm::{f16, GroupNorm, Layout};
 //!
 //! // f16 activations, f32 weight: (N, C, H, W) = (2, 320, 64, 64), 32 groups
@@ -44,7 +44,7 @@
 //! let host = vec![f16::from_f32(0.5); 2 * 320 * 64 * 64];
 //! let x = DeviceTensor::from_host(&gpu, &host, &[2, 320, 64, 64], Layout::Nchw)?;
 //! let w: CudaSlice<f32> = upload(gpu.stream(), &vec![1.0f32; 320])?;
-//! let (y, stats) = op.forward(&x, Some(&w), None)?;
+//! let (y, stats) = op.forward(&x, DeviceAffine::new().weight(&w))?;
 //! let y_host: Vec<f16> = y.to_host(&gpu)?;
 //! # Ok::<(), groupnorm::Error>(())
 //! ```
@@ -78,7 +78,7 @@ pub mod dtype;
 pub mod error;
 pub mod gpu;
 
-pub use config::{Activation, Geometry, Grads, GroupNorm, Layout, Stats, DEFAULT_EPS};
+pub use config::{Activation, Affine, Geometry, Grads, GroupNorm, Layout, Stats, DEFAULT_EPS};
 /// The CUDA driver bindings this crate's GPU API is written against ([`gpu::CudaStream`],
 /// [`gpu::CudaSlice`], driver errors): use them through this re-export so the versions agree.
 pub use cudarc;

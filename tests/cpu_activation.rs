@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use groupnorm::cpu::reference::{self, backward_act_f64, forward_act_f64, pre_activation_grad_f64};
+use groupnorm::Affine;
 use groupnorm::{bf16, f16, Activation, Element, Error, GroupNorm, Layout};
 
 /// As in tests/cpu_backward.rs: central differences in f64 agree with a right analytic
@@ -43,8 +44,9 @@ fn silu_worked_example() {
         .forward(
             &[1.0f32, 3.0],
             &[1, 2],
-            Some(&[1.0f32, 2.0][..]),
-            Some(&[0.5f32, -0.5][..]),
+            Affine::new()
+                .weight(&[1.0f32, 2.0][..])
+                .bias(&[0.5f32, -0.5][..]),
         )
         .unwrap();
     let k = 1.0 / (1.0f64 + 1e-5).sqrt();
@@ -109,13 +111,15 @@ fn check_one<T: Element, P: Element>(
     f32_abs: f64,
     ctx: &str,
 ) {
-    let (y, stats) = gn.forward(x, dims, Some(w), Some(b)).unwrap();
+    let (y, stats) = gn
+        .forward(x, dims, Affine::new().weight(w).bias(b))
+        .unwrap();
     let rf = reference::forward(gn, x, dims, Some(w), Some(b)).unwrap();
     assert_forward_close(&y, &rf.y, f32_abs, &format!("{ctx}: forward"));
     assert_stats_close(&stats, &rf, f32_abs, &format!("{ctx}: stats"));
 
     let g = gn
-        .backward_activated(dy, x, dims, &stats, Some(w), Some(b), true)
+        .backward(dy, x, dims, &stats, Affine::new().weight(w).bias(b), true)
         .unwrap();
     let r = reference::backward_activated(gn, dy, x, dims, Some(w), Some(b)).unwrap();
     let (wf, bf) = (to_f64(w), to_f64(b));
@@ -214,13 +218,13 @@ fn no_affine_and_nan_rows() {
     let mut x = vec![0.5f32, -1.0, 2.0, 0.25, 3.0, 1.0, -2.0, 0.0];
     x[1] = f32::NAN;
     let dims = [1, 4, 2];
-    let (y, stats) = gn.forward(&x, &dims, None::<&[f32]>, None).unwrap();
+    let (y, stats) = gn.forward(&x, &dims, Affine::none()).unwrap();
     let r = reference::forward(&gn, &x, &dims, None::<&[f32]>, None).unwrap();
     assert!(y[..4].iter().all(|v| v.is_nan()), "{y:?}");
     assert_forward_close(&y[4..], &r.y[4..], F32_FORWARD_ABS, "finite row");
     let dy = [1.0f32; 8];
     let g = gn
-        .backward_activated(&dy, &x, &dims, &stats, None::<&[f32]>, None, true)
+        .backward(&dy, &x, &dims, &stats, Affine::none(), true)
         .unwrap();
     assert!(g.dx[..4].iter().all(|v| v.is_nan()), "{:?}", g.dx);
     let rb = reference::backward_activated(&gn, &dy, &x, &dims, None::<&[f32]>, None).unwrap();
@@ -229,22 +233,40 @@ fn no_affine_and_nan_rows() {
 }
 
 #[test]
-fn plain_backward_refuses_an_activated_operator() {
+fn the_backward_of_an_activated_operator_reads_the_bias() {
     let gn = GroupNorm::new(1, 2)
         .unwrap()
         .with_activation(Activation::Silu);
     let x = [1.0f32, 2.0];
-    let (_, stats) = gn.forward(&x, &[1, 2], None::<&[f32]>, None).unwrap();
-    let e = gn
-        .backward(&x, &x, &[1, 2], &stats, None::<&[f32]>, true)
-        .unwrap_err();
-    assert!(matches!(e, Error::BiasNeeded { activation: "silu" }), "{e}");
-    assert!(e.to_string().contains("backward_activated"), "{e}");
+    let (_, stats) = gn.forward(&x, &[1, 2], Affine::none()).unwrap();
+    // silu'(z) depends on z = xhat * w + b: the same dy gives another dx with a bias
+    let plain = gn
+        .backward(&x, &x, &[1, 2], &stats, Affine::none(), true)
+        .unwrap();
+    let shifted = gn
+        .backward(
+            &x,
+            &x,
+            &[1, 2],
+            &stats,
+            Affine::new().bias(&[1.0f32, 1.0]),
+            true,
+        )
+        .unwrap();
+    assert_ne!(plain.dx, shifted.dx);
+    // the reference's two-argument backward, which has no bias, still refuses
     let e = reference::backward(&gn, &x, &x, &[1, 2], None::<&[f32]>).unwrap_err();
     assert!(matches!(e, Error::BiasNeeded { .. }), "{e}");
     // a bias of the wrong length is a typed error
     let e = gn
-        .backward_activated(&x, &x, &[1, 2], &stats, None, Some(&[0.0f32][..]), true)
+        .backward(
+            &x,
+            &x,
+            &[1, 2],
+            &stats,
+            Affine::new().bias(&[0.0f32][..]),
+            true,
+        )
         .unwrap_err();
     assert!(
         matches!(e, Error::LengthMismatch { name: "bias", .. }),
@@ -253,7 +275,7 @@ fn plain_backward_refuses_an_activated_operator() {
 }
 
 #[test]
-fn without_activation_backward_activated_is_backward() {
+fn without_activation_the_bias_does_not_enter_the_backward() {
     let mut rng = rng(631);
     let gn = GroupNorm::new(3, 6).unwrap().with_layout(Layout::Nhwc);
     let dims = [2, 6, 5, 3];
@@ -261,12 +283,21 @@ fn without_activation_backward_activated_is_backward() {
     let dy: Vec<f32> = normal_vec(&mut rng, 180, 0.0, 1.0);
     let w: Vec<f32> = uniform_vec(&mut rng, 6, 0.5, 1.5);
     let b: Vec<f32> = uniform_vec(&mut rng, 6, -1.0, 1.0);
-    let (_, stats) = gn.forward(&x, &dims, Some(&w[..]), Some(&b[..])).unwrap();
+    let (_, stats) = gn
+        .forward(&x, &dims, Affine::new().weight(&w[..]).bias(&b[..]))
+        .unwrap();
     let a = gn
-        .backward(&dy, &x, &dims, &stats, Some(&w[..]), true)
+        .backward(&dy, &x, &dims, &stats, Affine::new().weight(&w[..]), true)
         .unwrap();
     let c = gn
-        .backward_activated(&dy, &x, &dims, &stats, Some(&w[..]), Some(&b[..]), true)
+        .backward(
+            &dy,
+            &x,
+            &dims,
+            &stats,
+            Affine::new().weight(&w[..]).bias(&b[..]),
+            true,
+        )
         .unwrap();
     assert_eq!(a.dx, c.dx);
     assert_eq!(a.dweight, c.dweight);

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use groupnorm::cpu::reference::{self, backward_f64, forward_f64};
+use groupnorm::Affine;
 use groupnorm::{bf16, f16, Element, GroupNorm, Layout};
 
 /// Central differences with step `h = 1e-6 * max(1, |v|)` in f64 have truncation error
@@ -101,8 +102,29 @@ fn check_one<T: Element, P: Element>(
     want_dbias: bool,
     ctx: &str,
 ) {
-    let (_, stats) = gn.forward(x, dims, w, None).unwrap();
-    let g = gn.backward(dy, x, dims, &stats, w, want_dbias).unwrap();
+    let (_, stats) = gn
+        .forward(
+            x,
+            dims,
+            Affine {
+                weight: w,
+                bias: None,
+            },
+        )
+        .unwrap();
+    let g = gn
+        .backward(
+            dy,
+            x,
+            dims,
+            &stats,
+            Affine {
+                weight: w,
+                bias: None,
+            },
+            want_dbias,
+        )
+        .unwrap();
     let r = reference::backward(gn, dy, x, dims, w).unwrap();
     let rstd = reference::forward(gn, x, dims, None::<&[P]>, None)
         .unwrap()
@@ -243,8 +265,10 @@ fn check_poisoned_backward<T: Element>(seed: u64) {
                         layout.name(),
                         T::DTYPE
                     );
-                    let (_, stats) = gn.forward(&x, &dims, Some(&w), None).unwrap();
-                    let g = gn.backward(&dy, &x, &dims, &stats, Some(&w), true).unwrap();
+                    let (_, stats) = gn.forward(&x, &dims, Affine::new().weight(&w)).unwrap();
+                    let g = gn
+                        .backward(&dy, &x, &dims, &stats, Affine::new().weight(&w), true)
+                        .unwrap();
                     let r = reference::backward(&gn, &dy, &x, &dims, Some(&w)).unwrap();
                     let rstd = reference::forward(&gn, &x, &dims, None::<&[T]>, None)
                         .unwrap()
@@ -298,9 +322,11 @@ fn empty_tensors_give_empty_dx_and_zero_parameter_gradients() {
         let gn = GroupNorm::new(2, 4).unwrap().with_layout(layout);
         let w = [1.0f32; 4];
         for dims in [&[0usize, 4, 3][..], &[3, 4, 0], &[2, 4, 0, 5]] {
-            let (_, stats) = gn.forward::<f16, f32>(&[], dims, Some(&w), None).unwrap();
+            let (_, stats) = gn
+                .forward::<f16, f32>(&[], dims, Affine::new().weight(&w))
+                .unwrap();
             let g = gn
-                .backward::<f16, f32>(&[], &[], dims, &stats, Some(&w), true)
+                .backward::<f16, f32>(&[], &[], dims, &stats, Affine::new().weight(&w), true)
                 .unwrap();
             assert!(g.dx.is_empty(), "{dims:?}");
             assert_eq!(g.dweight, Some(vec![0.0; 4]), "{dims:?}");
@@ -327,9 +353,13 @@ fn backward_is_deterministic() {
         let w: Vec<f32> = uniform_vec(&mut rng, dims[1], 0.5, 1.5);
         for layout in LAYOUTS {
             let gn = GroupNorm::new(groups, dims[1]).unwrap().with_layout(layout);
-            let (_, stats) = gn.forward(&x, dims, Some(&w), None).unwrap();
-            let a = gn.backward(&dy, &x, dims, &stats, Some(&w), true).unwrap();
-            let b = gn.backward(&dy, &x, dims, &stats, Some(&w), true).unwrap();
+            let (_, stats) = gn.forward(&x, dims, Affine::new().weight(&w)).unwrap();
+            let a = gn
+                .backward(&dy, &x, dims, &stats, Affine::new().weight(&w), true)
+                .unwrap();
+            let b = gn
+                .backward(&dy, &x, dims, &stats, Affine::new().weight(&w), true)
+                .unwrap();
             let bits = |v: &[f32]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
             let what = format!("{dims:?} {}", layout.name());
             assert!(bits(&a.dx) == bits(&b.dx), "{what}: dx differs");
@@ -355,17 +385,21 @@ fn nchw_and_nhwc_agree() {
         let dy: Vec<f32> = normal_vec(&mut rng, case.numel(), 0.0, 1.0);
         let w: Vec<f32> = uniform_vec(&mut rng, c, 0.5, 1.5);
         let gn = GroupNorm::new(case.groups, c).unwrap();
-        let (_, st) = gn.forward(&x, &case.dims, Some(&w), None).unwrap();
+        let (_, st) = gn
+            .forward(&x, &case.dims, Affine::new().weight(&w))
+            .unwrap();
         let a = gn
-            .backward(&dy, &x, &case.dims, &st, Some(&w), true)
+            .backward(&dy, &x, &case.dims, &st, Affine::new().weight(&w), true)
             .unwrap();
 
         let to_nhwc = |v: &[f32]| relayout(v, &case.dims, Layout::Nchw, Layout::Nhwc);
         let gn2 = gn.with_layout(Layout::Nhwc);
         let (x2, dy2) = (to_nhwc(&x), to_nhwc(&dy));
-        let (_, st2) = gn2.forward(&x2, &case.dims, Some(&w), None).unwrap();
+        let (_, st2) = gn2
+            .forward(&x2, &case.dims, Affine::new().weight(&w))
+            .unwrap();
         let b = gn2
-            .backward(&dy2, &x2, &case.dims, &st2, Some(&w), true)
+            .backward(&dy2, &x2, &case.dims, &st2, Affine::new().weight(&w), true)
             .unwrap();
         let bdx = relayout(&b.dx, &case.dims, Layout::Nhwc, Layout::Nchw);
 
@@ -398,8 +432,10 @@ fn low_precision_dx_meets_design_bound_on_realistic_shapes() {
             let x: Vec<T> = normal_vec(&mut rng, 2 * 64 * 256, 0.0, 1.0);
             let dy: Vec<T> = normal_vec(&mut rng, 2 * 64 * 256, 0.0, 1.0);
             let w: Vec<T> = uniform_vec(&mut rng, 64, 0.5, 1.5);
-            let (_, st) = gn.forward(&x, &dims, Some(&w), None).unwrap();
-            let g = gn.backward(&dy, &x, &dims, &st, Some(&w), true).unwrap();
+            let (_, st) = gn.forward(&x, &dims, Affine::new().weight(&w)).unwrap();
+            let g = gn
+                .backward(&dy, &x, &dims, &st, Affine::new().weight(&w), true)
+                .unwrap();
             let r = reference::backward(&gn, &dy, &x, &dims, Some(&w)).unwrap();
             let rstd = reference::forward(&gn, &x, &dims, None::<&[T]>, None)
                 .unwrap()

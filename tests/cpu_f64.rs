@@ -10,6 +10,7 @@ mod common;
 use common::*;
 use groupnorm::accuracy::{dx_scale, F64_TOLERANCE};
 use groupnorm::cpu::reference;
+use groupnorm::Affine;
 use groupnorm::{Activation, Element, GroupNorm, Layout, Stats};
 
 const SHAPES: [(&[usize], usize); 5] = [
@@ -39,7 +40,9 @@ fn check_f64<P: Element>(seed: u64, offset: f64) {
                     layout.name(),
                     P::DTYPE
                 );
-                let (y, stats) = gn.forward(&x, dims, Some(&w[..]), Some(&b[..])).unwrap();
+                let (y, stats) = gn
+                    .forward(&x, dims, Affine::new().weight(&w[..]).bias(&b[..]))
+                    .unwrap();
                 let rf = reference::forward(&gn, &x, dims, Some(&w[..]), Some(&b[..])).unwrap();
                 for (i, (g, e)) in y.iter().zip(&rf.y).enumerate() {
                     assert!((g - e).abs() <= F64_TOLERANCE, "{ctx}: y[{i}] {g} vs {e}");
@@ -53,12 +56,25 @@ fn check_f64<P: Element>(seed: u64, offset: f64) {
                     mean: vec![0.0; stats.mean.len()],
                     rstd: vec![0.0; stats.rstd.len()],
                 };
-                gn.forward_into(&x, dims, Some(&w[..]), Some(&b[..]), &mut y2, &mut st2)
-                    .unwrap();
+                gn.forward_into(
+                    &x,
+                    dims,
+                    Affine::new().weight(&w[..]).bias(&b[..]),
+                    &mut y2,
+                    &mut st2,
+                )
+                .unwrap();
                 assert_eq!((&y2, &st2), (&y, &stats), "{ctx}: forward_into");
 
                 let g = gn
-                    .backward_activated(&dy, &x, dims, &stats, Some(&w[..]), Some(&b[..]), true)
+                    .backward(
+                        &dy,
+                        &x,
+                        dims,
+                        &stats,
+                        Affine::new().weight(&w[..]).bias(&b[..]),
+                        true,
+                    )
                     .unwrap();
                 let rb =
                     reference::backward_activated(&gn, &dy, &x, dims, Some(&w[..]), Some(&b[..]))
@@ -93,7 +109,7 @@ fn f64_worked_example() {
     let x: Vec<f64> = (1..=32).map(f64::from).collect();
     let gn = GroupNorm::new(2, 2).unwrap();
     let (y, stats) = gn
-        .forward::<f64, f64>(&x, &[1, 2, 4, 4], None, None)
+        .forward::<f64, f64>(&x, &[1, 2, 4, 4], Affine::new())
         .unwrap();
     let want = (1.0 - 8.5) / (21.25f64 + 1e-5).sqrt();
     assert!((y[0] - want).abs() <= 1e-14, "{} vs {want}", y[0]);
@@ -103,7 +119,7 @@ fn f64_worked_example() {
     // and f32 cannot do this well: the f32 path's result differs by more than 1e-12
     let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
     let (y32, _) = gn
-        .forward::<f32, f32>(&x32, &[1, 2, 4, 4], None, None)
+        .forward::<f32, f32>(&x32, &[1, 2, 4, 4], Affine::new())
         .unwrap();
     let worst = y32
         .iter()
@@ -130,12 +146,23 @@ fn f64_gradients_match_central_differences() {
     let w = uniform_f64(&mut r, 4, 0.5, 1.5);
     let b = uniform_f64(&mut r, 4, -0.5, 0.5);
     let loss = |x: &[f64], w: &[f64], b: &[f64]| -> f64 {
-        let (y, _) = gn.forward(x, &dims, Some(w), Some(b)).unwrap();
+        let (y, _) = gn
+            .forward(x, &dims, Affine::new().weight(w).bias(b))
+            .unwrap();
         y.iter().zip(&dy).map(|(a, b)| a * b).sum()
     };
-    let (_, stats) = gn.forward(&x, &dims, Some(&w[..]), Some(&b[..])).unwrap();
+    let (_, stats) = gn
+        .forward(&x, &dims, Affine::new().weight(&w[..]).bias(&b[..]))
+        .unwrap();
     let g = gn
-        .backward_activated(&dy, &x, &dims, &stats, Some(&w[..]), Some(&b[..]), true)
+        .backward(
+            &dy,
+            &x,
+            &dims,
+            &stats,
+            Affine::new().weight(&w[..]).bias(&b[..]),
+            true,
+        )
         .unwrap();
     let h = 1e-6;
     for i in 0..x.len() {
@@ -166,7 +193,9 @@ fn f64_nan_rows_stay_in_their_row() {
     let gn = GroupNorm::new(2, 4).unwrap().with_layout(Layout::Nchw);
     let mut x: Vec<f64> = (0..24).map(|i| (i as f64 * 0.37).sin()).collect();
     x[14] = f64::NAN; // n = 1, channel 0: row 2
-    let (y, stats) = gn.forward::<f64, f64>(&x, &[2, 4, 3], None, None).unwrap();
+    let (y, stats) = gn
+        .forward::<f64, f64>(&x, &[2, 4, 3], Affine::new())
+        .unwrap();
     assert!(y[12..18].iter().all(|v| v.is_nan()));
     assert!(y[..12].iter().chain(&y[18..]).all(|v| v.is_finite()));
     assert!(stats.mean[2].is_nan() && stats.rstd[2].is_nan());
@@ -177,7 +206,7 @@ fn f64_nan_rows_stay_in_their_row() {
 fn f64_parameters_follow_the_mixed_precision_rule() {
     let gn = GroupNorm::new(1, 2).unwrap();
     let w = [groupnorm::f16::from_f32(1.0); 2];
-    let e = gn.forward::<f64, groupnorm::f16>(&[1.0, 2.0], &[1, 2], Some(&w[..]), None);
+    let e = gn.forward::<f64, groupnorm::f16>(&[1.0, 2.0], &[1, 2], Affine::new().weight(&w[..]));
     assert!(
         matches!(e, Err(groupnorm::Error::DtypeMismatch { .. })),
         "{e:?}"

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use groupnorm::cpu::reference;
+use groupnorm::Affine;
 use groupnorm::{bf16, f16, Element, GroupNorm, Layout, Stats};
 
 /// "To 4 decimals" in docs/design.md's worked examples.
@@ -29,7 +30,7 @@ fn both_paths(
     w: Option<&[f32]>,
     b: Option<&[f32]>,
 ) -> [Out; 2] {
-    let (y, st) = gn.forward(x, dims, w, b).unwrap();
+    let (y, st) = gn.forward(x, dims, Affine { weight: w, bias: b }).unwrap();
     let r = reference::forward(gn, x, dims, w, b).unwrap();
     let f = |v: &[f32]| v.iter().map(|&e| e as f64).collect::<Vec<_>>();
     [
@@ -136,7 +137,9 @@ fn worked_example_2_affine() {
     let x16: Vec<f16> = EXAMPLE_X.iter().map(|&v| f16::from_f32(v)).collect();
     let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
     let b16: Vec<f16> = b.iter().map(|&v| f16::from_f32(v)).collect();
-    let (y, _) = gn.forward(&x16, &[3, 4], Some(&w16), Some(&b16)).unwrap();
+    let (y, _) = gn
+        .forward(&x16, &[3, 4], Affine::new().weight(&w16).bias(&b16))
+        .unwrap();
     let r = reference::forward(&gn, &x16, &[3, 4], Some(&w16), Some(&b16)).unwrap();
     assert_all_within(&r.y, &expected, FOUR_DECIMALS, "example 2, f16 reference");
     assert_forward_close(&y, &r.y, F32_FORWARD_ABS, "example 2, f16 fast");
@@ -193,14 +196,14 @@ fn worked_example_3_spatial() {
 }
 
 #[derive(Clone, Copy, Debug)]
-enum Affine {
+enum Params {
     None,
     Weight,
     Bias,
     Both,
 }
 
-const AFFINES: [Affine; 4] = [Affine::None, Affine::Weight, Affine::Bias, Affine::Both];
+const AFFINES: [Params; 4] = [Params::None, Params::Weight, Params::Bias, Params::Both];
 
 /// Weight random around 1, bias random around 0, in `P`.
 fn params<P: Element>(rng: &mut rand::rngs::StdRng, c: usize) -> (Vec<P>, Vec<P>) {
@@ -221,8 +224,8 @@ fn check_random_shapes<T: Element, P: Element>(seed: u64) {
                 let gn = GroupNorm::new(case.groups, c).unwrap().with_layout(layout);
                 let x: Vec<T> = normal_vec(&mut rng, case.numel(), 0.0, 1.0);
                 let (w, b) = params::<P>(&mut rng, c);
-                let w = matches!(affine, Affine::Weight | Affine::Both).then_some(&w[..]);
-                let b = matches!(affine, Affine::Bias | Affine::Both).then_some(&b[..]);
+                let w = matches!(affine, Params::Weight | Params::Both).then_some(&w[..]);
+                let b = matches!(affine, Params::Bias | Params::Both).then_some(&b[..]);
                 let ctx = format!(
                     "{} {:?} G={} {} {:?} T={} P={}",
                     case.name,
@@ -233,7 +236,9 @@ fn check_random_shapes<T: Element, P: Element>(seed: u64) {
                     T::DTYPE,
                     P::DTYPE
                 );
-                let (y, stats) = gn.forward(&x, &case.dims, w, b).unwrap();
+                let (y, stats) = gn
+                    .forward(&x, &case.dims, Affine { weight: w, bias: b })
+                    .unwrap();
                 let r = reference::forward(&gn, &x, &case.dims, w, b).unwrap();
                 assert_forward_close(&y, &r.y, F32_FORWARD_ABS, &ctx);
                 assert_stats_close(&stats, &r, F32_FORWARD_ABS, &ctx);
@@ -243,8 +248,14 @@ fn check_random_shapes<T: Element, P: Element>(seed: u64) {
                     mean: vec![7.0; stats.mean.len()],
                     rstd: vec![7.0; stats.rstd.len()],
                 };
-                gn.forward_into(&x, &case.dims, w, b, &mut y2, &mut stats2)
-                    .unwrap();
+                gn.forward_into(
+                    &x,
+                    &case.dims,
+                    Affine { weight: w, bias: b },
+                    &mut y2,
+                    &mut stats2,
+                )
+                .unwrap();
                 assert!(y2 == y && stats2 == stats, "{ctx}: forward_into differs");
             }
         }
@@ -297,9 +308,11 @@ fn check_layouts_agree<T: Element>(seed: u64) {
             "{ctx}: reference differs between layouts"
         );
 
-        let (y, st) = gn.forward(&x, &case.dims, Some(&w), Some(&b)).unwrap();
+        let (y, st) = gn
+            .forward(&x, &case.dims, Affine::new().weight(&w).bias(&b))
+            .unwrap();
         let (y2, st2) = gn_nhwc
-            .forward(&x_nhwc, &case.dims, Some(&w), Some(&b))
+            .forward(&x_nhwc, &case.dims, Affine::new().weight(&w).bias(&b))
             .unwrap();
         let y2 = relayout(&y2, &case.dims, Layout::Nhwc, Layout::Nchw);
         // Compare the NHWC result with the NCHW one as if the latter were the reference.
@@ -340,7 +353,9 @@ fn large_offset_rows_f32() {
                 let x: Vec<f32> = normal_vec(&mut rng, dims.iter().product(), offset, 1.0);
                 let (w, b) = params::<f32>(&mut rng, c);
                 let ctx = format!("offset {offset} {dims:?} G={groups} {}", layout.name());
-                let (y, st) = gn.forward(&x, dims, Some(&w), Some(&b)).unwrap();
+                let (y, st) = gn
+                    .forward(&x, dims, Affine::new().weight(&w).bias(&b))
+                    .unwrap();
                 let r = reference::forward(&gn, &x, dims, Some(&w), Some(&b)).unwrap();
                 assert_forward_close(&y, &r.y, F32_FORWARD_OFFSET_ABS, &ctx);
                 assert_stats_close(&st, &r, F32_FORWARD_OFFSET_ABS, &ctx);
@@ -358,7 +373,7 @@ fn long_rows_f32() {
     for layout in LAYOUTS {
         let gn = GroupNorm::new(1, 2).unwrap().with_layout(layout);
         let ctx = format!("row of 2^22, {}", layout.name());
-        let (y, st) = gn.forward(&x, &dims, None::<&[f32]>, None).unwrap();
+        let (y, st) = gn.forward(&x, &dims, Affine::none()).unwrap();
         let r = reference::forward(&gn, &x, &dims, None::<&[f32]>, None).unwrap();
         assert_forward_close(&y, &r.y, F32_FORWARD_ABS, &ctx);
         assert_stats_close(&st, &r, F32_FORWARD_ABS, &ctx);
@@ -374,7 +389,9 @@ fn long_rows_f16() {
     for layout in LAYOUTS {
         let gn = GroupNorm::new(2, 4).unwrap().with_layout(layout);
         let ctx = format!("f16 rows of 2^19, {}", layout.name());
-        let (y, st) = gn.forward(&x, &dims, Some(&w), Some(&b)).unwrap();
+        let (y, st) = gn
+            .forward(&x, &dims, Affine::new().weight(&w).bias(&b))
+            .unwrap();
         let r = reference::forward(&gn, &x, &dims, Some(&w), Some(&b)).unwrap();
         assert_forward_close(&y, &r.y, F32_FORWARD_ABS, &ctx);
         assert_stats_close(&st, &r, F32_FORWARD_ABS, &ctx);
@@ -402,7 +419,9 @@ fn check_poisoned_forward<T: Element>(seed: u64) {
                     layout.name(),
                     T::DTYPE
                 );
-                let (y, st) = gn.forward(&x, &dims, Some(&w), Some(&b)).unwrap();
+                let (y, st) = gn
+                    .forward(&x, &dims, Affine::new().weight(&w).bias(&b))
+                    .unwrap();
                 let r = reference::forward(&gn, &x, &dims, Some(&w), Some(&b)).unwrap();
                 let bad_row = pn * groups + pc / d;
                 for row in 0..n * groups {
@@ -454,7 +473,9 @@ fn non_finite_values_poison_only_their_row_f16() {
 fn empty_batch_gives_empty_outputs() {
     for layout in LAYOUTS {
         let gn = GroupNorm::new(2, 4).unwrap().with_layout(layout);
-        let (y, st) = gn.forward::<f32, f32>(&[], &[0, 4, 3], None, None).unwrap();
+        let (y, st) = gn
+            .forward::<f32, f32>(&[], &[0, 4, 3], Affine::new())
+            .unwrap();
         assert!(y.is_empty() && st.mean.is_empty() && st.rstd.is_empty());
         let r = reference::forward::<f32, f32>(&gn, &[], &[0, 4, 3], None, None).unwrap();
         assert!(r.y.is_empty() && r.mean.is_empty() && r.rstd.is_empty());
@@ -471,7 +492,7 @@ fn empty_spatial_gives_empty_y_and_empty_row_statistics() {
             .unwrap()
             .with_layout(layout);
         for dims in [&[3usize, 4, 0][..], &[3, 4, 5, 0]] {
-            let (y, st) = gn.forward::<bf16, f32>(&[], dims, None, None).unwrap();
+            let (y, st) = gn.forward::<bf16, f32>(&[], dims, Affine::new()).unwrap();
             assert!(y.is_empty(), "{dims:?}");
             // Six rows, each the empty Welford state: mean 0, rstd 1 / sqrt(eps).
             assert_eq!(st.mean, vec![0.0; 6], "{dims:?}");
@@ -491,8 +512,8 @@ fn forward_is_deterministic() {
         let x: Vec<f32> = normal_vec(&mut rng, dims.iter().product(), 0.0, 1.0);
         for layout in LAYOUTS {
             let gn = GroupNorm::new(groups, dims[1]).unwrap().with_layout(layout);
-            let (y1, s1) = gn.forward(&x, dims, None::<&[f32]>, None).unwrap();
-            let (y2, s2) = gn.forward(&x, dims, None::<&[f32]>, None).unwrap();
+            let (y1, s1) = gn.forward(&x, dims, Affine::none()).unwrap();
+            let (y2, s2) = gn.forward(&x, dims, Affine::none()).unwrap();
             let bits = |v: &[f32]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
             assert!(
                 bits(&y1) == bits(&y2),

@@ -7,6 +7,7 @@
 mod common;
 
 use common::{forward_tolerance, F32_FORWARD_ABS};
+use groupnorm::Affine;
 use groupnorm::{f16, GroupNorm};
 
 #[test]
@@ -28,7 +29,7 @@ fn forward_past_2_pow_31_elements() {
         x.push(f16::from_f32(pattern[i % 4] + (row % 8) as f32));
     }
     let filled = start.elapsed();
-    let (y, stats) = gn.forward::<f16, f32>(&x, &dims, None, None).unwrap();
+    let (y, stats) = gn.forward::<f16, f32>(&x, &dims, Affine::new()).unwrap();
     let ran = start.elapsed() - filled;
     drop(x);
     let rstd = 1.0 / (1.25f64 + groupnorm::DEFAULT_EPS).sqrt();

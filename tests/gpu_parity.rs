@@ -11,7 +11,8 @@ mod gpu_support;
 use common::*;
 use gpu_support::*;
 use groupnorm::cpu::reference;
-use groupnorm::gpu::{CudaSlice, DeviceStats, DeviceTensor, Gpu, Path};
+use groupnorm::gpu::DeviceAffine;
+use groupnorm::gpu::{DeviceStats, DeviceTensor, Gpu, Path};
 use groupnorm::{bf16, f16, Element, Error, GroupNorm, Layout, Stats};
 
 /// How one parity case is built.
@@ -118,7 +119,15 @@ fn parity<T: Element, P: Element>(gpu: &Gpu, dims: &[usize], groups: usize, seed
         // forward, into outputs poisoned with NaN
         let mut yd = tensor(gpu, &nans::<T>(numel), dims, off);
         let mut stats = poisoned_stats(gpu, rows);
-        match op.forward_into(&xd, wd, bd, &mut yd, &mut stats) {
+        match op.forward_into(
+            &xd,
+            DeviceAffine {
+                weight: wd,
+                bias: bd,
+            },
+            &mut yd,
+            &mut stats,
+        ) {
             Ok(()) => {}
             // the fused and cluster paths refuse rows that do not fit on chip (and the cluster
             // path devices without clusters): that is their contract
@@ -138,7 +147,10 @@ fn parity<T: Element, P: Element>(gpu: &Gpu, dims: &[usize], groups: usize, seed
             &dyd,
             &xd,
             &stats,
-            wd,
+            DeviceAffine {
+                weight: wd,
+                bias: None,
+            },
             &mut dxd,
             if o.affine { Some(&mut dw) } else { None },
             Some(&mut db),
@@ -175,7 +187,7 @@ fn worked_examples() {
     let gn = GroupNorm::new(2, 4).unwrap();
     let mut op = gn.on_gpu(&gpu);
     let xd = DeviceTensor::from_host(&gpu, &x, &[3, 4], Layout::Nchw).unwrap();
-    let (y, _) = op.forward(&xd, None::<&CudaSlice<f32>>, None).unwrap();
+    let (y, _) = op.forward(&xd, DeviceAffine::none()).unwrap();
     // docs/design.md: each pair normalizes to +-0.5 / sqrt(0.25 + 1e-5) = +-0.99998, "+-1 to 4 decimals";
     // the exact value is held to the f32 target, the rounded one to 4 decimals
     let exact = 0.5 / (0.25f64 + 1e-5).sqrt();
@@ -192,7 +204,9 @@ fn worked_examples() {
     }
     let w = up(&gpu, &[1.0f32, 1., 2., 0.5]);
     let b = up(&gpu, &[0.0f32, 0., 1., -1.]);
-    let (y, _) = op.forward(&xd, Some(&w), Some(&b)).unwrap();
+    let (y, _) = op
+        .forward(&xd, DeviceAffine::new().weight(&w).bias(&b))
+        .unwrap();
     let expected = [1., -1., 3., -1.5, -1., 1., -1., -0.5, -1., 1., -1., -0.5];
     for (g, e) in y.to_host(&gpu).unwrap().iter().zip(expected) {
         assert!((g - e).abs() < 1e-4, "affine: got {g}, expected {e}");
@@ -200,10 +214,7 @@ fn worked_examples() {
     let x: Vec<f32> = (1..=32).map(|v| v as f32).collect();
     let gn = GroupNorm::new(2, 2).unwrap();
     let xd = DeviceTensor::from_host(&gpu, &x, &[1, 2, 4, 4], Layout::Nchw).unwrap();
-    let (y, stats) = gn
-        .on_gpu(&gpu)
-        .forward(&xd, None::<&CudaSlice<f32>>, None)
-        .unwrap();
+    let (y, stats) = gn.on_gpu(&gpu).forward(&xd, DeviceAffine::none()).unwrap();
     let y = y.to_host(&gpu).unwrap();
     assert!((y[0] - -1.62698).abs() < 1e-5, "y[0,0,0,0] = {}", y[0]);
     let stats = stats.to_host(&gpu).unwrap();
@@ -342,7 +353,7 @@ fn non_finite_values_stay_in_their_group() {
             x[d * s + d * s / 2] = bad;
             let xd = DeviceTensor::from_host(&gpu, &x, dims, Layout::Nchw).unwrap();
             let mut op = gn.on_gpu(&gpu).with_path(path);
-            let (y, stats) = op.forward(&xd, None::<&CudaSlice<f32>>, None).unwrap();
+            let (y, stats) = op.forward(&xd, DeviceAffine::none()).unwrap();
             let y = y.to_host(&gpu).unwrap();
             let reference = reference::forward(&gn, &x, dims, None::<&[f32]>, None).unwrap();
             let row = d * s;
@@ -370,7 +381,7 @@ fn non_finite_values_stay_in_their_group() {
             let dy: Vec<f32> = normal_vec(&mut rng(801), x.len(), 0.0, 1.0);
             let dyd = DeviceTensor::from_host(&gpu, &dy, dims, Layout::Nchw).unwrap();
             let grads = op
-                .backward(&dyd, &xd, &stats, None::<&CudaSlice<f32>>, false)
+                .backward(&dyd, &xd, &stats, DeviceAffine::none(), false)
                 .unwrap();
             let dx = grads.dx.to_host(&gpu).unwrap();
             for (i, &g) in dx.iter().enumerate() {
@@ -405,8 +416,12 @@ fn deterministic_over_20_runs() {
             let mut op = gn.on_gpu(&gpu).with_path(path);
             let mut first = None;
             for run in 0..20 {
-                let (y, stats) = op.forward(&xd, Some(&w), Some(&b)).unwrap();
-                let g = op.backward(&dyd, &xd, &stats, Some(&w), true).unwrap();
+                let (y, stats) = op
+                    .forward(&xd, DeviceAffine::new().weight(&w).bias(&b))
+                    .unwrap();
+                let g = op
+                    .backward(&dyd, &xd, &stats, DeviceAffine::new().weight(&w), true)
+                    .unwrap();
                 let bits = (
                     y.to_host(&gpu)
                         .unwrap()
@@ -454,7 +469,7 @@ fn two_streams_from_two_threads() {
         let mut op = gn.on_gpu(&gpu);
         let mut outs = Vec::new();
         for _ in 0..10 {
-            let (y, _) = op.forward(&xd, None::<&CudaSlice<f32>>, None).unwrap();
+            let (y, _) = op.forward(&xd, DeviceAffine::none()).unwrap();
             outs.push(y.to_host(&gpu).unwrap());
         }
         let reference = reference::forward(&gn, &x, &dims, None::<&[f32]>, None).unwrap();
@@ -508,9 +523,9 @@ fn tensor_over_2_pow_31_elements() {
     let mut op = gn.on_gpu(&gpu);
     let xd = DeviceTensor::from_host(&gpu, &x, &dims, Layout::Nchw).unwrap();
     let dyd = DeviceTensor::from_host(&gpu, &dy, &dims, Layout::Nchw).unwrap();
-    let (y, stats) = op.forward(&xd, None::<&CudaSlice<f16>>, None).unwrap();
+    let (y, stats) = op.forward(&xd, DeviceAffine::none()).unwrap();
     let grads = op
-        .backward(&dyd, &xd, &stats, None::<&CudaSlice<f16>>, true)
+        .backward(&dyd, &xd, &stats, DeviceAffine::none(), true)
         .unwrap();
     let y = y.to_host(&gpu).unwrap();
     let dx = grads.dx.to_host(&gpu).unwrap();
@@ -544,11 +559,15 @@ fn empty_tensors_are_no_ops() {
     for dims in [[0usize, 4, 3], [2, 4, 0]] {
         let xd = DeviceTensor::<f32>::from_host(&gpu, &[], &dims, Layout::Nchw).unwrap();
         let w = up(&gpu, &[1.0f32; 4]);
-        let (y, stats) = op.forward(&xd, Some(&w), Some(&w)).unwrap();
+        let (y, stats) = op
+            .forward(&xd, DeviceAffine::new().weight(&w).bias(&w))
+            .unwrap();
         assert!(y.to_host(&gpu).unwrap().is_empty());
         let st = stats.to_host(&gpu).unwrap();
         assert_eq!(st.mean.len(), dims[0] * 2);
-        let g = op.backward(&xd, &xd, &stats, Some(&w), true).unwrap();
+        let g = op
+            .backward(&xd, &xd, &stats, DeviceAffine::new().weight(&w), true)
+            .unwrap();
         assert!(g.dx.to_host(&gpu).unwrap().is_empty());
         assert_eq!(down(&gpu, g.dweight.as_ref().unwrap())[..4], [0.0; 4]);
         assert_eq!(down(&gpu, g.dbias.as_ref().unwrap())[..4], [0.0; 4]);
@@ -566,10 +585,12 @@ fn bad_input_is_a_typed_error() {
     let x =
         DeviceTensor::from_host(&gpu, &[f16::from_f32(0.5); 24], &[2, 4, 3], Layout::Nchw).unwrap();
     let w16 = up(&gpu, &[bf16::ONE; 4]);
-    let e = op.forward(&x, Some(&w16), None).unwrap_err();
+    let e = op
+        .forward(&x, DeviceAffine::new().weight(&w16))
+        .unwrap_err();
     assert!(matches!(e, Error::DtypeMismatch { .. }), "{e}");
     let w3 = up(&gpu, &[f16::ONE; 3]);
-    let e = op.forward(&x, Some(&w3), None).unwrap_err();
+    let e = op.forward(&x, DeviceAffine::new().weight(&w3)).unwrap_err();
     assert!(
         matches!(
             e,
@@ -582,51 +603,41 @@ fn bad_input_is_a_typed_error() {
         "{e}"
     );
     let nhwc = DeviceTensor::from_host(&gpu, &[f16::ONE; 24], &[2, 4, 3], Layout::Nhwc).unwrap();
-    let e = op
-        .forward(&nhwc, None::<&CudaSlice<f16>>, None)
-        .unwrap_err();
+    let e = op.forward(&nhwc, DeviceAffine::none()).unwrap_err();
     assert!(matches!(e, Error::LayoutMismatch { .. }), "{e}");
     // a configuration for NHWC takes it (the channels-last kernels)
     gn.with_layout(Layout::Nhwc)
         .on_gpu(&gpu)
-        .forward(&nhwc, None::<&CudaSlice<f16>>, None)
+        .forward(&nhwc, DeviceAffine::none())
         .expect("NHWC forward");
-    // the plain backward of an activated configuration is a typed error
-    let silu = gn.with_activation(groupnorm::Activation::Silu);
-    let mut sop = silu.on_gpu(&gpu);
-    let (_, st) = sop.forward(&x, None::<&CudaSlice<f16>>, None).unwrap();
-    let e = sop
-        .backward(&x, &x, &st, None::<&CudaSlice<f16>>, true)
-        .unwrap_err();
-    assert!(matches!(e, Error::BiasNeeded { .. }), "{e}");
     let other = DeviceTensor::from_host(&gpu, &[f16::ONE; 20], &[2, 4, 5], Layout::Nchw).unwrap();
     let mut y = DeviceTensor::zeros(&gpu, &[2, 4, 5], Layout::Nchw).unwrap();
     let mut stats = DeviceStats::zeros(&gpu, 4).unwrap();
     let e = op
-        .forward_into(&x, None::<&CudaSlice<f16>>, None, &mut y, &mut stats)
+        .forward_into(&x, DeviceAffine::none(), &mut y, &mut stats)
         .unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { name: "y", .. }), "{e}");
     let stats3 = DeviceStats::zeros(&gpu, 3).unwrap();
     let e = op
-        .backward(&x, &x, &stats3, None::<&CudaSlice<f16>>, true)
+        .backward(&x, &x, &stats3, DeviceAffine::none(), true)
         .unwrap_err();
     assert!(
         matches!(e, Error::LengthMismatch { name: "stats", .. }),
         "{e}"
     );
     let e = op
-        .backward(&other, &x, &stats, None::<&CudaSlice<f16>>, true)
+        .backward(&other, &x, &stats, DeviceAffine::none(), true)
         .unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { name: "dy", .. }), "{e}");
     // parameter dtype is checked even when no parameter is passed
-    let e = op.forward(&x, None::<&CudaSlice<bf16>>, None).unwrap_err();
+    let e = op.forward(&x, DeviceAffine::none()).unwrap_err();
     assert!(matches!(e, Error::DtypeMismatch { .. }), "{e}");
     // an output whose buffer was swapped for a shorter one after construction
     let mut y = DeviceTensor::<f16>::zeros(&gpu, &[2, 4, 3], Layout::Nchw).unwrap();
     *y.buffer_mut() = up(&gpu, &[f16::ZERO; 5]);
     let mut stats = DeviceStats::zeros(&gpu, 4).unwrap();
     let e = op
-        .forward_into(&x, None::<&CudaSlice<f16>>, None, &mut y, &mut stats)
+        .forward_into(&x, DeviceAffine::none(), &mut y, &mut stats)
         .unwrap_err();
     assert!(
         matches!(
@@ -645,7 +656,7 @@ fn bad_input_is_a_typed_error() {
         .unwrap()
         .on_gpu(&gpu)
         .with_path(Path::Fused)
-        .forward(&long, None::<&CudaSlice<f32>>, None)
+        .forward(&long, DeviceAffine::none())
         .unwrap_err();
     assert!(matches!(e, Error::PathUnavailable { .. }), "{e}");
 }
@@ -703,7 +714,7 @@ fn layout_silu_case<T: Element, P: Element>(
             P::DTYPE,
             op.describe_path::<T>(dims, false).unwrap_or_default()
         );
-        let (y, stats) = match op.forward(&xd, Some(&wd), Some(&bd)) {
+        let (y, stats) = match op.forward(&xd, DeviceAffine::new().weight(&wd).bias(&bd)) {
             Ok(v) => v,
             Err(Error::PathUnavailable { .. }) if refusable(path) => continue,
             Err(e) => panic!("{ctx}: forward: {e}"),
@@ -714,7 +725,13 @@ fn layout_silu_case<T: Element, P: Element>(
             f32_abs,
             &format!("{ctx}: y"),
         );
-        let g = match op.backward_activated(&dyd, &xd, &stats, Some(&wd), Some(&bd), true) {
+        let g = match op.backward(
+            &dyd,
+            &xd,
+            &stats,
+            DeviceAffine::new().weight(&wd).bias(&bd),
+            true,
+        ) {
             Ok(g) => g,
             Err(Error::PathUnavailable { .. }) if refusable(path) => continue,
             Err(e) => panic!("{ctx}: backward: {e}"),

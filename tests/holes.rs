@@ -4,6 +4,7 @@
 //!
 //! Run: `cargo test --release --test holes`.
 
+use groupnorm::Affine;
 use groupnorm::{Error, GroupNorm, Stats};
 
 fn too_large<T: std::fmt::Debug>(r: Result<T, Error>, ctx: &str) {
@@ -19,11 +20,11 @@ fn too_large<T: std::fmt::Debug>(r: Result<T, Error>, ctx: &str) {
 fn forward_on_an_empty_tensor_with_a_huge_batch_is_refused() {
     let gn = GroupNorm::new(1, 1).unwrap();
     too_large(
-        gn.forward::<f32, f32>(&[], &[1 << 62, 1, 0], None, None),
+        gn.forward::<f32, f32>(&[], &[1 << 62, 1, 0], Affine::new()),
         "[1 << 62, 1, 0]",
     );
     too_large(
-        gn.forward::<half::f16, f32>(&[], &[1 << 62, 1, 0, 7], None, None),
+        gn.forward::<half::f16, f32>(&[], &[1 << 62, 1, 0, 7], Affine::new()),
         "f16 [1 << 62, 1, 0, 7]",
     );
 }
@@ -34,11 +35,11 @@ fn forward_on_an_empty_tensor_with_a_huge_batch_is_refused() {
 fn forward_whose_statistics_cannot_be_allocated_is_refused() {
     let gn = GroupNorm::new(1, 1).unwrap();
     too_large(
-        gn.forward::<f32, f32>(&[], &[1 << 40, 1, 0], None, None),
+        gn.forward::<f32, f32>(&[], &[1 << 40, 1, 0], Affine::new()),
         "[1 << 40, 1, 0]",
     );
     // 2^38 rows (1 TiB of means): refused unless this machine really has the memory
-    if let Err(e) = gn.forward::<f32, f32>(&[], &[1 << 38, 1, 0], None, None) {
+    if let Err(e) = gn.forward::<f32, f32>(&[], &[1 << 38, 1, 0], Affine::new()) {
         assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
     }
 }
@@ -49,19 +50,26 @@ fn backward_on_an_empty_tensor_with_huge_channels_is_refused() {
     let gn = GroupNorm::new(1, 1 << 61).unwrap();
     let stats = Stats::default();
     too_large(
-        gn.backward::<f32, f32>(&[], &[], &[0, 1 << 61], &stats, None, true),
+        gn.backward::<f32, f32>(&[], &[], &[0, 1 << 61], &stats, Affine::new(), true),
         "[0, 1 << 61]",
     );
     // 2^40 channels: dbias of 4 TiB, which the host cannot allocate
     let gn = GroupNorm::new(1, 1 << 40).unwrap();
     too_large(
-        gn.backward::<f32, f32>(&[], &[], &[0, 1 << 40], &stats, None, true),
+        gn.backward::<f32, f32>(&[], &[], &[0, 1 << 40], &stats, Affine::new(), true),
         "[0, 1 << 40]",
     );
     // while small empty shapes still work, with zero gradients
     let gn = GroupNorm::new(2, 6).unwrap();
     let g = gn
-        .backward::<f32, f32>(&[], &[], &[0, 6, 3], &stats, Some(&[1.0; 6]), true)
+        .backward::<f32, f32>(
+            &[],
+            &[],
+            &[0, 6, 3],
+            &stats,
+            Affine::new().weight(&[1.0; 6]),
+            true,
+        )
         .unwrap();
     assert!(g.dx.is_empty());
     assert_eq!(g.dweight, Some(vec![0.0; 6]));
@@ -71,7 +79,7 @@ fn backward_on_an_empty_tensor_with_huge_channels_is_refused() {
         rstd: vec![1.0; 4],
     };
     let g = gn
-        .backward::<f32, f32>(&[], &[], &[2, 6, 0], &stats, None, true)
+        .backward::<f32, f32>(&[], &[], &[2, 6, 0], &stats, Affine::new(), true)
         .unwrap();
     assert_eq!(
         (g.dx.len(), g.dweight, g.dbias),
@@ -102,7 +110,7 @@ fn eps_that_vanishes_or_overflows_in_f32_is_refused() {
     // the smallest eps f32 keeps gives finite outputs on a constant row
     let gn = GroupNorm::new(1, 2).unwrap().with_eps(1e-45).unwrap();
     let (y, stats) = gn
-        .forward::<f32, f32>(&[3.0, 3.0], &[1, 2], None, None)
+        .forward::<f32, f32>(&[3.0, 3.0], &[1, 2], Affine::new())
         .unwrap();
     assert!(y.iter().all(|v| v.is_finite()), "{y:?}");
     assert!(stats.rstd[0].is_finite() && stats.rstd[0] > 0.0);
@@ -115,8 +123,8 @@ fn backward_refuses_statistics_no_forward_pass_writes() {
     let dims = [2, 4, 3];
     let x: Vec<f32> = (0..24).map(|i| ((i * 7) % 11) as f32 * 0.3 - 1.0).collect();
     let dy: Vec<f32> = (0..24).map(|i| ((i * 5) % 13) as f32 * 0.2 - 1.2).collect();
-    let (_, good) = gn.forward::<f32, f32>(&x, &dims, None, None).unwrap();
-    gn.backward::<f32, f32>(&dy, &x, &dims, &good, None, true)
+    let (_, good) = gn.forward::<f32, f32>(&x, &dims, Affine::new()).unwrap();
+    gn.backward::<f32, f32>(&dy, &x, &dims, &good, Affine::new(), true)
         .unwrap();
     let cases: [(usize, f32, f32); 6] = [
         (1, 0.5, -1.0),
@@ -131,7 +139,7 @@ fn backward_refuses_statistics_no_forward_pass_writes() {
         bad.mean[row] = mean;
         bad.rstd[row] = rstd;
         let e = gn
-            .backward::<f32, f32>(&dy, &x, &dims, &bad, None, true)
+            .backward::<f32, f32>(&dy, &x, &dims, &bad, Affine::new(), true)
             .unwrap_err();
         assert!(
             matches!(e, Error::InvalidStats { row: r, .. } if r == row),
@@ -142,10 +150,10 @@ fn backward_refuses_statistics_no_forward_pass_writes() {
     // NaN gradients for that row only
     let mut x2 = x.clone();
     x2[13] = f32::NAN; // n = 1, channel 0: row 2
-    let (_, poisoned) = gn.forward::<f32, f32>(&x2, &dims, None, None).unwrap();
+    let (_, poisoned) = gn.forward::<f32, f32>(&x2, &dims, Affine::new()).unwrap();
     assert!(poisoned.mean[2].is_nan() && poisoned.rstd[2].is_nan());
     let g = gn
-        .backward::<f32, f32>(&dy, &x2, &dims, &poisoned, None, false)
+        .backward::<f32, f32>(&dy, &x2, &dims, &poisoned, Affine::new(), false)
         .unwrap();
     assert!(g.dx[12..18].iter().all(|v| v.is_nan()));
     assert!(g.dx[..12].iter().all(|v| v.is_finite()));

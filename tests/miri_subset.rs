@@ -11,6 +11,7 @@ mod common;
 
 use common::*;
 use groupnorm::cpu::reference;
+use groupnorm::Affine;
 use groupnorm::{bf16, f16, Activation, Element, GroupNorm, Layout};
 
 fn cpu_case<T: Element, P: Element>(dims: &[usize], groups: usize, layout: Layout, silu: bool) {
@@ -42,11 +43,30 @@ fn cpu_case<T: Element, P: Element>(dims: &[usize], groups: usize, layout: Layou
             bh.is_some()
         );
         let refd = reference::forward(&gn, &x, dims, wh, bh).unwrap();
-        let (y, stats) = gn.forward(&x, dims, wh, bh).unwrap();
+        let (y, stats) = gn
+            .forward(
+                &x,
+                dims,
+                Affine {
+                    weight: wh,
+                    bias: bh,
+                },
+            )
+            .unwrap();
         assert_forward_close(&y, &refd.y, F32_FORWARD_ABS, &ctx);
         assert_stats_close(&stats, &refd, F32_FORWARD_ABS, &ctx);
         let g = gn
-            .backward_activated(&dy, &x, dims, &stats, wh, bh, true)
+            .backward(
+                &dy,
+                &x,
+                dims,
+                &stats,
+                Affine {
+                    weight: wh,
+                    bias: bh,
+                },
+                true,
+            )
             .unwrap();
         let rg = reference::backward_activated(&gn, &dy, &x, dims, wh, bh).unwrap();
         assert_eq!(g.dx.len(), numel, "{ctx}");
@@ -68,8 +88,12 @@ fn cpu_path_on_tiny_problems() {
     }
     // empty tensors
     let gn = GroupNorm::new(2, 4).unwrap();
-    let (y, stats) = gn.forward::<f32, f32>(&[], &[0, 4, 3], None, None).unwrap();
+    let (y, stats) = gn
+        .forward::<f32, f32>(&[], &[0, 4, 3], Affine::new())
+        .unwrap();
     assert!(y.is_empty() && stats.mean.is_empty());
-    let (y, stats) = gn.forward::<f32, f32>(&[], &[2, 4, 0], None, None).unwrap();
+    let (y, stats) = gn
+        .forward::<f32, f32>(&[], &[2, 4, 0], Affine::new())
+        .unwrap();
     assert!(y.is_empty() && stats.mean.len() == 4);
 }

@@ -2,6 +2,7 @@
 //! variant and checking that the message carries the numbers needed to fix the call.
 
 use groupnorm::cpu::reference;
+use groupnorm::Affine;
 use groupnorm::{bf16, f16, DType, Error, GroupNorm, Layout, Stats};
 
 /// Asserts `msg` contains every one of `parts`.
@@ -81,7 +82,7 @@ fn eps_must_be_finite_and_positive_in_f32() {
 fn fewer_than_two_dims() {
     for dims in [&[][..], &[4]] {
         let e = gn()
-            .forward::<f32, f32>(&[0.0; 4], dims, None, None)
+            .forward::<f32, f32>(&[0.0; 4], dims, Affine::new())
             .unwrap_err();
         assert!(
             matches!(e, Error::TooFewDims { got, .. } if got == dims.len()),
@@ -97,7 +98,7 @@ fn fewer_than_two_dims() {
 #[test]
 fn channel_mismatch() {
     let e = gn()
-        .forward::<f32, f32>(&[0.0; 30], &[2, 5, 3], None, None)
+        .forward::<f32, f32>(&[0.0; 30], &[2, 5, 3], Affine::new())
         .unwrap_err();
     assert!(
         matches!(
@@ -114,7 +115,7 @@ fn channel_mismatch() {
     // NHWC dims are still logical (N, C, *spatial): channels-last order is a mistake.
     let e = gn()
         .with_layout(Layout::Nhwc)
-        .forward::<f32, f32>(&[0.0; 24], &[2, 3, 4], None, None)
+        .forward::<f32, f32>(&[0.0; 24], &[2, 3, 4], Affine::new())
         .unwrap_err();
     assert!(
         matches!(
@@ -132,26 +133,33 @@ fn channel_mismatch() {
 #[test]
 fn element_count_overflowing_usize() {
     let e = gn()
-        .forward::<f32, f32>(&[], &[usize::MAX, 4, 2], None, None)
+        .forward::<f32, f32>(&[], &[usize::MAX, 4, 2], Affine::new())
         .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
     assert_mentions(&e, &[&usize::MAX.to_string(), "element count overflows"]);
 
     let e = gn()
-        .forward::<f32, f32>(&[], &[1, 4, usize::MAX, 2], None, None)
+        .forward::<f32, f32>(&[], &[1, 4, usize::MAX, 2], Affine::new())
         .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
     assert_mentions(&e, &["spatial size overflows"]);
 
     // 2^61 * 4 elements fit in usize, but not their bytes.
     let e = gn()
-        .forward::<f32, f32>(&[], &[1 << 61, 4], None, None)
+        .forward::<f32, f32>(&[], &[1 << 61, 4], Affine::new())
         .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
     assert_mentions(&e, &["byte size"]);
 
     let e = gn()
-        .backward::<f32, f32>(&[], &[], &[usize::MAX, 4, 2], &stats(0), None, false)
+        .backward::<f32, f32>(
+            &[],
+            &[],
+            &[usize::MAX, 4, 2],
+            &stats(0),
+            Affine::none(),
+            false,
+        )
         .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
 }
@@ -159,7 +167,7 @@ fn element_count_overflowing_usize() {
 #[test]
 fn x_length_mismatch() {
     let e = gn()
-        .forward::<f32, f32>(&[0.0; 23], &[2, 4, 3], None, None)
+        .forward::<f32, f32>(&[0.0; 23], &[2, 4, 3], Affine::new())
         .unwrap_err();
     assert!(
         matches!(
@@ -175,7 +183,14 @@ fn x_length_mismatch() {
     );
     assert_mentions(&e, &["`x`", "23", "24", "[2, 4, 3]"]);
     let e = gn()
-        .backward::<f32, f32>(&[0.0; 24], &[0.0; 25], &[2, 4, 3], &stats(4), None, false)
+        .backward::<f32, f32>(
+            &[0.0; 24],
+            &[0.0; 25],
+            &[2, 4, 3],
+            &stats(4),
+            Affine::none(),
+            false,
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -196,7 +211,7 @@ fn y_length_mismatch() {
     let mut y = vec![9.0f32; 25];
     let mut st = stats(4);
     let e = gn()
-        .forward_into::<f32, f32>(&[1.0; 24], &[2, 4, 3], None, None, &mut y, &mut st)
+        .forward_into::<f32, f32>(&[1.0; 24], &[2, 4, 3], Affine::new(), &mut y, &mut st)
         .unwrap_err();
     assert!(
         matches!(
@@ -217,7 +232,14 @@ fn y_length_mismatch() {
 #[test]
 fn dy_length_mismatch() {
     let e = gn()
-        .backward::<f32, f32>(&[0.0; 12], &[0.0; 24], &[2, 4, 3], &stats(4), None, true)
+        .backward::<f32, f32>(
+            &[0.0; 12],
+            &[0.0; 24],
+            &[2, 4, 3],
+            &stats(4),
+            Affine::none(),
+            true,
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -242,7 +264,14 @@ fn stats_length_mismatch() {
         rstd: vec![1.0; 4],
     };
     let e = gn()
-        .backward::<f32, f32>(&[0.0; 24], &[0.0; 24], &[2, 4, 3], &bad_mean, None, false)
+        .backward::<f32, f32>(
+            &[0.0; 24],
+            &[0.0; 24],
+            &[2, 4, 3],
+            &bad_mean,
+            Affine::none(),
+            false,
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -262,7 +291,14 @@ fn stats_length_mismatch() {
         rstd: vec![1.0; 5],
     };
     let e = gn()
-        .backward::<f32, f32>(&[0.0; 24], &[0.0; 24], &[2, 4, 3], &bad_rstd, None, false)
+        .backward::<f32, f32>(
+            &[0.0; 24],
+            &[0.0; 24],
+            &[2, 4, 3],
+            &bad_rstd,
+            Affine::none(),
+            false,
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -281,7 +317,7 @@ fn stats_length_mismatch() {
     let mut y = vec![9.0f32; 24];
     let mut st = Stats::default();
     let e = gn()
-        .forward_into::<f32, f32>(&[1.0; 24], &[2, 4, 3], None, None, &mut y, &mut st)
+        .forward_into::<f32, f32>(&[1.0; 24], &[2, 4, 3], Affine::new(), &mut y, &mut st)
         .unwrap_err();
     assert!(
         matches!(
@@ -302,7 +338,7 @@ fn stats_length_mismatch() {
 fn weight_length_mismatch() {
     let w = [1.0f32; 3];
     let e = gn()
-        .forward::<f32, f32>(&[0.0; 24], &[2, 4, 3], Some(&w), None)
+        .forward::<f32, f32>(&[0.0; 24], &[2, 4, 3], Affine::new().weight(&w))
         .unwrap_err();
     assert!(
         matches!(
@@ -323,7 +359,7 @@ fn weight_length_mismatch() {
             &[0.0; 24],
             &[2, 4, 3],
             &stats(4),
-            Some(&w),
+            Affine::new().weight(&w),
             true,
         )
         .unwrap_err();
@@ -352,7 +388,7 @@ fn bias_length_mismatch() {
     let w = [1.0f32; 4];
     let b = [0.0f32; 5];
     let e = gn()
-        .forward::<f32, f32>(&[0.0; 24], &[2, 4, 3], Some(&w), Some(&b))
+        .forward::<f32, f32>(&[0.0; 24], &[2, 4, 3], Affine::new().weight(&w).bias(&b))
         .unwrap_err();
     assert!(
         matches!(
@@ -380,7 +416,7 @@ fn parameter_dtype_mismatch() {
     let x = [f16::ZERO; 24];
     let w = [bf16::ONE; 4];
     let e = gn()
-        .forward::<f16, bf16>(&x, &[2, 4, 3], Some(&w), None)
+        .forward::<f16, bf16>(&x, &[2, 4, 3], Affine::new().weight(&w))
         .unwrap_err();
     assert!(
         matches!(
@@ -396,7 +432,7 @@ fn parameter_dtype_mismatch() {
     assert_mentions(&e, &["`weight`", "bf16", "f16", "f32"]);
 
     let e = gn()
-        .forward::<f16, bf16>(&x, &[2, 4, 3], None, Some(&w))
+        .forward::<f16, bf16>(&x, &[2, 4, 3], Affine::new().bias(&w))
         .unwrap_err();
     assert!(
         matches!(e, Error::DtypeMismatch { name: "bias", .. }),
@@ -407,7 +443,7 @@ fn parameter_dtype_mismatch() {
     let x32 = [0.0f32; 24];
     let w16 = [f16::ONE; 4];
     let e = gn()
-        .forward::<f32, f16>(&x32, &[2, 4, 3], Some(&w16), None)
+        .forward::<f32, f16>(&x32, &[2, 4, 3], Affine::new().weight(&w16))
         .unwrap_err();
     assert!(
         matches!(
@@ -423,14 +459,21 @@ fn parameter_dtype_mismatch() {
 
     // Backward: the weight, and the type dbias would be returned in.
     let e = gn()
-        .backward::<f16, bf16>(&x, &x, &[2, 4, 3], &stats(4), Some(&w), false)
+        .backward::<f16, bf16>(
+            &x,
+            &x,
+            &[2, 4, 3],
+            &stats(4),
+            Affine::new().weight(&w),
+            false,
+        )
         .unwrap_err();
     assert!(
         matches!(e, Error::DtypeMismatch { name: "weight", .. }),
         "{e:?}"
     );
     let e = gn()
-        .backward::<f16, bf16>(&x, &x, &[2, 4, 3], &stats(4), None, true)
+        .backward::<f16, bf16>(&x, &x, &[2, 4, 3], &stats(4), Affine::new(), true)
         .unwrap_err();
     assert!(
         matches!(e, Error::DtypeMismatch { name: "dbias", .. }),
@@ -439,7 +482,7 @@ fn parameter_dtype_mismatch() {
     assert_mentions(&e, &["`dbias`", "bf16", "f16"]);
     // Without a weight or dbias the parameter type is unused and not checked.
     let g = gn()
-        .backward::<f16, bf16>(&x, &x, &[2, 4, 3], &stats(4), None, false)
+        .backward::<f16, bf16>(&x, &x, &[2, 4, 3], &stats(4), Affine::new(), false)
         .unwrap();
     assert!(g.dweight.is_none() && g.dbias.is_none());
 

@@ -11,7 +11,9 @@ use super::check::{parse_dtypes, parse_path, Rng};
 use super::files::Failure;
 use super::shapes::{self, Shape};
 use groupnorm::cudarc::driver::sys::CUdevice_attribute;
+use groupnorm::gpu::DeviceAffine;
 use groupnorm::gpu::{self, CudaSlice, DeviceStats, DeviceTensor, Gpu, Path};
+use groupnorm::Affine;
 use groupnorm::{bf16, f16, DType, Element, GroupNorm, Layout};
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -286,22 +288,31 @@ fn gpu_shape<T: Element, P: Element>(
         });
     };
     // statistics for the backward passes
-    op.forward_into(&xs[0], Some(&w), Some(&b), &mut y, &mut stats)?;
+    op.forward_into(
+        &xs[0],
+        DeviceAffine::new().weight(&w).bias(&b),
+        &mut y,
+        &mut stats,
+    )?;
     for &pass in &cfg.passes {
         let path = op.describe_path::<T>(dims, pass == "bwd")?;
         let ms = if pass == "fwd" {
             time_gpu(gpu, cfg.warmup, cfg.runs, |i| {
-                op.forward_into(&xs[i % copies], Some(&w), Some(&b), &mut y, &mut stats)
+                op.forward_into(
+                    &xs[i % copies],
+                    DeviceAffine::new().weight(&w).bias(&b),
+                    &mut y,
+                    &mut stats,
+                )
             })?
         } else {
             time_gpu(gpu, cfg.warmup, cfg.runs, |i| {
                 let k = i % copies;
-                op.backward_activated_into(
+                op.backward_into(
                     &dys[k],
                     &xs[k],
                     &stats,
-                    Some(&w),
-                    Some(&b),
+                    DeviceAffine::new().weight(&w).bias(&b),
                     &mut dx,
                     Some(&mut dw),
                     Some(&mut db),
@@ -314,8 +325,7 @@ fn gpu_shape<T: Element, P: Element>(
                 time_gpu(gpu, cfg.warmup, cfg.runs, |i| {
                     op.forward_baseline_into(
                         &xs[i % copies],
-                        Some(&w),
-                        Some(&b),
+                        DeviceAffine::new().weight(&w).bias(&b),
                         &mut y,
                         &mut stats,
                     )
@@ -327,7 +337,7 @@ fn gpu_shape<T: Element, P: Element>(
                         &dys[k],
                         &xs[k],
                         &stats,
-                        Some(&w),
+                        DeviceAffine::new().weight(&w),
                         &mut dx,
                         Some(&mut dw),
                         Some(&mut db),
@@ -412,7 +422,7 @@ fn cpu_shape<T: Element, P: Element>(
     let w: Vec<P> = rng.normal_vec(c, 1.0, 0.1);
     let b: Vec<P> = rng.normal_vec(c, 0.0, 0.1);
     let mut y = vec![T::default(); x.len()];
-    let (_, mut stats) = gn.forward(&x, dims, Some(&w), Some(&b))?;
+    let (_, mut stats) = gn.forward(&x, dims, Affine::new().weight(&w).bias(&b))?;
     let bytes = shape.numel() * T::DTYPE.size();
     let mut rows = Vec::new();
     for &pass in &cfg.passes {
@@ -420,15 +430,20 @@ fn cpu_shape<T: Element, P: Element>(
         for i in 0..cfg.warmup + cfg.runs {
             let t = Instant::now();
             if pass == "fwd" {
-                gn.forward_into(&x, dims, Some(&w), Some(&b), &mut y, &mut stats)?;
+                gn.forward_into(
+                    &x,
+                    dims,
+                    Affine::new().weight(&w).bias(&b),
+                    &mut y,
+                    &mut stats,
+                )?;
             } else {
-                std::hint::black_box(gn.backward_activated(
+                std::hint::black_box(gn.backward(
                     &dy,
                     &x,
                     dims,
                     &stats,
-                    Some(&w),
-                    Some(&b),
+                    Affine::new().weight(&w).bias(&b),
                     true,
                 )?);
             }

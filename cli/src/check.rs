@@ -7,7 +7,9 @@ use super::files::Failure;
 use super::shapes::{self, Shape};
 use groupnorm::accuracy::{dx_error, dx_scale, forward_error, param_grad_error, F32_FORWARD_ABS};
 use groupnorm::cpu::reference;
+use groupnorm::gpu::DeviceAffine;
 use groupnorm::gpu::{self, DeviceTensor, Gpu, Path};
+use groupnorm::Affine;
 use groupnorm::{bf16, f16, Activation, DType, Element, GroupNorm, Layout};
 
 pub const USAGE: &str = "usage: groupnorm check [--shapes small|sd|large|all|2x320x64x64:32,...]
@@ -213,8 +215,15 @@ fn one<T: Element, P: Element>(
     let rg = reference::backward_activated(&gn, &dy, &x, dims, Some(&w), Some(&b))?;
     let (on, y, dx, dw, db) = match place {
         Where::Cpu => {
-            let (y, stats) = gn.forward(&x, dims, Some(&w), Some(&b))?;
-            let g = gn.backward_activated(&dy, &x, dims, &stats, Some(&w), Some(&b), true)?;
+            let (y, stats) = gn.forward(&x, dims, Affine::new().weight(&w).bias(&b))?;
+            let g = gn.backward(
+                &dy,
+                &x,
+                dims,
+                &stats,
+                Affine::new().weight(&w).bias(&b),
+                true,
+            )?;
             (
                 "cpu",
                 y,
@@ -229,8 +238,14 @@ fn one<T: Element, P: Element>(
             let dyd = DeviceTensor::from_host(gpu, &dy, dims, layout)?;
             let wd = gpu::upload(gpu.stream(), &w)?;
             let bd = gpu::upload(gpu.stream(), &b)?;
-            let (y, stats) = op.forward(&xd, Some(&wd), Some(&bd))?;
-            let g = op.backward_activated(&dyd, &xd, &stats, Some(&wd), Some(&bd), true)?;
+            let (y, stats) = op.forward(&xd, DeviceAffine::new().weight(&wd).bias(&bd))?;
+            let g = op.backward(
+                &dyd,
+                &xd,
+                &stats,
+                DeviceAffine::new().weight(&wd).bias(&bd),
+                true,
+            )?;
             let down = |s: Option<gpu::CudaSlice<P>>| -> Result<Vec<P>, groupnorm::Error> {
                 s.map(|s| gpu::download(gpu.stream(), &s))
                     .transpose()

@@ -4,7 +4,9 @@
 
 use groupnorm::accuracy::{dx_error, dx_scale, forward_error, param_grad_error, F32_FORWARD_ABS};
 use groupnorm::cpu::reference;
+use groupnorm::gpu::DeviceAffine;
 use groupnorm::gpu::{self, CudaSlice, DeviceStats, DeviceTensor, Gpu};
+use groupnorm::Affine;
 use groupnorm::{f16, Element, Error, GroupNorm, Layout};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -137,12 +139,21 @@ fn worked_examples(gpu: Option<&Gpu>, v: &mut Verdict) -> Result<(), Error> {
             Some((w, b)) => (Some(&w[..]), Some(&b[..])),
             None => (None, None),
         };
-        let mut results = vec![("cpu", gn.forward(&ex.x, ex.dims, w, b)?.0)];
+        let mut results = vec![(
+            "cpu",
+            gn.forward(&ex.x, ex.dims, Affine { weight: w, bias: b })?.0,
+        )];
         if let Some(gpu) = gpu {
             let xd = DeviceTensor::from_host(gpu, &ex.x, ex.dims, Layout::Nchw)?;
             let wd = w.map(|w| gpu::upload(gpu.stream(), w)).transpose()?;
             let bd = b.map(|b| gpu::upload(gpu.stream(), b)).transpose()?;
-            let (y, _) = gn.on_gpu(gpu).forward(&xd, wd.as_ref(), bd.as_ref())?;
+            let (y, _) = gn.on_gpu(gpu).forward(
+                &xd,
+                DeviceAffine {
+                    weight: wd.as_ref(),
+                    bias: bd.as_ref(),
+                },
+            )?;
             results.push(("gpu", y.to_host(gpu)?));
         }
         for (path, y) in results {
@@ -221,8 +232,12 @@ fn realistic(gpu: Option<&Gpu>, v: &mut Verdict) -> Result<(), Error> {
     let scale = dx_scale(&dy64, &dims, groups, Layout::Nchw, Some(&w64), &r.rstd);
     println!("  reference (f64, one thread)   forward {t_ref:8.2} ms   backward {t_ref_b:8.2} ms");
 
-    let (t_f, (y, stats)) = time_ms(5, || gn.forward(&x, &dims, Some(&w), Some(&b)))?;
-    let (t_b, g) = time_ms(5, || gn.backward(&dy, &x, &dims, &stats, Some(&w), true))?;
+    let (t_f, (y, stats)) = time_ms(5, || {
+        gn.forward(&x, &dims, Affine::new().weight(&w).bias(&b))
+    })?;
+    let (t_b, g) = time_ms(5, || {
+        gn.backward(&dy, &x, &dims, &stats, Affine::new().weight(&w), true)
+    })?;
     report(
         "cpu fast", t_f, t_b, numel, &y, &r.y, &g.dx, &rg.dx, scale, v,
     );
@@ -249,14 +264,19 @@ fn realistic(gpu: Option<&Gpu>, v: &mut Verdict) -> Result<(), Error> {
     let mut dwd: CudaSlice<f32> = gpu::upload(gpu.stream(), &vec![0.0f32; c])?;
     let mut dbd: CudaSlice<f32> = gpu::upload(gpu.stream(), &vec![0.0f32; c])?;
     let t_f = gpu_time_ms(gpu, 20, || {
-        op.forward_into(&xd, Some(&wd), Some(&bd), &mut yd, &mut sd)
+        op.forward_into(
+            &xd,
+            DeviceAffine::new().weight(&wd).bias(&bd),
+            &mut yd,
+            &mut sd,
+        )
     })?;
     let t_b = gpu_time_ms(gpu, 20, || {
         op.backward_into(
             &dyd,
             &xd,
             &sd,
-            Some(&wd),
+            DeviceAffine::new().weight(&wd),
             &mut dxd,
             Some(&mut dwd),
             Some(&mut dbd),

@@ -3,7 +3,9 @@
 
 use super::args::{Args, UsageError};
 use super::npy::{self, Array};
+use groupnorm::gpu::DeviceAffine;
 use groupnorm::gpu::{self, CudaSlice, DeviceTensor, Gpu};
+use groupnorm::Affine;
 use groupnorm::{f16, Element, GroupNorm, Layout, Stats};
 use std::path::Path;
 
@@ -250,12 +252,18 @@ fn forward<T: Element, P: Element>(
     b: Option<&[P]>,
 ) -> Result<(Vec<T>, Stats), Failure> {
     match dev {
-        Device::Cpu => Ok(gn.forward(x, dims, w, b)?),
+        Device::Cpu => Ok(gn.forward(x, dims, Affine { weight: w, bias: b })?),
         Device::Gpu(gpu) => {
             let xd = DeviceTensor::from_host(gpu, x, dims, gn.layout())?;
             let wd = w.map(|w| gpu::upload(gpu.stream(), w)).transpose()?;
             let bd = b.map(|b| gpu::upload(gpu.stream(), b)).transpose()?;
-            let (y, stats) = gn.on_gpu(gpu).forward(&xd, wd.as_ref(), bd.as_ref())?;
+            let (y, stats) = gn.on_gpu(gpu).forward(
+                &xd,
+                DeviceAffine {
+                    weight: wd.as_ref(),
+                    bias: bd.as_ref(),
+                },
+            )?;
             Ok((y.to_host(gpu)?, stats.to_host(gpu)?))
         }
     }
@@ -433,8 +441,15 @@ impl<T: Element> Run<'_, T> {
         } = *self;
         match dev {
             Device::Cpu => {
-                let (_, stats) = gn.forward(x, dims, w, b)?;
-                let g = gn.backward_activated(dy, x, dims, &stats, w, b, want_dbias)?;
+                let (_, stats) = gn.forward(x, dims, Affine { weight: w, bias: b })?;
+                let g = gn.backward(
+                    dy,
+                    x,
+                    dims,
+                    &stats,
+                    Affine { weight: w, bias: b },
+                    want_dbias,
+                )?;
                 Ok((g.dx, g.dweight, g.dbias))
             }
             Device::Gpu(gpu) => {
@@ -443,9 +458,23 @@ impl<T: Element> Run<'_, T> {
                 let dyd = DeviceTensor::from_host(gpu, dy, dims, gn.layout())?;
                 let up = |p: Option<&[P]>| p.map(|p| gpu::upload(gpu.stream(), p)).transpose();
                 let (wd, bd): (Option<CudaSlice<P>>, _) = (up(w)?, up(b)?);
-                let (_, stats) = op.forward(&xd, wd.as_ref(), bd.as_ref())?;
-                let g =
-                    op.backward_activated(&dyd, &xd, &stats, wd.as_ref(), bd.as_ref(), want_dbias)?;
+                let (_, stats) = op.forward(
+                    &xd,
+                    DeviceAffine {
+                        weight: wd.as_ref(),
+                        bias: bd.as_ref(),
+                    },
+                )?;
+                let g = op.backward(
+                    &dyd,
+                    &xd,
+                    &stats,
+                    DeviceAffine {
+                        weight: wd.as_ref(),
+                        bias: bd.as_ref(),
+                    },
+                    want_dbias,
+                )?;
                 let down = |s: Option<CudaSlice<P>>| {
                     s.map(|s| gpu::download(gpu.stream(), &s)).transpose()
                 };

@@ -1,5 +1,6 @@
 //! The `groupnorm` command end to end: `.npy` files in, `.npy` files out, exit codes for bad input.
 
+use groupnorm::Affine;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -220,9 +221,11 @@ fn grad_matches_the_library() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let gn = groupnorm::GroupNorm::new(3, 6).unwrap();
-    let (_, stats) = gn.forward(&x, &[2, 6, 4], Some(&w), None).unwrap();
+    let (_, stats) = gn
+        .forward(&x, &[2, 6, 4], Affine::new().weight(&w))
+        .unwrap();
     let g = gn
-        .backward(&dy, &x, &[2, 6, 4], &stats, Some(&w), true)
+        .backward(&dy, &x, &[2, 6, 4], &stats, Affine::new().weight(&w), true)
         .unwrap();
     assert_eq!(read_f32(&t.path("dx.npy")).1, g.dx);
     assert_eq!(read_f32(&t.path("dw.npy")), (vec![6], g.dweight.unwrap()));

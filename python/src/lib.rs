@@ -3,7 +3,7 @@
 //! Every function takes plain integers (data pointers, a CUDA stream handle, dims, dtype,
 //! layout and activation codes) so that the Python side can pass any framework's tensors without
 //! this crate linking that framework. CPU pointers go through the crate's CPU path
-//! ([`GroupNorm::forward_into`], [`GroupNorm::backward_activated`]) on slices built from them;
+//! ([`GroupNorm::forward_into`], [`GroupNorm::backward`]) on slices built from them;
 //! CUDA pointers through [`groupnorm::gpu::raw`] on the caller's stream, with a workspace the
 //! caller allocates from the size queries. Errors become Python exceptions carrying the crate's
 //! message: `ValueError` for bad arguments, `RuntimeError` for everything else (no driver, no
@@ -14,6 +14,7 @@
 
 use groupnorm::gpu::raw::{self, BackwardPtrs, ForwardPtrs, Problem};
 use groupnorm::gpu::Gpu;
+use groupnorm::Affine;
 use groupnorm::{bf16, f16, Activation, DType, Element, Error, GroupNorm, Layout, Stats};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -199,7 +200,7 @@ unsafe fn cpu_forward_typed<T: Element, P: Element>(
         mean: vec![0.0; rows],
         rstd: vec![0.0; rows],
     };
-    gn.forward_into(x, dims, w, b, y, &mut stats)
+    gn.forward_into(x, dims, Affine { weight: w, bias: b }, y, &mut stats)
         .map_err(to_py)?;
     // SAFETY: mean and rstd hold N * G f32 each (the caller's contract).
     let (mean, rstd) = unsafe {
@@ -311,7 +312,14 @@ unsafe fn cpu_backward_typed<T: Element, P: Element>(
         rstd: rstd.to_vec(),
     };
     let grads = gn
-        .backward_activated(dy, x, dims, &stats, w, b, p.dbias != 0)
+        .backward(
+            dy,
+            x,
+            dims,
+            &stats,
+            Affine { weight: w, bias: b },
+            p.dbias != 0,
+        )
         .map_err(to_py)?;
     // SAFETY: dx holds N * C * S values of T, dweight/dbias C values of P when non-zero.
     unsafe {

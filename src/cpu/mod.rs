@@ -29,7 +29,7 @@ mod fast;
 
 use crate::config::check_len;
 use crate::dtype::{check_param_dtype, Element};
-use crate::{Activation, DType, Error, Geometry, Grads, GroupNorm, Result, Stats};
+use crate::{Activation, Affine, DType, Error, Geometry, Grads, GroupNorm, Result, Stats};
 
 /// Widens a slice to f64 (the f64 path computes in f64 throughout).
 fn widen<E: Element>(v: &[E]) -> Vec<f64> {
@@ -126,16 +126,16 @@ impl GroupNorm {
     /// statistics for [`GroupNorm::backward`].
     ///
     /// `x` has logical dims `dims = (N, C, *spatial)` and lies in memory in this configuration's
-    /// [`Layout`](crate::Layout). `weight` and `bias` hold one value per channel, in f32 or
-    /// `T`; a missing weight counts as 1 and a missing bias as 0.
+    /// [`Layout`](crate::Layout). `affine` names the weight and bias, each optional, of one
+    /// value per channel in f32 or `T` (see [`Affine`]).
     ///
     /// Errors: bad dims (fewer than two, wrong channel count, too large), `x` not of
     /// `N * C * S` elements, a parameter not of `C` elements or of a dtype other than f32 or `T`.
     ///
     /// ```
-    /// use groupnorm::GroupNorm;
+    /// use groupnorm::{Affine, GroupNorm};
     /// let gn = GroupNorm::new(1, 1)?;
-    /// let (y, stats) = gn.forward(&[1.0f32, 2.0, 3.0], &[1, 1, 3], Some(&[2.0f32][..]), None)?;
+    /// let (y, stats) = gn.forward(&[1.0f32, 2.0, 3.0], &[1, 1, 3], Affine::new().weight(&[2.0f32]))?;
     /// assert_eq!(stats.mean, vec![2.0]);
     /// assert!((y[2] - 2.0 * 1.22474).abs() < 1e-4);
     /// # Ok::<(), groupnorm::Error>(())
@@ -144,9 +144,9 @@ impl GroupNorm {
         &self,
         x: &[T],
         dims: &[usize],
-        weight: Option<&[P]>,
-        bias: Option<&[P]>,
+        affine: Affine<'_, P>,
     ) -> Result<(Vec<T>, Stats)> {
+        let Affine { weight, bias } = affine;
         let geo = self.check_forward(x, dims, weight, bias)?;
         let mut y = try_filled(geo.numel(), T::default(), &geo, "y")?;
         let mut stats = Stats {
@@ -181,11 +181,11 @@ impl GroupNorm {
         &self,
         x: &[T],
         dims: &[usize],
-        weight: Option<&[P]>,
-        bias: Option<&[P]>,
+        affine: Affine<'_, P>,
         y: &mut [T],
         stats: &mut Stats,
     ) -> Result<()> {
+        let Affine { weight, bias } = affine;
         let geo = self.check_forward(x, dims, weight, bias)?;
         geo.check_activation("y", y.len())?;
         geo.check_stats(stats)?;
@@ -207,60 +207,43 @@ impl GroupNorm {
         Ok(())
     }
 
-    /// Backward pass on the CPU: gradients with respect to `x`, the weight and the bias.
+    /// Backward pass on the CPU, activation included: gradients with respect to `x`, the
+    /// weight and the bias, given `dy`, the gradient of `y = act(xhat * w + b)`.
     ///
     /// `dy` and `x` have dims `dims` in this configuration's layout; `stats` are the statistics
-    /// the forward pass saved for this `x`. `dweight` is `Some` exactly when `weight` is, and
-    /// `dbias` exactly when `want_dbias` is true; both have `C` values of type `P`.
+    /// the forward pass saved for this `x`; `affine` is the forward pass's. `dweight` is `Some`
+    /// exactly when `affine` has a weight, and `dbias` exactly when `want_dbias` is true; both
+    /// have `C` values of type `P`. With an activation the pre-activation is recomputed from
+    /// `x`, the statistics, the weight and the bias; without one the bias is not read.
     ///
-    /// Errors: as [`GroupNorm::forward`] for `dims`, `x` and `weight`, plus `dy` not of
-    /// `N * C * S` elements, `stats.mean`/`stats.rstd` not of `N * G` elements, and `P` other
-    /// than f32 or `T` when a weight is given or `dbias` is wanted; [`Error::BiasNeeded`] when
-    /// this configuration has an activation (use [`GroupNorm::backward_activated`]).
+    /// Errors: as [`GroupNorm::forward`] for `dims`, `x` and the parameters, plus `dy` not of
+    /// `N * C * S` elements, `stats.mean`/`stats.rstd` not of `N * G` elements or holding
+    /// values no forward pass writes ([`Error::InvalidStats`]), and
+    /// `P` other than f32 or `T` when `dbias` is wanted.
     ///
     /// The result is deterministic: the same inputs give the same bits on every run.
+    ///
+    /// ```
+    /// use groupnorm::{Activation, Affine, GroupNorm};
+    /// let gn = GroupNorm::new(1, 2)?.with_activation(Activation::Silu);
+    /// let (x, w, b) = ([1.0f32, 3.0], [1.0f32, 2.0], [0.5f32, -0.5]);
+    /// let affine = Affine::new().weight(&w).bias(&b);
+    /// let (_y, stats) = gn.forward(&x, &[1, 2], affine)?;
+    /// let g = gn.backward(&[1.0f32, 1.0], &x, &[1, 2], &stats, affine, true)?;
+    /// assert_eq!(g.dx.len(), 2);
+    /// assert!(g.dweight.is_some() && g.dbias.is_some());
+    /// # Ok::<(), groupnorm::Error>(())
+    /// ```
     pub fn backward<T: Element, P: Element>(
         &self,
         dy: &[T],
         x: &[T],
         dims: &[usize],
         stats: &Stats,
-        weight: Option<&[P]>,
+        affine: Affine<'_, P>,
         want_dbias: bool,
     ) -> Result<Grads<T, P>> {
-        self.check_plain_backward()?;
-        self.backward_activated(dy, x, dims, stats, weight, None, want_dbias)
-    }
-
-    /// Backward pass of the whole operator, activation included: `dy` is the gradient of
-    /// `y = act(xhat * w + b)`. The pre-activation is recomputed from `x`, the saved
-    /// statistics, `weight` and `bias` (pass the ones the forward pass used; `None` means the
-    /// forward pass had none). Without an activation the bias is not read and this is
-    /// [`GroupNorm::backward`].
-    ///
-    /// Errors: as [`GroupNorm::backward`] (except [`Error::BiasNeeded`]), plus a bias not of
-    /// `C` values or of the wrong dtype.
-    ///
-    /// ```
-    /// use groupnorm::{Activation, GroupNorm};
-    /// let gn = GroupNorm::new(1, 2)?.with_activation(Activation::Silu);
-    /// let (x, w, b) = ([1.0f32, 3.0], [1.0f32, 2.0], [0.5f32, -0.5]);
-    /// let (_y, stats) = gn.forward(&x, &[1, 2], Some(&w[..]), Some(&b[..]))?;
-    /// let g = gn.backward_activated(&[1.0f32, 1.0], &x, &[1, 2], &stats, Some(&w[..]), Some(&b[..]), true)?;
-    /// assert_eq!(g.dx.len(), 2);
-    /// # Ok::<(), groupnorm::Error>(())
-    /// ```
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward_activated<T: Element, P: Element>(
-        &self,
-        dy: &[T],
-        x: &[T],
-        dims: &[usize],
-        stats: &Stats,
-        weight: Option<&[P]>,
-        bias: Option<&[P]>,
-        want_dbias: bool,
-    ) -> Result<Grads<T, P>> {
+        let Affine { weight, bias } = affine;
         let geo = self.geometry(dims)?;
         geo.check_activation("dy", dy.len())?;
         geo.check_activation("x", x.len())?;

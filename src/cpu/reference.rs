@@ -320,7 +320,7 @@ pub fn backward<T: Element, P: Element>(
 }
 
 /// Reference backward of the whole operator including `gn`'s activation (see
-/// [`backward_act_f64`]): validates as [`GroupNorm::backward_activated`] does, widens to f64.
+/// [`backward_act_f64`]): validates as [`GroupNorm::backward`] does, widens to f64.
 pub fn backward_activated<T: Element, P: Element>(
     gn: &GroupNorm,
     dy: &[T],

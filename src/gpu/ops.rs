@@ -6,7 +6,7 @@
 use super::plan::{Pass, Path};
 use super::raw::{self, BackwardPtrs, ForwardPtrs, Problem};
 use super::runtime::Gpu;
-use super::tensor::{zeros, DeviceGrads, DeviceStats, DeviceTensor};
+use super::tensor::{zeros, DeviceAffine, DeviceGrads, DeviceStats, DeviceTensor};
 use crate::config::check_len;
 use crate::dtype::check_param_dtype;
 use crate::{Element, Error, Geometry, GroupNorm, Result};
@@ -18,13 +18,13 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 /// One per stream: two threads that each own one can run concurrently.
 ///
 /// ```no_run
-/// use groupnorm::{gpu::{DeviceTensor, Gpu}, GroupNorm, Layout};
+/// use groupnorm::{gpu::{DeviceAffine, DeviceTensor, Gpu}, GroupNorm, Layout};
 /// let gpu = Gpu::new(0)?;
 /// let gn = GroupNorm::new(32, 320)?;
 /// let mut op = gn.on_gpu(&gpu);
 /// let host = vec![0.5f32; 2 * 320 * 64];
 /// let x = DeviceTensor::from_host(&gpu, &host, &[2, 320, 64], Layout::Nchw)?;
-/// let (y, stats) = op.forward(&x, None::<&cudarc::driver::CudaSlice<f32>>, None)?;
+/// let (y, stats) = op.forward(&x, DeviceAffine::none())?;
 /// let y_host = y.to_host(&gpu)?;
 /// # Ok::<(), groupnorm::Error>(())
 /// ```
@@ -198,12 +198,11 @@ impl GpuGroupNorm {
     }
 
     /// Forward pass into new buffers: returns `y` (same dims and layout as `x`) and the saved
-    /// statistics.
+    /// statistics. `affine` names the weight and bias (see [`DeviceAffine`]).
     pub fn forward<T, P>(
         &mut self,
         x: &DeviceTensor<T>,
-        weight: Option<&CudaSlice<P>>,
-        bias: Option<&CudaSlice<P>>,
+        affine: DeviceAffine<'_, P>,
     ) -> Result<(DeviceTensor<T>, DeviceStats)>
     where
         T: Element,
@@ -212,7 +211,7 @@ impl GpuGroupNorm {
         let geo = self.geometry(x)?;
         let mut y = DeviceTensor::zeros(&self.gpu, x.dims(), x.layout())?;
         let mut stats = DeviceStats::zeros(&self.gpu, geo.rows())?;
-        self.forward_into(x, weight, bias, &mut y, &mut stats)?;
+        self.forward_into(x, affine, &mut y, &mut stats)?;
         Ok((y, stats))
     }
 
@@ -220,12 +219,11 @@ impl GpuGroupNorm {
     pub fn forward_into<T: Element, P: Element>(
         &mut self,
         x: &DeviceTensor<T>,
-        weight: Option<&CudaSlice<P>>,
-        bias: Option<&CudaSlice<P>>,
+        affine: DeviceAffine<'_, P>,
         y: &mut DeviceTensor<T>,
         stats: &mut DeviceStats,
     ) -> Result<()> {
-        self.run_forward(x, weight, bias, y, stats, false)
+        self.run_forward(x, affine.weight, affine.bias, y, stats, false)
     }
 
     /// The same forward pass through the unfused baseline `groupnorm bench` compares against:
@@ -233,12 +231,11 @@ impl GpuGroupNorm {
     pub fn forward_baseline_into<T: Element, P: Element>(
         &mut self,
         x: &DeviceTensor<T>,
-        weight: Option<&CudaSlice<P>>,
-        bias: Option<&CudaSlice<P>>,
+        affine: DeviceAffine<'_, P>,
         y: &mut DeviceTensor<T>,
         stats: &mut DeviceStats,
     ) -> Result<()> {
-        self.run_forward(x, weight, bias, y, stats, true)
+        self.run_forward(x, affine.weight, affine.bias, y, stats, true)
     }
 
     fn run_forward<T: Element, P: Element>(
@@ -309,35 +306,16 @@ impl GpuGroupNorm {
         }
     }
 
-    /// Backward pass into new buffers. `dweight` is computed when `weight` is given, `dbias` when
-    /// `want_dbias`. Errors with [`Error::BiasNeeded`] when the configuration has an activation
-    /// (use [`GpuGroupNorm::backward_activated`]).
+    /// Backward pass into new buffers, activation included: `dy` is the gradient of
+    /// `act(xhat * w + b)`, `affine` the forward pass's (its bias is read only to recompute an
+    /// activation's input). `dweight` is computed when `affine` has a weight, `dbias` when
+    /// `want_dbias`. As [`GroupNorm::backward`] on the CPU.
     pub fn backward<T, P>(
         &mut self,
         dy: &DeviceTensor<T>,
         x: &DeviceTensor<T>,
         stats: &DeviceStats,
-        weight: Option<&CudaSlice<P>>,
-        want_dbias: bool,
-    ) -> Result<DeviceGrads<T, P>>
-    where
-        T: Element,
-        P: Element,
-    {
-        self.gn.check_plain_backward()?;
-        self.backward_activated(dy, x, stats, weight, None, want_dbias)
-    }
-
-    /// Backward pass of the whole operator, activation included, into new buffers: `dy` is the
-    /// gradient of `act(xhat * w + b)`; `bias` is the forward pass's (None if it had none), read
-    /// to recompute the activation's input. As [`GroupNorm::backward_activated`] on the CPU.
-    pub fn backward_activated<T, P>(
-        &mut self,
-        dy: &DeviceTensor<T>,
-        x: &DeviceTensor<T>,
-        stats: &DeviceStats,
-        weight: Option<&CudaSlice<P>>,
-        bias: Option<&CudaSlice<P>>,
+        affine: DeviceAffine<'_, P>,
         want_dbias: bool,
     ) -> Result<DeviceGrads<T, P>>
     where
@@ -346,7 +324,7 @@ impl GpuGroupNorm {
     {
         let geo = self.geometry(x)?;
         let mut dx = DeviceTensor::zeros(&self.gpu, x.dims(), x.layout())?;
-        let mut dweight = match weight {
+        let mut dweight = match affine.weight {
             Some(_) => Some(zeros::<P>(self.gpu.stream(), geo.c)?),
             None => None,
         };
@@ -354,68 +332,50 @@ impl GpuGroupNorm {
             true => Some(zeros::<P>(self.gpu.stream(), geo.c)?),
             false => None,
         };
-        self.run_backward(
+        self.backward_into(
             dy,
             x,
             stats,
-            weight,
-            bias,
+            affine,
             &mut dx,
             dweight.as_mut(),
             dbias.as_mut(),
-            false,
         )?;
         Ok(DeviceGrads { dx, dweight, dbias })
     }
 
-    /// Backward pass into caller-owned buffers. `dweight` may only be asked for with a weight.
-    /// Errors with [`Error::BiasNeeded`] when the configuration has an activation (use
-    /// [`GpuGroupNorm::backward_activated_into`]).
+    /// [`GpuGroupNorm::backward`] into caller-owned buffers. `dweight` may only be asked for
+    /// when `affine` has a weight.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_into<T: Element, P: Element>(
         &mut self,
         dy: &DeviceTensor<T>,
         x: &DeviceTensor<T>,
         stats: &DeviceStats,
-        weight: Option<&CudaSlice<P>>,
+        affine: DeviceAffine<'_, P>,
         dx: &mut DeviceTensor<T>,
         dweight: Option<&mut CudaSlice<P>>,
         dbias: Option<&mut CudaSlice<P>>,
     ) -> Result<()> {
-        self.gn.check_plain_backward()?;
-        self.run_backward(dy, x, stats, weight, None, dx, dweight, dbias, false)
-    }
-
-    /// [`GpuGroupNorm::backward_activated`] into caller-owned buffers.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward_activated_into<T: Element, P: Element>(
-        &mut self,
-        dy: &DeviceTensor<T>,
-        x: &DeviceTensor<T>,
-        stats: &DeviceStats,
-        weight: Option<&CudaSlice<P>>,
-        bias: Option<&CudaSlice<P>>,
-        dx: &mut DeviceTensor<T>,
-        dweight: Option<&mut CudaSlice<P>>,
-        dbias: Option<&mut CudaSlice<P>>,
-    ) -> Result<()> {
+        let DeviceAffine { weight, bias } = affine;
         self.run_backward(dy, x, stats, weight, bias, dx, dweight, dbias, false)
     }
 
     /// The same backward pass through the unfused baseline (PyTorch's structure: per-(n, c) sums,
-    /// per-row coefficients, an elementwise dx kernel, then dweight/dbias).
+    /// per-row coefficients, an elementwise dx kernel, then dweight/dbias). No activation.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_baseline_into<T: Element, P: Element>(
         &mut self,
         dy: &DeviceTensor<T>,
         x: &DeviceTensor<T>,
         stats: &DeviceStats,
-        weight: Option<&CudaSlice<P>>,
+        affine: DeviceAffine<'_, P>,
         dx: &mut DeviceTensor<T>,
         dweight: Option<&mut CudaSlice<P>>,
         dbias: Option<&mut CudaSlice<P>>,
     ) -> Result<()> {
-        self.run_backward(dy, x, stats, weight, None, dx, dweight, dbias, true)
+        let DeviceAffine { weight, bias } = affine;
+        self.run_backward(dy, x, stats, weight, bias, dx, dweight, dbias, true)
     }
 
     #[allow(clippy::too_many_arguments)]

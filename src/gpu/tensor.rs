@@ -193,6 +193,60 @@ impl<T: Element> DeviceTensor<T> {
     }
 }
 
+/// The affine parameters of one GPU call, on the device: what [`Affine`](crate::Affine) is on
+/// the host. Named at the call site, so weight and bias cannot be swapped by position, and
+/// [`DeviceAffine::none`] needs no type annotation.
+#[derive(Debug)]
+pub struct DeviceAffine<'a, P> {
+    /// Per-channel scale (`C` values), or `None` for 1.
+    pub weight: Option<&'a CudaSlice<P>>,
+    /// Per-channel shift (`C` values), or `None` for 0.
+    pub bias: Option<&'a CudaSlice<P>>,
+}
+
+// by hand: the derives would ask `P: Clone`, which the references do not need
+impl<P> Clone for DeviceAffine<'_, P> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<P> Copy for DeviceAffine<'_, P> {}
+
+impl<'a, P> DeviceAffine<'a, P> {
+    /// Neither parameter yet, with the parameter type left to the ones that follow.
+    pub const fn new() -> Self {
+        DeviceAffine {
+            weight: None,
+            bias: None,
+        }
+    }
+
+    /// Sets the weight (per-channel scale).
+    pub const fn weight(mut self, weight: &'a CudaSlice<P>) -> Self {
+        self.weight = Some(weight);
+        self
+    }
+
+    /// Sets the bias (per-channel shift).
+    pub const fn bias(mut self, bias: &'a CudaSlice<P>) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+}
+
+impl DeviceAffine<'static, f32> {
+    /// No weight and no bias (typed f32, which every activation dtype accepts).
+    pub const fn none() -> Self {
+        DeviceAffine::new()
+    }
+}
+
+impl<P> Default for DeviceAffine<'_, P> {
+    fn default() -> Self {
+        DeviceAffine::new()
+    }
+}
+
 /// Forward statistics on the device, f32, `(N, G)`: what [`Stats`] is on the host.
 #[derive(Debug)]
 pub struct DeviceStats {

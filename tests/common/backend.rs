@@ -5,7 +5,9 @@
 //! Include with `#[path = "common/backend.rs"] mod backend;` beside `mod gpu_support;`.
 #![allow(dead_code)]
 
+use groupnorm::gpu::DeviceAffine;
 use groupnorm::gpu::{DeviceLimits, Path};
+use groupnorm::Affine;
 use groupnorm::{Element, Grads, GroupNorm, Result, Stats};
 
 /// Where a test runs its forward and backward passes.
@@ -63,7 +65,7 @@ impl Backend {
         b: Option<&[P]>,
     ) -> Result<(Vec<T>, Stats)> {
         match self {
-            Backend::Cpu => gn.forward(x, dims, w, b),
+            Backend::Cpu => gn.forward(x, dims, Affine { weight: w, bias: b }),
             #[cfg(feature = "emulate")]
             Backend::Emulated(limits) => {
                 let numel: usize = dims.iter().product();
@@ -84,7 +86,13 @@ impl Backend {
                 let xd = DeviceTensor::from_host(gpu, x, dims, gn.layout())?;
                 let wd = w.map(|w| upload(gpu.stream(), w)).transpose()?;
                 let bd = b.map(|b| upload(gpu.stream(), b)).transpose()?;
-                let (y, stats) = op.forward(&xd, wd.as_ref(), bd.as_ref())?;
+                let (y, stats) = op.forward(
+                    &xd,
+                    DeviceAffine {
+                        weight: wd.as_ref(),
+                        bias: bd.as_ref(),
+                    },
+                )?;
                 Ok((y.to_host(gpu)?, stats.to_host(gpu)?))
             }
         }
@@ -105,7 +113,14 @@ impl Backend {
         want_dbias: bool,
     ) -> Result<Grads<T, P>> {
         match self {
-            Backend::Cpu => gn.backward_activated(dy, x, dims, stats, w, b, want_dbias),
+            Backend::Cpu => gn.backward(
+                dy,
+                x,
+                dims,
+                stats,
+                Affine { weight: w, bias: b },
+                want_dbias,
+            ),
             #[cfg(feature = "emulate")]
             Backend::Emulated(limits) => {
                 let numel: usize = dims.iter().product();
@@ -142,8 +157,16 @@ impl Backend {
                 let sd = DeviceStats::from_host(gpu, stats)?;
                 let wd = w.map(|w| upload(gpu.stream(), w)).transpose()?;
                 let bd = b.map(|b| upload(gpu.stream(), b)).transpose()?;
-                let g =
-                    op.backward_activated(&dyd, &xd, &sd, wd.as_ref(), bd.as_ref(), want_dbias)?;
+                let g = op.backward(
+                    &dyd,
+                    &xd,
+                    &sd,
+                    DeviceAffine {
+                        weight: wd.as_ref(),
+                        bias: bd.as_ref(),
+                    },
+                    want_dbias,
+                )?;
                 let down = |s: Option<groupnorm::gpu::CudaSlice<P>>| {
                     s.map(|s| download(gpu.stream(), &s)).transpose()
                 };

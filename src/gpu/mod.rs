@@ -25,4 +25,7 @@ pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 pub use ops::GpuGroupNorm;
 pub use plan::{DeviceLimits, Path};
 pub use runtime::{built_archs, driver_present, entry_points, kernels_built, Gpu};
-pub use tensor::{download, upload, DeviceAffine, DeviceGrads, DeviceStats, DeviceTensor};
+pub use tensor::{
+    download, upload, AsDeviceView, AsDeviceViewMut, DeviceAffine, DeviceGrads, DeviceStats,
+    DeviceTensor, DeviceView, DeviceViewMut,
+};

@@ -6,7 +6,10 @@
 use super::plan::{Pass, Path};
 use super::raw::{self, BackwardPtrs, ForwardPtrs, Problem};
 use super::runtime::Gpu;
-use super::tensor::{zeros, DeviceAffine, DeviceGrads, DeviceStats, DeviceTensor};
+use super::tensor::{
+    zeros, AsDeviceView, AsDeviceViewMut, DeviceAffine, DeviceGrads, DeviceStats, DeviceTensor,
+    DeviceView, DeviceViewMut,
+};
 use crate::config::check_len;
 use crate::dtype::check_param_dtype;
 use crate::{Element, Error, Geometry, GroupNorm, Result};
@@ -67,7 +70,7 @@ fn check_tensor<T: Element>(
     gpu: &Gpu,
     geo: &Geometry,
     name: &'static str,
-    t: &DeviceTensor<T>,
+    t: &DeviceView<'_, T>,
 ) -> Result<()> {
     if t.dims() != geo.dims.as_slice() {
         return Err(Error::ShapeMismatch {
@@ -147,7 +150,7 @@ impl GpuGroupNorm {
     /// Validated geometry of `x`, refusing what the GPU path does not do yet.
     /// Validated geometry of `x` (what the raw layer cannot check: dims against the buffer, the
     /// layout, the context); the raw layer refuses what the GPU path does not do yet.
-    fn geometry<T: Element>(&self, x: &DeviceTensor<T>) -> Result<Geometry> {
+    fn geometry<T: Element>(&self, x: &DeviceView<'_, T>) -> Result<Geometry> {
         let geo = self.gn.geometry(x.dims())?;
         check_tensor(&self.gpu, &geo, "x", x)?;
         Ok(geo)
@@ -199,56 +202,69 @@ impl GpuGroupNorm {
 
     /// Forward pass into new buffers: returns `y` (same dims and layout as `x`) and the saved
     /// statistics. `affine` names the weight and bias (see [`DeviceAffine`]).
-    pub fn forward<T, P>(
+    pub fn forward<X, P>(
         &mut self,
-        x: &DeviceTensor<T>,
+        x: &X,
         affine: DeviceAffine<'_, P>,
-    ) -> Result<(DeviceTensor<T>, DeviceStats)>
+    ) -> Result<(DeviceTensor<X::Elem>, DeviceStats)>
     where
-        T: Element,
+        X: AsDeviceView + ?Sized,
         P: Element,
     {
-        let geo = self.geometry(x)?;
+        let x = x.device_view();
+        let geo = self.geometry(&x)?;
         let mut y = DeviceTensor::zeros(&self.gpu, x.dims(), x.layout())?;
         let mut stats = DeviceStats::zeros(&self.gpu, geo.rows())?;
-        self.forward_into(x, affine, &mut y, &mut stats)?;
+        self.forward_into(&x, affine, &mut y, &mut stats)?;
         Ok((y, stats))
     }
 
     /// Forward pass into caller-owned buffers (no allocation beyond the workspace's first growth).
-    pub fn forward_into<T: Element, P: Element>(
+    pub fn forward_into<X, Y, P>(
         &mut self,
-        x: &DeviceTensor<T>,
+        x: &X,
         affine: DeviceAffine<'_, P>,
-        y: &mut DeviceTensor<T>,
+        y: &mut Y,
         stats: &mut DeviceStats,
-    ) -> Result<()> {
-        self.run_forward(x, affine.weight, affine.bias, y, stats, false)
+    ) -> Result<()>
+    where
+        X: AsDeviceView + ?Sized,
+        Y: AsDeviceViewMut<Elem = X::Elem> + ?Sized,
+        P: Element,
+    {
+        let (x, mut y) = (x.device_view(), y.device_view_mut());
+        self.run_forward(&x, affine.weight, affine.bias, &mut y, stats, false)
     }
 
     /// The same forward pass through the unfused baseline `groupnorm bench` compares against:
     /// a statistics kernel, then a separate normalize kernel, as PyTorch structures it.
-    pub fn forward_baseline_into<T: Element, P: Element>(
+    pub fn forward_baseline_into<X, Y, P>(
         &mut self,
-        x: &DeviceTensor<T>,
+        x: &X,
         affine: DeviceAffine<'_, P>,
-        y: &mut DeviceTensor<T>,
+        y: &mut Y,
         stats: &mut DeviceStats,
-    ) -> Result<()> {
-        self.run_forward(x, affine.weight, affine.bias, y, stats, true)
+    ) -> Result<()>
+    where
+        X: AsDeviceView + ?Sized,
+        Y: AsDeviceViewMut<Elem = X::Elem> + ?Sized,
+        P: Element,
+    {
+        let (x, mut y) = (x.device_view(), y.device_view_mut());
+        self.run_forward(&x, affine.weight, affine.bias, &mut y, stats, true)
     }
 
     fn run_forward<T: Element, P: Element>(
         &mut self,
-        x: &DeviceTensor<T>,
+        x: &DeviceView<'_, T>,
         weight: Option<&CudaSlice<P>>,
         bias: Option<&CudaSlice<P>>,
-        y: &mut DeviceTensor<T>,
+        y: &mut DeviceViewMut<'_, T>,
         stats: &mut DeviceStats,
         baseline: bool,
     ) -> Result<()> {
         let geo = self.geometry(x)?;
-        check_tensor(&self.gpu, &geo, "y", y)?;
+        check_tensor(&self.gpu, &geo, "y", &y.as_view())?;
         check_param_dtype::<T, P>("weight")?;
         check_param::<T, P>(&self.gpu, "weight", weight, geo.c)?;
         check_param::<T, P>(&self.gpu, "bias", bias, geo.c)?;
@@ -310,19 +326,21 @@ impl GpuGroupNorm {
     /// `act(xhat * w + b)`, `affine` the forward pass's (its bias is read only to recompute an
     /// activation's input). `dweight` is computed when `affine` has a weight, `dbias` when
     /// `want_dbias`. As [`GroupNorm::backward`] on the CPU.
-    pub fn backward<T, P>(
+    pub fn backward<D, X, P>(
         &mut self,
-        dy: &DeviceTensor<T>,
-        x: &DeviceTensor<T>,
+        dy: &D,
+        x: &X,
         stats: &DeviceStats,
         affine: DeviceAffine<'_, P>,
         want_dbias: bool,
-    ) -> Result<DeviceGrads<T, P>>
+    ) -> Result<DeviceGrads<X::Elem, P>>
     where
-        T: Element,
+        D: AsDeviceView<Elem = X::Elem> + ?Sized,
+        X: AsDeviceView + ?Sized,
         P: Element,
     {
-        let geo = self.geometry(x)?;
+        let x = x.device_view();
+        let geo = self.geometry(&x)?;
         let mut dx = DeviceTensor::zeros(&self.gpu, x.dims(), x.layout())?;
         let mut dweight = match affine.weight {
             Some(_) => Some(zeros::<P>(self.gpu.stream(), geo.c)?),
@@ -334,7 +352,7 @@ impl GpuGroupNorm {
         };
         self.backward_into(
             dy,
-            x,
+            &x,
             stats,
             affine,
             &mut dx,
@@ -347,53 +365,67 @@ impl GpuGroupNorm {
     /// [`GpuGroupNorm::backward`] into caller-owned buffers. `dweight` may only be asked for
     /// when `affine` has a weight.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_into<T: Element, P: Element>(
+    pub fn backward_into<D, X, DX, P>(
         &mut self,
-        dy: &DeviceTensor<T>,
-        x: &DeviceTensor<T>,
+        dy: &D,
+        x: &X,
         stats: &DeviceStats,
         affine: DeviceAffine<'_, P>,
-        dx: &mut DeviceTensor<T>,
+        dx: &mut DX,
         dweight: Option<&mut CudaSlice<P>>,
         dbias: Option<&mut CudaSlice<P>>,
-    ) -> Result<()> {
+    ) -> Result<()>
+    where
+        D: AsDeviceView<Elem = X::Elem> + ?Sized,
+        X: AsDeviceView + ?Sized,
+        DX: AsDeviceViewMut<Elem = X::Elem> + ?Sized,
+        P: Element,
+    {
         let DeviceAffine { weight, bias } = affine;
-        self.run_backward(dy, x, stats, weight, bias, dx, dweight, dbias, false)
+        let (dy, x, mut dx) = (dy.device_view(), x.device_view(), dx.device_view_mut());
+        self.run_backward(&dy, &x, stats, weight, bias, &mut dx, dweight, dbias, false)
     }
 
     /// The same backward pass through the unfused baseline (PyTorch's structure: per-(n, c) sums,
     /// per-row coefficients, an elementwise dx kernel, then dweight/dbias). No activation.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_baseline_into<T: Element, P: Element>(
+    pub fn backward_baseline_into<D, X, DX, P>(
         &mut self,
-        dy: &DeviceTensor<T>,
-        x: &DeviceTensor<T>,
+        dy: &D,
+        x: &X,
         stats: &DeviceStats,
         affine: DeviceAffine<'_, P>,
-        dx: &mut DeviceTensor<T>,
+        dx: &mut DX,
         dweight: Option<&mut CudaSlice<P>>,
         dbias: Option<&mut CudaSlice<P>>,
-    ) -> Result<()> {
+    ) -> Result<()>
+    where
+        D: AsDeviceView<Elem = X::Elem> + ?Sized,
+        X: AsDeviceView + ?Sized,
+        DX: AsDeviceViewMut<Elem = X::Elem> + ?Sized,
+        P: Element,
+    {
         let DeviceAffine { weight, bias } = affine;
-        self.run_backward(dy, x, stats, weight, bias, dx, dweight, dbias, true)
+        let (dy, x, mut dx) = (dy.device_view(), x.device_view(), dx.device_view_mut());
+        self.run_backward(&dy, &x, stats, weight, bias, &mut dx, dweight, dbias, true)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn run_backward<T: Element, P: Element>(
         &mut self,
-        dy: &DeviceTensor<T>,
-        x: &DeviceTensor<T>,
+        dy: &DeviceView<'_, T>,
+        x: &DeviceView<'_, T>,
         stats: &DeviceStats,
         weight: Option<&CudaSlice<P>>,
         bias: Option<&CudaSlice<P>>,
-        dx: &mut DeviceTensor<T>,
+        dx: &mut DeviceViewMut<'_, T>,
         dweight: Option<&mut CudaSlice<P>>,
         dbias: Option<&mut CudaSlice<P>>,
         baseline: bool,
     ) -> Result<()> {
         let geo = self.geometry(x)?;
         check_tensor(&self.gpu, &geo, "dy", dy)?;
-        check_tensor(&self.gpu, &geo, "dx", dx)?;
+        check_tensor(&self.gpu, &geo, "dx", &dx.as_view())?;
         check_param_dtype::<T, P>("weight")?;
         check_param::<T, P>(&self.gpu, "weight", weight, geo.c)?;
         check_param::<T, P>(&self.gpu, "bias", bias, geo.c)?;

@@ -78,7 +78,243 @@ pub(crate) fn checked_bytes<T>(len: usize, dims: &[usize]) -> Result<usize> {
     }
 }
 
+/// Checks that a buffer of `len` elements holds `offset..offset + numel(dims)`.
+fn check_extent<T>(len: usize, offset: usize, dims: &[usize]) -> Result<()> {
+    let n = numel(dims)?;
+    let needed = offset.checked_add(n).ok_or_else(|| Error::TooLarge {
+        dims: dims.to_vec(),
+        why: "offset plus element count overflows usize".into(),
+    })?;
+    // in bytes too, and the buffer's own claim: a length whose bytes overflow cannot be a
+    // real allocation, so no length check against it means anything
+    checked_bytes::<T>(needed, dims)?;
+    checked_bytes::<T>(len, dims)?;
+    if len < needed {
+        return Err(Error::LengthMismatch {
+            name: "data",
+            expected: needed,
+            got: len,
+            what: format!("offset {offset} plus the product of dims {dims:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// A borrowed activation tensor on the device: a buffer the caller keeps (a `CudaSlice` from
+/// candle, another library or a pool), with the dims and layout it holds from element `offset`
+/// on. What [`DeviceTensor`] is, without taking the buffer: the GPU operations take either
+/// (see [`AsDeviceView`]).
+///
+/// ```no_run
+/// use groupnorm::gpu::{upload, DeviceAffine, DeviceView, Gpu};
+/// use groupnorm::{GroupNorm, Layout};
+/// let gpu = Gpu::new(0)?;
+/// let mine = upload(gpu.stream(), &vec![0.5f32; 2 * 8 * 16])?; // stays the caller's
+/// let x = DeviceView::new(&mine, &[2, 8, 16], Layout::Nchw)?;
+/// let (y, _stats) = GroupNorm::new(4, 8)?.on_gpu(&gpu).forward(&x, DeviceAffine::none())?;
+/// # Ok::<(), groupnorm::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct DeviceView<'a, T> {
+    data: &'a CudaSlice<T>,
+    offset: usize,
+    dims: &'a [usize],
+    layout: Layout,
+}
+
+// by hand: the derives would ask `T: Clone`, which a shared borrow does not need
+impl<T> Clone for DeviceView<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for DeviceView<'_, T> {}
+
+impl<'a, T: Element> DeviceView<'a, T> {
+    /// Views a buffer holding at least the tensor's elements, from its start.
+    pub fn new(data: &'a CudaSlice<T>, dims: &'a [usize], layout: Layout) -> Result<Self> {
+        Self::with_offset(data, 0, dims, layout)
+    }
+
+    /// Views the elements `offset..offset + numel` of a buffer. Errors as
+    /// [`DeviceTensor::with_offset`].
+    pub fn with_offset(
+        data: &'a CudaSlice<T>,
+        offset: usize,
+        dims: &'a [usize],
+        layout: Layout,
+    ) -> Result<Self> {
+        check_extent::<T>(data.len(), offset, dims)?;
+        Ok(DeviceView {
+            data,
+            offset,
+            dims,
+            layout,
+        })
+    }
+
+    /// Logical dims `(N, C, *spatial)`.
+    pub fn dims(&self) -> &'a [usize] {
+        self.dims
+    }
+
+    /// Memory layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// Element offset of the tensor in its buffer.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// The underlying buffer.
+    pub fn buffer(&self) -> &'a CudaSlice<T> {
+        self.data
+    }
+}
+
+/// A mutably borrowed activation tensor on the device, for outputs: what [`DeviceView`] is
+/// for inputs.
+#[derive(Debug)]
+pub struct DeviceViewMut<'a, T> {
+    data: &'a mut CudaSlice<T>,
+    offset: usize,
+    dims: &'a [usize],
+    layout: Layout,
+}
+
+impl<'a, T: Element> DeviceViewMut<'a, T> {
+    /// Views a buffer holding at least the tensor's elements, from its start.
+    pub fn new(data: &'a mut CudaSlice<T>, dims: &'a [usize], layout: Layout) -> Result<Self> {
+        Self::with_offset(data, 0, dims, layout)
+    }
+
+    /// Views the elements `offset..offset + numel` of a buffer. Errors as
+    /// [`DeviceTensor::with_offset`].
+    pub fn with_offset(
+        data: &'a mut CudaSlice<T>,
+        offset: usize,
+        dims: &'a [usize],
+        layout: Layout,
+    ) -> Result<Self> {
+        check_extent::<T>(data.len(), offset, dims)?;
+        Ok(DeviceViewMut {
+            data,
+            offset,
+            dims,
+            layout,
+        })
+    }
+
+    /// Logical dims `(N, C, *spatial)`.
+    pub fn dims(&self) -> &[usize] {
+        self.dims
+    }
+
+    /// Memory layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Element offset of the tensor in its buffer.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// The same tensor, read-only.
+    pub fn as_view(&self) -> DeviceView<'_, T> {
+        DeviceView {
+            data: self.data,
+            offset: self.offset,
+            dims: self.dims,
+            layout: self.layout,
+        }
+    }
+
+    /// The underlying buffer, mutably.
+    pub fn buffer_mut(&mut self) -> &mut CudaSlice<T> {
+        self.data
+    }
+}
+
+/// What the GPU operations take as an input tensor: an owned [`DeviceTensor`] or a borrowed
+/// [`DeviceView`] (pass either by reference).
+pub trait AsDeviceView {
+    /// The element type.
+    type Elem: Element;
+    /// The tensor as a borrowed view.
+    fn device_view(&self) -> DeviceView<'_, Self::Elem>;
+}
+
+/// What the GPU operations take as an output tensor: an owned [`DeviceTensor`] or a mutably
+/// borrowed [`DeviceViewMut`] (pass either by `&mut`).
+pub trait AsDeviceViewMut {
+    /// The element type.
+    type Elem: Element;
+    /// The tensor as a mutably borrowed view.
+    fn device_view_mut(&mut self) -> DeviceViewMut<'_, Self::Elem>;
+}
+
+impl<T: Element> AsDeviceView for DeviceTensor<T> {
+    type Elem = T;
+    fn device_view(&self) -> DeviceView<'_, T> {
+        self.view()
+    }
+}
+
+impl<T: Element> AsDeviceView for DeviceView<'_, T> {
+    type Elem = T;
+    fn device_view(&self) -> DeviceView<'_, T> {
+        *self
+    }
+}
+
+impl<T: Element> AsDeviceViewMut for DeviceTensor<T> {
+    type Elem = T;
+    fn device_view_mut(&mut self) -> DeviceViewMut<'_, T> {
+        self.view_mut()
+    }
+}
+
+impl<T: Element> AsDeviceViewMut for DeviceViewMut<'_, T> {
+    type Elem = T;
+    fn device_view_mut(&mut self) -> DeviceViewMut<'_, T> {
+        DeviceViewMut {
+            data: &mut *self.data,
+            offset: self.offset,
+            dims: self.dims,
+            layout: self.layout,
+        }
+    }
+}
+
 impl<T: Element> DeviceTensor<T> {
+    /// The tensor as a borrowed view.
+    pub fn view(&self) -> DeviceView<'_, T> {
+        DeviceView {
+            data: &self.data,
+            offset: self.offset,
+            dims: &self.dims,
+            layout: self.layout,
+        }
+    }
+
+    /// The tensor as a mutably borrowed view.
+    pub fn view_mut(&mut self) -> DeviceViewMut<'_, T> {
+        DeviceViewMut {
+            data: &mut self.data,
+            offset: self.offset,
+            dims: &self.dims,
+            layout: self.layout,
+        }
+    }
+
     /// Wraps a device buffer holding exactly the tensor's elements.
     pub fn new(data: CudaSlice<T>, dims: &[usize], layout: Layout) -> Result<Self> {
         Self::with_offset(data, 0, dims, layout)
@@ -91,23 +327,7 @@ impl<T: Element> DeviceTensor<T> {
         dims: &[usize],
         layout: Layout,
     ) -> Result<Self> {
-        let n = numel(dims)?;
-        let needed = offset.checked_add(n).ok_or_else(|| Error::TooLarge {
-            dims: dims.to_vec(),
-            why: "offset plus element count overflows usize".into(),
-        })?;
-        // in bytes too, and the buffer's own claim: a length whose bytes overflow cannot be a
-        // real allocation, so no length check against it means anything
-        checked_bytes::<T>(needed, dims)?;
-        checked_bytes::<T>(data.len(), dims)?;
-        if data.len() < needed {
-            return Err(Error::LengthMismatch {
-                name: "data",
-                expected: needed,
-                got: data.len(),
-                what: format!("offset {offset} plus the product of dims {dims:?}"),
-            });
-        }
+        check_extent::<T>(data.len(), offset, dims)?;
         Ok(DeviceTensor {
             data,
             offset,

@@ -45,6 +45,11 @@ cat "$log"
 want="groupnorm GPU kernels (nvcc 12.4): SASS for $(printf 'sm_%s,' $expect_archs | sed 's/,$//'), PTX for compute_90"
 grep -qF "$want" "$log" || { echo "check-cuda12: expected build.rs to report: $want" >&2; exit 1; }
 
+# cudarc's bindings followed the nvcc on PATH (its `cuda-version-from-build-system`, which this
+# crate leaves to the graph): CUDA 12.4's driver API
+grep -qs 'feature="cuda-12040"' "$target"/debug/build/cudarc-*/output ||
+  { echo "check-cuda12: cudarc did not select the CUDA 12.4 bindings (cuda-12040)" >&2; exit 1; }
+
 # Independent of build.rs's own spill check: read ptxas's report for the build above.
 out=$(ls -td "$target"/debug/build/groupnorm-*/out 2>/dev/null | while read -r d; do
   [ -f "$d/ptxas-report.txt" ] && { echo "$d"; break; }; done)
@@ -67,7 +72,7 @@ for fb in "$out"/*.fatbin; do
   "$CUOBJDUMP" --list-ptx "$fb" | grep -q 'sm_90' ||
     { echo "check-cuda12: $(basename "$fb") has no compute_90 PTX" >&2; exit 1; }
 done
-echo "check-cuda12: $nkernels kernels x sm_${expect_archs// /,sm_} compiled by nvcc 12.4, no spills; $(ls "$out"/*.fatbin | wc -l) fatbins checked with cuobjdump" >&2
+echo "check-cuda12: cudarc bindings cuda-12040; $nkernels kernels x sm_${expect_archs// /,sm_} compiled by nvcc 12.4, no spills; $(ls "$out"/*.fatbin | wc -l) fatbins checked with cuobjdump" >&2
 
 # build.rs refuses, with a reason, an architecture that this nvcc cannot target
 if run_check GROUPNORM_CUDA_ARCHS=90,100 > "$log" 2>&1; then

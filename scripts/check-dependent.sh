@@ -37,6 +37,10 @@ fn main() -> Result<(), groupnorm::Error> {
 }
 EOF
 
+# the workspace's lock file, so that CI builds the versions it tested (cargo adds the scratch
+# crate and drops what it does not use; a dependent with no lock file would resolve afresh)
+cp "$repo/Cargo.lock" "$tmp/dependent/Cargo.lock"
+
 echo "check-dependent: building $tmp/dependent (groupnorm by path, GROUPNORM_CUDA_ARCHS=90)" >&2
 (cd "$tmp/dependent" && GROUPNORM_CUDA_ARCHS=90 CARGO_TARGET_DIR="$tmp/target" cargo build --quiet)
 "$tmp/target/debug/groupnorm-dependent-check"

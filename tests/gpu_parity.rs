@@ -18,7 +18,7 @@ use backend::Backend;
 use common::*;
 use gpu_support::*;
 use groupnorm::cpu::reference;
-use groupnorm::gpu::{CudaSlice, DeviceStats, DeviceTensor, Path};
+use groupnorm::gpu::{CudaSlice, DeviceStats, DeviceTensor, Gpu, Path};
 use groupnorm::{bf16, f16, Error, GroupNorm, Layout};
 use parity::{all_dtypes, parity, Opts, PLAIN};
 

@@ -3,7 +3,7 @@
 //! what only the emulator can show is checked: its own primitives (barriers, warp sums,
 //! clusters, 16-bit conversions), the path each shape takes on small device limits (from the
 //! trace of launches), forced paths and their refusals, bit-identical results under every block
-//! schedule, and in-place forward passes.
+//! schedule. (In-place forward passes wait for an emulator entry point: tests/common/in_place.rs.)
 //!
 //! The checks every backend shares (parity with the f64 reference on every path, layout,
 //! activation and affine combination) are written once in tests/common/parity.rs and run on the

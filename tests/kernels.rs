@@ -144,53 +144,59 @@ fn degenerate_shapes() {
     }
 }
 
-/// Empty tensors on every path: N = 0 writes nothing; S = 0 (every row empty) writes the
-/// statistics of an empty row, mean 0 and rstd = 1 / sqrt(eps); the parameter gradients are 0.
-/// Forced split on S = 0 may refuse with a typed error instead; nothing panics.
+/// Empty tensors on every path, f32 and f16 activations: N = 0 writes nothing; S = 0 (every
+/// row empty) writes the statistics of an empty row, mean 0 and rstd = 1 / sqrt(eps); the
+/// parameter gradients are 0. Forced split on S = 0 may refuse with a typed error instead;
+/// nothing panics.
 #[test]
 fn empty_tensors() {
+    for be in Backend::all_on("empty_tensors", &[SMALL]) {
+        empty_tensors_of::<f32>(&be);
+        empty_tensors_of::<f16>(&be);
+    }
+}
+
+fn empty_tensors_of<T: groupnorm::Element>(be: &Backend) {
     let gn = GroupNorm::new(2, 4).unwrap();
     let w = [1.0f32; 4];
     let rstd_empty = (1.0 / 1e-5f64.sqrt()) as f32;
-    for be in Backend::all_on("empty_tensors", &[SMALL]) {
-        for dims in [[0usize, 4, 3], [2, 4, 0], [3, 4, 0]] {
-            for path in paths_of(&be, &PLAIN_PATHS) {
-                let ctx = format!("{} {dims:?} {path:?}", be.name());
-                let run = || {
-                    let (y, stats) =
-                        be.forward::<f32, f32>(&gn, path, &[], &dims, Some(&w[..]), Some(&w[..]))?;
-                    let g = be.backward::<f32, f32>(
-                        &gn,
-                        path,
-                        &[],
-                        &[],
-                        &dims,
-                        &stats,
-                        Some(&w[..]),
-                        None,
-                        true,
-                    )?;
-                    Ok::<_, Error>((y, stats, g))
-                };
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-                    .unwrap_or_else(|_| panic!("{ctx}: panics instead of returning"));
-                let (y, stats, g) = match r {
-                    Ok(v) => v,
-                    Err(e) if path == Path::Split && dims[2] == 0 => {
-                        eprintln!("{ctx}: S = 0 forced split refused with {e}");
-                        continue;
-                    }
-                    Err(e) => panic!("{ctx}: {e}"),
-                };
-                assert!(y.is_empty() && g.dx.is_empty(), "{ctx}");
-                assert_eq!(stats.mean.len(), dims[0] * 2, "{ctx}: mean length");
-                assert_eq!(stats.mean, vec![0.0; dims[0] * 2], "{ctx}: mean");
-                for &r in &stats.rstd {
-                    assert!((r / rstd_empty - 1.0).abs() < 1e-6, "{ctx}: rstd {r}");
+    for dims in [[0usize, 4, 3], [2, 4, 0], [3, 4, 0]] {
+        for path in paths_of(be, &PLAIN_PATHS) {
+            let ctx = format!("{} {} {dims:?} {path:?}", be.name(), T::DTYPE);
+            let run = || {
+                let (y, stats) =
+                    be.forward::<T, f32>(&gn, path, &[], &dims, Some(&w[..]), Some(&w[..]))?;
+                let g = be.backward::<T, f32>(
+                    &gn,
+                    path,
+                    &[],
+                    &[],
+                    &dims,
+                    &stats,
+                    Some(&w[..]),
+                    None,
+                    true,
+                )?;
+                Ok::<_, Error>((y, stats, g))
+            };
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                .unwrap_or_else(|_| panic!("{ctx}: panics instead of returning"));
+            let (y, stats, g) = match r {
+                Ok(v) => v,
+                Err(e) if path == Path::Split && dims[2] == 0 => {
+                    eprintln!("{ctx}: S = 0 forced split refused with {e}");
+                    continue;
                 }
-                assert_eq!(g.dweight, Some(vec![0.0; 4]), "{ctx}: dweight");
-                assert_eq!(g.dbias, Some(vec![0.0; 4]), "{ctx}: dbias");
+                Err(e) => panic!("{ctx}: {e}"),
+            };
+            assert!(y.is_empty() && g.dx.is_empty(), "{ctx}");
+            assert_eq!(stats.mean, vec![0.0; dims[0] * 2], "{ctx}: mean");
+            assert_eq!(stats.rstd.len(), dims[0] * 2, "{ctx}: rstd length");
+            for &r in &stats.rstd {
+                assert!((r / rstd_empty - 1.0).abs() < 1e-6, "{ctx}: rstd {r}");
             }
+            assert_eq!(g.dweight, Some(vec![0.0; 4]), "{ctx}: dweight");
+            assert_eq!(g.dbias, Some(vec![0.0; 4]), "{ctx}: dbias");
         }
     }
 }

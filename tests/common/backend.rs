@@ -90,8 +90,22 @@ impl Backend {
         w: Option<&[P]>,
         b: Option<&[P]>,
     ) -> Result<(Vec<T>, Stats)> {
-        self.forward_with(gn, path, x, dims, w, b, false)
-            .map(|(y, s, _)| (y, s))
+        match self {
+            // the allocating API: outputs sized by the dims are allocated on the device, so a
+            // huge-but-empty shape is refused there, typed, not allocated on the host
+            Backend::Gpu(gpu) => {
+                use groupnorm::gpu::{upload, DeviceTensor};
+                let mut op = gn.on_gpu(gpu).with_path(path);
+                let xd = DeviceTensor::from_host(gpu, x, dims, gn.get_layout())?;
+                let wd = w.map(|w| upload(gpu.stream(), w)).transpose()?;
+                let bd = b.map(|b| upload(gpu.stream(), b)).transpose()?;
+                let (y, stats) = op.forward(&xd, wd.as_ref(), bd.as_ref())?;
+                Ok((y.to_host(gpu)?, stats.to_host(gpu)?))
+            }
+            _ => self
+                .forward_with(gn, path, x, dims, w, b, false)
+                .map(|(y, s, _)| (y, s)),
+        }
     }
 
     /// Forward into outputs poisoned with NaN (so an element a kernel forgets to write fails
@@ -171,8 +185,38 @@ impl Backend {
         b: Option<&[P]>,
         want_dbias: bool,
     ) -> Result<Grads<T, P>> {
-        self.backward_with(gn, path, dy, x, dims, stats, w, b, want_dbias, false)
-            .map(|(g, _)| g)
+        match self {
+            // the allocating API, as in `forward`
+            Backend::Gpu(gpu) => {
+                use groupnorm::gpu::{download, upload, DeviceStats, DeviceTensor};
+                let mut op = gn.on_gpu(gpu).with_path(path);
+                let xd = DeviceTensor::from_host(gpu, x, dims, gn.get_layout())?;
+                let dyd = DeviceTensor::from_host(gpu, dy, dims, gn.get_layout())?;
+                let sd = DeviceStats::from_host(gpu, stats)?;
+                let wd = w.map(|w| upload(gpu.stream(), w)).transpose()?;
+                let bd = b.map(|b| upload(gpu.stream(), b)).transpose()?;
+                let g =
+                    op.backward_activated(&dyd, &xd, &sd, wd.as_ref(), bd.as_ref(), want_dbias)?;
+                let c = dims[1];
+                let down = |s: Option<groupnorm::gpu::CudaSlice<P>>| {
+                    s.map(|s| {
+                        download(gpu.stream(), &s).map(|mut v| {
+                            v.truncate(c); // the driver refuses empty buffers: C = 0 has one
+                            v
+                        })
+                    })
+                    .transpose()
+                };
+                Ok(Grads {
+                    dx: g.dx.to_host(gpu)?,
+                    dweight: down(g.dweight)?,
+                    dbias: down(g.dbias)?,
+                })
+            }
+            _ => self
+                .backward_with(gn, path, dy, x, dims, stats, w, b, want_dbias, false)
+                .map(|(g, _)| g),
+        }
     }
 
     /// Backward (activation included) into outputs poisoned with NaN, `misalign` as in

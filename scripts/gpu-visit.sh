@@ -46,8 +46,11 @@ step tests bash .gpu/run tests
 if command -v compute-sanitizer >/dev/null; then
   filter=""; [ "$quick" = quick ] && filter="small_and_odd_shapes"
   for tool in memcheck racecheck initcheck synccheck; do
+    # the parity checks (tests/kernels.rs), then the GPU-only ones (tests/gpu_parity.rs)
     step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
-      .gpu/bin/test-gpu_parity --test-threads=1 $filter
+      .gpu/bin/test-kernels --test-threads=1 $filter
+    step "sanitizer-$tool-gpu-only" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      .gpu/bin/test-gpu_parity --test-threads=1
   done
 else
   result[sanitizer]="not run: compute-sanitizer not found"

@@ -1,395 +1,27 @@
-//! GPU parity with the f64 CPU reference, held to the same tolerances as the CPU path
-//! (tests/common, docs/design.md "Accuracy targets").
+//! The GPU's own checks: what only the hardware shows (run-to-run determinism, two streams
+//! from two threads, a tensor past 2^31 elements, the typed errors of the device-tensor API,
+//! the cluster path on compute capability 9.0+, in-place forward passes through the raw layer).
 //!
-//! Every output buffer is filled with NaN before the launch, so an element a kernel forgets to
-//! write fails the comparison. Without a usable GPU each test prints why and passes, unless
-//! GROUPNORM_REQUIRE_GPU=1.
+//! The checks every backend shares (parity with the f64 reference, on every path, layout,
+//! activation and affine combination, GPU-sized shapes included) are written once in
+//! tests/common/parity.rs and run on the CPU, the emulator and the GPU by tests/kernels.rs.
+//! Without a usable GPU each test prints why and passes, unless GROUPNORM_REQUIRE_GPU=1.
 
+#[path = "common/backend.rs"]
+mod backend;
 mod common;
 mod gpu_support;
+#[path = "common/parity.rs"]
+mod parity;
 
+use backend::Backend;
 use common::*;
 use gpu_support::*;
 use groupnorm::cpu::reference;
 use groupnorm::gpu::DeviceAffine;
 use groupnorm::gpu::{DeviceStats, DeviceTensor, Gpu, Path};
-use groupnorm::{bf16, f16, Element, Error, GroupNorm, Layout, Stats};
-
-/// How one parity case is built.
-#[derive(Clone, Copy)]
-struct Opts {
-    /// Weight and bias present (else both absent; dbias still asked for).
-    affine: bool,
-    /// Start every device tensor one element into its buffer (not 16-byte aligned).
-    misalign: bool,
-    /// Mean of x (a large offset tests the per-row pivot).
-    x_mean: f64,
-    /// Forward tolerance for f32 outputs.
-    f32_abs: f64,
-}
-
-const PLAIN: Opts = Opts {
-    affine: true,
-    misalign: false,
-    x_mean: 0.0,
-    f32_abs: F32_FORWARD_ABS,
-};
-
-/// Every kernel path. The planner's choice (`Auto`) takes the cluster path for few long rows on
-/// compute capability 9.0+.
-const PATHS: [Path; 4] = [Path::Auto, Path::Split, Path::Fused, Path::Cluster];
-
-/// Forced paths that may refuse a shape with `PathUnavailable` (rows that do not fit on chip; the
-/// cluster path also on devices without clusters, and for NHWC).
-fn refusable(path: Path) -> bool {
-    matches!(path, Path::Fused | Path::Cluster)
-}
-
-/// A device tensor holding `host`, starting `offset` elements into its buffer.
-fn tensor<T: Element>(gpu: &Gpu, host: &[T], dims: &[usize], offset: usize) -> DeviceTensor<T> {
-    let mut padded = nans::<T>(offset);
-    padded.extend_from_slice(host);
-    if padded.is_empty() {
-        padded.push(T::default()); // the driver refuses empty allocations
-    }
-    DeviceTensor::with_offset(up(gpu, &padded), offset, dims, Layout::Nchw).expect("tensor")
-}
-
-fn poisoned_stats(gpu: &Gpu, rows: usize) -> DeviceStats {
-    let nan = vec![f32::NAN; rows];
-    DeviceStats::from_host(
-        gpu,
-        &Stats {
-            mean: nan.clone(),
-            rstd: nan,
-        },
-    )
-    .expect("stats")
-}
-
-/// Forward and backward of one shape on the GPU against the f64 reference, through every kernel
-/// path: the planner's choice, the split path, and the fused path where the row fits on chip.
-fn parity<T: Element, P: Element>(gpu: &Gpu, dims: &[usize], groups: usize, seed: u64, o: Opts) {
-    let case = format!(
-        "{dims:?} G={groups} {}/{} affine={} misaligned={} mean={}",
-        T::DTYPE,
-        P::DTYPE,
-        o.affine,
-        o.misalign,
-        o.x_mean
-    );
-    let gn = GroupNorm::new(groups, dims[1]).unwrap();
-    let c = dims[1];
-    let numel: usize = dims.iter().product();
-    let rows = dims[0] * groups;
-    let mut r = rng(seed);
-    let x: Vec<T> = normal_vec(&mut r, numel, o.x_mean, 1.0);
-    let w: Vec<P> = uniform_vec(&mut r, c, 0.5, 1.5);
-    let b: Vec<P> = normal_vec(&mut r, c, 0.0, 0.5);
-    let dy: Vec<T> = normal_vec(&mut r, numel, 0.0, 1.0);
-    let (wh, bh) = if o.affine {
-        (Some(&w[..]), Some(&b[..]))
-    } else {
-        (None, None)
-    };
-    let off = usize::from(o.misalign);
-    let reference = reference::forward(&gn, &x, dims, wh, bh).unwrap();
-    let grads = reference::backward(&gn, &dy, &x, dims, wh).unwrap();
-    let w64 = o.affine.then(|| to_f64(&w));
-    let scale = dx_scale(
-        &to_f64(&dy),
-        dims,
-        groups,
-        Layout::Nchw,
-        w64.as_deref(),
-        &reference.rstd,
-    );
-    let xd = tensor(gpu, &x, dims, off);
-    let dyd = tensor(gpu, &dy, dims, off);
-    let (wd, bd) = (up(gpu, &w), up(gpu, &b));
-    let (wd, bd) = if o.affine {
-        (Some(&wd), Some(&bd))
-    } else {
-        (None, None)
-    };
-
-    for path in PATHS {
-        let ctx = format!("{case} path={path:?}");
-        let mut op = gn.on_gpu(gpu).with_path(path);
-        // forward, into outputs poisoned with NaN
-        let mut yd = tensor(gpu, &nans::<T>(numel), dims, off);
-        let mut stats = poisoned_stats(gpu, rows);
-        match op.forward_into(
-            &xd,
-            DeviceAffine {
-                weight: wd,
-                bias: bd,
-            },
-            &mut yd,
-            &mut stats,
-        ) {
-            Ok(()) => {}
-            // the fused and cluster paths refuse rows that do not fit on chip (and the cluster
-            // path devices without clusters): that is their contract
-            Err(Error::PathUnavailable { .. }) if refusable(path) => continue,
-            Err(e) => panic!("{ctx}: forward: {e}"),
-        }
-        let y = yd.to_host(gpu).unwrap();
-        let host_stats = stats.to_host(gpu).unwrap();
-        assert_forward_close(&y, &reference.y, o.f32_abs, &format!("{ctx}: y"));
-        assert_stats_close(&host_stats, &reference, o.f32_abs, &format!("{ctx}: stats"));
-
-        // backward, from the statistics the GPU saved (as a training step would)
-        let mut dxd = tensor(gpu, &nans::<T>(numel), dims, off);
-        let mut dw = up(gpu, &nans::<P>(c));
-        let mut db = up(gpu, &nans::<P>(c));
-        match op.backward_into(
-            &dyd,
-            &xd,
-            &stats,
-            DeviceAffine {
-                weight: wd,
-                bias: None,
-            },
-            &mut dxd,
-            if o.affine { Some(&mut dw) } else { None },
-            Some(&mut db),
-        ) {
-            Ok(()) => {}
-            // backward keeps x and dy on chip: a row can fit forward and not backward
-            Err(Error::PathUnavailable { .. }) if refusable(path) => continue,
-            Err(e) => panic!("{ctx}: backward: {e}"),
-        }
-        let dx = dxd.to_host(gpu).unwrap();
-        assert_dx_close(&dx, &grads.dx, scale, &format!("{ctx}: dx"));
-        if o.affine {
-            assert_param_grad_close(&down(gpu, &dw), &grads.dweight, "dweight", &ctx);
-        }
-        assert_param_grad_close(&down(gpu, &db), &grads.dbias, "dbias", &ctx);
-    }
-}
-
-/// Runs `parity` for every dtype pair the API accepts.
-fn all_dtypes(gpu: &Gpu, dims: &[usize], groups: usize, seed: u64, o: Opts) {
-    parity::<f32, f32>(gpu, dims, groups, seed, o);
-    parity::<f16, f16>(gpu, dims, groups, seed, o);
-    parity::<f16, f32>(gpu, dims, groups, seed, o);
-    parity::<bf16, bf16>(gpu, dims, groups, seed, o);
-    parity::<bf16, f32>(gpu, dims, groups, seed, o);
-}
-
-#[test]
-fn worked_examples() {
-    let Some(gpu) = gpu_or_skip("worked_examples") else {
-        return;
-    };
-    let x = [5.0f32, 4., 7., 2., 1., 6., 2., 3., 4., 8., 1., 9.];
-    let gn = GroupNorm::new(2, 4).unwrap();
-    let mut op = gn.on_gpu(&gpu);
-    let xd = DeviceTensor::from_host(&gpu, &x, &[3, 4], Layout::Nchw).unwrap();
-    let (y, _) = op.forward(&xd, DeviceAffine::none()).unwrap();
-    // docs/design.md: each pair normalizes to +-0.5 / sqrt(0.25 + 1e-5) = +-0.99998, "+-1 to 4 decimals";
-    // the exact value is held to the f32 target, the rounded one to 4 decimals
-    let exact = 0.5 / (0.25f64 + 1e-5).sqrt();
-    let expected = [1., -1., 1., -1., -1., 1., -1., 1., -1., 1., -1., 1.];
-    for (g, e) in y.to_host(&gpu).unwrap().iter().zip(expected) {
-        assert!(
-            (*g as f64 - e * exact).abs() <= F32_FORWARD_ABS,
-            "no affine: got {g}"
-        );
-        assert!(
-            (g - e as f32).abs() < 5e-5,
-            "no affine: got {g}, expected {e} to 4 decimals"
-        );
-    }
-    let w = up(&gpu, &[1.0f32, 1., 2., 0.5]);
-    let b = up(&gpu, &[0.0f32, 0., 1., -1.]);
-    let (y, _) = op
-        .forward(&xd, DeviceAffine::new().weight(&w).bias(&b))
-        .unwrap();
-    let expected = [1., -1., 3., -1.5, -1., 1., -1., -0.5, -1., 1., -1., -0.5];
-    for (g, e) in y.to_host(&gpu).unwrap().iter().zip(expected) {
-        assert!((g - e).abs() < 1e-4, "affine: got {g}, expected {e}");
-    }
-    let x: Vec<f32> = (1..=32).map(|v| v as f32).collect();
-    let gn = GroupNorm::new(2, 2).unwrap();
-    let xd = DeviceTensor::from_host(&gpu, &x, &[1, 2, 4, 4], Layout::Nchw).unwrap();
-    let (y, stats) = gn.on_gpu(&gpu).forward(&xd, DeviceAffine::none()).unwrap();
-    let y = y.to_host(&gpu).unwrap();
-    assert!((y[0] - -1.62698).abs() < 1e-5, "y[0,0,0,0] = {}", y[0]);
-    let stats = stats.to_host(&gpu).unwrap();
-    assert_eq!(stats.mean, vec![8.5, 24.5]);
-}
-
-#[test]
-fn small_and_odd_shapes() {
-    let Some(gpu) = gpu_or_skip("small_and_odd_shapes") else {
-        return;
-    };
-    for (i, case) in random_cases().iter().enumerate() {
-        all_dtypes(&gpu, &case.dims, case.groups, 100 + i as u64, PLAIN);
-        all_dtypes(
-            &gpu,
-            &case.dims,
-            case.groups,
-            200 + i as u64,
-            Opts {
-                affine: false,
-                ..PLAIN
-            },
-        );
-    }
-}
-
-#[test]
-fn batch_and_group_extremes() {
-    let Some(gpu) = gpu_or_skip("batch_and_group_extremes") else {
-        return;
-    };
-    let shapes: &[(&[usize], usize)] = &[
-        (&[1, 64, 16, 16], 32),
-        (&[2, 64, 16, 16], 32),
-        (&[8, 64, 16, 16], 32),
-        (&[2, 64, 16, 16], 1),  // G = 1
-        (&[2, 64, 16, 16], 64), // G = C, D = 1
-        (&[4, 96, 1], 8),       // S = 1
-        (&[3, 96, 37], 8),      // odd S: scalar kernels
-        (&[64, 96], 12),        // 2-D input
-        (&[2, 16, 3, 5, 7], 4), // 5-D input
-        (&[300, 32, 8, 8], 32), // many rows: the planner's fused case
-    ];
-    for (i, &(dims, g)) in shapes.iter().enumerate() {
-        all_dtypes(&gpu, dims, g, 300 + i as u64, PLAIN);
-    }
-}
-
-#[test]
-fn stable_diffusion_shapes() {
-    let Some(gpu) = gpu_or_skip("stable_diffusion_shapes") else {
-        return;
-    };
-    let shapes: &[&[usize]] = &[
-        &[1, 320, 64, 64],
-        &[2, 320, 64, 64],
-        &[2, 640, 32, 32],
-        &[8, 640, 16, 16],
-        &[1, 1280, 16, 16],
-        &[2, 2560, 8, 8],
-        &[1, 960, 64, 64],
-        &[1, 128, 128, 128],
-    ];
-    for (i, dims) in shapes.iter().enumerate() {
-        all_dtypes(&gpu, dims, 32, 400 + i as u64, PLAIN);
-    }
-}
-
-#[test]
-fn long_rows_up_to_2_pow_22() {
-    let Some(gpu) = gpu_or_skip("long_rows_up_to_2_pow_22") else {
-        return;
-    };
-    // one row of 2^22 values (pieces of one channel), and rows of 2^20 over 4 channels
-    parity::<f32, f32>(&gpu, &[1, 1, 1 << 22], 1, 500, PLAIN);
-    parity::<f16, f32>(&gpu, &[1, 1, 1 << 22], 1, 501, PLAIN);
-    parity::<bf16, bf16>(&gpu, &[2, 4, 1 << 18], 1, 502, PLAIN);
-    parity::<f32, f32>(&gpu, &[1, 64, 1 << 16], 1, 503, PLAIN);
-}
-
-#[test]
-fn misaligned_sub_slices() {
-    let Some(gpu) = gpu_or_skip("misaligned_sub_slices") else {
-        return;
-    };
-    let o = Opts {
-        misalign: true,
-        ..PLAIN
-    };
-    all_dtypes(&gpu, &[2, 320, 8, 8], 32, 600, o);
-    all_dtypes(&gpu, &[200, 64, 8, 8], 32, 601, o);
-    all_dtypes(&gpu, &[1, 320, 64, 64], 32, 602, o);
-    all_dtypes(&gpu, &[1, 8, 1 << 16], 2, 603, o); // one channel split into pieces
-}
-
-#[test]
-fn large_offset_rows_f32() {
-    let Some(gpu) = gpu_or_skip("large_offset_rows_f32") else {
-        return;
-    };
-    for (i, mean) in [1e3, 1e4].into_iter().enumerate() {
-        let o = Opts {
-            x_mean: mean,
-            f32_abs: F32_FORWARD_OFFSET_ABS,
-            ..PLAIN
-        };
-        // every path runs on each (see `parity`); the last shape splits channels into pieces
-        parity::<f32, f32>(&gpu, &[2, 64, 32, 32], 32, 700 + i as u64, o);
-        parity::<f32, f32>(&gpu, &[300, 32, 8, 8], 32, 710 + i as u64, o);
-        parity::<f32, f32>(&gpu, &[1, 4, 1 << 20], 2, 720 + i as u64, o);
-        parity::<f16, f32>(&gpu, &[2, 320, 32, 32], 32, 730 + i as u64, o);
-    }
-}
-
-/// A NaN or Inf in one group row makes that row's outputs NaN and leaves the others as they were.
-#[test]
-fn non_finite_values_stay_in_their_group() {
-    let Some(gpu) = gpu_or_skip("non_finite_values_stay_in_their_group") else {
-        return;
-    };
-    for dims in [
-        &[2usize, 64, 32, 32][..],
-        &[300, 32, 8, 8],
-        &[1, 8, 1 << 16],
-    ] {
-        for (bad, path) in [f32::NAN, f32::INFINITY]
-            .into_iter()
-            .flat_map(|b| [(b, Path::Auto), (b, Path::Split)])
-        {
-            let groups = if dims[1] == 8 { 4 } else { 32 };
-            let gn = GroupNorm::new(groups, dims[1]).unwrap();
-            let (c, s) = (dims[1], dims[2..].iter().product::<usize>());
-            let d = c / groups;
-            let mut x: Vec<f32> = normal_vec(&mut rng(800), dims.iter().product(), 0.0, 1.0);
-            // poison row (n = 0, g = 1), somewhere in its middle
-            x[d * s + d * s / 2] = bad;
-            let xd = DeviceTensor::from_host(&gpu, &x, dims, Layout::Nchw).unwrap();
-            let mut op = gn.on_gpu(&gpu).with_path(path);
-            let (y, stats) = op.forward(&xd, DeviceAffine::none()).unwrap();
-            let y = y.to_host(&gpu).unwrap();
-            let reference = reference::forward(&gn, &x, dims, None::<&[f32]>, None).unwrap();
-            let row = d * s;
-            for (i, (&g, &r)) in y.iter().zip(&reference.y).enumerate() {
-                if i / row == 1 {
-                    assert!(
-                        g.is_nan(),
-                        "{dims:?} {bad}: y[{i}] = {g} in the poisoned row"
-                    );
-                } else {
-                    assert!(g.is_finite(), "{dims:?} {bad}: y[{i}] = {g} outside it");
-                    assert!((g as f64 - r).abs() <= F32_FORWARD_ABS, "{dims:?}: y[{i}]");
-                }
-            }
-            let st = stats.to_host(&gpu).unwrap();
-            assert!(
-                st.rstd[1].is_nan() || st.mean[1].is_nan(),
-                "{dims:?}: row 1 stats"
-            );
-            assert!(
-                st.mean[0].is_finite() && st.rstd[2].is_finite(),
-                "{dims:?}: other rows"
-            );
-            // backward: dx of the poisoned row is NaN, the others finite
-            let dy: Vec<f32> = normal_vec(&mut rng(801), x.len(), 0.0, 1.0);
-            let dyd = DeviceTensor::from_host(&gpu, &dy, dims, Layout::Nchw).unwrap();
-            let grads = op
-                .backward(&dyd, &xd, &stats, DeviceAffine::none(), false)
-                .unwrap();
-            let dx = grads.dx.to_host(&gpu).unwrap();
-            for (i, &g) in dx.iter().enumerate() {
-                assert_eq!(g.is_nan(), i / row == 1, "{dims:?} {bad}: dx[{i}] = {g}");
-            }
-        }
-    }
-}
+use groupnorm::{bf16, f16, Error, GroupNorm, Layout};
+use parity::{all_dtypes, parity, Opts, PLAIN};
 
 /// The same inputs give the same bits, run after run (no atomics, fixed reduction orders).
 #[test]
@@ -549,31 +181,6 @@ fn tensor_over_2_pow_31_elements() {
     }
 }
 
-#[test]
-fn empty_tensors_are_no_ops() {
-    let Some(gpu) = gpu_or_skip("empty_tensors_are_no_ops") else {
-        return;
-    };
-    let gn = GroupNorm::new(2, 4).unwrap();
-    let mut op = gn.on_gpu(&gpu);
-    for dims in [[0usize, 4, 3], [2, 4, 0]] {
-        let xd = DeviceTensor::<f32>::from_host(&gpu, &[], &dims, Layout::Nchw).unwrap();
-        let w = up(&gpu, &[1.0f32; 4]);
-        let (y, stats) = op
-            .forward(&xd, DeviceAffine::new().weight(&w).bias(&w))
-            .unwrap();
-        assert!(y.to_host(&gpu).unwrap().is_empty());
-        let st = stats.to_host(&gpu).unwrap();
-        assert_eq!(st.mean.len(), dims[0] * 2);
-        let g = op
-            .backward(&xd, &xd, &stats, DeviceAffine::new().weight(&w), true)
-            .unwrap();
-        assert!(g.dx.to_host(&gpu).unwrap().is_empty());
-        assert_eq!(down(&gpu, g.dweight.as_ref().unwrap())[..4], [0.0; 4]);
-        assert_eq!(down(&gpu, g.dbias.as_ref().unwrap())[..4], [0.0; 4]);
-    }
-}
-
 /// Bad input is refused with a typed error before anything is launched.
 #[test]
 fn bad_input_is_a_typed_error() {
@@ -661,135 +268,6 @@ fn bad_input_is_a_typed_error() {
     assert!(matches!(e, Error::PathUnavailable { .. }), "{e}");
 }
 
-/// Channels-last and GN + SiLU on the GPU against the f64 reference, every dtype pair, every
-/// path: the same checks as the emulated suite (tests/gpu_emulated.rs), on the hardware.
-fn layout_silu_case<T: Element, P: Element>(
-    gpu: &Gpu,
-    dims: &[usize],
-    groups: usize,
-    layout: Layout,
-    silu: bool,
-    x_mean: f64,
-    f32_abs: f64,
-) {
-    let act = if silu {
-        groupnorm::Activation::Silu
-    } else {
-        groupnorm::Activation::None
-    };
-    let c = dims[1];
-    let numel: usize = dims.iter().product();
-    let gn = GroupNorm::new(groups, c)
-        .unwrap()
-        .with_layout(layout)
-        .with_activation(act);
-    let mut r = rng(1200 + numel as u64);
-    let x: Vec<T> = normal_vec(&mut r, numel, x_mean, 1.0);
-    let dy: Vec<T> = normal_vec(&mut r, numel, 0.0, 1.0);
-    let w: Vec<P> = uniform_vec(&mut r, c, 0.5, 1.5);
-    let b: Vec<P> = normal_vec(&mut r, c, 0.0, 0.5);
-    let rf = reference::forward(&gn, &x, dims, Some(&w[..]), Some(&b[..])).unwrap();
-    let rb = reference::backward_activated(&gn, &dy, &x, dims, Some(&w[..]), Some(&b[..])).unwrap();
-    let geo = gn.geometry(dims).unwrap();
-    let (w64, b64) = (to_f64(&w), to_f64(&b));
-    let dz = reference::pre_activation_grad_f64(
-        &geo,
-        gn.eps(),
-        act,
-        &to_f64(&dy),
-        &to_f64(&x),
-        Some(&w64),
-        Some(&b64),
-    );
-    let scale = dx_scale(&dz, dims, groups, layout, Some(&w64), &rf.rstd);
-    let xd = DeviceTensor::from_host(gpu, &x, dims, layout).unwrap();
-    let dyd = DeviceTensor::from_host(gpu, &dy, dims, layout).unwrap();
-    let (wd, bd) = (up(gpu, &w), up(gpu, &b));
-    for path in PATHS {
-        let mut op = gn.on_gpu(gpu).with_path(path);
-        let ctx = format!(
-            "{dims:?} G={groups} {} silu={silu} {}/{} {path:?} ({})",
-            layout.name(),
-            T::DTYPE,
-            P::DTYPE,
-            op.describe_path::<T>(dims, false).unwrap_or_default()
-        );
-        let (y, stats) = match op.forward(&xd, DeviceAffine::new().weight(&wd).bias(&bd)) {
-            Ok(v) => v,
-            Err(Error::PathUnavailable { .. }) if refusable(path) => continue,
-            Err(e) => panic!("{ctx}: forward: {e}"),
-        };
-        assert_forward_close(
-            &y.to_host(gpu).unwrap(),
-            &rf.y,
-            f32_abs,
-            &format!("{ctx}: y"),
-        );
-        let g = match op.backward(
-            &dyd,
-            &xd,
-            &stats,
-            DeviceAffine::new().weight(&wd).bias(&bd),
-            true,
-        ) {
-            Ok(g) => g,
-            Err(Error::PathUnavailable { .. }) if refusable(path) => continue,
-            Err(e) => panic!("{ctx}: backward: {e}"),
-        };
-        assert_dx_close(
-            &g.dx.to_host(gpu).unwrap(),
-            &rb.dx,
-            scale,
-            &format!("{ctx}: dx"),
-        );
-        assert_param_grad_close(
-            &down(gpu, g.dweight.as_ref().unwrap()),
-            &rb.dweight,
-            "dweight",
-            &ctx,
-        );
-        assert_param_grad_close(
-            &down(gpu, g.dbias.as_ref().unwrap()),
-            &rb.dbias,
-            "dbias",
-            &ctx,
-        );
-    }
-}
-
-#[test]
-fn nhwc_and_silu_parity() {
-    let Some(gpu) = gpu_or_skip("nhwc_and_silu_parity") else {
-        return;
-    };
-    let shapes: [(&[usize], usize); 6] = [
-        (&[2, 32, 5, 7], 32),
-        (&[2, 24, 3, 11], 6),
-        (&[2, 320, 16, 16], 32),
-        (&[1, 128, 64, 64], 32),
-        (&[2, 6, 13], 1),
-        (&[1, 64, 2, 3, 5], 4),
-    ];
-    for (dims, groups) in shapes {
-        for (layout, silu) in [
-            (Layout::Nhwc, false),
-            (Layout::Nchw, true),
-            (Layout::Nhwc, true),
-        ] {
-            let f = F32_FORWARD_ABS;
-            layout_silu_case::<f32, f32>(&gpu, dims, groups, layout, silu, 0.0, f);
-            layout_silu_case::<f16, f32>(&gpu, dims, groups, layout, silu, 0.0, f);
-            layout_silu_case::<f16, f16>(&gpu, dims, groups, layout, silu, 0.0, f);
-            layout_silu_case::<bf16, f32>(&gpu, dims, groups, layout, silu, 0.0, f);
-            layout_silu_case::<bf16, bf16>(&gpu, dims, groups, layout, silu, 0.0, f);
-        }
-    }
-    for layout in [Layout::Nchw, Layout::Nhwc] {
-        let f = F32_FORWARD_OFFSET_ABS;
-        layout_silu_case::<f32, f32>(&gpu, &[2, 64, 32, 32], 32, layout, true, 1e4, f);
-    }
-}
-
 /// The cluster path on the hardware: on compute capability 9.0+ it must run (forced, and chosen
 /// by the planner for few long rows) and meet the plain tolerances on SD-like and long rows,
 /// with SiLU and offsets; elsewhere forcing it is a typed error.
@@ -814,19 +292,31 @@ fn cluster_path() {
             "SD shape, backward={backward}: {auto}"
         );
     }
+    let be = Backend::Gpu(gpu.clone());
     for (dims, groups) in [
         (&[1usize, 320, 64, 64][..], 32),
         (&[1, 128, 128, 128][..], 32),
         (&[2, 64, 37, 41][..], 8),
     ] {
-        all_dtypes(&gpu, dims, groups, 1300, PLAIN);
+        for (t, ran) in all_dtypes(&be, dims, groups, 1300, PLAIN) {
+            if dims == sd {
+                assert!(
+                    ran.iter().any(|r| r.path == Path::Cluster),
+                    "{dims:?} {t}: the forced cluster path refused the SD shape"
+                );
+            }
+        }
         for silu in [false, true] {
-            let f = F32_FORWARD_ABS;
-            layout_silu_case::<f16, f32>(&gpu, dims, groups, Layout::Nchw, silu, 0.0, f);
+            parity::<f16, f32>(&be, dims, groups, 1301, Opts { silu, ..PLAIN });
         }
     }
-    let f = F32_FORWARD_OFFSET_ABS;
-    layout_silu_case::<f32, f32>(&gpu, &[1, 64, 64, 64], 8, Layout::Nchw, true, 1e4, f);
+    let offset = Opts {
+        silu: true,
+        x_mean: 1e4,
+        f32_abs: F32_FORWARD_OFFSET_ABS,
+        ..PLAIN
+    };
+    parity::<f32, f32>(&be, &[1, 64, 64, 64], 8, 1302, offset);
     // the largest VAE rows: 2 MiB of f16 per row, forward on a cluster of pieces
     let vae = [1usize, 128, 512, 512];
     let path = GroupNorm::new(32, 128)
@@ -835,5 +325,92 @@ fn cluster_path() {
         .describe_path::<f16>(&vae, false)
         .unwrap();
     eprintln!("cluster_path: 1x128x512x512 f16 forward takes `{path}`");
-    layout_silu_case::<f16, f32>(&gpu, &vae, 32, Layout::Nchw, false, 0.0, F32_FORWARD_ABS);
+    parity::<f16, f32>(&be, &vae, 32, 1303, PLAIN);
+}
+
+/// In place through the raw layer (`y == x`, the one aliasing it accepts): where the plan is
+/// the fused path (one block per row, the row on chip before anything is written) the result
+/// equals the out-of-place one bit for bit; the split and cluster paths, which read `x` after
+/// other blocks have written `y`, refuse it with `Error::Aliased` before launching. NCHW and
+/// NHWC, forced and planned paths.
+#[test]
+fn in_place_forward_through_the_raw_layer() {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use groupnorm::gpu::raw::{self, ForwardPtrs, Problem};
+    use groupnorm::DType;
+    let Some(gpu) = gpu_or_skip("in_place_forward_through_the_raw_layer") else {
+        return;
+    };
+    let cases: [(&[usize], usize, Layout); 4] = [
+        (&[4, 32, 8, 8], 8, Layout::Nchw),     // short rows: fused
+        (&[2, 24, 3, 11], 6, Layout::Nhwc),    // NHWC tiles
+        (&[1, 320, 64, 64], 32, Layout::Nchw), // SD shape: split or cluster when planned
+        (&[1, 64, 48, 48], 8, Layout::Nhwc),   // NHWC rows of 18K values
+    ];
+    for (i, (dims, groups, layout)) in cases.into_iter().enumerate() {
+        let c = dims[1];
+        let numel: usize = dims.iter().product();
+        let mut r = rng(1400 + i as u64);
+        let x: Vec<f16> = normal_vec(&mut r, numel, 0.0, 1.0);
+        let w = up(&gpu, &uniform_vec::<f32>(&mut r, c, 0.5, 1.5));
+        let b = up(&gpu, &normal_vec::<f32>(&mut r, c, 0.0, 0.5));
+        let gn = GroupNorm::new(groups, c).unwrap().with_layout(layout);
+        for path in [Path::Auto, Path::Fused, Path::Split, Path::Cluster] {
+            let ctx = format!("{dims:?} {} {path:?}", layout.name());
+            let mut op = gn.on_gpu(&gpu).with_path(path);
+            let plan = match op.describe_path::<f16>(dims, false) {
+                Ok(p) => p,
+                Err(Error::PathUnavailable { .. }) if path != Path::Auto => continue,
+                Err(e) => panic!("{ctx}: {e}"),
+            };
+            let xd = DeviceTensor::from_host(&gpu, &x, dims, layout).unwrap();
+            let (y, st) = op
+                .forward(&xd, DeviceAffine::new().weight(&w).bias(&b))
+                .unwrap();
+            let (y, st) = (y.to_host(&gpu).unwrap(), st.to_host(&gpu).unwrap());
+
+            let problem = Problem::new(dims, groups, DType::F16, DType::F32)
+                .with_layout(layout)
+                .with_path(path);
+            let ws_bytes = raw::forward_workspace_bytes(&gpu, &problem).unwrap();
+            let ws = up(&gpu, &vec![0.0f32; ws_bytes.div_ceil(4).max(1)]);
+            let mut xy = up(&gpu, &x);
+            let mut stats = DeviceStats::zeros(&gpu, dims[0] * groups).unwrap();
+            let stream = gpu.stream().clone();
+            let r = {
+                let (p, _g) = xy.device_ptr_mut(&stream);
+                let (wp, _gw) = w.device_ptr(&stream);
+                let (bp, _gb) = b.device_ptr(&stream);
+                let (mp, _gm) = stats.mean.device_ptr_mut(&stream);
+                let (rp, _gr) = stats.rstd.device_ptr_mut(&stream);
+                let (wsp, _gws) = ws.device_ptr(&stream);
+                let ptrs = ForwardPtrs::new(p, p, mp, rp).with_affine(wp, bp);
+                // SAFETY: every pointer is a live cudarc buffer of this context, of the length
+                // the problem implies (x and y: N*C*S f16; weight, bias: C f32; mean, rstd: N*G
+                // f32; the workspace: the bytes forward_workspace_bytes asked for), borrowed
+                // with cudarc's guards until the enqueued work is ordered; y == x is the one
+                // overlap, which the raw layer checks against the plan (the contract under test).
+                unsafe { raw::forward(&gpu, stream.cu_stream(), &problem, &ptrs, wsp, ws_bytes) }
+            };
+            let fused = plan.contains("fused");
+            match (fused, r) {
+                (true, Ok(())) => {
+                    let got = down(&gpu, &xy);
+                    let bits = |v: &[f16]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&y), "{ctx} ({plan}): in place differs");
+                    let got_stats = stats.to_host(&gpu).unwrap();
+                    assert_eq!(got_stats, st, "{ctx} ({plan}): statistics differ");
+                }
+                (false, Err(Error::Aliased { output, input, .. })) => {
+                    assert_eq!((output, input), ("y", "x"), "{ctx} ({plan})");
+                    assert_eq!(
+                        down(&gpu, &xy),
+                        x,
+                        "{ctx} ({plan}): x written though refused"
+                    );
+                }
+                (_, r) => panic!("{ctx} ({plan}): in place gave {r:?}"),
+            }
+        }
+    }
 }

@@ -2,6 +2,11 @@
 //! (or cannot be allocated) on huge-but-empty tensors, eps that is valid in f64 but not in the
 //! f32 every path computes with, and saved statistics no forward pass writes.
 //!
+//! Each was run against the code before its fix (a4f78a1's fix hunks reverted on 1e527af: the
+//! checked geometry, the tried allocations, eps in f32, the statistics' values; 2026-11-30, on
+//! the 2-core CI machine, `--no-default-features`, each test alone with `--exact`) and failed
+//! there: a "capacity overflow" panic, an abort on a 4 TiB allocation, or the assertion.
+//!
 //! Run: `cargo test --release --test holes`.
 
 use groupnorm::Affine;

@@ -5,7 +5,8 @@
 //! own planning (`src/gpu/plan.rs`) and launch sequence (`src/gpu/launch.rs`), with the
 //! parameter structs filled as `ops.rs` fills them, but with host addresses. So a machine without
 //! a GPU runs the kernels' arithmetic, indexing, chunking and synchronization, and tests hold them
-//! to the f64 reference (tests/gpu_emulated.rs).
+//! to the f64 reference (tests/kernels.rs on every backend, tests/gpu_emulated.rs for the
+//! emulator-only checks).
 //!
 //! Each block's threads run as fibers on the calling OS thread, so a launch is deterministic
 //! under a given [`Schedule`]; running under another schedule and comparing bits finds races.
@@ -384,6 +385,59 @@ pub fn forward_into<T: Element, P: Element>(
         rstd: addr_mut(&mut stats.rstd),
     };
     // the raw layer's own validation, planning and parameter filling, with host addresses
+    let (plan, params) = raw::prepare_forward(limits, &problem, &ptrs, ws_ptr, ws_bytes, false)?;
+    let mut trace = Trace::new(&plan);
+    launch::forward_sequence(
+        &plan,
+        T::DTYPE,
+        P::DTYPE,
+        &params,
+        launcher(limits, &mut trace),
+    )?;
+    check_workspace(&ws);
+    Ok(trace)
+}
+
+/// [`forward_into`] in place: `y` is `x` (the same addresses), as the raw layer allows where
+/// the plan is fused (a block reads its whole row before it writes any of it) and refuses with
+/// [`Error::Aliased`](crate::Error::Aliased) on the split and cluster paths.
+///
+/// Panics where a kernel fails (see the module documentation).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_in_place<T: Element, P: Element>(
+    gn: &GroupNorm,
+    path: Path,
+    limits: DeviceLimits,
+    xy: &mut [T],
+    dims: &[usize],
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
+    stats: &mut Stats,
+) -> Result<Trace> {
+    let geo = check_geometry(gn, dims)?;
+    geo.check_activation("x", xy.len())?;
+    check_param_dtype::<T, P>("weight")?;
+    check_param::<T, P>("weight", weight, geo.c)?;
+    check_param::<T, P>("bias", bias, geo.c)?;
+    check_stats(stats.mean.len(), stats.rstd.len(), geo.rows())?;
+    let problem = problem::<T, P>(gn, path, &geo);
+    let mut ws = workspace(raw::workspace_floats(limits, &problem, Pass::Forward)?);
+    let ws_ptr = if ws.as_slice().is_empty() {
+        0
+    } else {
+        addr_mut(ws.as_mut_slice())
+    };
+    let ws_bytes = ws.as_slice().len() * 4;
+    watch_if_counting("workspace", ws_ptr as usize, ws_bytes);
+    let at = addr_mut(xy);
+    let ptrs = ForwardPtrs {
+        x: at,
+        y: at,
+        weight: weight.map_or(0, addr),
+        bias: bias.map_or(0, addr),
+        mean: addr_mut(&mut stats.mean),
+        rstd: addr_mut(&mut stats.rstd),
+    };
     let (plan, params) = raw::prepare_forward(limits, &problem, &ptrs, ws_ptr, ws_bytes, false)?;
     let mut trace = Trace::new(&plan);
     launch::forward_sequence(

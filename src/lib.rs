@@ -68,8 +68,8 @@
 #![warn(missing_docs)]
 
 pub mod accuracy;
-/// candle integration (feature `candle`): the [`candle::group_norm`] op with a real backward pass,
-/// and a drop-in replacement for `candle_nn::GroupNorm`.
+// (documented by its own `//!` lines: an outer doc here would make rustdoc resolve the module's
+// links from the crate root, where `group_norm` and `nn` do not exist)
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod config;

@@ -1,5 +1,5 @@
 //! f64 on the CPU path (issue 15): forward and backward accept f64 activations (with f64 or f32
-//! parameters), computed in f64 and held to 1e-12 against the f64 reference (DESIGN.md,
+//! parameters), computed in f64 and held to 1e-12 against the f64 reference (docs/design.md,
 //! `accuracy::F64_TOLERANCE`), in both layouts, with and without SiLU; checked independently by
 //! the worked examples and by central differences. The GPU path refuses f64 with a typed error.
 //!
@@ -103,7 +103,7 @@ fn f64_with_a_large_offset() {
     check_f64::<f64>(66, 1e4);
 }
 
-/// DESIGN.md's worked example, to f64 precision, from the formula (not the reference).
+/// docs/design.md's worked example, to f64 precision, from the formula (not the reference).
 #[test]
 fn f64_worked_example() {
     let x: Vec<f64> = (1..=32).map(f64::from).collect();

@@ -1,6 +1,6 @@
 //! Property tests: random problems (shapes with zero-size and single-element dims, groups,
 //! dtypes, layouts, every combination of weight and bias, SiLU, forced paths) checked against the
-//! f64 reference with DESIGN.md's tolerances, one body over every backend (tests/common/backend.rs:
+//! f64 reference with docs/design.md's tolerances, one body over every backend (tests/common/backend.rs:
 //! the CPU fast path, the emulated kernels with `--features emulate`, the GPU when present).
 //!
 //! Cases per run: `PROPTEST_CASES`, else per backend 5,000 on the CPU, 500 emulated and 1,000

@@ -1,4 +1,4 @@
-"""The crate's accuracy targets (src/accuracy.rs, DESIGN.md), restated for the Python tests.
+"""The crate's accuracy targets (src/accuracy.rs, docs/design.md), restated for the Python tests.
 
 Every result is measured against PyTorch's own op run in float64 on the same (already rounded)
 inputs, with the crate's tolerances: never looser.

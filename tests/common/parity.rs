@@ -1,6 +1,6 @@
 //! The parity check, written once: forward and backward of one shape on one backend
 //! (tests/common/backend.rs) against the f64 reference, on every kernel path the backend has,
-//! into outputs poisoned with NaN, with DESIGN.md's tolerances (tests/common/mod.rs).
+//! into outputs poisoned with NaN, with docs/design.md's tolerances (tests/common/mod.rs).
 //!
 //! Used by the backend-independent suite (tests/kernels.rs), the emulator's own checks
 //! (tests/gpu_emulated.rs: small-device limits, traces) and the GPU's (tests/gpu_parity.rs).

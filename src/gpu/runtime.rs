@@ -47,7 +47,15 @@ pub fn kernels_built() -> bool {
 /// in its dynamic-loading mode, and candle switches cudarc to dynamic linking.
 pub fn driver_present() -> bool {
     use std::env::consts::{DLL_PREFIX, DLL_SUFFIX};
-    [
+    // Once found, the driver stays: every later call (each C ABI and Python call asks, through
+    // `Gpu::for_stream`) is one atomic load instead of up to three dlopen searches, the first of
+    // which (`libcuda.so`, a development symlink most driver-only machines lack) fails after
+    // walking the library path.
+    static FOUND: AtomicBool = AtomicBool::new(false);
+    if FOUND.load(Ordering::Relaxed) {
+        return true;
+    }
+    let found = [
         format!("{DLL_PREFIX}cuda{DLL_SUFFIX}"),
         format!("{DLL_PREFIX}cuda{DLL_SUFFIX}.1"),
         format!("{DLL_PREFIX}nvcuda{DLL_SUFFIX}"),
@@ -57,7 +65,11 @@ pub fn driver_present() -> bool {
         // SAFETY: opening the driver library runs only its loader initialisation (libcuda has
         // no constructor with preconditions on us); the handle is closed again at once.
         unsafe { libloading::Library::new(name) }.is_ok()
-    })
+    });
+    if found {
+        FOUND.store(true, Ordering::Relaxed);
+    }
+    found
 }
 
 /// A CUDA device ready to run the crate's kernels: its context, a stream, and the loaded kernels.

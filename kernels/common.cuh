@@ -42,9 +42,27 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 // within the accuracy targets; the host emulator applies those worst-case errors (host_emu.h), so
 // the emulated parity tests hold the targets under the worst the hardware may do.
 
+// e^x for the sigmoid: ex2.approx.ftz(x * log2 e). That is __expf's own computation (one FMUL by
+// the same rounded log2 e, one MUFU.EX2) less its subnormal fix-up, which costs an FSETP and two
+// FMULs per value: only 1 + e^x is ever used, and 1 + e is 1 both for a subnormal e and for the
+// 0 that .ftz gives instead, and for x subnormal (read as 0, 2^0 = 1) as for the exact 2^x; so
+// the sigmoid has the same bits as with __expf. The emulator runs its __expf model (host_emu.h,
+// with the documented worst-case error), the same computation.
+__device__ __forceinline__ float exp_for_sigmoid(float x) {
+#ifdef GN_HOST_EMULATION
+  return __expf(x);
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504f));
+  return r;
+#endif
+}
+
 // sigmoid(z) = 1 / (1 + e^-z). For z < -87 the sum passes 2^126 and __fdividef returns 0, the
 // limit of the true value (< 2^-126).
-__device__ __forceinline__ float fast_sigmoid(float z) { return __fdividef(1.0f, 1.0f + __expf(-z)); }
+__device__ __forceinline__ float fast_sigmoid(float z) {
+  return __fdividef(1.0f, 1.0f + exp_for_sigmoid(-z));
+}
 
 // y = act(z).
 template <bool SILU> __device__ __forceinline__ float activate(float z) {

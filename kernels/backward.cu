@@ -172,16 +172,14 @@ __device__ __forceinline__ float3 row_record(const GnBwdParams& p, uint64_t samp
 }
 
 // dx over one chunk: dx = rstd * (w * dz - m1 - xhat * m2), xhat = (x - mean - delta) * rstd,
-// dz = dy, or dy * silu'(xhat * w + b) with SILU.
+// dz = dy, or dy * silu'(xhat * w + b) with SILU. Every thread of the block calls it.
 template <typename T, typename P, bool VEC, bool SILU>
 __device__ __forceinline__ void dx_chunk(const T* xs, const T* dys, T* __restrict__ dx,
                                          const Chunk& c, uint32_t chan0, float mean, float rstd,
                                          float3 rec, const P* __restrict__ w,
                                          const P* __restrict__ b) {
-  const DivU32 seg(c.seglen);
-  const uint32_t n = c.len();
   const float m1 = rec.x, m2 = rec.y, delta = rec.z;
-  auto coef = [=](uint32_t j) { return affine_of(w, b, chan0 + c.c0 + seg.div(j)); };
+  auto coef = [=](uint32_t k) { return affine_of(w, b, chan0 + c.c0 + k); };  // channel k
   auto one = [=](float xv, float dy, float2 wb) {
     const float xhat = ((xv - mean) - delta) * rstd;
     if constexpr (SILU) dy *= activate_grad<true>(xhat * wb.x + wb.y);
@@ -189,17 +187,21 @@ __device__ __forceinline__ void dx_chunk(const T* xs, const T* dys, T* __restric
   };
   if constexpr (VEC) {
     constexpr int V = kVec<T>;
-    for (uint32_t i = threadIdx.x; i < n / V; i += blockDim.x) {
-      const float2 wb = coef(i * V);
+    // (w, b) once per channel and lane, handed to the vectors by shuffles (b only with SiLU):
+    // the loop's only global accesses are its 16-byte loads (from global on the split path) and
+    // its store
+    for_vectors_by_channel<SILU>(c.nseg, c.seglen / V, coef, [&](uint32_t i, float2 wb) {
       const Vec16<T> xv = load16(xs + (size_t)i * V), dv = load16(dys + (size_t)i * V);
       Vec16<T> out;
 #pragma unroll
       for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(one(to_f32(xv.v[e]), to_f32(dv.v[e]), wb));
       store16_global(dx + (size_t)i * V, out);
-    }
+    });
   } else {
+    const DivU32 seg(c.seglen);
+    const uint32_t n = c.len();
     for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
-      dx[i] = from_f32<T>(one(to_f32(xs[i]), to_f32(dys[i]), coef(i)));
+      dx[i] = from_f32<T>(one(to_f32(xs[i]), to_f32(dys[i]), coef(seg.div(i))));
     }
   }
 }

@@ -42,9 +42,27 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 // within the accuracy targets; the host emulator applies those worst-case errors (host_emu.h), so
 // the emulated parity tests hold the targets under the worst the hardware may do.
 
+// e^x for the sigmoid: ex2.approx.ftz(x * log2 e). That is __expf's own computation (one FMUL by
+// the same rounded log2 e, one MUFU.EX2) less its subnormal fix-up, which costs an FSETP and two
+// FMULs per value: only 1 + e^x is ever used, and 1 + e is 1 both for a subnormal e and for the
+// 0 that .ftz gives instead, and for x subnormal (read as 0, 2^0 = 1) as for the exact 2^x; so
+// the sigmoid has the same bits as with __expf. The emulator runs its __expf model (host_emu.h,
+// with the documented worst-case error), the same computation.
+__device__ __forceinline__ float exp_for_sigmoid(float x) {
+#ifdef GN_HOST_EMULATION
+  return __expf(x);
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504f));
+  return r;
+#endif
+}
+
 // sigmoid(z) = 1 / (1 + e^-z). For z < -87 the sum passes 2^126 and __fdividef returns 0, the
 // limit of the true value (< 2^-126).
-__device__ __forceinline__ float fast_sigmoid(float z) { return __fdividef(1.0f, 1.0f + __expf(-z)); }
+__device__ __forceinline__ float fast_sigmoid(float z) {
+  return __fdividef(1.0f, 1.0f + exp_for_sigmoid(-z));
+}
 
 // y = act(z).
 template <bool SILU> __device__ __forceinline__ float activate(float z) {
@@ -171,6 +189,54 @@ struct DivU32 {
     return (uint32_t)((t + n) >> shift);
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// Per-channel coefficients with no parameter load in the steady-state loop (NCHW normalize and
+// dx). A chunk is `nseg` channels of `segv` 16-byte vectors each, channel-major; a vector never
+// crosses a channel (the host picks the vector kernels only when the channel length is a
+// multiple of the vector width). Each warp takes one contiguous run of the chunk's vectors (a
+// multiple of 32 long) and walks it in windows of 32 channels: lane l computes, once, the
+// coefficients coef_of(k) of the window's channel k with k % 32 == l (k: the channel's index in
+// the chunk; the only parameter loads, outside the vector loop), and each vector takes its
+// channel's pair from lane k % 32 with two shuffles. Per vector that is one division by a
+// constant (DivU32) and two shuffles instead of a division and two narrow global loads, for any
+// channel length (1 vector or millions). visit(i, coef) runs once for each vector i of the chunk,
+// in one thread; full rounds of 32 vectors run without a bounds check, a window's last partial
+// round after them. With PAIR false only coef.x is handed on (one shuffle; coef.y is 0).
+// Assumes: called by every thread of the block (the shuffles take the full mask), blockDim.x a
+// multiple of 32.
+template <bool PAIR, typename CoefOf, typename Visit>
+__device__ __forceinline__ void for_vectors_by_channel(uint32_t nseg, uint32_t segv,
+                                                       CoefOf coef_of, Visit visit) {
+  const uint32_t nv = nseg * segv;  // the chunk's length over the vector width: fits 32 bits
+  if (nv == 0) return;
+  const uint32_t lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const uint32_t nwarps = blockDim.x / kWarp;
+  const uint32_t span = ((nv + nwarps - 1) / nwarps + kWarp - 1) & ~(uint32_t)(kWarp - 1);
+  const uint32_t first = min(warp * span, nv);  // warp * span <= nv + 32 * nwarps: no overflow
+  const uint32_t end = min(first + span, nv);
+  const DivU32 per_seg(segv);
+  // the pair of vector i's channel k, from lane k % 32 (the shuffle takes the lane mod 32)
+  auto coef_at = [&](float2 mine, uint32_t i) {
+    const int src = (int)per_seg.div(i);
+    return make_float2(__shfl_sync(0xffffffffu, mine.x, src),
+                       PAIR ? __shfl_sync(0xffffffffu, mine.y, src) : 0.f);
+  };
+  for (uint32_t v = first; v < end;) {  // uniform over the warp
+    const uint32_t k0 = per_seg.div(v);
+    const uint32_t k = k0 + ((lane - k0) & (uint32_t)(kWarp - 1));  // in [k0, k0 + 32)
+    const float2 mine = k < nseg ? coef_of(k) : make_float2(0.f, 0.f);
+    const uint64_t lim = (uint64_t)(k0 + kWarp) * segv;  // end of the window's 32 channels
+    const uint32_t wend = lim < end ? (uint32_t)lim : end;
+    uint32_t i0 = v;
+    for (; i0 + kWarp <= wend; i0 += kWarp) visit(i0 + lane, coef_at(mine, i0 + lane));
+    if (i0 < wend) {
+      const float2 cf = coef_at(mine, i0 + lane);
+      if (i0 + lane < wend) visit(i0 + lane, cf);
+    }
+    v = wend;
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Statistics. A Welford state about a pivot: count, mean of (x - pivot), sum of squared

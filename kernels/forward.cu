@@ -30,7 +30,7 @@ namespace gn {
 constexpr int kFwdThreads = 512;
 
 // y = act(((x - pivot) - mshift) * (rstd * w[c]) + b[c]) over one chunk; src may be shared or
-// global.
+// global. Every thread of the block calls it.
 // Assumes: with VEC, src/dst are 16-byte aligned and seglen is a multiple of kVec<T>, so a vector
 // never crosses a channel.
 template <typename T, typename P, bool VEC, bool SILU>
@@ -38,33 +38,32 @@ __device__ __forceinline__ void normalize_chunk(const T* src, T* __restrict__ ds
                                                 uint32_t chan0, float pivot, float mshift,
                                                 float rstd, const P* __restrict__ w,
                                                 const P* __restrict__ b) {
-  const DivU32 seg(c.seglen);
-  const uint32_t n = c.len();
   // y = act((x - pivot) * a + sh) with a = rstd * w[c] and sh = b[c] - mshift * a: the mean's
   // shift is folded into the per-channel constant, so each value costs one FADD and one FFMA.
   // x - pivot stays first, so a large common offset cancels exactly before any rounding.
-  auto affine = [&](uint32_t j, float& a, float& sh) {
-    const uint32_t ch = chan0 + c.c0 + seg.div(j);
-    a = w ? rstd * to_f32(w[ch]) : rstd;
-    sh = fmaf(-mshift, a, b ? to_f32(b[ch]) : 0.f);
+  auto affine = [&](uint32_t k) {  // (a, sh) of channel k of the chunk
+    const uint32_t ch = chan0 + c.c0 + k;
+    const float a = w ? rstd * to_f32(w[ch]) : rstd;
+    return make_float2(a, fmaf(-mshift, a, b ? to_f32(b[ch]) : 0.f));
   };
   if constexpr (VEC) {
     constexpr int V = kVec<T>;
-    for (uint32_t i = threadIdx.x; i < n / V; i += blockDim.x) {
-      float a, sh;
-      affine(i * V, a, sh);
+    // (a, sh) once per channel and lane, handed to the vectors by shuffles: the loop's only
+    // global accesses are its 16-byte load (from global on the split path) and store
+    for_vectors_by_channel<true>(c.nseg, c.seglen / V, affine, [&](uint32_t i, float2 k) {
       Vec16<T> v = load16(src + (size_t)i * V);
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        v.v[e] = from_f32<T>(activate<SILU>(fmaf(to_f32(v.v[e]) - pivot, a, sh)));
+        v.v[e] = from_f32<T>(activate<SILU>(fmaf(to_f32(v.v[e]) - pivot, k.x, k.y)));
       }
       store16_global(dst + (size_t)i * V, v);
-    }
+    });
   } else {
+    const DivU32 seg(c.seglen);
+    const uint32_t n = c.len();
     for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
-      float a, sh;
-      affine(i, a, sh);
-      dst[i] = from_f32<T>(activate<SILU>(fmaf(to_f32(src[i]) - pivot, a, sh)));
+      const float2 k = affine(seg.div(i));
+      dst[i] = from_f32<T>(activate<SILU>(fmaf(to_f32(src[i]) - pivot, k.x, k.y)));
     }
   }
 }

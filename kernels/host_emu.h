@@ -153,6 +153,21 @@ inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
   return v;
 }
 
+// __shfl_sync with a lane index: lane `src_lane % 32`'s value. The runtime's exchange takes a
+// lane mask per lane (each lane reads lane ^ mask), so the index becomes lane ^ src_lane; the
+// same rules hold (full mask, all 32 lanes live).
+template <typename V>
+inline V __shfl_sync(unsigned mask, V v, int src_lane, int width = 32) {
+  static_assert(sizeof(V) == 4, "the emulator exchanges 32-bit values");
+  (void)width;
+  const unsigned lane = threadIdx.x % 32u;
+  uint32_t bits;
+  memcpy(&bits, &v, 4);
+  bits = gn_emu::shfl_xor_u32(mask, bits, (int)(((unsigned)src_lane % 32u) ^ lane));
+  memcpy(&v, &bits, 4);
+  return v;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Integer and float intrinsics.
 

@@ -3,7 +3,8 @@
 //! loops. cuobjdump and nvdisasm come from scripts/install-nvcc.sh (`CUOBJDUMP`).
 //!
 //! Loops: a branch (`BRA`, predicated or not) to a lower address closes a loop whose body runs
-//! from the target to the branch, both included. The innermost loops are those with no other
+//! from the target to the branch, both included, except the branch that ends a `BRA.DIV` stub
+//! (the out-of-line path a diverged warp takes to a shuffle) and returns into the code it left. The innermost loops are those with no other
 //! loop inside. Elements per iteration: the 16-byte loads in the body (global `LDG`, generic `LD`
 //! or shared `LDS`) times the elements of a 16-byte vector of the kernel's dtype, divided by the
 //! tensors the kernel reads per element (2 for the backward row kernels, x and dy; else 1).
@@ -99,17 +100,39 @@ impl Function {
     /// The innermost loops; `vec_elems`: elements of a 16-byte vector; `tensors`: tensors read
     /// per element.
     pub fn innermost_loops(&self, vec_elems: u32, tensors: u32) -> Vec<Loop> {
+        let target_of = |t: &str| {
+            t.split_whitespace()
+                .find_map(|w| w.trim_end_matches(';').strip_prefix("0x"))
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+        };
+        // A warp shuffle the compiler cannot prove convergent gets `BRA.DIV` to an out-of-line
+        // stub (WARPSYNC.COLLECTIVE, the shuffle again) that ends in an unconditional `BRA`
+        // back to just after the `BRA.DIV`. That branch returns from a side exit taken only by
+        // a diverged warp; it closes no loop, so it is left out.
+        let mut stub_returns = Vec::new();
+        for (off, t) in &self.code {
+            if opcode(t) != "BRA.DIV" {
+                continue;
+            }
+            let Some(stub) = target_of(t).filter(|&x| x > *off) else {
+                continue;
+            };
+            let back = self.code.iter().find(|(o, t2)| {
+                *o >= stub && !t2.trim_start().starts_with('@') && opcode(t2) == "BRA"
+            });
+            if let Some((o, t2)) = back {
+                if target_of(t2).is_some_and(|x| x > *off && x < stub) {
+                    stub_returns.push(*o);
+                }
+            }
+        }
         let mut loops: Vec<(u32, u32)> = Vec::new();
         for (off, t) in &self.code {
             let op = opcode(t);
-            if op.split('.').next() != Some("BRA") {
+            if op.split('.').next() != Some("BRA") || stub_returns.contains(off) {
                 continue;
             }
-            let target = t
-                .split_whitespace()
-                .find_map(|w| w.trim_end_matches(';').strip_prefix("0x"))
-                .and_then(|h| u32::from_str_radix(h, 16).ok());
-            if let Some(target) = target.filter(|&x| x < *off) {
+            if let Some(target) = target_of(t).filter(|&x| x < *off) {
                 loops.push((target, *off));
             }
         }
@@ -502,6 +525,37 @@ mod tests {
         assert_eq!(f1.widths().wide, 0);
         assert!(f1.widths().narrow >= 2);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The return branch of a `BRA.DIV` stub closes no loop; the loop around the shuffle is found
+    /// with its own body only.
+    #[test]
+    fn divergence_stubs_close_no_loop() {
+        let code = [
+            (0x00, "MOV R1, RZ"),
+            (0x10, "LDS.128 R4, [R2]"),
+            (0x20, "BRA.DIV UR4, 0x80"),
+            (0x30, "SHFL.IDX PT, R8, R9, R10, 0x1f"),
+            (0x40, "STG.E.128 desc[UR6][R12.64], R4"),
+            (0x50, "ISETP.GE.U32.AND P0, PT, R1, R3, PT"),
+            (0x60, "@!P0 BRA 0x10"),
+            (0x70, "EXIT"),
+            (0x80, "BSSY B1, 0xb0"),
+            (0x90, "WARPSYNC.COLLECTIVE R13, 0xa0"),
+            (0xa0, "SHFL.IDX P0, R8, R9, R10, R11"),
+            (0xb0, "BSYNC B1"),
+            (0xc0, "BRA 0x40"),
+        ];
+        let f = Function {
+            code: code.iter().map(|(o, t)| (*o, t.to_string())).collect(),
+            ..Function::default()
+        };
+        let loops = f.innermost_loops(8, 1);
+        assert_eq!(loops.len(), 1, "{loops:?}");
+        assert_eq!(
+            (loops[0].start, loops[0].instrs, loops[0].loads16),
+            (0x10, 6, 1)
+        );
     }
 
     #[test]

@@ -195,44 +195,58 @@ pub(super) fn backward_nchw<T: Element, U: Element, P: Element>(
     sdyx: &mut [f32],
 ) {
     let (l, s, d, groups) = (geo.row_len(), geo.s, geo.d, geo.g);
-    dx.par_chunks_mut(l)
-        .zip(x.par_chunks(l).zip(dy.par_chunks(l)))
-        .zip(sdy.par_chunks_mut(d).zip(sdyx.par_chunks_mut(d)))
-        .enumerate()
-        .with_min_len(min_rows_per_task(l))
-        .for_each_with(
-            Scratch::new(),
-            |scr, (row, ((dxr, (xr, dyr)), (sdy_r, sdyx_r)))| {
-                let g = row % groups;
-                let (m, r) = (mean[row], rstd[row]);
-                let sum_xm = nchw_row_sums(xr, dyr, s, m, sdy_r, sdyx_r, scr);
-                let (k2, k3) = row_coefs(weight, g, sdy_r, sdyx_r, sum_xm, l, m, r);
-                for_each_row_piece(dxr, scr, |off, dp, scr| {
-                    let (xp, dyp) = (&xr[off..off + dp.len()], &dyr[off..off + dp.len()]);
-                    for (bi, ((xb, db), ob)) in xp
-                        .chunks(CHUNK)
-                        .zip(dyp.chunks(CHUNK))
-                        .zip(dp.chunks_mut(CHUNK))
-                        .enumerate()
-                    {
-                        read_f32(xb, &mut scr.a, |xv| {
-                            read_f32(db, &mut scr.b, |dv| {
-                                write_f32(ob, &mut scr.c, |ov| {
-                                    for_each_channel_run(off + bi * CHUNK, xv.len(), s, |dc, k| {
-                                        let k1 = r * param(weight, g * d + dc, 1.0);
-                                        for ((o, xi), di) in
-                                            ov[k.clone()].iter_mut().zip(&xv[k.clone()]).zip(&dv[k])
-                                        {
-                                            *o = k1 * di - k2 * (xi - m) - k3;
-                                        }
-                                    })
-                                })
+    type Item<'a, T, U> = (
+        usize,
+        (
+            (&'a mut [T], (&'a [T], &'a [U])),
+            (&'a mut [f32], &'a mut [f32]),
+        ),
+    );
+    let body = |scr: &mut Scratch, (row, ((dxr, (xr, dyr)), (sdy_r, sdyx_r))): Item<'_, T, U>| {
+        let g = row % groups;
+        let (m, r) = (mean[row], rstd[row]);
+        let sum_xm = nchw_row_sums(xr, dyr, s, m, sdy_r, sdyx_r, scr);
+        let (k2, k3) = row_coefs(weight, g, sdy_r, sdyx_r, sum_xm, l, m, r);
+        for_each_row_piece(dxr, scr, |off, dp, scr| {
+            let (xp, dyp) = (&xr[off..off + dp.len()], &dyr[off..off + dp.len()]);
+            for (bi, ((xb, db), ob)) in xp
+                .chunks(CHUNK)
+                .zip(dyp.chunks(CHUNK))
+                .zip(dp.chunks_mut(CHUNK))
+                .enumerate()
+            {
+                read_f32(xb, &mut scr.a, |xv| {
+                    read_f32(db, &mut scr.b, |dv| {
+                        write_f32(ob, &mut scr.c, |ov| {
+                            for_each_channel_run(off + bi * CHUNK, xv.len(), s, |dc, k| {
+                                let k1 = r * param(weight, g * d + dc, 1.0);
+                                for ((o, xi), di) in
+                                    ov[k.clone()].iter_mut().zip(&xv[k.clone()]).zip(&dv[k])
+                                {
+                                    *o = k1 * di - k2 * (xi - m) - k3;
+                                }
                             })
-                        });
-                    }
+                        })
+                    })
                 });
-            },
-        );
+            }
+        });
+    };
+    if on_caller(geo) {
+        let mut scr = Scratch::new();
+        dx.chunks_mut(l)
+            .zip(x.chunks(l).zip(dy.chunks(l)))
+            .zip(sdy.chunks_mut(d).zip(sdyx.chunks_mut(d)))
+            .enumerate()
+            .for_each(|item| body(&mut scr, item));
+    } else {
+        dx.par_chunks_mut(l)
+            .zip(x.par_chunks(l).zip(dy.par_chunks(l)))
+            .zip(sdy.par_chunks_mut(d).zip(sdyx.par_chunks_mut(d)))
+            .enumerate()
+            .with_min_len(min_rows_per_task(l))
+            .for_each_with(Scratch::new(), |scr, item| body(scr, item));
+    }
 }
 
 /// Per-channel `sum dy` and `sum dy*(x - mean)` of one NCHW row (into `sdy`, `sdyx`), and

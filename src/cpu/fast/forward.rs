@@ -45,38 +45,46 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
     rstd: &mut [f32],
 ) {
     let (l, s, d, groups) = (geo.row_len(), geo.s, geo.d, geo.g);
-    y.par_chunks_mut(l)
-        .zip(x.par_chunks(l))
-        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
-        .enumerate()
-        .with_min_len(min_rows_per_task(l))
-        .for_each_with(
-            Scratch::new(),
-            |scr, (row, ((yr, xr), (mean_out, rstd_out)))| {
-                let g = row % groups;
-                let pivot = xr[0].to_f32();
-                let st = RowStats::from_moments(run_moments(xr, pivot, &mut scr.a), pivot, eps);
-                *mean_out = st.mean;
-                *rstd_out = st.rstd;
-                let sm = st.shifted_mean;
-                for_each_row_piece(yr, scr, |off, yp, scr| {
-                    let xp = &xr[off..off + yp.len()];
-                    for (bi, (xb, yb)) in xp.chunks(CHUNK).zip(yp.chunks_mut(CHUNK)).enumerate() {
-                        read_f32(xb, &mut scr.a, |xv| {
-                            write_f32(yb, &mut scr.b, |yv| {
-                                for_each_channel_run(off + bi * CHUNK, xv.len(), s, |dc, k| {
-                                    let c = g * d + dc;
-                                    let scale = st.rstd * param(weight, c, 1.0);
-                                    let shift = param(bias, c, 0.0);
-                                    for (o, v) in yv[k.clone()].iter_mut().zip(&xv[k.clone()]) {
-                                        *o = ((v - pivot) - sm) * scale + shift;
-                                    }
-                                    activate(act, &mut yv[k]);
-                                })
-                            })
-                        });
-                    }
+    type Item<'a, T> = (usize, ((&'a mut [T], &'a [T]), (&'a mut f32, &'a mut f32)));
+    let body = |scr: &mut Scratch, (row, ((yr, xr), (mean_out, rstd_out))): Item<'_, T>| {
+        let g = row % groups;
+        let pivot = xr[0].to_f32();
+        let st = RowStats::from_moments(run_moments(xr, pivot, &mut scr.a), pivot, eps);
+        *mean_out = st.mean;
+        *rstd_out = st.rstd;
+        let sm = st.shifted_mean;
+        for_each_row_piece(yr, scr, |off, yp, scr| {
+            let xp = &xr[off..off + yp.len()];
+            for (bi, (xb, yb)) in xp.chunks(CHUNK).zip(yp.chunks_mut(CHUNK)).enumerate() {
+                read_f32(xb, &mut scr.a, |xv| {
+                    write_f32(yb, &mut scr.b, |yv| {
+                        for_each_channel_run(off + bi * CHUNK, xv.len(), s, |dc, k| {
+                            let c = g * d + dc;
+                            let scale = st.rstd * param(weight, c, 1.0);
+                            let shift = param(bias, c, 0.0);
+                            for (o, v) in yv[k.clone()].iter_mut().zip(&xv[k.clone()]) {
+                                *o = ((v - pivot) - sm) * scale + shift;
+                            }
+                            activate(act, &mut yv[k]);
+                        })
+                    })
                 });
-            },
-        );
+            }
+        });
+    };
+    if on_caller(geo) {
+        let mut scr = Scratch::new();
+        y.chunks_mut(l)
+            .zip(x.chunks(l))
+            .zip(mean.iter_mut().zip(rstd.iter_mut()))
+            .enumerate()
+            .for_each(|item| body(&mut scr, item));
+    } else {
+        y.par_chunks_mut(l)
+            .zip(x.par_chunks(l))
+            .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+            .enumerate()
+            .with_min_len(min_rows_per_task(l))
+            .for_each_with(Scratch::new(), |scr, item| body(scr, item));
+    }
 }

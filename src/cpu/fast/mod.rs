@@ -50,8 +50,8 @@
 
 use crate::config::{Activation, Geometry, Layout};
 use crate::dtype::Element;
-use half::f16;
 use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use rayon::prelude::*;
 use std::any::TypeId;
 use std::ops::Range;

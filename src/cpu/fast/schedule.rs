@@ -51,3 +51,15 @@ pub(super) fn nhwc_block_positions(c: usize) -> usize {
 pub(super) fn nhwc_piece(c: usize) -> usize {
     (PIECE / c).max(1) * c
 }
+
+/// Tensors of at most this many elements run on the calling thread: handing them to the pool
+/// costs more than the second thread gives back (measured with `groupnorm bench --device cpu`,
+/// f32 NCHW, 1 vs 2 threads on this project's 2-core machine: one thread was as fast or faster
+/// up to 2^19 elements under load; 2^17 keeps a margin for an idle machine).
+pub(super) const ON_CALLER_MAX: usize = 1 << 17;
+
+/// Whether a pass over `geo` runs on the calling thread: small tensors whose rows are too short
+/// to be split ([`PAR_MIN`]) anyway.
+pub(super) fn on_caller(geo: &Geometry) -> bool {
+    geo.numel() <= ON_CALLER_MAX && geo.row_len() < PAR_MIN
+}

@@ -90,3 +90,49 @@ fn conversions_round_once_and_keep_f32_in_place() {
     write_f32(&mut out32, &mut buf, |w| w.copy_from_slice(&v));
     assert_eq!(out32, v);
 }
+
+/// f32 inputs covering every rounding case class of a conversion to bf16: every sign,
+/// exponent and top mantissa bits, with low bits exactly at, below and above the halfway point
+/// (16 dropped bits), plus scrambled patterns.
+fn rounding_cases() -> impl Iterator<Item = f32> {
+    const LOW: [u32; 12] = [
+        0, 1, 0xfff, 0x1000, 0x1001, 0x1fff, 0x7fff, 0x8000, 0x8001, 0xffff, 0x2345, 0xbeef,
+    ];
+    (0u32..1 << 16).flat_map(|hi| LOW.iter().map(move |&lo| f32::from_bits((hi << 16) | lo)))
+}
+
+#[test]
+fn bf16_widening_matches_half_for_every_input() {
+    for bits in 0..=u16::MAX {
+        let want = bf16::from_bits(bits).to_f32();
+        let got = bf16_bits_to_f32(bits);
+        assert_eq!(got.to_bits(), want.to_bits(), "bf16 bits {bits:#06x}");
+    }
+}
+
+#[test]
+fn bf16_rounding_matches_half() {
+    for v in rounding_cases() {
+        let want = bf16::from_f32(v).to_bits();
+        assert_eq!(
+            f32_to_bf16_bits(v),
+            want,
+            "f32 {:#010x} ({v:e})",
+            v.to_bits()
+        );
+    }
+}
+
+#[test]
+fn bf16_slices_round_trip_every_value() {
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    let mut wide = vec![0f32; all.len()];
+    let mut back = vec![0u16; all.len()];
+    bf16_to_f32_slice(&all, &mut wide);
+    f32_to_bf16_slice(&wide, &mut back);
+    for (&a, &b) in all.iter().zip(&back) {
+        // NaNs come back quieted; everything else exactly
+        let quieted = if (a & 0x7fff) > 0x7f80 { a | 0x0040 } else { a };
+        assert_eq!(b, quieted, "bf16 {a:#06x}");
+    }
+}

@@ -396,6 +396,19 @@ fn implementation_name(cfg: &Config) -> &'static str {
     }
 }
 
+/// The last-level cache size that the CPU timing rotates its inputs past (the same constant as
+/// scripts/bench_torch.py's `--device cpu`; 32 MiB is the L3 of the development machine).
+const CPU_LLC_BYTES: usize = 32 << 20;
+
+/// Copies of a `bytes`-long input to rotate through (bench_torch.py's formula).
+fn cpu_copies(bytes: usize) -> usize {
+    if 2 * bytes < 3 * CPU_LLC_BYTES {
+        (3 * CPU_LLC_BYTES).div_ceil(2 * bytes.max(1)).clamp(2, 16)
+    } else {
+        1
+    }
+}
+
 fn cpu_shape<T: Element, P: Element>(
     cfg: &Config,
     shape: &Shape,
@@ -414,17 +427,23 @@ fn cpu_shape<T: Element, P: Element>(
     let mut y = vec![T::default(); x.len()];
     let (_, mut stats) = gn.forward(&x, dims, Some(&w), Some(&b))?;
     let bytes = shape.numel() * T::DTYPE.size();
+    // Inputs rotated as scripts/bench_torch.py rotates PyTorch's: copies of x and dy whose
+    // total passes 1.5 times the last-level cache, so that no run finds its inputs in cache.
+    let copies = cpu_copies(bytes);
+    let xs = vec![x; copies];
+    let dys = vec![dy; copies];
     let mut rows = Vec::new();
     for &pass in &cfg.passes {
         let mut times = Vec::new();
         for i in 0..cfg.warmup + cfg.runs {
+            let (x, dy) = (&xs[i % copies], &dys[i % copies]);
             let t = Instant::now();
             if pass == "fwd" {
-                gn.forward_into(&x, dims, Some(&w), Some(&b), &mut y, &mut stats)?;
+                gn.forward_into(x, dims, Some(&w), Some(&b), &mut y, &mut stats)?;
             } else {
                 std::hint::black_box(gn.backward_activated(
-                    &dy,
-                    &x,
+                    dy,
+                    x,
                     dims,
                     &stats,
                     Some(&w),
@@ -439,7 +458,11 @@ fn cpu_shape<T: Element, P: Element>(
         let ms = median(times);
         let gbps = passes_of(pass) * bytes as f64 / ms / 1e6;
         rows.push(Row {
-            implementation: "groupnorm-cpu",
+            implementation: if cfg.layout == Layout::Nhwc {
+                "groupnorm-cpu nhwc"
+            } else {
+                "groupnorm-cpu"
+            },
             device: "cpu".into(),
             shape: shape.label(),
             dtype: format!("{}/{}", T::DTYPE, P::DTYPE),

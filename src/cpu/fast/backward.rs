@@ -21,7 +21,8 @@ impl BwdSums {
     }
 }
 
-/// [`BwdSums`] of 1 to [`CHUNK`] values, eight lanes each.
+/// [`BwdSums`] of 1 to [`CHUNK`] values, eight lanes each (AVX2 too, picked at run time).
+#[multiversion(targets("x86_64+avx2+fma+f16c"))]
 pub(super) fn leaf_sums<T: Element, U: Element>(
     dy: &[U],
     x: &[T],
@@ -209,27 +210,7 @@ pub(super) fn backward_nchw<T: Element, U: Element, P: Element>(
         let (k2, k3) = row_coefs(weight, g, sdy_r, sdyx_r, sum_xm, l, m, r);
         for_each_row_piece(dxr, scr, |off, dp, scr| {
             let (xp, dyp) = (&xr[off..off + dp.len()], &dyr[off..off + dp.len()]);
-            for (bi, ((xb, db), ob)) in xp
-                .chunks(CHUNK)
-                .zip(dyp.chunks(CHUNK))
-                .zip(dp.chunks_mut(CHUNK))
-                .enumerate()
-            {
-                read_f32(xb, &mut scr.a, |xv| {
-                    read_f32(db, &mut scr.b, |dv| {
-                        write_f32(ob, &mut scr.c, |ov| {
-                            for_each_channel_run(off + bi * CHUNK, xv.len(), s, |dc, k| {
-                                let k1 = r * param(weight, g * d + dc, 1.0);
-                                for ((o, xi), di) in
-                                    ov[k.clone()].iter_mut().zip(&xv[k.clone()]).zip(&dv[k])
-                                {
-                                    *o = k1 * di - k2 * (xi - m) - k3;
-                                }
-                            })
-                        })
-                    })
-                });
-            }
+            dx_piece(xp, dyp, dp, scr, off, s, g * d, r, m, k2, k3, weight);
         });
     };
     if on_caller(geo) {
@@ -254,6 +235,7 @@ pub(super) fn backward_nchw<T: Element, U: Element, P: Element>(
 /// shorter runs are summed in sequence, block by block, so that their conversions and loops
 /// are amortized over whole blocks.
 #[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx2+fma+f16c"))]
 pub(super) fn nchw_row_sums<T: Element, U: Element>(
     xr: &[T],
     dyr: &[U],
@@ -294,4 +276,46 @@ pub(super) fn nchw_row_sums<T: Element, U: Element>(
         });
     }
     sum_xm
+}
+
+/// `dx = k1[c]*dy - k2*(x - mean) - k3` over a piece of an NCHW row that starts at row offset
+/// `off` (channel runs of `s` values, the row's first channel `c0`, `k1[c] = rstd * w[c]`).
+/// Compiled for AVX2 too and picked at run time (same operations in the same order).
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx2+fma+f16c"))]
+fn dx_piece<T: Element, U: Element, P: Element>(
+    xp: &[T],
+    dyp: &[U],
+    dp: &mut [T],
+    scr: &mut Scratch,
+    off: usize,
+    s: usize,
+    c0: usize,
+    r: f32,
+    m: f32,
+    k2: f32,
+    k3: f32,
+    weight: Option<&[P]>,
+) {
+    for (bi, ((xb, db), ob)) in xp
+        .chunks(CHUNK)
+        .zip(dyp.chunks(CHUNK))
+        .zip(dp.chunks_mut(CHUNK))
+        .enumerate()
+    {
+        read_f32(xb, &mut scr.a, |xv| {
+            read_f32(db, &mut scr.b, |dv| {
+                write_f32(ob, &mut scr.c, |ov| {
+                    for_each_channel_run(off + bi * CHUNK, xv.len(), s, |dc, k| {
+                        let k1 = r * param(weight, c0 + dc, 1.0);
+                        for ((o, xi), di) in
+                            ov[k.clone()].iter_mut().zip(&xv[k.clone()]).zip(&dv[k])
+                        {
+                            *o = k1 * di - k2 * (xi - m) - k3;
+                        }
+                    })
+                })
+            })
+        });
+    }
 }

@@ -52,24 +52,9 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
         let st = RowStats::from_moments(run_moments(xr, pivot, &mut scr.a), pivot, eps);
         *mean_out = st.mean;
         *rstd_out = st.rstd;
-        let sm = st.shifted_mean;
         for_each_row_piece(yr, scr, |off, yp, scr| {
             let xp = &xr[off..off + yp.len()];
-            for (bi, (xb, yb)) in xp.chunks(CHUNK).zip(yp.chunks_mut(CHUNK)).enumerate() {
-                read_f32(xb, &mut scr.a, |xv| {
-                    write_f32(yb, &mut scr.b, |yv| {
-                        for_each_channel_run(off + bi * CHUNK, xv.len(), s, |dc, k| {
-                            let c = g * d + dc;
-                            let scale = st.rstd * param(weight, c, 1.0);
-                            let shift = param(bias, c, 0.0);
-                            for (o, v) in yv[k.clone()].iter_mut().zip(&xv[k.clone()]) {
-                                *o = ((v - pivot) - sm) * scale + shift;
-                            }
-                            activate(act, &mut yv[k]);
-                        })
-                    })
-                });
-            }
+            normalize_piece(xp, yp, scr, off, s, g * d, pivot, st, weight, bias, act);
         });
     };
     if on_caller(geo) {
@@ -86,5 +71,42 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
             .enumerate()
             .with_min_len(min_rows_per_task(l))
             .for_each_with(Scratch::new(), |scr, item| body(scr, item));
+    }
+}
+
+/// Normalizes a piece of an NCHW row that starts at row offset `off` (channel runs of `s`
+/// values, the row's first channel `c0`): `y = ((x - p) - (mean - p)) * (rstd * w) + b`, then
+/// the activation. Compiled for AVX2 too and picked at run time (the same operations in the
+/// same order, so the same bits: Rust never contracts to FMA on its own).
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx2+fma+f16c"))]
+fn normalize_piece<T: Element, P: Element>(
+    xp: &[T],
+    yp: &mut [T],
+    scr: &mut Scratch,
+    off: usize,
+    s: usize,
+    c0: usize,
+    pivot: f32,
+    st: RowStats,
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
+    act: Activation,
+) {
+    let sm = st.shifted_mean;
+    for (bi, (xb, yb)) in xp.chunks(CHUNK).zip(yp.chunks_mut(CHUNK)).enumerate() {
+        read_f32(xb, &mut scr.a, |xv| {
+            write_f32(yb, &mut scr.b, |yv| {
+                for_each_channel_run(off + bi * CHUNK, xv.len(), s, |dc, k| {
+                    let c = c0 + dc;
+                    let scale = st.rstd * param(weight, c, 1.0);
+                    let shift = param(bias, c, 0.0);
+                    for (o, v) in yv[k.clone()].iter_mut().zip(&xv[k.clone()]) {
+                        *o = ((v - pivot) - sm) * scale + shift;
+                    }
+                    activate(act, &mut yv[k]);
+                })
+            })
+        });
     }
 }

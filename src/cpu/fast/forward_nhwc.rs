@@ -67,29 +67,42 @@ impl BatchMoments {
 /// Moments of the groups of batch `b` of NHWC sample `xs` over positions `pos`, shifted by
 /// each group's pivot (`pivots[i]` for group `b.g0 + i`): leaves of `b.pb` positions, exact
 /// two-pass over values walked contiguously, merged in a fixed pairwise tree whose long halves
-/// run in parallel. Nothing is allocated: all state is on the stack.
+/// run in parallel when `par`. Nothing is allocated: all state is on the stack.
 pub(super) fn nhwc_batch_moments<T: Element>(
     xs: &[T],
     b: NhwcBatch,
     pos: Range<usize>,
     pivots: &Buf,
+    par: bool,
 ) -> BatchMoments {
     if pos.len() > b.pb {
         let mid = pos.start + (pos.len().div_ceil(b.pb) / 2) * b.pb;
         let (lo, hi) = (pos.start..mid, mid..pos.end);
-        let (ma, mb) = if pos.len() * b.gb * b.d >= PAR_MIN {
+        let (ma, mb) = if par && pos.len() * b.gb * b.d >= PAR_MIN {
             rayon::join(
-                || nhwc_batch_moments(xs, b, lo, pivots),
-                || nhwc_batch_moments(xs, b, hi, pivots),
+                || nhwc_batch_moments(xs, b, lo, pivots, par),
+                || nhwc_batch_moments(xs, b, hi, pivots, par),
             )
         } else {
             (
-                nhwc_batch_moments(xs, b, lo, pivots),
-                nhwc_batch_moments(xs, b, hi, pivots),
+                nhwc_batch_moments(xs, b, lo, pivots, par),
+                nhwc_batch_moments(xs, b, hi, pivots, par),
             )
         };
         return ma.merge(&mb, b.gb);
     }
+    nhwc_leaf_moments(xs, b, pos, pivots)
+}
+
+/// One leaf of [`nhwc_batch_moments`]: at most `b.pb` positions, exact two-pass. Compiled for
+/// AVX2 too and picked at run time (same operations in the same order, so the same bits).
+#[multiversion(targets("x86_64+avx2+fma+f16c"))]
+fn nhwc_leaf_moments<T: Element>(
+    xs: &[T],
+    b: NhwcBatch,
+    pos: Range<usize>,
+    pivots: &Buf,
+) -> BatchMoments {
     let mut out = BatchMoments {
         count: pos.len() * b.d,
         mean: [0.0; CHUNK],
@@ -218,7 +231,46 @@ pub(super) fn forward_nhwc<T: Element, P: Element>(
     let gb = NhwcBatch::groups_per_batch(d, groups);
 
     // Phase 1: statistics, per (sample, batch of groups); `mean` holds the shifted mean until
-    // phase 3.
+    // phase 3. Phase 2: normalize, contiguous pieces of whole positions. Small tensors run both
+    // on the calling thread.
+    let par = !on_caller(geo);
+    let stats = |xs: &[T], bi: usize, mean_b: &mut [f32], rstd_b: &mut [f32]| {
+        let b = NhwcBatch::new(c, d, bi * gb, mean_b.len());
+        let mut pivots = [0f32; CHUNK];
+        for (i, p) in pivots[..b.gb].iter_mut().enumerate() {
+            *p = xs[(b.g0 + i) * d].to_f32();
+        }
+        let bm = nhwc_batch_moments(xs, b, 0..s, &pivots, par);
+        for (i, (m, r)) in mean_b.iter_mut().zip(rstd_b.iter_mut()).enumerate() {
+            let st = RowStats::from_moments(bm.get(i), pivots[i], eps);
+            (*m, *r) = (st.shifted_mean, st.rstd);
+        }
+    };
+    let piece = nhwc_piece(c);
+    if !par {
+        for ((mean_n, rstd_n), xs) in mean
+            .chunks_mut(groups)
+            .zip(rstd.chunks_mut(groups))
+            .zip(x.chunks(sample))
+        {
+            for (bi, (mean_b, rstd_b)) in
+                mean_n.chunks_mut(gb).zip(rstd_n.chunks_mut(gb)).enumerate()
+            {
+                stats(xs, bi, mean_b, rstd_b);
+            }
+        }
+        for (n, (ys, xs)) in y.chunks_mut(sample).zip(x.chunks(sample)).enumerate() {
+            let rows = n * groups..(n + 1) * groups;
+            let (sm, rs) = (&mean[rows.clone()], &rstd[rows]);
+            for (yp, xp) in ys.chunks_mut(piece).zip(xs.chunks(piece)) {
+                normalize_nhwc_piece(xp, yp, xs, c, d, sm, rs, weight, bias, act);
+            }
+        }
+        for (row, m) in mean.iter_mut().enumerate() {
+            *m += x[(row / groups) * sample + (row % groups) * d].to_f32();
+        }
+        return;
+    }
     mean.par_chunks_mut(groups)
         .zip(rstd.par_chunks_mut(groups))
         .zip(x.par_chunks(sample))
@@ -227,22 +279,9 @@ pub(super) fn forward_nhwc<T: Element, P: Element>(
                 .par_chunks_mut(gb)
                 .zip(rstd_n.par_chunks_mut(gb))
                 .enumerate()
-                .for_each(|(bi, (mean_b, rstd_b))| {
-                    let b = NhwcBatch::new(c, d, bi * gb, mean_b.len());
-                    let mut pivots = [0f32; CHUNK];
-                    for (i, p) in pivots[..b.gb].iter_mut().enumerate() {
-                        *p = xs[(b.g0 + i) * d].to_f32();
-                    }
-                    let bm = nhwc_batch_moments(xs, b, 0..s, &pivots);
-                    for (i, (m, r)) in mean_b.iter_mut().zip(rstd_b.iter_mut()).enumerate() {
-                        let st = RowStats::from_moments(bm.get(i), pivots[i], eps);
-                        (*m, *r) = (st.shifted_mean, st.rstd);
-                    }
-                });
+                .for_each(|(bi, (mean_b, rstd_b))| stats(xs, bi, mean_b, rstd_b));
         });
 
-    // Phase 2: normalize, contiguous pieces of whole positions.
-    let piece = nhwc_piece(c);
     let (shifted_mean, rstd) = (&*mean, &*rstd);
     y.par_chunks_mut(sample)
         .zip(x.par_chunks(sample))
@@ -250,37 +289,10 @@ pub(super) fn forward_nhwc<T: Element, P: Element>(
         .for_each(|(n, (ys, xs))| {
             let rows = n * groups..(n + 1) * groups;
             let (sm, rs) = (&shifted_mean[rows.clone()], &rstd[rows]);
-            let coefs =
-                |first: usize, len: usize| SpanCoefs::new(first, len, d, xs, sm, rs, weight, bias);
             ys.par_chunks_mut(piece)
                 .zip(xs.par_chunks(piece))
                 .for_each(|(yp, xp)| {
-                    let (mut bx, mut by) = ([0f32; CHUNK], [0f32; CHUNK]);
-                    let mut normalize = |span: Range<usize>, k: &SpanCoefs| {
-                        read_f32(&xp[span.clone()], &mut bx, |xv| {
-                            write_f32(&mut yp[span], &mut by, |yv| {
-                                for (yseg, xseg) in yv.chunks_mut(c).zip(xv.chunks(c)) {
-                                    k.apply(0, xseg, yseg);
-                                    activate(act, yseg);
-                                }
-                            })
-                        })
-                    };
-                    if c <= CHUNK {
-                        // Spans of whole rows share one set of coefficients.
-                        let k = coefs(0, c);
-                        for_each_span(xp.len(), c, |span, _| normalize(span, &k));
-                    } else {
-                        // Wide rows: one set per CHUNK channels, applied to every row of the
-                        // piece (which is in cache).
-                        for ch0 in (0..c).step_by(CHUNK) {
-                            let len = CHUNK.min(c - ch0);
-                            let k = coefs(ch0, len);
-                            for row in (0..xp.len()).step_by(c) {
-                                normalize(row + ch0..row + ch0 + len, &k);
-                            }
-                        }
-                    }
+                    normalize_nhwc_piece(xp, yp, xs, c, d, sm, rs, weight, bias, act)
                 });
         });
 
@@ -289,4 +301,50 @@ pub(super) fn forward_nhwc<T: Element, P: Element>(
         .enumerate()
         .with_min_len(4096)
         .for_each(|(row, m)| *m += x[(row / groups) * sample + (row % groups) * d].to_f32());
+}
+
+/// Normalizes a piece of whole positions `xp` of NHWC sample `xs` (`c` channels, `d` per group,
+/// the sample's shifted means `sm` and rstds `rs`) into `yp`, then the activation. Compiled for
+/// AVX2 too and picked at run time (same operations in the same order, so the same bits).
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx2+fma+f16c"))]
+fn normalize_nhwc_piece<T: Element, P: Element>(
+    xp: &[T],
+    yp: &mut [T],
+    xs: &[T],
+    c: usize,
+    d: usize,
+    sm: &[f32],
+    rs: &[f32],
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
+    act: Activation,
+) {
+    let coefs = |first: usize, len: usize| SpanCoefs::new(first, len, d, xs, sm, rs, weight, bias);
+    let (mut bx, mut by) = ([0f32; CHUNK], [0f32; CHUNK]);
+    let mut normalize = |span: Range<usize>, k: &SpanCoefs| {
+        read_f32(&xp[span.clone()], &mut bx, |xv| {
+            write_f32(&mut yp[span], &mut by, |yv| {
+                for (yseg, xseg) in yv.chunks_mut(c).zip(xv.chunks(c)) {
+                    k.apply(0, xseg, yseg);
+                    activate(act, yseg);
+                }
+            })
+        })
+    };
+    if c <= CHUNK {
+        // Spans of whole rows share one set of coefficients.
+        let k = coefs(0, c);
+        for_each_span(xp.len(), c, |span, _| normalize(span, &k));
+    } else {
+        // Wide rows: one set per CHUNK channels, applied to every row of the piece (which is
+        // in cache).
+        for ch0 in (0..c).step_by(CHUNK) {
+            let len = CHUNK.min(c - ch0);
+            let k = coefs(ch0, len);
+            for row in (0..xp.len()).step_by(c) {
+                normalize(row + ch0..row + ch0 + len, &k);
+            }
+        }
+    }
 }

@@ -44,14 +44,24 @@
 //! # Conversions
 //!
 //! Values are read and written in spans of at most [`CHUNK`] elements through f32 buffers on
-//! the stack: f32 data is used in place, f16 goes through `half`'s vectorized slice
-//! conversions (one element at a time it would not vectorize), bf16 through its (cheap)
-//! per-element conversion.
+//! the stack: f32 data is used in place, f16 goes through `half`'s slice conversions (F16C where
+//! the CPU has it, detected at run time), bf16 through branch-free loops that LLVM vectorizes
+//! (`convert.rs`, bit-exact with `half`).
+//!
+//! # Dispatch and scheduling
+//!
+//! The inner loops (leaf statistics, normalization and `dx` pieces, NHWC block sums) are
+//! compiled twice with `multiversion`, for baseline x86-64 and for AVX2 (+FMA, F16C), and the
+//! AVX2 copy is picked at run time where the CPU has it. Both run the same operations in the
+//! same order (Rust never contracts `a * b + c` into an FMA on its own), so results are the
+//! same bits on every machine. Tensors of at most `ON_CALLER_MAX` elements run on the calling
+//! thread (`schedule.rs`): handing them to rayon's pool costs more than it gives back.
 
 use crate::config::{Activation, Geometry, Layout};
 use crate::dtype::Element;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use multiversion::multiversion;
 use rayon::prelude::*;
 use std::any::TypeId;
 use std::ops::Range;

@@ -58,8 +58,8 @@ pub(super) fn nhwc_piece(c: usize) -> usize {
 /// up to 2^19 elements under load; 2^17 keeps a margin for an idle machine).
 pub(super) const ON_CALLER_MAX: usize = 1 << 17;
 
-/// Whether a pass over `geo` runs on the calling thread: small tensors whose rows are too short
-/// to be split ([`PAR_MIN`]) anyway.
+/// Whether a pass over `geo` runs on the calling thread: small tensors. NCHW rows of at least
+/// [`PAR_MIN`] values are still split (NHWC passes are told not to split).
 pub(super) fn on_caller(geo: &Geometry) -> bool {
-    geo.numel() <= ON_CALLER_MAX && geo.row_len() < PAR_MIN
+    geo.numel() <= ON_CALLER_MAX && (geo.layout == Layout::Nhwc || geo.row_len() < PAR_MIN)
 }

@@ -104,7 +104,9 @@ pub(super) fn pairwise_sum(v: &[f32]) -> f32 {
     }
 }
 
-/// Exact two-pass moments of 1 to [`CHUNK`] values, shifted by `pivot`.
+/// Exact two-pass moments of 1 to [`CHUNK`] values, shifted by `pivot` (compiled for AVX2 too,
+/// picked at run time; same operations in the same order, so the same bits).
+#[multiversion(targets("x86_64+avx2+fma+f16c"))]
 pub(super) fn leaf_moments<T: Element>(x: &[T], pivot: f32, buf: &mut Buf) -> Moments {
     debug_assert!(!x.is_empty() && x.len() <= CHUNK);
     read_f32(x, buf, |v| {

@@ -24,6 +24,8 @@ pub const USAGE: &str = "usage: groupnorm bench [--shapes sd|small|large|all|2x3
   L2; GB/s at minimum traffic and % of the device-to-device copy bandwidth measured first.
   --layout nhwc times channels-last tensors, --silu GroupNorm fused with SiLU (the unfused
   baseline exists for NCHW without an activation only, and is skipped otherwise).
+  CPU: wall-clock median, inputs rotated past a 32 MiB last-level cache as on the GPU; threads
+  from RAYON_NUM_THREADS (scripts/bench_torch.py --device cpu --threads N times PyTorch alike).
   Defaults: --shapes sd --dtype f16,f32 --pass both (CPU: --shapes small --runs 10).";
 
 /// One measured row; the CSV and JSON columns, shared with scripts/bench_torch.py.

@@ -72,6 +72,8 @@ def main():
                     help="which of torch (F.group_norm), compile (torch.compile of it) and "
                          "groupnorm (the groupnorm Python package) to time")
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU: torch.set_num_threads(N) (give ours the same: RAYON_NUM_THREADS=N)")
     args = ap.parse_args()
 
     import time
@@ -79,6 +81,8 @@ def main():
     import torch
     import torch.nn.functional as F
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     wanted = set(args.impls.split(","))
     if wanted - {"torch", "compile", "groupnorm"}:
         sys.exit(f"bench_torch: unknown impls {sorted(wanted - {'torch', 'compile', 'groupnorm'})}")

@@ -2,8 +2,14 @@
 """Put `groupnorm bench --csv` and `scripts/bench_torch.py --csv` results side by side.
 
     python3 scripts/compare_bench.py ours.csv torch.csv [--svg plot.svg] [--markdown]
+    python3 scripts/compare_bench.py ours-nchw.csv,ours-nhwc.csv torch-nchw.csv,torch-nhwc.csv \
+        --candle candle.csv --markdown        # the CPU side-by-side (BENCHMARKS.md)
 
-Rows are matched on (shape, activation dtype, pass). Prints, per row: our time, the unfused
+Each of `ours` and `torch` may be a comma-separated list of CSV files (one per layout).
+Rows are matched on (shape, activation dtype, pass, layout); where ours has two rows for one
+activation dtype (parameters f32 and of the activation's dtype), the one whose parameter dtype
+is the activation's is kept, as PyTorch's rows have. `--candle` adds candle_nn::GroupNorm's times
+(benches/candle.rs with GROUPNORM_CANDLE_CSV set) and the ratios to them. Prints, per row: our time, the unfused
 baseline's, PyTorch's, our % of copy bandwidth, and the speedups (plus torch.compile's time and
 the Python package's when bench_torch.py timed them); then geometric means over the
 rows, over f16 and f32 separately, and over N = 1 shapes. `--svg` draws % of copy bandwidth per
@@ -16,13 +22,25 @@ import math
 import sys
 
 
-def load(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def load(paths):
+    rows = []
+    for path in paths.split(","):
+        with open(path, newline="") as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def layout(row):
+    return "nhwc" if row["impl"].endswith(" nhwc") else "nchw"
 
 
 def key(row):
-    return (row["shape"], row["dtype"].split("/")[0], row["pass"])
+    return (row["shape"], row["dtype"].split("/")[0], row["pass"], layout(row))
+
+
+def same_param_dtype(row):
+    a, _, p = row["dtype"].partition("/")
+    return a == p
 
 
 def geomean(v):
@@ -36,14 +54,18 @@ def main():
     ap.add_argument("torch", nargs="?")
     ap.add_argument("--svg")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--candle", help="candle_nn::GroupNorm times (benches/candle.rs CSV)")
     args = ap.parse_args()
 
     # each variant of ours is compared with what it replaces in PyTorch (one variant per CSV)
     pair = {"groupnorm": "torch", "groupnorm-cpu": "torch", "groupnorm nhwc": "torch nhwc",
+            "groupnorm-cpu nhwc": "torch nhwc",
             "groupnorm+silu": "torch-gn-silu", "groupnorm+silu nhwc": "torch-gn-silu nhwc"}
     ours, base, torch, torch_all = {}, {}, {}, {}
     for r in load(args.ours):
         if r["impl"] in pair:
+            if key(r) in ours and same_param_dtype(ours[key(r)]) and not same_param_dtype(r):
+                continue
             ours[key(r)] = r
         elif r["impl"] == "baseline":
             base[key(r)] = r
@@ -64,15 +86,22 @@ def main():
     if not ours:
         sys.exit("compare_bench: no `groupnorm` rows in " + args.ours)
 
-    head = ["shape", "dtype", "pass", "path", "ours ms", "% copy", "baseline ms", "torch ms",
-            "vs baseline", "vs torch"] + list(extra)
+    candle = {}
+    if args.candle:
+        for r in load(args.candle):
+            candle[key(r)] = r
+    if candle:
+        extra["candle ms"] = candle
+    head = ["shape", "dtype", "layout", "pass", "path", "ours ms", "% copy", "baseline ms",
+            "torch ms", "vs baseline", "vs torch"] + list(extra) + (["vs candle"] if candle else [])
+    speed_candle = []
     lines = []
     speed_base, speed_torch, pct = {}, {}, {}
     for k, r in ours.items():
         t = float(r["time_ms"])
         b = float(base[k]["time_ms"]) if k in base else None
         p = float(torch[k]["time_ms"]) if k in torch else None
-        group = (k[1], k[2])
+        group = (k[1], k[2] + " " + k[3])
         pct.setdefault(group, []).append(float(r["pct_copy"]))
         if b:
             speed_base.setdefault(group, []).append(b / t)
@@ -80,10 +109,15 @@ def main():
             speed_torch.setdefault(group, []).append(p / t)
             if k[0].startswith("1x"):
                 speed_torch.setdefault(("N=1", k[2]), []).append(p / t)
-        lines.append([k[0], r["dtype"], k[2], r["path"], f"{t:.4f}", f"{float(r['pct_copy']):.1f}",
+        cn = float(candle[k]["time_ms"]) if k in candle else None
+        if cn:
+            speed_candle.append(cn / t)
+        lines.append([k[0], r["dtype"], k[3], k[2], r["path"], f"{t:.4f}",
+                      f"{float(r['pct_copy']):.1f}",
                       f"{b:.4f}" if b else "-", f"{p:.4f}" if p else "-",
                       f"{b / t:.2f}x" if b else "-", f"{p / t:.2f}x" if p else "-"]
-                     + [f"{float(e[k]['time_ms']):.4f}" if k in e else "-" for e in extra.values()])
+                     + [f"{float(e[k]['time_ms']):.4f}" if k in e else "-" for e in extra.values()]
+                     + ([f"{cn / t:.2f}x" if cn else "-"] if candle else []))
 
     if args.markdown:
         print("| " + " | ".join(head) + " |")
@@ -103,6 +137,13 @@ def main():
         if group in speed_torch:
             msg += f", {geomean(speed_torch[group]):.2f}x PyTorch"
         print(msg)
+    every = [v for g, vs in speed_torch.items() if g[0] != "N=1" for v in vs]
+    if every:
+        print(f"geomean over all {len(every)} matched rows: {geomean(every):.2f}x PyTorch "
+              f"(worst {min(every):.2f}x, best {max(every):.2f}x)")
+    if speed_candle:
+        print(f"geomean over {len(speed_candle)} rows with candle_nn: {geomean(speed_candle):.2f}x "
+              f"candle_nn (worst {min(speed_candle):.2f}x)")
     for p in ("fwd", "bwd"):
         if ("N=1", p) in speed_torch:
             print(f"geomean N = 1 shapes {p}: {geomean(speed_torch[('N=1', p)]):.2f}x PyTorch")

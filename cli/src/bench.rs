@@ -26,6 +26,8 @@ pub const USAGE: &str = "usage: groupnorm bench [--shapes sd|small|large|all|2x3
   L2; GB/s at minimum traffic and % of the device-to-device copy bandwidth measured first.
   --layout nhwc times channels-last tensors, --silu GroupNorm fused with SiLU (the unfused
   baseline exists for NCHW without an activation only, and is skipped otherwise).
+  CPU: wall-clock median, inputs rotated past a 32 MiB last-level cache as on the GPU; threads
+  from RAYON_NUM_THREADS (scripts/bench_torch.py --device cpu --threads N times PyTorch alike).
   Defaults: --shapes sd --dtype f16,f32 --pass both (CPU: --shapes small --runs 10).";
 
 /// One measured row; the CSV and JSON columns, shared with scripts/bench_torch.py.
@@ -406,6 +408,19 @@ fn implementation_name(cfg: &Config) -> &'static str {
     }
 }
 
+/// The last-level cache size that the CPU timing rotates its inputs past (the same constant as
+/// scripts/bench_torch.py's `--device cpu`; 32 MiB is the L3 of the development machine).
+const CPU_LLC_BYTES: usize = 32 << 20;
+
+/// Copies of a `bytes`-long input to rotate through (bench_torch.py's formula).
+fn cpu_copies(bytes: usize) -> usize {
+    if 2 * bytes < 3 * CPU_LLC_BYTES {
+        (3 * CPU_LLC_BYTES).div_ceil(2 * bytes.max(1)).clamp(2, 16)
+    } else {
+        1
+    }
+}
+
 fn cpu_shape<T: Element, P: Element>(
     cfg: &Config,
     shape: &Shape,
@@ -424,14 +439,20 @@ fn cpu_shape<T: Element, P: Element>(
     let mut y = vec![T::default(); x.len()];
     let (_, mut stats) = gn.forward(&x, dims, Affine::new().weight(&w).bias(&b))?;
     let bytes = shape.numel() * T::DTYPE.size();
+    // Inputs rotated as scripts/bench_torch.py rotates PyTorch's: copies of x and dy whose
+    // total passes 1.5 times the last-level cache, so that no run finds its inputs in cache.
+    let copies = cpu_copies(bytes);
+    let xs = vec![x; copies];
+    let dys = vec![dy; copies];
     let mut rows = Vec::new();
     for &pass in &cfg.passes {
         let mut times = Vec::new();
         for i in 0..cfg.warmup + cfg.runs {
+            let (x, dy) = (&xs[i % copies], &dys[i % copies]);
             let t = Instant::now();
             if pass == "fwd" {
                 gn.forward_into(
-                    &x,
+                    x,
                     dims,
                     Affine::new().weight(&w).bias(&b),
                     &mut y,
@@ -439,8 +460,8 @@ fn cpu_shape<T: Element, P: Element>(
                 )?;
             } else {
                 std::hint::black_box(gn.backward(
-                    &dy,
-                    &x,
+                    dy,
+                    x,
                     dims,
                     &stats,
                     Affine::new().weight(&w).bias(&b),
@@ -454,7 +475,11 @@ fn cpu_shape<T: Element, P: Element>(
         let ms = median(times);
         let gbps = passes_of(pass) * bytes as f64 / ms / 1e6;
         rows.push(Row {
-            implementation: "groupnorm-cpu",
+            implementation: if cfg.layout == Layout::Nhwc {
+                "groupnorm-cpu nhwc"
+            } else {
+                "groupnorm-cpu"
+            },
             device: "cpu".into(),
             shape: shape.label(),
             dtype: format!("{}/{}", T::DTYPE, P::DTYPE),

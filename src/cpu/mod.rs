@@ -19,7 +19,7 @@
 //!
 //! f64 activations (parameters f64 or f32) take the f64 reference computation instead of the
 //! fast f32 one: statistics, normalization and gradients in f64, eps in f64, held to 1e-12
-//! against the reference (DESIGN.md). The saved statistics stay f32 `(N, G)` like every path's;
+//! against the reference (docs/design.md). The saved statistics stay f32 `(N, G)` like every path's;
 //! the f64 backward checks them as the others do but recomputes its own from `x` in f64, so it
 //! does not lose precision to them. It is single-threaded and not tuned for speed.
 
@@ -78,7 +78,7 @@ pub(crate) fn check_stats_values(stats: &Stats) -> Result<()> {
 
 impl GroupNorm {
     /// The f64 forward pass: the f64 reference computation (two-pass statistics in f64, eps in
-    /// f64), so f64 results meet the 1e-12 target of DESIGN.md; the statistics are saved as f32
+    /// f64), so f64 results meet the 1e-12 target of docs/design.md; the statistics are saved as f32
     /// like every path's (the f64 backward recomputes its own from `x`).
     fn forward_f64<T: Element, P: Element>(
         &self,

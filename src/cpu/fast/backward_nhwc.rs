@@ -1,0 +1,227 @@
+//! The channels-last backward pass.
+
+use super::*;
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward_nhwc<T: Element, U: Element, P: Element>(
+    geo: &Geometry,
+    dy: &[U],
+    x: &[T],
+    mean: &[f32],
+    rstd: &[f32],
+    weight: Option<&[P]>,
+    dx: &mut [T],
+    sdy: &mut [f32],
+    sdyx: &mut [f32],
+) {
+    let (n_count, c, s, d, groups, l) = (geo.n, geo.c, geo.s, geo.d, geo.g, geo.row_len());
+    let pb = nhwc_block_positions(c);
+    let nb = s.div_ceil(pb);
+
+    // Phase 1: per (n, block): per-channel sums over the block's positions, walking memory
+    // contiguously. Layout of `ws`:
+    // [n][block][sum dy (C) | sum dy*(x - mean) (C) | sum (x - mean) (C)].
+    let mut ws = vec![0f32; n_count * nb * 3 * c];
+    let par = !on_caller(geo);
+    let block = |mc: &mut Vec<f32>, (i, out): (usize, &mut [f32])| {
+        let (n, blk) = (i / nb, i % nb);
+        let (s0, s1) = (blk * pb, ((blk + 1) * pb).min(s));
+        let range = (n * s + s0) * c..(n * s + s1) * c;
+        let (xs, dys) = (&x[range.clone()], &dy[range]);
+        for (ch, m) in mc.iter_mut().enumerate() {
+            *m = mean[n * groups + ch / d];
+        }
+        nhwc_block_sums(xs, dys, mc, out, c);
+    };
+    if par {
+        ws.par_chunks_mut(3 * c)
+            .enumerate()
+            .for_each_init(|| vec![0f32; c], block);
+    } else {
+        let mut mc = vec![0f32; c];
+        ws.chunks_mut(3 * c)
+            .enumerate()
+            .for_each(|item| block(&mut mc, item));
+    }
+
+    // Phase 2: pairwise tree over the blocks of each sample, then the row coefficients.
+    let mut k2 = vec![0f32; n_count * groups];
+    let mut k3 = vec![0f32; n_count * groups];
+    type Item<'a> = (
+        usize,
+        (
+            (&'a mut [f32], (&'a mut [f32], &'a mut [f32])),
+            (&'a mut [f32], &'a mut [f32]),
+        ),
+    );
+    let reduce = |(n, ((p, (sdy_n, sdyx_n)), (k2_n, k3_n))): Item<'_>| {
+        let w = 3 * c;
+        let mut step = 1;
+        while step < nb {
+            let mut b = 0;
+            while b + step < nb {
+                let (lo, hi) = p.split_at_mut((b + step) * w);
+                for (u, v) in lo[b * w..(b + 1) * w].iter_mut().zip(&hi[..w]) {
+                    *u += v;
+                }
+                b += 2 * step;
+            }
+            step *= 2;
+        }
+        sdy_n.copy_from_slice(&p[..c]);
+        sdyx_n.copy_from_slice(&p[c..2 * c]);
+        let sxm = &p[2 * c..w];
+        for g in 0..groups {
+            let row = n * groups + g;
+            let ch = g * d..(g + 1) * d;
+            (k2_n[g], k3_n[g]) = row_coefs(
+                weight,
+                g,
+                &sdy_n[ch.clone()],
+                &mut sdyx_n[ch.clone()],
+                pairwise_sum(&sxm[ch]),
+                l,
+                mean[row],
+                rstd[row],
+            );
+        }
+    };
+    if par {
+        ws.par_chunks_mut(nb * 3 * c)
+            .zip(sdy.par_chunks_mut(c).zip(sdyx.par_chunks_mut(c)))
+            .zip(k2.par_chunks_mut(groups).zip(k3.par_chunks_mut(groups)))
+            .enumerate()
+            .for_each(reduce);
+    } else {
+        ws.chunks_mut(nb * 3 * c)
+            .zip(sdy.chunks_mut(c).zip(sdyx.chunks_mut(c)))
+            .zip(k2.chunks_mut(groups).zip(k3.chunks_mut(groups)))
+            .enumerate()
+            .for_each(reduce);
+    }
+
+    // Phase 3: dx, per-channel coefficients (structure of arrays), contiguous pieces.
+    let mut k1c = vec![0f32; n_count * c];
+    let mut k2c = vec![0f32; n_count * c];
+    let mut k3c = vec![0f32; n_count * c];
+    let mut mcs = vec![0f32; n_count * c];
+    for n in 0..n_count {
+        for g in 0..groups {
+            let row = n * groups + g;
+            for ch in g * d..(g + 1) * d {
+                let i = n * c + ch;
+                k1c[i] = rstd[row] * param(weight, ch, 1.0);
+                k2c[i] = k2[row];
+                k3c[i] = k3[row];
+                mcs[i] = mean[row];
+            }
+        }
+    }
+    let piece = nhwc_piece(c);
+    if !par {
+        for (n, (dxs, (xs, dys))) in dx
+            .chunks_mut(s * c)
+            .zip(x.chunks(s * c).zip(dy.chunks(s * c)))
+            .enumerate()
+        {
+            let k = n * c..(n + 1) * c;
+            let (k1, k2, k3, mn) = (&k1c[k.clone()], &k2c[k.clone()], &k3c[k.clone()], &mcs[k]);
+            for (op, (xp, dp)) in dxs
+                .chunks_mut(piece)
+                .zip(xs.chunks(piece).zip(dys.chunks(piece)))
+            {
+                nhwc_dx_piece(xp, dp, op, c, k1, k2, k3, mn);
+            }
+        }
+        return;
+    }
+    dx.par_chunks_mut(s * c)
+        .zip(x.par_chunks(s * c).zip(dy.par_chunks(s * c)))
+        .enumerate()
+        .for_each(|(n, (dxs, (xs, dys)))| {
+            let k = n * c..(n + 1) * c;
+            let (k1, k2, k3, mn) = (&k1c[k.clone()], &k2c[k.clone()], &k3c[k.clone()], &mcs[k]);
+            dxs.par_chunks_mut(piece)
+                .zip(xs.par_chunks(piece).zip(dys.par_chunks(piece)))
+                .for_each(|(op, (xp, dp))| nhwc_dx_piece(xp, dp, op, c, k1, k2, k3, mn));
+        });
+}
+
+/// Phase 1 of the NHWC backward for one block of positions (`xs`, `dys`: whole positions of
+/// `c` channels, `mc` each channel's row mean): per-channel `sum dy`, `sum dy*(x - mean)` and
+/// `sum (x - mean)` into `out` (three runs of `c`). Compiled for AVX2 too and picked at run
+/// time (same operations in the same order, so the same bits).
+#[multiversion(targets("x86_64+avx2+fma+f16c"))]
+fn nhwc_block_sums<T: Element, U: Element>(
+    xs: &[T],
+    dys: &[U],
+    mc: &[f32],
+    out: &mut [f32],
+    c: usize,
+) {
+    let (a, rest) = out.split_at_mut(c);
+    let (b, e) = rest.split_at_mut(c);
+    let (mut bx, mut bd) = ([0f32; CHUNK], [0f32; CHUNK]);
+    for_each_span(xs.len(), c, |span, ch0| {
+        read_f32(&xs[span.clone()], &mut bx, |xv| {
+            read_f32(&dys[span], &mut bd, |dv| {
+                for (xseg, dseg) in xv.chunks(c).zip(dv.chunks(c)) {
+                    let k = ch0..ch0 + xseg.len();
+                    for (((((a, b), e), xi), di), m) in a[k.clone()]
+                        .iter_mut()
+                        .zip(&mut b[k.clone()])
+                        .zip(&mut e[k.clone()])
+                        .zip(xseg)
+                        .zip(dseg)
+                        .zip(&mc[k])
+                    {
+                        let xm = xi - m;
+                        *a += di;
+                        *b += di * xm;
+                        *e += xm;
+                    }
+                }
+            })
+        })
+    });
+}
+
+/// Phase 3 of the NHWC backward on a piece of whole positions: `dx = k1*dy - k2*(x - m) - k3`
+/// with per-channel coefficients. Compiled for AVX2 too and picked at run time.
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx2+fma+f16c"))]
+fn nhwc_dx_piece<T: Element, U: Element>(
+    xp: &[T],
+    dp: &[U],
+    op: &mut [T],
+    c: usize,
+    k1: &[f32],
+    k2: &[f32],
+    k3: &[f32],
+    mn: &[f32],
+) {
+    let (mut bx, mut bd, mut bo) = ([0f32; CHUNK], [0f32; CHUNK], [0f32; CHUNK]);
+    for_each_span(xp.len(), c, |span, ch0| {
+        read_f32(&xp[span.clone()], &mut bx, |xv| {
+            read_f32(&dp[span.clone()], &mut bd, |dv| {
+                write_f32(&mut op[span], &mut bo, |ov| {
+                    for ((oseg, xseg), dseg) in ov.chunks_mut(c).zip(xv.chunks(c)).zip(dv.chunks(c))
+                    {
+                        let k = ch0..ch0 + xseg.len();
+                        for ((((((o, xi), di), a), b), cc), m) in oseg
+                            .iter_mut()
+                            .zip(xseg)
+                            .zip(dseg)
+                            .zip(&k1[k.clone()])
+                            .zip(&k2[k.clone()])
+                            .zip(&k3[k.clone()])
+                            .zip(&mn[k])
+                        {
+                            *o = a * di - b * (xi - m) - cc;
+                        }
+                    }
+                })
+            })
+        })
+    });
+}

@@ -1,0 +1,118 @@
+//! The fast CPU path: f32 accumulation, parallel with rayon, deterministic.
+//!
+//! Everything here takes validated lengths (the public methods in [`super`] check them first)
+//! and writes into buffers the caller allocated once. The forward pass allocates nothing; the
+//! backward pass allocates its per-`(n, c)` partials (and, for NHWC, per-block partials).
+//!
+//! # Statistics
+//!
+//! Each group row `(n, g)` has a pivot `p`, its first value in logical order
+//! (`x[n, g*D, 0]`), subtracted from every value before accumulating and before normalizing,
+//! so rounding errors scale with the spread of the row and not with its offset. The row is cut
+//! into chunks; a chunk's shifted mean and `m2` are computed exactly in two passes over the
+//! (cached) chunk, and chunk states merge with Chan's formula in a fixed pairwise tree (error
+//! grows with the tree's depth, not with the number of chunks).
+//!
+//! - NCHW: a row is one contiguous run, chunks are [`CHUNK`] values; rows run in parallel,
+//!   and so do the halves of long rows.
+//! - NHWC: a row is `S` runs of `D` values, `C` apart. Groups are taken in batches whose
+//!   `gb * D <= CHUNK` channels are a contiguous segment of every position; a chunk is a block
+//!   of positions times one group's channels, summed with one accumulator per channel while
+//!   walking the segments in memory order. Samples, batches and halves of long position ranges
+//!   run in parallel. With `S = 1` the two layouts are the same memory order and the NCHW code
+//!   runs.
+//!
+//! `y = ((x - p) - (mean - p)) * (rstd * w) + b` in f32, rounded once to `T`; the saved mean is
+//! `p + (mean - p)` in f32.
+//!
+//! # Backward
+//!
+//! Per `(n, c)`: `sum dy` and `sum dy * (x - mean)` (chunked, pairwise), and per row
+//! `sum (x - mean)`, whose mean `delta` is the error of the saved f32 mean (up to half an ulp
+//! of the row's offset): the backward uses `mean + delta`, so it too scales with the spread of
+//! the row rather than its offset. Per row, with `A = mean_row(w*dy)` and
+//! `B = mean_row(w*dy*xhat)`: `dx = (rstd*w)*dy - (rstd*rstd*B)*(x - mean - delta) - rstd*A`.
+//! `dweight[c]` and `dbias[c]` sum the per-`(n, c)` partials over `n` in order, so the result
+//! never depends on scheduling.
+//!
+//! # Non-finite values
+//!
+//! A NaN or Inf in a row gives that row a NaN variance (a chunk holding an Inf computes
+//! `inf - inf` in its second pass); a row whose statistics or backward coefficients are not
+//! finite gets NaN mean, rstd, `y` and `dx`. Other rows are untouched.
+//!
+//! # Conversions
+//!
+//! Values are read and written in spans of at most [`CHUNK`] elements through f32 buffers on
+//! the stack: f32 data is used in place, f16 goes through `half`'s slice conversions (F16C where
+//! the CPU has it, detected at run time), bf16 through branch-free loops that LLVM vectorizes
+//! (`convert.rs`, bit-exact with `half`).
+//!
+//! # Dispatch and scheduling
+//!
+//! The inner loops (leaf statistics, normalization and `dx` pieces, NHWC block sums) are
+//! compiled twice with `multiversion`, for baseline x86-64 and for AVX2 (+FMA, F16C), and the
+//! AVX2 copy is picked at run time where the CPU has it. Both run the same operations in the
+//! same order (Rust never contracts `a * b + c` into an FMA on its own), so results are the
+//! same bits on every machine. Tensors of at most `ON_CALLER_MAX` elements run on the calling
+//! thread (`schedule.rs`): handing them to rayon's pool costs more than it gives back.
+
+use crate::config::{Activation, Geometry, Layout};
+use crate::dtype::Element;
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use multiversion::multiversion;
+use rayon::prelude::*;
+use std::any::TypeId;
+use std::ops::Range;
+
+/// Values per leaf of the statistics tree, and per conversion span: small enough that a
+/// sequential f32 sum over an eighth of it is accurate and that two passes over it hit L1.
+pub(crate) const CHUNK: usize = 256;
+/// Slices at least this long are split across threads (rows that are few and long).
+const PAR_MIN: usize = 1 << 15;
+/// Elements per parallel piece when normalizing or writing `dx`.
+const PIECE: usize = 1 << 14;
+/// Target elements per NHWC spatial block (positions times channels).
+const NHWC_BLOCK: usize = 1 << 14;
+/// Bounds on the positions per NHWC block: at most `CHUNK` values per channel are summed
+/// sequentially; at least 16 keeps the workspace under `numel / 8` for very wide tensors.
+const NHWC_MIN_POSITIONS: usize = 16;
+
+mod activation;
+mod backward;
+mod backward_nhwc;
+mod convert;
+mod forward;
+mod forward_nhwc;
+mod schedule;
+mod stats;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use activation::activation_grad;
+pub(crate) use backward::backward;
+pub(crate) use forward::forward;
+
+use backward::*;
+use backward_nhwc::*;
+use convert::*;
+use forward_nhwc::*;
+use schedule::*;
+use stats::*;
+
+/// Applies `act` in place (a second loop over a block in cache, so that the plain affine loop
+/// stays vectorized when there is no activation).
+#[inline(always)]
+pub(super) fn activate(act: Activation, v: &mut [f32]) {
+    if act != Activation::None {
+        for o in v {
+            *o = act.apply_f32(*o);
+        }
+    }
+}
+
+#[inline(always)]
+pub(super) fn param<P: Element>(p: Option<&[P]>, c: usize, default: f32) -> f32 {
+    p.map_or(default, |p| p[c].to_f32())
+}

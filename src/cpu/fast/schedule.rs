@@ -1,0 +1,65 @@
+//! Scheduling: how rows, channel runs and pieces are cut, and what runs in parallel.
+
+use super::*;
+
+/// Calls `f(channel in group, sub-range)` for the channel runs that cross a block of an NCHW
+/// row: the block covers row offsets `start..start + len`, runs are `s` long, and the
+/// sub-range is relative to the block.
+#[inline(always)]
+pub(super) fn for_each_channel_run(
+    start: usize,
+    len: usize,
+    s: usize,
+    mut f: impl FnMut(usize, Range<usize>),
+) {
+    let (mut i, mut dc) = (0, start / s);
+    while i < len {
+        let end = ((dc + 1) * s - start).min(len);
+        f(dc, i..end);
+        (i, dc) = (end, dc + 1);
+    }
+}
+
+/// Calls `f(offset in row, piece, scratch)` over a row cut into pieces: the whole row at once
+/// when it is short, parallel pieces of [`PIECE`] elements (each with its own scratch) when
+/// it is long.
+pub(super) fn for_each_row_piece<E: Send>(
+    out: &mut [E],
+    scr: &mut Scratch,
+    f: impl Fn(usize, &mut [E], &mut Scratch) + Sync,
+) {
+    if out.len() < PAR_MIN {
+        f(0, out, scr);
+    } else {
+        out.par_chunks_mut(PIECE)
+            .enumerate()
+            .for_each_with(Scratch::new(), |scr, (p, piece)| f(p * PIECE, piece, scr));
+    }
+}
+
+/// Rows per rayon task at minimum, so that tiny rows do not become tiny tasks.
+pub(super) fn min_rows_per_task(row_len: usize) -> usize {
+    (4096 / row_len.max(1)).max(1)
+}
+
+/// Positions per NHWC spatial block for `c` channels.
+pub(super) fn nhwc_block_positions(c: usize) -> usize {
+    (NHWC_BLOCK / c.max(1)).clamp(NHWC_MIN_POSITIONS, CHUNK)
+}
+
+/// Pieces of whole NHWC positions for the parallel element-wise passes.
+pub(super) fn nhwc_piece(c: usize) -> usize {
+    (PIECE / c).max(1) * c
+}
+
+/// Tensors of at most this many elements run on the calling thread: handing them to the pool
+/// costs more than the second thread gives back (measured with `groupnorm bench --device cpu`,
+/// f32 NCHW, 1 vs 2 threads on this project's 2-core machine: one thread was as fast or faster
+/// up to 2^19 elements under load; 2^17 keeps a margin for an idle machine).
+pub(super) const ON_CALLER_MAX: usize = 1 << 17;
+
+/// Whether a pass over `geo` runs on the calling thread: small tensors. NCHW rows of at least
+/// [`PAR_MIN`] values are still split (NHWC passes are told not to split).
+pub(super) fn on_caller(geo: &Geometry) -> bool {
+    geo.numel() <= ON_CALLER_MAX && (geo.layout == Layout::Nhwc || geo.row_len() < PAR_MIN)
+}

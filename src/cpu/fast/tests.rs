@@ -1,0 +1,138 @@
+//! Unit tests of the fast path's building blocks.
+
+use super::*;
+use half::bf16;
+
+#[test]
+fn merge_short_circuits_empty_partners() {
+    let a = Moments {
+        count: 3,
+        mean: 2.0,
+        m2: 5.0,
+    };
+    assert_eq!(a.merge(Moments::default()), a);
+    assert_eq!(Moments::default().merge(a), a);
+}
+
+#[test]
+fn merge_matches_direct_moments() {
+    let v: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 * 0.25).collect();
+    let direct_mean = v.iter().map(|&e| e as f64).sum::<f64>() / 1000.0;
+    let direct_m2: f64 = v.iter().map(|&e| (e as f64 - direct_mean).powi(2)).sum();
+    let m = run_moments(&v, 0.0, &mut [0.0; CHUNK]);
+    assert_eq!(m.count, 1000);
+    assert!((m.mean as f64 - direct_mean).abs() < 1e-5 * direct_mean);
+    assert!((m.m2 as f64 - direct_m2).abs() < 1e-5 * direct_m2);
+}
+
+#[test]
+fn split_point_keeps_whole_chunks_on_the_left() {
+    assert_eq!(split_point(257), 256);
+    assert_eq!(split_point(512), 256);
+    assert_eq!(split_point(1000), 512);
+    assert!(split_point(CHUNK + 1) < CHUNK + 1);
+}
+
+#[test]
+fn chunk_with_inf_gives_nan_variance() {
+    let mut v = vec![1.0f32; 10];
+    v[3] = f32::INFINITY;
+    let st = RowStats::from_moments(leaf_moments(&v, 1.0, &mut [0.0; CHUNK]), 1.0, 1e-5);
+    assert!(st.rstd.is_nan() && st.mean.is_nan());
+}
+
+#[test]
+fn spans_cover_everything_once_with_the_right_channels() {
+    for (len, c) in [
+        (12, 4),
+        (1000, 4),
+        (600, 600),
+        (1800, 600),
+        (0, 3),
+        (257 * 3, 257),
+    ] {
+        let mut seen = vec![usize::MAX; len];
+        for_each_span(len, c, |span, ch0| {
+            assert!(span.len() <= CHUNK && !span.is_empty());
+            for (i, pos) in span.clone().enumerate() {
+                assert_eq!(seen[pos], usize::MAX, "covered twice");
+                // channel of element `pos` from the span's own view
+                seen[pos] = (ch0 + i % c.max(1)) % c;
+            }
+        });
+        for (pos, ch) in seen.iter().enumerate() {
+            assert_eq!(*ch, pos % c, "len {len} c {c} pos {pos}");
+        }
+    }
+}
+
+#[test]
+fn conversions_round_once_and_keep_f32_in_place() {
+    let v = [1.0f32, 1.0 + 2f32.powi(-11) + 2f32.powi(-20), -3.5, 65519.0];
+    let mut buf = [0f32; CHUNK];
+    let h: Vec<f16> = v.iter().map(|&e| f16::from_f32(e)).collect();
+    read_f32(&h, &mut buf, |w| {
+        assert_eq!(
+            w,
+            h.iter().map(|e| e.to_f32()).collect::<Vec<_>>().as_slice()
+        )
+    });
+    let mut out = [f16::ZERO; 4];
+    write_f32(&mut out, &mut buf, |w| w.copy_from_slice(&v));
+    assert_eq!(out.to_vec(), h);
+    let mut outb = [bf16::ZERO; 4];
+    write_f32(&mut outb, &mut buf, |w| w.copy_from_slice(&v));
+    assert_eq!(
+        outb.to_vec(),
+        v.iter().map(|&e| bf16::from_f32(e)).collect::<Vec<_>>()
+    );
+    let mut out32 = [0f32; 4];
+    write_f32(&mut out32, &mut buf, |w| w.copy_from_slice(&v));
+    assert_eq!(out32, v);
+}
+
+/// f32 inputs covering every rounding case class of a conversion to bf16: every sign,
+/// exponent and top mantissa bits, with low bits exactly at, below and above the halfway point
+/// (16 dropped bits), plus scrambled patterns.
+fn rounding_cases() -> impl Iterator<Item = f32> {
+    const LOW: [u32; 12] = [
+        0, 1, 0xfff, 0x1000, 0x1001, 0x1fff, 0x7fff, 0x8000, 0x8001, 0xffff, 0x2345, 0xbeef,
+    ];
+    (0u32..1 << 16).flat_map(|hi| LOW.iter().map(move |&lo| f32::from_bits((hi << 16) | lo)))
+}
+
+#[test]
+fn bf16_widening_matches_half_for_every_input() {
+    for bits in 0..=u16::MAX {
+        let want = bf16::from_bits(bits).to_f32();
+        let got = bf16_bits_to_f32(bits);
+        assert_eq!(got.to_bits(), want.to_bits(), "bf16 bits {bits:#06x}");
+    }
+}
+
+#[test]
+fn bf16_rounding_matches_half() {
+    for v in rounding_cases() {
+        let want = bf16::from_f32(v).to_bits();
+        assert_eq!(
+            f32_to_bf16_bits(v),
+            want,
+            "f32 {:#010x} ({v:e})",
+            v.to_bits()
+        );
+    }
+}
+
+#[test]
+fn bf16_slices_round_trip_every_value() {
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    let mut wide = vec![0f32; all.len()];
+    let mut back = vec![0u16; all.len()];
+    bf16_to_f32_slice(&all, &mut wide);
+    f32_to_bf16_slice(&wide, &mut back);
+    for (&a, &b) in all.iter().zip(&back) {
+        // NaNs come back quieted; everything else exactly
+        let quieted = if (a & 0x7fff) > 0x7f80 { a | 0x0040 } else { a };
+        assert_eq!(b, quieted, "bf16 {a:#06x}");
+    }
+}

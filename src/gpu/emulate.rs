@@ -360,42 +360,11 @@ pub fn forward_into<T: Element, P: Element>(
     y: &mut [T],
     stats: &mut Stats,
 ) -> Result<Trace> {
-    let geo = check_geometry(gn, dims)?;
+    let geo = check_forward::<T, P>(gn, dims, weight, bias, stats)?;
     geo.check_activation("x", x.len())?;
     geo.check_activation("y", y.len())?;
-    check_param_dtype::<T, P>("weight")?;
-    check_param::<T, P>("weight", weight, geo.c)?;
-    check_param::<T, P>("bias", bias, geo.c)?;
-    check_stats(stats.mean.len(), stats.rstd.len(), geo.rows())?;
-    let problem = problem::<T, P>(gn, path, &geo);
-    let mut ws = workspace(raw::workspace_floats(limits, &problem, Pass::Forward)?);
-    let ws_ptr = if ws.as_slice().is_empty() {
-        0
-    } else {
-        addr_mut(ws.as_mut_slice())
-    };
-    let ws_bytes = ws.as_slice().len() * 4;
-    watch_if_counting("workspace", ws_ptr as usize, ws_bytes);
-    let ptrs = ForwardPtrs {
-        x: addr(x),
-        y: addr_mut(y),
-        weight: weight.map_or(0, addr),
-        bias: bias.map_or(0, addr),
-        mean: addr_mut(&mut stats.mean),
-        rstd: addr_mut(&mut stats.rstd),
-    };
-    // the raw layer's own validation, planning and parameter filling, with host addresses
-    let (plan, params) = raw::prepare_forward(limits, &problem, &ptrs, ws_ptr, ws_bytes, false)?;
-    let mut trace = Trace::new(&plan);
-    launch::forward_sequence(
-        &plan,
-        T::DTYPE,
-        P::DTYPE,
-        &params,
-        launcher(limits, &mut trace),
-    )?;
-    check_workspace(&ws);
-    Ok(trace)
+    let (xa, ya) = (addr(x), addr_mut(y));
+    run_forward::<T, P>(gn, path, limits, &geo, xa, ya, weight, bias, stats)
 }
 
 /// [`forward_into`] in place: `y` is `x` (the same addresses), as the raw layer allows where
@@ -414,13 +383,43 @@ pub fn forward_in_place<T: Element, P: Element>(
     bias: Option<&[P]>,
     stats: &mut Stats,
 ) -> Result<Trace> {
-    let geo = check_geometry(gn, dims)?;
+    let geo = check_forward::<T, P>(gn, dims, weight, bias, stats)?;
     geo.check_activation("x", xy.len())?;
+    let at = addr_mut(xy);
+    run_forward::<T, P>(gn, path, limits, &geo, at, at, weight, bias, stats)
+}
+
+/// The geometry of a forward pass, with its parameters and statistics checked.
+fn check_forward<T: Element, P: Element>(
+    gn: &GroupNorm,
+    dims: &[usize],
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
+    stats: &Stats,
+) -> Result<Geometry> {
+    let geo = check_geometry(gn, dims)?;
     check_param_dtype::<T, P>("weight")?;
     check_param::<T, P>("weight", weight, geo.c)?;
     check_param::<T, P>("bias", bias, geo.c)?;
     check_stats(stats.mean.len(), stats.rstd.len(), geo.rows())?;
-    let problem = problem::<T, P>(gn, path, &geo);
+    Ok(geo)
+}
+
+/// The forward pass of [`forward_into`] and [`forward_in_place`] once their arguments are
+/// checked: the raw layer's validation and planning with host addresses, then the launches.
+#[allow(clippy::too_many_arguments)]
+fn run_forward<T: Element, P: Element>(
+    gn: &GroupNorm,
+    path: Path,
+    limits: DeviceLimits,
+    geo: &Geometry,
+    x: u64,
+    y: u64,
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
+    stats: &mut Stats,
+) -> Result<Trace> {
+    let problem = problem::<T, P>(gn, path, geo);
     let mut ws = workspace(raw::workspace_floats(limits, &problem, Pass::Forward)?);
     let ws_ptr = if ws.as_slice().is_empty() {
         0
@@ -429,15 +428,15 @@ pub fn forward_in_place<T: Element, P: Element>(
     };
     let ws_bytes = ws.as_slice().len() * 4;
     watch_if_counting("workspace", ws_ptr as usize, ws_bytes);
-    let at = addr_mut(xy);
     let ptrs = ForwardPtrs {
-        x: at,
-        y: at,
+        x,
+        y,
         weight: weight.map_or(0, addr),
         bias: bias.map_or(0, addr),
         mean: addr_mut(&mut stats.mean),
         rstd: addr_mut(&mut stats.rstd),
     };
+    // the raw layer's own validation, planning and parameter filling, with host addresses
     let (plan, params) = raw::prepare_forward(limits, &problem, &ptrs, ws_ptr, ws_bytes, false)?;
     let mut trace = Trace::new(&plan);
     launch::forward_sequence(

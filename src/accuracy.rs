@@ -4,7 +4,7 @@
 //! The test suites, the demo and the `check` command all judge results with these; a target is
 //! never loosened to make a result pass.
 
-use crate::{DType, Element, Layout};
+use crate::{DType, Element, GroupNorm, Layout, Result};
 
 /// f32 forward on unit-scale data: `|y - y_ref| <= 1e-5`, rows up to 2^22 values.
 pub const F32_FORWARD_ABS: f64 = 1e-5;
@@ -179,6 +179,33 @@ pub fn dx_scale(
         }
     }
     sum.sqrt()
+}
+
+/// [`dx_scale`] for the whole operator of `gn`, activation included: `‖rstd·w·dz‖₂` with `dz`
+/// the gradient reaching the normalization ([`pre_activation_grad_f64`], which is `dy` itself
+/// without an activation). `dy` and `x` lie in `gn`'s layout; `rstd` is the reference's.
+///
+/// [`pre_activation_grad_f64`]: crate::cpu::reference::pre_activation_grad_f64
+pub fn dx_scale_of(
+    gn: &GroupNorm,
+    dims: &[usize],
+    dy: &[f64],
+    x: &[f64],
+    weight: Option<&[f64]>,
+    bias: Option<&[f64]>,
+    rstd: &[f64],
+) -> Result<f64> {
+    let geo = gn.geometry(dims)?;
+    let dz = crate::cpu::reference::pre_activation_grad_f64(
+        &geo,
+        gn.eps(),
+        gn.activation(),
+        dy,
+        x,
+        weight,
+        bias,
+    );
+    Ok(dx_scale(&dz, dims, gn.groups(), gn.layout(), weight, rstd))
 }
 
 /// The `dx` error measure: `‖dx - dx_ref‖ / scale` and the bound it must meet for dtype `T`

@@ -12,11 +12,10 @@
 mod common;
 
 use common::*;
-use groupnorm::accuracy::dx_scale;
-use groupnorm::cpu::reference::{self, pre_activation_grad_f64};
+use groupnorm::cpu::reference;
 use groupnorm::gpu::emulate::{self, HostBuffer};
 use groupnorm::gpu::{DeviceLimits, Path};
-use groupnorm::{bf16, f16, Activation, Element, Error, GroupNorm, Layout, Stats};
+use groupnorm::{bf16, f16, Activation, Element, Error, GroupNorm, Stats};
 
 /// Room for fused rows of a few thousand values; clusters of up to 8 blocks.
 const DEVICE: DeviceLimits = DeviceLimits::new(4, 48 * 1024, 8);
@@ -103,24 +102,17 @@ fn check<T: Element, P: Element>(
 
     let w64 = affine.0.then(|| to_f64(&w));
     let b64 = affine.1.then(|| to_f64(&b));
-    let geo = gn.geometry(dims).unwrap();
-    let dz = pre_activation_grad_f64(
-        &geo,
-        gn.eps(),
-        act,
-        &to_f64(&dy),
-        &to_f64(&x),
+    let (dy64, x64) = (to_f64(&dy), to_f64(&x));
+    let scale = dx_scale_of(
+        &gn,
+        dims,
+        &dy64,
+        &x64,
         w64.as_deref(),
         b64.as_deref(),
-    );
-    let scale = dx_scale(
-        &dz,
-        dims,
-        groups,
-        Layout::Nchw,
-        w64.as_deref(),
         &reference.rstd,
-    );
+    )
+    .unwrap();
     let dyb = HostBuffer::new(&dy, 0);
     let mut dx = HostBuffer::filled(numel, nan::<T>(), 0);
     let mut dw = HostBuffer::filled(c, nan::<P>(), 0);

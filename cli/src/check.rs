@@ -5,7 +5,9 @@
 use super::args::{Args, UsageError};
 use super::files::Failure;
 use super::shapes::{self, Shape};
-use groupnorm::accuracy::{dx_error, dx_scale, forward_error, param_grad_error, F32_FORWARD_ABS};
+use groupnorm::accuracy::{
+    dx_error, dx_scale_of, forward_error, param_grad_error, F32_FORWARD_ABS,
+};
 use groupnorm::cpu::reference;
 use groupnorm::gpu::DeviceAffine;
 use groupnorm::gpu::{self, DeviceTensor, Gpu, Path};
@@ -266,17 +268,7 @@ fn one<T: Element, P: Element>(
     let b64: Vec<f64> = b.iter().map(|v| v.to_f64()).collect();
     let x64: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
     let dy64: Vec<f64> = dy.iter().map(|v| v.to_f64()).collect();
-    let geo = gn.geometry(dims)?;
-    let dz64 = reference::pre_activation_grad_f64(
-        &geo,
-        gn.eps(),
-        act,
-        &dy64,
-        &x64,
-        Some(&w64),
-        Some(&b64),
-    );
-    let scale = dx_scale(&dz64, dims, shape.groups, layout, Some(&w64), &r.rstd);
+    let scale = dx_scale_of(&gn, dims, &dy64, &x64, Some(&w64), Some(&b64), &r.rstd)?;
     let (dxe, dxb) = dx_error(&dx, &rg.dx, scale);
     let (dwe, pb) = param_grad_error(&dw, &rg.dweight);
     let (dbe, _) = param_grad_error(&db, &rg.dbias);

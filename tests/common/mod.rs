@@ -12,7 +12,7 @@
 // Re-exported for the test binaries; each uses some of them.
 #[allow(unused_imports)]
 pub use groupnorm::accuracy::{
-    dx_low_precision_bound, dx_rel_l2, dx_scale, l2, param_grad_rel_l2, DX_REL_L2_F32,
+    dx_low_precision_bound, dx_rel_l2, dx_scale, dx_scale_of, l2, param_grad_rel_l2, DX_REL_L2_F32,
     DX_REL_L2_LOW_PRECISION, F32_FORWARD_ABS, F32_FORWARD_OFFSET_ABS, LOW_PRECISION_FORWARD_SLACK,
     PARAM_GRAD_REL_L2_F32,
 };

@@ -11,7 +11,7 @@
 
 use crate::backend::{Backend, Trace};
 use crate::common::*;
-use groupnorm::cpu::reference::{self, pre_activation_grad_f64};
+use groupnorm::cpu::reference;
 use groupnorm::gpu::Path;
 use groupnorm::{bf16, f16, Activation, DType, Element, Error, GroupNorm, Layout};
 
@@ -131,17 +131,17 @@ pub fn parity<T: Element, P: Element>(
     let b64 = o.affine.bias().then(|| to_f64(&b));
     // dx errors are measured against ||rstd w dz||, dz the gradient reaching the normalization
     // (dy itself without an activation): see tests/cpu_activation.rs
-    let geo = gn.geometry(dims).unwrap();
-    let dz = pre_activation_grad_f64(
-        &geo,
-        gn.eps(),
-        act,
-        &to_f64(&dy),
-        &to_f64(&x),
+    let (dy64, x64) = (to_f64(&dy), to_f64(&x));
+    let scale = dx_scale_of(
+        &gn,
+        dims,
+        &dy64,
+        &x64,
         w64.as_deref(),
         b64.as_deref(),
-    );
-    let scale = dx_scale(&dz, dims, groups, o.layout, w64.as_deref(), &reference.rstd);
+        &reference.rstd,
+    )
+    .unwrap();
 
     let mut ran = Vec::new();
     for path in paths_of(be, &PATHS) {

@@ -233,7 +233,7 @@ impl GpuGroupNorm {
         P: Element,
     {
         let (x, mut y) = (x.device_view(), y.device_view_mut());
-        self.run_forward(&x, affine.weight, affine.bias, &mut y, stats, false)
+        self.run_forward(&x, affine, &mut y, stats, false)
     }
 
     /// The same forward pass through the unfused baseline `groupnorm bench` compares against:
@@ -251,18 +251,18 @@ impl GpuGroupNorm {
         P: Element,
     {
         let (x, mut y) = (x.device_view(), y.device_view_mut());
-        self.run_forward(&x, affine.weight, affine.bias, &mut y, stats, true)
+        self.run_forward(&x, affine, &mut y, stats, true)
     }
 
     fn run_forward<T: Element, P: Element>(
         &mut self,
         x: &DeviceView<'_, T>,
-        weight: Option<&CudaSlice<P>>,
-        bias: Option<&CudaSlice<P>>,
+        affine: DeviceAffine<'_, P>,
         y: &mut DeviceViewMut<'_, T>,
         stats: &mut DeviceStats,
         baseline: bool,
     ) -> Result<()> {
+        let DeviceAffine { weight, bias } = affine;
         let geo = self.geometry(x)?;
         check_tensor(&self.gpu, &geo, "y", &y.as_view())?;
         check_param_dtype::<T, P>("weight")?;
@@ -381,9 +381,8 @@ impl GpuGroupNorm {
         DX: AsDeviceViewMut<Elem = X::Elem> + ?Sized,
         P: Element,
     {
-        let DeviceAffine { weight, bias } = affine;
         let (dy, x, mut dx) = (dy.device_view(), x.device_view(), dx.device_view_mut());
-        self.run_backward(&dy, &x, stats, weight, bias, &mut dx, dweight, dbias, false)
+        self.run_backward(&dy, &x, stats, affine, &mut dx, dweight, dbias, false)
     }
 
     /// The same backward pass through the unfused baseline (PyTorch's structure: per-(n, c) sums,
@@ -405,9 +404,8 @@ impl GpuGroupNorm {
         DX: AsDeviceViewMut<Elem = X::Elem> + ?Sized,
         P: Element,
     {
-        let DeviceAffine { weight, bias } = affine;
         let (dy, x, mut dx) = (dy.device_view(), x.device_view(), dx.device_view_mut());
-        self.run_backward(&dy, &x, stats, weight, bias, &mut dx, dweight, dbias, true)
+        self.run_backward(&dy, &x, stats, affine, &mut dx, dweight, dbias, true)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -416,13 +414,13 @@ impl GpuGroupNorm {
         dy: &DeviceView<'_, T>,
         x: &DeviceView<'_, T>,
         stats: &DeviceStats,
-        weight: Option<&CudaSlice<P>>,
-        bias: Option<&CudaSlice<P>>,
+        affine: DeviceAffine<'_, P>,
         dx: &mut DeviceViewMut<'_, T>,
         dweight: Option<&mut CudaSlice<P>>,
         dbias: Option<&mut CudaSlice<P>>,
         baseline: bool,
     ) -> Result<()> {
+        let DeviceAffine { weight, bias } = affine;
         let geo = self.geometry(x)?;
         check_tensor(&self.gpu, &geo, "dy", dy)?;
         check_tensor(&self.gpu, &geo, "dx", &dx.as_view())?;

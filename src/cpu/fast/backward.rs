@@ -21,7 +21,8 @@ impl BwdSums {
     }
 }
 
-/// [`BwdSums`] of 1 to [`CHUNK`] values, eight lanes each (AVX2 too, picked at run time).
+/// [`BwdSums`] of 1 to [`CHUNK`] values, [`BWD_LANES`] lanes each (AVX2 too, picked at run
+/// time).
 #[multiversion(targets("x86_64+avx2+fma+f16c"))]
 pub(super) fn leaf_sums<T: Element, U: Element>(
     dy: &[U],
@@ -29,16 +30,17 @@ pub(super) fn leaf_sums<T: Element, U: Element>(
     mean: f32,
     scr: &mut Scratch,
 ) -> BwdSums {
+    const L: usize = BWD_LANES;
     read_f32(dy, &mut scr.a, |dy| {
         read_f32(x, &mut scr.b, |x| {
-            let (mut a, mut b, mut c) = ([0f32; 8], [0f32; 8], [0f32; 8]);
-            let mut dyc = dy.chunks_exact(8);
-            let mut xc = x.chunks_exact(8);
-            for (d8, x8) in (&mut dyc).zip(&mut xc) {
-                for k in 0..8 {
-                    let xm = x8[k] - mean;
-                    a[k] += d8[k];
-                    b[k] += d8[k] * xm;
+            let (mut a, mut b, mut c) = ([0f32; L], [0f32; L], [0f32; L]);
+            let mut dyc = dy.chunks_exact(L);
+            let mut xc = x.chunks_exact(L);
+            for (dl, xl) in (&mut dyc).zip(&mut xc) {
+                for k in 0..L {
+                    let xm = xl[k] - mean;
+                    a[k] += dl[k];
+                    b[k] += dl[k] * xm;
                     c[k] += xm;
                 }
             }
@@ -49,13 +51,17 @@ pub(super) fn leaf_sums<T: Element, U: Element>(
                 c[k] += xm;
             }
             BwdSums {
-                dy: fold8(a),
-                dy_xm: fold8(b),
-                xm: fold8(c),
+                dy: fold_lanes(a),
+                dy_xm: fold_lanes(b),
+                xm: fold_lanes(c),
             }
         })
     })
 }
+
+/// Lanes of [`leaf_sums`]: three sums of two 8-wide accumulators each, six independent chains
+/// (fewer than the forward's [`LANES`]: three sums already overlap, and 16 registers hold them).
+pub(super) const BWD_LANES: usize = 16;
 
 /// [`BwdSums`] of a contiguous run, pairwise over chunks.
 pub(super) fn run_sums<T: Element, U: Element>(

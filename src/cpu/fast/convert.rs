@@ -49,8 +49,7 @@ impl Scratch {
 }
 
 /// Calls `f` with `src` (at most [`CHUNK`] values) as f32: `src` itself when `T` is f32,
-/// otherwise widened into `buf`: f16 through `half`'s slice conversion (F16C where the CPU has
-/// it, detected at run time), bf16 through the branch-free loop below.
+/// otherwise widened into `buf` by the branch-free loops below.
 #[inline(always)]
 pub(super) fn read_f32<T: Element, R>(src: &[T], buf: &mut Buf, f: impl FnOnce(&[f32]) -> R) -> R {
     if let Some(s) = cast_slice::<T, f32>(src) {
@@ -58,7 +57,7 @@ pub(super) fn read_f32<T: Element, R>(src: &[T], buf: &mut Buf, f: impl FnOnce(&
     }
     let b = &mut buf[..src.len()];
     if let Some(h) = cast_slice::<T, f16>(src) {
-        h.convert_to_f32_slice(b);
+        f16_to_f32_slice(h.reinterpret_cast(), b);
     } else if let Some(h) = cast_slice::<T, bf16>(src) {
         bf16_to_f32_slice(h.reinterpret_cast(), b);
     } else {
@@ -79,7 +78,7 @@ pub(super) fn write_f32<T: Element>(dst: &mut [T], buf: &mut Buf, f: impl FnOnce
     let b = &mut buf[..dst.len()];
     f(b);
     if let Some(h) = cast_slice_mut::<T, f16>(dst) {
-        h.convert_from_f32_slice(b);
+        f32_to_f16_slice(b, h.reinterpret_cast_mut());
     } else if let Some(h) = cast_slice_mut::<T, bf16>(dst) {
         f32_to_bf16_slice(b, h.reinterpret_cast_mut());
     } else {
@@ -89,15 +88,163 @@ pub(super) fn write_f32<T: Element>(dst: &mut [T], buf: &mut Buf, f: impl FnOnce
     }
 }
 
-// The bf16 conversions below are written without branches (selects only) so that LLVM
-// vectorizes the slice loops with the baseline instruction set (SSE2 on x86-64; checked in the
-// assembly): no run-time dispatch, no call per element (`half`'s per-element `bf16::from_f32`
-// branches). They give the same bits as `half` for every input, NaNs included (quieted,
-// payload kept); `tests.rs` checks all bf16 inputs and every f32 rounding case class.
-// (A branch-free f16 version, tested bit-exact against F16C, ran 2.4x slower than `half`'s
-// F16C path with SSE2 only, so f16 stays with `half`.) Each gives the same bits as `half`'s conversions (and as
-// F16C) for every input, NaNs included (quieted, payload kept); `tests.rs` checks all f16 and
-// bf16 inputs and every f32 rounding case class.
+// The conversions below are written without branches (selects only) so that LLVM vectorizes
+// the slice loops: 4 lanes with the baseline instruction set (SSE2 on x86-64), 8 lanes in the
+// AVX2 copies of the callers (`multiversion`), into which they are inlined; checked in the
+// assembly. No call per element or per vector: `half`'s slice conversion calls a
+// non-inlinable F16C function per 8 values (measured 150 ns per 256 values against 12 ns
+// inlined), its per-element conversions branch. f16 spans use F16C itself where the CPU has
+// it (module `f16c` below, a few instructions per 8 values against about 15 for the loops). They give the same bits as
+// `half`'s conversions, hence as F16C's `vcvtph2ps`/`vcvtps2ph` with round-to-nearest-even, for
+// every input, NaNs included (quieted, payload kept); `tests.rs` checks every f16 and bf16
+// input and every f32 rounding case class against `half`.
+
+/// f16 bits to f32, exactly: the exponent rebiased for normal values, the subnormals by one
+/// exact f32 subtraction, Inf and NaN (quieted, payload kept) by the largest exponent.
+#[inline(always)]
+pub(super) fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = u32::from(h);
+    let sign = (h & 0x8000) << 16;
+    let o = (h & 0x7fff) << 13;
+    let exp = o & 0x0f80_0000;
+    // exponent 1..=30: rebias 15 -> 127
+    let normal = o + (112 << 23);
+    // exponent 31: Inf or NaN, exponent 255, NaNs quieted
+    let quiet = if h & 0x03ff != 0 { 0x0040_0000 } else { 0 };
+    let special = (o + (224 << 23)) | quiet;
+    // exponent 0: m * 2^-24 = (2^-14 + m * 2^-24) - 2^-14, exact in f32 (zero included)
+    let tiny = (f32::from_bits(o + (113 << 23)) - f32::from_bits(113 << 23)).to_bits();
+    let mag = if exp == 0x0f80_0000 {
+        special
+    } else if exp == 0 {
+        tiny
+    } else {
+        normal
+    };
+    f32::from_bits(mag | sign)
+}
+
+/// f32 to f16 bits, rounded to nearest even (overflow to Inf, NaN quieted with its payload's
+/// top bits kept, as F16C does).
+#[inline(always)]
+pub(super) fn f32_to_f16_bits(f: f32) -> u16 {
+    let x = f.to_bits();
+    let sign = (x >> 16) & 0x8000;
+    let a = x & 0x7fff_ffff;
+    // |f| >= 65536 (rounds to Inf; the normal path below rounds 65504..65536 to Inf itself),
+    // Inf, NaN
+    let nan = 0x7e00 | ((a >> 13) & 0x03ff);
+    let big = if a > 0x7f80_0000 { nan } else { 0x7c00 };
+    // |f| < 2^-14: adding 0.5 makes the FPU round the value to a multiple of 2^-24 (nearest
+    // even), leaving the f16 subnormal bits in the low mantissa bits
+    let tiny = (f32::from_bits(a) + 0.5).to_bits().wrapping_sub(126 << 23);
+    // normal: rebias and round to nearest even on the 13 dropped bits (a carry into the
+    // exponent is the right result, Inf included)
+    let odd = (a >> 13) & 1;
+    let normal = a.wrapping_sub(112 << 23).wrapping_add(0x0fff + odd) >> 13;
+    let mag = if a >= 143 << 23 {
+        big
+    } else if a < 113 << 23 {
+        tiny
+    } else {
+        normal
+    };
+    (mag | sign) as u16
+}
+
+/// Widens f16 bits into `dst` (same length): F16C where the CPU has it (checked once per
+/// call, a cached flag; inlined into the AVX2 copies of the callers), the branch-free loop
+/// otherwise. The same bits either way.
+#[inline(always)]
+pub(super) fn f16_to_f32_slice(src: &[u16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if f16c::available() {
+        // SAFETY: the CPU has AVX and F16C, checked just above.
+        return unsafe { f16c::widen(src, dst) };
+    }
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f16_bits_to_f32(s);
+    }
+}
+
+/// Rounds `src` to f16 bits in `dst` (same length), F16C or the branch-free loop as in
+/// [`f16_to_f32_slice`].
+#[inline(always)]
+pub(super) fn f32_to_f16_slice(src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if f16c::available() {
+        // SAFETY: the CPU has AVX and F16C, checked just above.
+        return unsafe { f16c::narrow(src, dst) };
+    }
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f32_to_f16_bits(s);
+    }
+}
+
+/// F16C conversions of whole spans, eight values per instruction: the issue's "small explicit
+/// kernel" for f16, and the only `unsafe` of the CPU path besides [`cast_slice`]. `half`'s slice
+/// conversion runs the same instructions but calls a function per eight values; here a span of
+/// up to [`CHUNK`] values is one call, inlined into callers compiled with F16C.
+#[cfg(target_arch = "x86_64")]
+mod f16c {
+    use super::{f16_bits_to_f32, f32_to_f16_bits};
+    use std::arch::x86_64::{
+        __m128i, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_storeu_ps,
+        _mm_loadu_si128, _mm_storeu_si128, _MM_FROUND_TO_NEAREST_INT,
+    };
+
+    /// Whether the CPU has AVX and F16C (detected once by `std`, then a cached flag).
+    #[inline(always)]
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// Widens f16 bits into `dst` (the shorter length), eight at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX and F16C ([`available`]).
+    #[target_feature(enable = "avx,f16c")]
+    pub(super) unsafe fn widen(src: &[u16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let (src, dst) = (&src[..n], &mut dst[..n]);
+        let mut s8 = src.chunks_exact(8);
+        let mut d8 = dst.chunks_exact_mut(8);
+        for (s, d) in (&mut s8).zip(&mut d8) {
+            // SAFETY: `s` is 8 u16 (16 bytes) and `d` 8 f32 (32 bytes), both read/written
+            // unaligned; the caller guarantees AVX and F16C.
+            unsafe {
+                let h = _mm_loadu_si128(s.as_ptr().cast::<__m128i>());
+                _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
+            }
+        }
+        for (d, &s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
+            *d = f16_bits_to_f32(s);
+        }
+    }
+
+    /// Rounds `src` to f16 bits in `dst` (the shorter length), nearest even, eight at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX and F16C ([`available`]).
+    #[target_feature(enable = "avx,f16c")]
+    pub(super) unsafe fn narrow(src: &[f32], dst: &mut [u16]) {
+        let n = src.len().min(dst.len());
+        let (src, dst) = (&src[..n], &mut dst[..n]);
+        let mut s8 = src.chunks_exact(8);
+        let mut d8 = dst.chunks_exact_mut(8);
+        for (s, d) in (&mut s8).zip(&mut d8) {
+            // SAFETY: `s` is 8 f32 (32 bytes) and `d` 8 u16 (16 bytes), both read/written
+            // unaligned; the caller guarantees AVX and F16C.
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.as_ptr()));
+                _mm_storeu_si128(d.as_mut_ptr().cast::<__m128i>(), h);
+            }
+        }
+        for (d, &s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
+            *d = f32_to_f16_bits(s);
+        }
+    }
+}
 
 /// bf16 bits to f32: a shift (NaNs quieted, as `half` does).
 #[inline(always)]

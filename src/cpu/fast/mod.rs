@@ -44,9 +44,9 @@
 //! # Conversions
 //!
 //! Values are read and written in spans of at most [`CHUNK`] elements through f32 buffers on
-//! the stack: f32 data is used in place, f16 goes through `half`'s slice conversions (F16C where
-//! the CPU has it, detected at run time), bf16 through branch-free loops that LLVM vectorizes
-//! (`convert.rs`, bit-exact with `half`).
+//! the stack: f32 data is used in place, f16 and bf16 go through branch-free loops that LLVM
+//! vectorizes and inlines into the AVX2 copies below (`convert.rs`, bit-exact with `half` and
+//! F16C).
 //!
 //! # Dispatch and scheduling
 //!

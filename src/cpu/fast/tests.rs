@@ -2,6 +2,7 @@
 
 use super::*;
 use half::bf16;
+use half::slice::HalfFloatSliceExt;
 
 #[test]
 fn merge_short_circuits_empty_partners() {
@@ -135,4 +136,67 @@ fn bf16_slices_round_trip_every_value() {
         let quieted = if (a & 0x7fff) > 0x7f80 { a | 0x0040 } else { a };
         assert_eq!(b, quieted, "bf16 {a:#06x}");
     }
+}
+
+#[test]
+fn f16_widening_matches_half_for_every_input() {
+    for bits in 0..=u16::MAX {
+        let want = f16::from_bits(bits).to_f32();
+        let got = f16_bits_to_f32(bits);
+        assert_eq!(got.to_bits(), want.to_bits(), "f16 bits {bits:#06x}");
+    }
+}
+
+/// f32 inputs covering every rounding case class of a conversion to f16: every sign, exponent
+/// and top ten mantissa bits, with the 13 dropped bits exactly at, below and above the halfway
+/// point (subnormal results drop more bits; their halfway points are among the top bits).
+fn f16_rounding_cases() -> impl Iterator<Item = f32> {
+    const LOW: [u32; 10] = [
+        0, 1, 0x07ff, 0x0800, 0x0fff, 0x1000, 0x1001, 0x17ff, 0x1fff, 0x0a5b,
+    ];
+    (0u32..1 << 19).flat_map(|hi| LOW.iter().map(move |&lo| f32::from_bits((hi << 13) | lo)))
+}
+
+#[test]
+fn f16_rounding_matches_half_and_its_slice_conversion() {
+    let cases: Vec<f32> = f16_rounding_cases().collect();
+    // `half`'s slice conversion uses F16C where the CPU has it: the hardware's own answer
+    let mut hw = vec![f16::ZERO; cases.len()];
+    hw.convert_from_f32_slice(&cases);
+    for (&v, h) in cases.iter().zip(&hw) {
+        let got = f32_to_f16_bits(v);
+        assert_eq!(
+            got,
+            f16::from_f32(v).to_bits(),
+            "f32 {:#010x} ({v:e})",
+            v.to_bits()
+        );
+        assert_eq!(got, h.to_bits(), "f32 {:#010x} ({v:e}), slice", v.to_bits());
+    }
+}
+
+#[test]
+fn f16_slices_round_trip_every_value() {
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    let mut wide = vec![0f32; all.len()];
+    let mut back = vec![0u16; all.len()];
+    f16_to_f32_slice(&all, &mut wide);
+    f32_to_f16_slice(&wide, &mut back);
+    for (&a, &b) in all.iter().zip(&back) {
+        // NaNs come back quieted; everything else exactly
+        let quieted = if (a & 0x7fff) > 0x7c00 { a | 0x0200 } else { a };
+        assert_eq!(b, quieted, "f16 {a:#06x}");
+    }
+}
+
+#[test]
+fn lane_folds_are_pairwise_in_a_fixed_order() {
+    let v: [f32; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+    assert_eq!(fold_lanes(v), 255.0);
+    // lanes 0 and 2 cancel first, then 1 + 1 survives (neighbours first would lose both 1s)
+    let w: [f32; 4] = [1e8, 1.0, -1e8, 1.0];
+    assert_eq!(fold_lanes(w), 2.0);
+    let lanes: Vec<f32> = (0..LANES * 3 + 5).map(|i| i as f32).collect();
+    let n = lanes.len() as f32;
+    assert_eq!(lane_sum(&lanes, |e| e), n * (n - 1.0) / 2.0);
 }

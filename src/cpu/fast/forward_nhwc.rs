@@ -2,8 +2,17 @@
 
 use super::*;
 
-/// NHWC group batch: `gb` consecutive groups whose `gb * D <= CHUNK` channels are read as one
-/// contiguous segment of each position (one group when `D > CHUNK`).
+/// Channels per NHWC statistics batch at most: per-channel accumulators for all of them sit on
+/// the stack (three arrays of 4 KiB), so that up to 1024 channels (every SD/VAE layer but the
+/// 1280-channel ones) are summed in one contiguous walk over each position. (Batches of at most
+/// [`CHUNK`] channels walked the sample once per batch, strided: 3 walks at C = 640.)
+pub(super) const BATCH_CHANNELS: usize = 1024;
+
+/// Per-channel (or per-group) values of one NHWC statistics batch, on the stack.
+pub(super) type Wide = [f32; BATCH_CHANNELS];
+
+/// NHWC group batch: `gb` consecutive groups whose `gb * D <= BATCH_CHANNELS` channels are
+/// read as one contiguous segment of each position (one group when `D > BATCH_CHANNELS`).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct NhwcBatch {
     /// Channels per position row.
@@ -21,10 +30,10 @@ pub(super) struct NhwcBatch {
 impl NhwcBatch {
     /// Groups per batch for `d` channels per group and `groups` groups.
     pub(super) fn groups_per_batch(d: usize, groups: usize) -> usize {
-        if d > CHUNK {
+        if d > BATCH_CHANNELS {
             1
         } else {
-            (CHUNK / d).min(groups)
+            (BATCH_CHANNELS / d).min(groups)
         }
     }
 
@@ -41,8 +50,8 @@ impl NhwcBatch {
 #[derive(Clone, Copy, Debug)]
 pub(super) struct BatchMoments {
     pub(super) count: usize,
-    pub(super) mean: Buf,
-    pub(super) m2: Buf,
+    pub(super) mean: Wide,
+    pub(super) m2: Wide,
 }
 
 impl BatchMoments {
@@ -72,7 +81,7 @@ pub(super) fn nhwc_batch_moments<T: Element>(
     xs: &[T],
     b: NhwcBatch,
     pos: Range<usize>,
-    pivots: &Buf,
+    pivots: &Wide,
     par: bool,
 ) -> BatchMoments {
     if pos.len() > b.pb {
@@ -101,16 +110,16 @@ fn nhwc_leaf_moments<T: Element>(
     xs: &[T],
     b: NhwcBatch,
     pos: Range<usize>,
-    pivots: &Buf,
+    pivots: &Wide,
 ) -> BatchMoments {
     let mut out = BatchMoments {
         count: pos.len() * b.d,
-        mean: [0.0; CHUNK],
-        m2: [0.0; CHUNK],
+        mean: [0.0; BATCH_CHANNELS],
+        m2: [0.0; BATCH_CHANNELS],
     };
     let col0 = b.g0 * b.d;
     let mut buf = [0f32; CHUNK];
-    if b.d > CHUNK {
+    if b.d > BATCH_CHANNELS {
         // One group, long contiguous runs: a pairwise tree per run, merged over the leaf's
         // (at most NHWC_BLOCK / D < 64) positions.
         let mut m = Moments::default();
@@ -122,33 +131,45 @@ fn nhwc_leaf_moments<T: Element>(
         return out;
     }
     let cb = b.gb * b.d;
-    let (mut pc, mut mc, mut acc) = ([0f32; CHUNK], [0f32; CHUNK], [0f32; CHUNK]);
-    for (ch, p) in pc[..cb].iter_mut().enumerate() {
-        *p = pivots[ch / b.d];
+    let zero = [0f32; BATCH_CHANNELS];
+    let (mut pc, mut mc, mut acc) = (zero, zero, zero);
+    // per-channel copies of per-group values (no division per channel: it cost more than
+    // the sums at 25 positions per leaf)
+    for (pg, p) in pc[..cb].chunks_mut(b.d).zip(pivots) {
+        pg.fill(*p);
     }
+    // Each position's segment is read in spans of at most CHUNK channels (the conversion
+    // buffer); span `j` starts at channel `j * CHUNK` of the batch.
     for s in pos.clone() {
         let at = s * b.c + col0;
-        read_f32(&xs[at..at + cb], &mut buf, |v| {
-            for ((a, e), p) in acc.iter_mut().zip(v).zip(&pc) {
-                *a += e - p;
-            }
-        });
+        for (j, seg) in xs[at..at + cb].chunks(CHUNK).enumerate() {
+            let k = j * CHUNK..;
+            read_f32(seg, &mut buf, |v| {
+                for ((a, e), p) in acc[k.clone()].iter_mut().zip(v).zip(&pc[k]) {
+                    *a += e - p;
+                }
+            });
+        }
     }
     for i in 0..b.gb {
         out.mean[i] = pairwise_sum(&acc[i * b.d..(i + 1) * b.d]) / out.count as f32;
     }
-    for (ch, m) in mc[..cb].iter_mut().enumerate() {
-        *m = out.mean[ch / b.d];
+    for (mg, m) in mc[..cb].chunks_mut(b.d).zip(&out.mean) {
+        mg.fill(*m);
     }
-    acc = [0f32; CHUNK];
+    acc = zero;
     for s in pos {
         let at = s * b.c + col0;
-        read_f32(&xs[at..at + cb], &mut buf, |v| {
-            for (((a, e), p), m) in acc.iter_mut().zip(v).zip(&pc).zip(&mc) {
-                let dv = (e - p) - m;
-                *a += dv * dv;
-            }
-        });
+        for (j, seg) in xs[at..at + cb].chunks(CHUNK).enumerate() {
+            let k = j * CHUNK..;
+            read_f32(seg, &mut buf, |v| {
+                let (pc, mc) = (&pc[k.clone()], &mc[k.clone()]);
+                for (((a, e), p), m) in acc[k].iter_mut().zip(v).zip(pc).zip(mc) {
+                    let dv = (e - p) - m;
+                    *a += dv * dv;
+                }
+            });
+        }
     }
     for i in 0..b.gb {
         out.m2[i] = pairwise_sum(&acc[i * b.d..(i + 1) * b.d]);
@@ -184,9 +205,15 @@ impl SpanCoefs {
             scale: [0.0; CHUNK],
             shift: [0.0; CHUNK],
         };
+        // channel `ch` (coefficient `i`) in group `g`, stepped without a division per channel
+        let (mut g, mut next) = (first / d, (first / d + 1) * d);
+        let mut pivot = xs[g * d].to_f32();
         for (i, ch) in (first..first + len).enumerate() {
-            let g = ch / d;
-            k.pivot[i] = xs[g * d].to_f32();
+            if ch == next {
+                (g, next) = (g + 1, next + d);
+                pivot = xs[g * d].to_f32();
+            }
+            k.pivot[i] = pivot;
             k.shifted_mean[i] = shifted_mean[g];
             k.scale[i] = rstd[g] * param(weight, ch, 1.0);
             k.shift[i] = param(bias, ch, 0.0);
@@ -211,9 +238,14 @@ impl SpanCoefs {
     }
 }
 
-/// NHWC forward, allocating nothing: statistics per batch of groups (walking each sample
-/// contiguously; the shifted mean is parked in `mean`), then normalization over contiguous
-/// pieces of whole positions, then `mean = pivot + shifted mean`.
+/// One NHWC sample's output and input, and its rows' mean and rstd.
+type SampleItem<'a, T> = ((&'a mut [T], &'a [T]), (&'a mut [f32], &'a mut [f32]));
+
+/// NHWC forward, allocating nothing, one sample after the other (samples in parallel): the
+/// sample's statistics per batch of groups (walking it contiguously; the shifted mean is parked
+/// in `mean`), then its normalization over contiguous pieces of whole positions while it is
+/// still in cache, then `mean = pivot + shifted mean`. (Statistics of every sample before any
+/// normalization read `x` twice from memory once the tensor outgrows the last-level cache.)
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward_nhwc<T: Element, P: Element>(
     geo: &Geometry,
@@ -229,14 +261,13 @@ pub(super) fn forward_nhwc<T: Element, P: Element>(
     let (c, s, d, groups) = (geo.c, geo.s, geo.d, geo.g);
     let sample = s * c;
     let gb = NhwcBatch::groups_per_batch(d, groups);
-
-    // Phase 1: statistics, per (sample, batch of groups); `mean` holds the shifted mean until
-    // phase 3. Phase 2: normalize, contiguous pieces of whole positions. Small tensors run both
-    // on the calling thread.
+    let piece = nhwc_piece(c);
+    // Small tensors run on the calling thread.
     let par = !on_caller(geo);
+
     let stats = |xs: &[T], bi: usize, mean_b: &mut [f32], rstd_b: &mut [f32]| {
         let b = NhwcBatch::new(c, d, bi * gb, mean_b.len());
-        let mut pivots = [0f32; CHUNK];
+        let mut pivots = [0f32; BATCH_CHANNELS];
         for (i, p) in pivots[..b.gb].iter_mut().enumerate() {
             *p = xs[(b.g0 + i) * d].to_f32();
         }
@@ -246,61 +277,47 @@ pub(super) fn forward_nhwc<T: Element, P: Element>(
             (*m, *r) = (st.shifted_mean, st.rstd);
         }
     };
-    let piece = nhwc_piece(c);
-    if !par {
-        for ((mean_n, rstd_n), xs) in mean
-            .chunks_mut(groups)
-            .zip(rstd.chunks_mut(groups))
-            .zip(x.chunks(sample))
-        {
+    let one_sample = |((ys, xs), (mean_n, rstd_n)): SampleItem<'_, T>| {
+        if par {
+            mean_n
+                .par_chunks_mut(gb)
+                .zip(rstd_n.par_chunks_mut(gb))
+                .enumerate()
+                .for_each(|(bi, (mean_b, rstd_b))| stats(xs, bi, mean_b, rstd_b));
+        } else {
             for (bi, (mean_b, rstd_b)) in
                 mean_n.chunks_mut(gb).zip(rstd_n.chunks_mut(gb)).enumerate()
             {
                 stats(xs, bi, mean_b, rstd_b);
             }
         }
-        for (n, (ys, xs)) in y.chunks_mut(sample).zip(x.chunks(sample)).enumerate() {
-            let rows = n * groups..(n + 1) * groups;
-            let (sm, rs) = (&mean[rows.clone()], &rstd[rows]);
-            for (yp, xp) in ys.chunks_mut(piece).zip(xs.chunks(piece)) {
-                normalize_nhwc_piece(xp, yp, xs, c, d, sm, rs, weight, bias, act);
-            }
-        }
-        for (row, m) in mean.iter_mut().enumerate() {
-            *m += x[(row / groups) * sample + (row % groups) * d].to_f32();
-        }
-        return;
-    }
-    mean.par_chunks_mut(groups)
-        .zip(rstd.par_chunks_mut(groups))
-        .zip(x.par_chunks(sample))
-        .for_each(|((mean_n, rstd_n), xs)| {
-            mean_n
-                .par_chunks_mut(gb)
-                .zip(rstd_n.par_chunks_mut(gb))
-                .enumerate()
-                .for_each(|(bi, (mean_b, rstd_b))| stats(xs, bi, mean_b, rstd_b));
-        });
-
-    let (shifted_mean, rstd) = (&*mean, &*rstd);
-    y.par_chunks_mut(sample)
-        .zip(x.par_chunks(sample))
-        .enumerate()
-        .for_each(|(n, (ys, xs))| {
-            let rows = n * groups..(n + 1) * groups;
-            let (sm, rs) = (&shifted_mean[rows.clone()], &rstd[rows]);
+        let (sm, rs) = (&*mean_n, &*rstd_n);
+        let norm = |(yp, xp): (&mut [T], &[T])| {
+            normalize_nhwc_piece(xp, yp, xs, c, d, sm, rs, weight, bias, act)
+        };
+        if par {
             ys.par_chunks_mut(piece)
                 .zip(xs.par_chunks(piece))
-                .for_each(|(yp, xp)| {
-                    normalize_nhwc_piece(xp, yp, xs, c, d, sm, rs, weight, bias, act)
-                });
-        });
-
-    // Phase 3: saved mean = pivot + shifted mean.
-    mean.par_iter_mut()
-        .enumerate()
-        .with_min_len(4096)
-        .for_each(|(row, m)| *m += x[(row / groups) * sample + (row % groups) * d].to_f32());
+                .for_each(norm);
+        } else {
+            ys.chunks_mut(piece).zip(xs.chunks(piece)).for_each(norm);
+        }
+        // saved mean = pivot + shifted mean
+        for (g, m) in mean_n.iter_mut().enumerate() {
+            *m += xs[g * d].to_f32();
+        }
+    };
+    if par {
+        y.par_chunks_mut(sample)
+            .zip(x.par_chunks(sample))
+            .zip(mean.par_chunks_mut(groups).zip(rstd.par_chunks_mut(groups)))
+            .for_each(one_sample);
+    } else {
+        y.chunks_mut(sample)
+            .zip(x.chunks(sample))
+            .zip(mean.chunks_mut(groups).zip(rstd.chunks_mut(groups)))
+            .for_each(one_sample);
+    }
 }
 
 /// Normalizes a piece of whole positions `xp` of NHWC sample `xs` (`c` channels, `d` per group,

@@ -266,10 +266,21 @@ pub fn random_cases() -> Vec<Case> {
         Case::new("SD-like (2, 64, 8x8) G = 32", &[2, 64, 8, 8], 32),
         Case::new("row of 3 chunks + tail", &[2, 2, 777], 2),
         Case::new("C = 6 does not divide 256, S = 900", &[2, 6, 30, 30], 3),
+        Case::new("C = 320, G = 32: one NHWC batch", &[2, 320, 5, 3], 32),
         Case::new(
-            "C = 320, G = 32: NHWC group batches of 25 + 7",
-            &[2, 320, 5, 3],
+            "C = 1280, G = 32: NHWC batches of 25 + 7 groups, 2 coefficient spans",
+            &[2, 1280, 3, 2],
             32,
+        ),
+        Case::new(
+            "D = 550: NHWC group of 3 conversion spans",
+            &[1, 1100, 2, 3],
+            2,
+        ),
+        Case::new(
+            "D = 1030 > NHWC batch: contiguous runs",
+            &[1, 1030, 3, 2],
+            1,
         ),
     ]
 }

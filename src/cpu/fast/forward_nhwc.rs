@@ -177,16 +177,18 @@ fn nhwc_leaf_moments<T: Element>(
     out
 }
 
-/// Per-channel normalization coefficients of a span of channels, on the stack.
+/// Per-channel normalization coefficients of a span of up to [`BATCH_CHANNELS`] channels, on
+/// the stack (16 KiB).
 pub(super) struct SpanCoefs {
-    pub(super) pivot: Buf,
-    pub(super) shifted_mean: Buf,
-    pub(super) scale: Buf,
-    pub(super) shift: Buf,
+    pub(super) pivot: Wide,
+    pub(super) shifted_mean: Wide,
+    pub(super) scale: Wide,
+    pub(super) shift: Wide,
 }
 
 impl SpanCoefs {
-    /// Coefficients of channels `first..first + len` (`len <= CHUNK`) of one NHWC sample `xs`
+    /// Coefficients of channels `first..first + len` (`len <= BATCH_CHANNELS`) of one NHWC
+    /// sample `xs`
     /// (the pivot of group `g` is `xs[g * d]`), from its rows' shifted means and rstd.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new<T: Element, P: Element>(
@@ -199,11 +201,12 @@ impl SpanCoefs {
         weight: Option<&[P]>,
         bias: Option<&[P]>,
     ) -> SpanCoefs {
+        let zero = [0.0; BATCH_CHANNELS];
         let mut k = SpanCoefs {
-            pivot: [0.0; CHUNK],
-            shifted_mean: [0.0; CHUNK],
-            scale: [0.0; CHUNK],
-            shift: [0.0; CHUNK],
+            pivot: zero,
+            shifted_mean: zero,
+            scale: zero,
+            shift: zero,
         };
         // channel `ch` (coefficient `i`) in group `g`, stepped without a division per channel
         let (mut g, mut next) = (first / d, (first / d + 1) * d);
@@ -339,11 +342,12 @@ fn normalize_nhwc_piece<T: Element, P: Element>(
 ) {
     let coefs = |first: usize, len: usize| SpanCoefs::new(first, len, d, xs, sm, rs, weight, bias);
     let (mut bx, mut by) = ([0f32; CHUNK], [0f32; CHUNK]);
-    let mut normalize = |span: Range<usize>, k: &SpanCoefs| {
+    // `span` of the piece, whose first channel is coefficient `at` of `k`
+    let mut normalize = |span: Range<usize>, at: usize, k: &SpanCoefs| {
         read_f32(&xp[span.clone()], &mut bx, |xv| {
             write_f32(&mut yp[span], &mut by, |yv| {
                 for (yseg, xseg) in yv.chunks_mut(c).zip(xv.chunks(c)) {
-                    k.apply(0, xseg, yseg);
+                    k.apply(at, xseg, yseg);
                     activate(act, yseg);
                 }
             })
@@ -352,15 +356,19 @@ fn normalize_nhwc_piece<T: Element, P: Element>(
     if c <= CHUNK {
         // Spans of whole rows share one set of coefficients.
         let k = coefs(0, c);
-        for_each_span(xp.len(), c, |span, _| normalize(span, &k));
-    } else {
-        // Wide rows: one set per CHUNK channels, applied to every row of the piece (which is
-        // in cache).
-        for ch0 in (0..c).step_by(CHUNK) {
-            let len = CHUNK.min(c - ch0);
-            let k = coefs(ch0, len);
-            for row in (0..xp.len()).step_by(c) {
-                normalize(row + ch0..row + ch0 + len, &k);
+        for_each_span(xp.len(), c, |span, _| normalize(span, 0, &k));
+        return;
+    }
+    // Wide rows: one set of coefficients per BATCH_CHANNELS channels (all of them up to 1024
+    // channels, so that the piece is walked once in memory order), applied to every row of the
+    // piece (which is in cache) in spans of CHUNK channels.
+    for ch0 in (0..c).step_by(BATCH_CHANNELS) {
+        let len = BATCH_CHANNELS.min(c - ch0);
+        let k = coefs(ch0, len);
+        for row in (0..xp.len()).step_by(c) {
+            for at in (0..len).step_by(CHUNK) {
+                let start = row + ch0 + at;
+                normalize(start..start + CHUNK.min(len - at), at, &k);
             }
         }
     }

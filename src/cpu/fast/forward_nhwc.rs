@@ -294,16 +294,22 @@ pub(super) fn forward_nhwc<T: Element, P: Element>(
                 stats(xs, bi, mean_b, rstd_b);
             }
         }
+        // Coefficients once per sample and column batch (all channels up to 1024), shared by
+        // the pieces. (Per piece they cost as much as a tenth of the normalization, perf.)
         let (sm, rs) = (&*mean_n, &*rstd_n);
-        let norm = |(yp, xp): (&mut [T], &[T])| {
-            normalize_nhwc_piece(xp, yp, xs, c, d, sm, rs, weight, bias, act)
-        };
-        if par {
-            ys.par_chunks_mut(piece)
-                .zip(xs.par_chunks(piece))
-                .for_each(norm);
-        } else {
-            ys.chunks_mut(piece).zip(xs.chunks(piece)).for_each(norm);
+        for ch0 in (0..c).step_by(BATCH_CHANNELS) {
+            let len = BATCH_CHANNELS.min(c - ch0);
+            let k = SpanCoefs::new(ch0, len, d, xs, sm, rs, weight, bias);
+            let norm = |(yp, xp): (&mut [T], &[T])| {
+                normalize_nhwc_piece(xp, yp, c, ch0..ch0 + len, &k, act)
+            };
+            if par {
+                ys.par_chunks_mut(piece)
+                    .zip(xs.par_chunks(piece))
+                    .for_each(norm);
+            } else {
+                ys.chunks_mut(piece).zip(xs.chunks(piece)).for_each(norm);
+            }
         }
         // saved mean = pivot + shifted mean
         for (g, m) in mean_n.iter_mut().enumerate() {
@@ -323,27 +329,22 @@ pub(super) fn forward_nhwc<T: Element, P: Element>(
     }
 }
 
-/// Normalizes a piece of whole positions `xp` of NHWC sample `xs` (`c` channels, `d` per group,
-/// the sample's shifted means `sm` and rstds `rs`) into `yp`, then the activation. Compiled for
-/// AVX2 too and picked at run time (same operations in the same order, so the same bits).
-#[allow(clippy::too_many_arguments)]
+/// Normalizes channels `cols` (at most [`BATCH_CHANNELS`], coefficients `k`) of a piece of
+/// whole positions `xp` of an NHWC tensor with `c` channels into `yp`, then the activation.
+/// Compiled for AVX2 too and picked at run time (same operations in the same order, so the
+/// same bits).
 #[multiversion(targets("x86_64+avx2+fma+f16c"))]
-fn normalize_nhwc_piece<T: Element, P: Element>(
+fn normalize_nhwc_piece<T: Element>(
     xp: &[T],
     yp: &mut [T],
-    xs: &[T],
     c: usize,
-    d: usize,
-    sm: &[f32],
-    rs: &[f32],
-    weight: Option<&[P]>,
-    bias: Option<&[P]>,
+    cols: Range<usize>,
+    k: &SpanCoefs,
     act: Activation,
 ) {
-    let coefs = |first: usize, len: usize| SpanCoefs::new(first, len, d, xs, sm, rs, weight, bias);
     let (mut bx, mut by) = ([0f32; CHUNK], [0f32; CHUNK]);
     // `span` of the piece, whose first channel is coefficient `at` of `k`
-    let mut normalize = |span: Range<usize>, at: usize, k: &SpanCoefs| {
+    let mut normalize = |span: Range<usize>, at: usize| {
         read_f32(&xp[span.clone()], &mut bx, |xv| {
             write_f32(&mut yp[span], &mut by, |yv| {
                 for (yseg, xseg) in yv.chunks_mut(c).zip(xv.chunks(c)) {
@@ -354,22 +355,16 @@ fn normalize_nhwc_piece<T: Element, P: Element>(
         })
     };
     if c <= CHUNK {
-        // Spans of whole rows share one set of coefficients.
-        let k = coefs(0, c);
-        for_each_span(xp.len(), c, |span, _| normalize(span, 0, &k));
+        // Spans of whole rows (`cols` is all of them).
+        for_each_span(xp.len(), c, |span, _| normalize(span, 0));
         return;
     }
-    // Wide rows: one set of coefficients per BATCH_CHANNELS channels (all of them up to 1024
-    // channels, so that the piece is walked once in memory order), applied to every row of the
-    // piece (which is in cache) in spans of CHUNK channels.
-    for ch0 in (0..c).step_by(BATCH_CHANNELS) {
-        let len = BATCH_CHANNELS.min(c - ch0);
-        let k = coefs(ch0, len);
-        for row in (0..xp.len()).step_by(c) {
-            for at in (0..len).step_by(CHUNK) {
-                let start = row + ch0 + at;
-                normalize(start..start + CHUNK.min(len - at), at, &k);
-            }
+    // Wide rows, walked in memory order when `cols` is all of them, in spans of CHUNK
+    // channels.
+    for row in (0..xp.len()).step_by(c) {
+        for at in (0..cols.len()).step_by(CHUNK) {
+            let start = row + cols.start + at;
+            normalize(start..start + CHUNK.min(cols.len() - at), at);
         }
     }
 }

@@ -21,8 +21,7 @@ impl BwdSums {
     }
 }
 
-/// [`BwdSums`] of 1 to [`CHUNK`] values, [`BWD_LANES`] lanes each (AVX2 too, picked at run
-/// time).
+/// [`BwdSums`] of 1 to [`CHUNK`] values, [`LANES`] lanes each (AVX2 too, picked at run time).
 #[multiversion(targets("x86_64+avx2+fma+f16c"))]
 pub(super) fn leaf_sums<T: Element, U: Element>(
     dy: &[U],
@@ -30,38 +29,18 @@ pub(super) fn leaf_sums<T: Element, U: Element>(
     mean: f32,
     scr: &mut Scratch,
 ) -> BwdSums {
-    const L: usize = BWD_LANES;
     read_f32(dy, &mut scr.a, |dy| {
         read_f32(x, &mut scr.b, |x| {
-            let (mut a, mut b, mut c) = ([0f32; L], [0f32; L], [0f32; L]);
-            let mut dyc = dy.chunks_exact(L);
-            let mut xc = x.chunks_exact(L);
-            for (dl, xl) in (&mut dyc).zip(&mut xc) {
-                for k in 0..L {
-                    let xm = xl[k] - mean;
-                    a[k] += dl[k];
-                    b[k] += dl[k] * xm;
-                    c[k] += xm;
-                }
-            }
-            for (k, (d, xv)) in dyc.remainder().iter().zip(xc.remainder()).enumerate() {
-                let xm = xv - mean;
-                a[k] += d;
-                b[k] += d * xm;
-                c[k] += xm;
-            }
+            // One pass per sum over the chunk (in L1), each as `lane_sum`: fused in one loop,
+            // LLVM bundled the three sums' lanes in pairs instead of vectors (assembly).
             BwdSums {
-                dy: fold_lanes(a),
-                dy_xm: fold_lanes(b),
-                xm: fold_lanes(c),
+                dy: lane_sum(dy, |d| d),
+                dy_xm: lane_sum2(dy, x, |d, xv| d * (xv - mean)),
+                xm: lane_sum(x, |xv| xv - mean),
             }
         })
     })
 }
-
-/// Lanes of [`leaf_sums`]: three sums of two 8-wide accumulators each, six independent chains
-/// (fewer than the forward's [`LANES`]: three sums already overlap, and 16 registers hold them).
-pub(super) const BWD_LANES: usize = 16;
 
 /// [`BwdSums`] of a contiguous run, pairwise over chunks.
 pub(super) fn run_sums<T: Element, U: Element>(

@@ -76,34 +76,68 @@ impl RowStats {
 /// f32 forward statistics to one element per cycle, measured with `perf annotate`).
 pub(super) const LANES: usize = 32;
 
-/// Folds lane accumulators pairwise in a fixed order: lane `i` with lane `i + n/2`, halving.
-#[inline(always)]
-pub(super) fn fold_lanes<const N: usize>(mut v: [f32; N]) -> f32 {
-    let mut n = N;
-    while n > 1 {
-        n /= 2;
-        for i in 0..n {
-            v[i] += v[i + n];
-        }
-    }
-    v[0]
-}
-
 /// Sum of `f(v)` over `v` with [`LANES`] independent accumulators (vectorizable, and each one
-/// sums a 32nd of the values).
+/// sums a 32nd of the values): lane `i` takes values `i, i + 32, ...`; the lanes are then added
+/// in lane order, and the last `len % 32` values, summed in order, last.
 #[inline(always)]
 pub(super) fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0f32; LANES];
+    let mut acc = [[0f32; 8]; LANES / 8];
     let mut chunks = v.chunks_exact(LANES);
     for c in &mut chunks {
-        for (a, &e) in acc.iter_mut().zip(c) {
-            *a += f(e);
+        add_lanes(&mut acc, c, &f);
+    }
+    let rest = chunks.remainder().iter().fold(0f32, |a, &e| a + f(e));
+    sum_lanes(acc.iter().flatten()) + rest
+}
+
+/// [`lane_sum`] of `f(a[i], b[i])` over two slices of the same length.
+#[inline(always)]
+pub(super) fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [[0f32; 8]; LANES / 8];
+    let mut ac = a.chunks_exact(LANES);
+    let mut bc = b.chunks_exact(LANES);
+    for (a32, b32) in (&mut ac).zip(&mut bc) {
+        for (acc8, (a8, b8)) in acc
+            .iter_mut()
+            .zip(a32.chunks_exact(8).zip(b32.chunks_exact(8)))
+        {
+            for ((x, &u), &v) in acc8.iter_mut().zip(a8).zip(b8) {
+                *x += f(u, v);
+            }
         }
     }
-    for (a, &e) in acc.iter_mut().zip(chunks.remainder()) {
-        *a += f(e);
+    let rest = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .fold(0f32, |s, (&u, &v)| s + f(u, v));
+    sum_lanes(acc.iter().flatten()) + rest
+}
+
+/// Adds `f` of `8 * R` values into accumulators held as rows of eight lanes.
+///
+/// How these loops are written decides whether LLVM keeps each row in one vector register
+/// (checked in the assembly of the AVX2 copies): a flat 16- or 32-lane array, a computed lane
+/// index in a remainder loop, or a pairwise (tree) fold of the lanes afterwards each made it
+/// pair the lanes two by two, or keep them in memory. Rows of eight, the remainder summed
+/// apart and the lanes added in order ([`sum_lanes`]) keep them in ymm registers.
+#[inline(always)]
+pub(super) fn add_lanes<const R: usize>(
+    acc: &mut [[f32; 8]; R],
+    v: &[f32],
+    f: impl Fn(f32) -> f32,
+) {
+    for (a, v8) in acc.iter_mut().zip(v.chunks_exact(8)) {
+        for (x, &e) in a.iter_mut().zip(v8) {
+            *x += f(e);
+        }
     }
-    fold_lanes(acc)
+}
+
+/// Lane accumulators added in order (see [`add_lanes`] for why not pairwise).
+#[inline(always)]
+pub(super) fn sum_lanes<'a>(lanes: impl IntoIterator<Item = &'a f32>) -> f32 {
+    lanes.into_iter().fold(0f32, |a, &e| a + e)
 }
 
 /// Pairwise sum of a short slice (per-group sums of per-channel partials).

@@ -190,13 +190,14 @@ fn f16_slices_round_trip_every_value() {
 }
 
 #[test]
-fn lane_folds_are_pairwise_in_a_fixed_order() {
-    let v: [f32; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
-    assert_eq!(fold_lanes(v), 255.0);
-    // lanes 0 and 2 cancel first, then 1 + 1 survives (neighbours first would lose both 1s)
-    let w: [f32; 4] = [1e8, 1.0, -1e8, 1.0];
-    assert_eq!(fold_lanes(w), 2.0);
-    let lanes: Vec<f32> = (0..LANES * 3 + 5).map(|i| i as f32).collect();
-    let n = lanes.len() as f32;
-    assert_eq!(lane_sum(&lanes, |e| e), n * (n - 1.0) / 2.0);
+fn lane_sums_add_lanes_in_order_and_the_remainder_last() {
+    // lanes added in order: 1e8 + 1 loses the 1, then -1e8 cancels, the second 1 survives
+    assert_eq!(sum_lanes(&[1e8f32, 1.0, -1e8, 1.0]), 1.0);
+    let v: Vec<f32> = (0..LANES * 3 + 5).map(|i| i as f32).collect();
+    let n = v.len() as f32;
+    assert_eq!(lane_sum(&v, |e| e), n * (n - 1.0) / 2.0);
+    // lane 0 sums 1e8 and -1e8 exactly (values 0 and 32); the remainder (value 96) comes last
+    let mut w = vec![0f32; LANES * 3 + 1];
+    (w[0], w[LANES], w[1], w[3 * LANES]) = (1e8, -1e8, 1.0, 1.0);
+    assert_eq!(lane_sum(&w, |e| e), 2.0);
 }

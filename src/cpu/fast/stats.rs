@@ -77,8 +77,8 @@ impl RowStats {
 pub(super) const LANES: usize = 32;
 
 /// Sum of `f(v)` over `v` with [`LANES`] independent accumulators (vectorizable, and each one
-/// sums a 32nd of the values): lane `i` takes values `i, i + 32, ...`; the lanes are then added
-/// in lane order, and the last `len % 32` values, summed in order, last.
+/// sums a 32nd of the values): lane `i` takes values `i, i + 32, ...`; the lanes are then folded
+/// pairwise ([`fold_lanes`]), and the last `len % 32` values, summed in order, added last.
 #[inline(always)]
 pub(super) fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [[0f32; 8]; LANES / 8];
@@ -87,7 +87,7 @@ pub(super) fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         add_lanes(&mut acc, c, &f);
     }
     let rest = chunks.remainder().iter().fold(0f32, |a, &e| a + f(e));
-    sum_lanes(acc.iter().flatten()) + rest
+    fold_lanes(&acc) + rest
 }
 
 /// [`lane_sum`] of `f(a[i], b[i])` over two slices of the same length.
@@ -111,16 +111,17 @@ pub(super) fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f3
         .iter()
         .zip(bc.remainder())
         .fold(0f32, |s, (&u, &v)| s + f(u, v));
-    sum_lanes(acc.iter().flatten()) + rest
+    fold_lanes(&acc) + rest
 }
 
 /// Adds `f` of `8 * R` values into accumulators held as rows of eight lanes.
 ///
 /// How these loops are written decides whether LLVM keeps each row in one vector register
 /// (checked in the assembly of the AVX2 copies): a flat 16- or 32-lane array, a computed lane
-/// index in a remainder loop, or a pairwise (tree) fold of the lanes afterwards each made it
-/// pair the lanes two by two, or keep them in memory. Rows of eight, the remainder summed
-/// apart and the lanes added in order ([`sum_lanes`]) keep them in ymm registers.
+/// index in a remainder loop, three sums fused in one loop, or a fold of the lanes inlined
+/// after the loop each made it pair the lanes two by two (vmovsd/vinsertps), or keep them in
+/// memory. Rows of eight, the remainder summed apart and the fold out of line
+/// ([`fold_lanes`]) keep them in ymm registers.
 #[inline(always)]
 pub(super) fn add_lanes<const R: usize>(
     acc: &mut [[f32; 8]; R],
@@ -134,10 +135,33 @@ pub(super) fn add_lanes<const R: usize>(
     }
 }
 
-/// Lane accumulators added in order (see [`add_lanes`] for why not pairwise).
-#[inline(always)]
-pub(super) fn sum_lanes<'a>(lanes: impl IntoIterator<Item = &'a f32>) -> f32 {
-    lanes.into_iter().fold(0f32, |a, &e| a + e)
+/// Folds rows of eight lane accumulators pairwise in a fixed order: rows `r` and `r + R/2`
+/// lane by lane, halving to one row, then lanes `k` and `k + 4`, `k + 2`, `k + 1`. Never
+/// inlined: inlined, LLVM vectorized this fold and bent the loop before it to match (see
+/// [`add_lanes`]); in order instead of pairwise, its 31 dependent additions cost a cycle per
+/// value of a 256-value chunk (perf annotate).
+#[inline(never)]
+pub(super) fn fold_lanes<const R: usize>(acc: &[[f32; 8]; R]) -> f32 {
+    let mut rows = *acc;
+    let mut n = R;
+    while n > 1 {
+        n /= 2;
+        for r in 0..n {
+            let hi = rows[r + n];
+            for (a, b) in rows[r].iter_mut().zip(hi) {
+                *a += b;
+            }
+        }
+    }
+    let mut v = rows[0];
+    let mut m = 8;
+    while m > 1 {
+        m /= 2;
+        for k in 0..m {
+            v[k] += v[k + m];
+        }
+    }
+    v[0]
 }
 
 /// Pairwise sum of a short slice (per-group sums of per-channel partials).

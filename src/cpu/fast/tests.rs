@@ -190,9 +190,15 @@ fn f16_slices_round_trip_every_value() {
 }
 
 #[test]
-fn lane_sums_add_lanes_in_order_and_the_remainder_last() {
-    // lanes added in order: 1e8 + 1 loses the 1, then -1e8 cancels, the second 1 survives
-    assert_eq!(sum_lanes(&[1e8f32, 1.0, -1e8, 1.0]), 1.0);
+fn lane_sums_fold_pairwise_in_a_fixed_order_and_add_the_remainder_last() {
+    // rows 0 and 1 first (lane 0 + lane 8 cancels), then lanes 0 + 4, 0 + 2, 0 + 1
+    let mut rows = [[0f32; 8]; 2];
+    (rows[0][0], rows[1][0], rows[0][1], rows[0][4]) = (1e8, -1e8, 1.0, 1.0);
+    assert_eq!(fold_lanes(&rows), 2.0);
+    // lanes 0 and 1 in order would lose the 1: 1e8 + 1 == 1e8
+    let mut one = [[0f32; 8]; 1];
+    (one[0][0], one[0][1], one[0][4]) = (1e8, 1.0, -1e8);
+    assert_eq!(fold_lanes(&one), 1.0);
     let v: Vec<f32> = (0..LANES * 3 + 5).map(|i| i as f32).collect();
     let n = v.len() as f32;
     assert_eq!(lane_sum(&v, |e| e), n * (n - 1.0) / 2.0);

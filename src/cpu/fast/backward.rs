@@ -59,7 +59,7 @@ pub(super) fn run_sums<T: Element, U: Element>(
     let mid = split_point(dy.len());
     let (dya, dyb) = dy.split_at(mid);
     let (xa, xb) = x.split_at(mid);
-    let (sa, sb) = if dy.len() >= PAR_MIN {
+    let (sa, sb) = if dy.len() >= PAR_MIN && may_split() {
         rayon::join(
             || run_sums(dya, xa, mean, scr),
             || run_sums(dyb, xb, mean, &mut Scratch::new()),

@@ -210,7 +210,7 @@ pub(super) fn run_moments<T: Element>(x: &[T], pivot: f32, buf: &mut Buf) -> Mom
         };
     }
     let (a, b) = x.split_at(split_point(x.len()));
-    let (ma, mb) = if x.len() >= PAR_MIN {
+    let (ma, mb) = if x.len() >= PAR_MIN && may_split() {
         rayon::join(
             || run_moments(a, pivot, buf),
             || run_moments(b, pivot, &mut [0.0; CHUNK]),

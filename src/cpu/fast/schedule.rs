@@ -53,10 +53,11 @@ pub(super) fn nhwc_piece(c: usize) -> usize {
 }
 
 /// Tensors of at most this many elements run on the calling thread: handing them to the pool
-/// costs more than the second thread gives back (measured with `groupnorm bench --device cpu`,
-/// f32 NCHW, 1 vs 2 threads on this project's 2-core machine: one thread was as fast or faster
-/// up to 2^19 elements under load; 2^17 keeps a margin for an idle machine).
-pub(super) const ON_CALLER_MAX: usize = 1 << 17;
+/// costs more than the second thread gives back. Measured with `groupnorm bench --device cpu`,
+/// f32 and f16 NCHW, `RAYON_NUM_THREADS=2`, this project's 2-core machine, on the calling thread
+/// against split, two alternating runs each: at 2^18 elements (2x128x32x32) 0.11-0.13 against
+/// 0.18-0.27 ms forward, 2^19 and 2^20 mixed, 2^21 (8x256x32x32) 1.3-1.9 against 0.6 ms.
+pub(super) const ON_CALLER_MAX: usize = 1 << 18;
 
 /// Whether a pass over `geo` runs on the calling thread: small tensors, and everything when
 /// the pool has one thread. NCHW rows of at least [`PAR_MIN`] values of a small tensor are

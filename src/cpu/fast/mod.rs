@@ -16,11 +16,12 @@
 //! - NCHW: a row is one contiguous run, chunks are [`CHUNK`] values; rows run in parallel,
 //!   and so do the halves of long rows.
 //! - NHWC: a row is `S` runs of `D` values, `C` apart. Groups are taken in batches whose
-//!   `gb * D <= CHUNK` channels are a contiguous segment of every position; a chunk is a block
-//!   of positions times one group's channels, summed with one accumulator per channel while
-//!   walking the segments in memory order. Samples, batches and halves of long position ranges
-//!   run in parallel. With `S = 1` the two layouts are the same memory order and the NCHW code
-//!   runs.
+//!   `gb * D <= 1024` channels (`forward_nhwc::BATCH_CHANNELS`: all of them up to C = 1024)
+//!   are a contiguous segment of every position; a chunk is a block of positions times one
+//!   group's channels, summed with one accumulator per channel while walking the segments in
+//!   memory order. A sample's statistics, then its normalization while it is in cache, then the
+//!   next sample; samples, batches and halves of long position ranges run in parallel. With
+//!   `S = 1` the two layouts are the same memory order and the NCHW code runs.
 //!
 //! `y = ((x - p) - (mean - p)) * (rstd * w) + b` in f32, rounded once to `T`; the saved mean is
 //! `p + (mean - p)` in f32.
@@ -54,8 +55,10 @@
 //! compiled twice with `multiversion`, for baseline x86-64 and for AVX2 (+FMA, F16C), and the
 //! AVX2 copy is picked at run time where the CPU has it. Both run the same operations in the
 //! same order (Rust never contracts `a * b + c` into an FMA on its own), so results are the
-//! same bits on every machine. Tensors of at most `ON_CALLER_MAX` elements run on the calling
-//! thread (`schedule.rs`): handing them to rayon's pool costs more than it gives back.
+//! same bits on every machine. Tensors of at most `ON_CALLER_MAX` elements, and everything
+//! when rayon's pool has one thread, run on the calling thread (`schedule.rs`): handing them to
+//! the pool costs more than it gives back. The lane sums of the inner loops are written in the
+//! shape LLVM keeps in vector registers (`stats::add_lanes` says which shapes it did not).
 
 use crate::config::{Activation, Geometry, Layout};
 use crate::dtype::Element;

@@ -160,7 +160,7 @@ pub(crate) unsafe fn forward(
     })
 }
 
-/// Backward: fused, cluster, or [center,] partial, rows, dx; then the parameter gradients when asked for.
+/// Backward: fused, cluster, or (center,) partial, rows, dx; then the parameter gradients when asked for.
 ///
 /// # Safety
 ///

@@ -199,27 +199,45 @@ mod f16c {
         std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("f16c")
     }
 
+    /// Calls `eight` on each run of eight values of `src` and `dst` (the shorter length), and
+    /// converts the rest with `one`.
+    #[inline(always)]
+    fn by_eights<S: Copy, D>(
+        src: &[S],
+        dst: &mut [D],
+        mut eight: impl FnMut(&[S], &mut [D]),
+        one: impl Fn(S) -> D,
+    ) {
+        let n = src.len().min(dst.len());
+        let mut s8 = src[..n].chunks_exact(8);
+        let mut d8 = dst[..n].chunks_exact_mut(8);
+        for (s, d) in (&mut s8).zip(&mut d8) {
+            eight(s, d);
+        }
+        for (d, &s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
+            *d = one(s);
+        }
+    }
+
     /// Widens f16 bits into `dst` (the shorter length), eight at a time.
     ///
     /// # Safety
     /// The CPU must have AVX and F16C ([`available`]).
     #[target_feature(enable = "avx,f16c")]
     pub(super) unsafe fn widen(src: &[u16], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        let (src, dst) = (&src[..n], &mut dst[..n]);
-        let mut s8 = src.chunks_exact(8);
-        let mut d8 = dst.chunks_exact_mut(8);
-        for (s, d) in (&mut s8).zip(&mut d8) {
-            // SAFETY: `s` is 8 u16 (16 bytes) and `d` 8 f32 (32 bytes), both read/written
-            // unaligned; the caller guarantees AVX and F16C.
-            unsafe {
-                let h = _mm_loadu_si128(s.as_ptr().cast::<__m128i>());
-                _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
-            }
-        }
-        for (d, &s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
-            *d = f16_bits_to_f32(s);
-        }
+        by_eights(
+            src,
+            dst,
+            |s, d| {
+                // SAFETY: `s` is 8 u16 (16 bytes) and `d` 8 f32 (32 bytes), both read/written
+                // unaligned; the caller guarantees AVX and F16C.
+                unsafe {
+                    let h = _mm_loadu_si128(s.as_ptr().cast::<__m128i>());
+                    _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
+                }
+            },
+            f16_bits_to_f32,
+        );
     }
 
     /// Rounds `src` to f16 bits in `dst` (the shorter length), nearest even, eight at a time.
@@ -228,21 +246,20 @@ mod f16c {
     /// The CPU must have AVX and F16C ([`available`]).
     #[target_feature(enable = "avx,f16c")]
     pub(super) unsafe fn narrow(src: &[f32], dst: &mut [u16]) {
-        let n = src.len().min(dst.len());
-        let (src, dst) = (&src[..n], &mut dst[..n]);
-        let mut s8 = src.chunks_exact(8);
-        let mut d8 = dst.chunks_exact_mut(8);
-        for (s, d) in (&mut s8).zip(&mut d8) {
-            // SAFETY: `s` is 8 f32 (32 bytes) and `d` 8 u16 (16 bytes), both read/written
-            // unaligned; the caller guarantees AVX and F16C.
-            unsafe {
-                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.as_ptr()));
-                _mm_storeu_si128(d.as_mut_ptr().cast::<__m128i>(), h);
-            }
-        }
-        for (d, &s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
-            *d = f32_to_f16_bits(s);
-        }
+        by_eights(
+            src,
+            dst,
+            |s, d| {
+                // SAFETY: `s` is 8 f32 (32 bytes) and `d` 8 u16 (16 bytes), both read/written
+                // unaligned; the caller guarantees AVX and F16C.
+                unsafe {
+                    let f = _mm256_loadu_ps(s.as_ptr());
+                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(f);
+                    _mm_storeu_si128(d.as_mut_ptr().cast::<__m128i>(), h);
+                }
+            },
+            f32_to_f16_bits,
+        );
     }
 }
 

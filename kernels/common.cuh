@@ -101,6 +101,20 @@ template <typename T> __device__ __forceinline__ Vec16<T> load16(const T* p) {
   return *reinterpret_cast<Vec16<T>*>(&raw);
 }
 
+// Element e of a loaded vector, in f32. bf16 is the top half of binary32, so an element is its
+// 32-bit word shifted (even e) or masked (odd e): one instruction each, where widening the
+// 16-bit element first costs a PRMT more for every odd one (a quarter of the instructions the
+// bf16 backward's dx loop saves, counted in docs/kernel-report.md). Exact, like to_f32.
+template <typename T> __device__ __forceinline__ float elem_f32(const Vec16<T>& v, int e) {
+  return to_f32(v.v[e]);
+}
+template <>
+__device__ __forceinline__ float elem_f32<__nv_bfloat16>(const Vec16<__nv_bfloat16>& v, int e) {
+  uint32_t word;
+  memcpy(&word, &v.v[e & ~1], sizeof word);  // elements e & ~1 (low half) and e | 1 (high half)
+  return __uint_as_float((e & 1) ? (word & 0xffff0000u) : (word << 16));
+}
+
 template <typename T> __device__ __forceinline__ void store16(T* p, const Vec16<T>& v) {
   // Assumes: p is 16-byte aligned.
   *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&v);
@@ -366,7 +380,7 @@ __device__ __forceinline__ void add_vector(PivotSums& acc, const Vec16<T>& v, fl
   float sum = 0.f;
 #pragma unroll
   for (int e = 0; e < V; ++e) {
-    d[e] = to_f32(v.v[e]) - pivot;
+    d[e] = elem_f32(v, e) - pivot;
     sum += d[e];
   }
   const float mean = sum * (1.0f / V);  // V is a power of two: exact

@@ -51,12 +51,13 @@ __device__ __forceinline__ void normalize_chunk(const T* src, T* __restrict__ ds
     // (a, sh) once per channel and lane, handed to the vectors by shuffles: the loop's only
     // global accesses are its 16-byte load (from global on the split path) and store
     for_vectors_by_channel<true>(c.nseg, c.seglen / V, affine, [&](uint32_t i, float2 k) {
-      Vec16<T> v = load16(src + (size_t)i * V);
+      const Vec16<T> v = load16(src + (size_t)i * V);
+      Vec16<T> out;  // apart from v: elem_f32 reads v's elements by pairs
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        v.v[e] = from_f32<T>(activate<SILU>(fmaf(to_f32(v.v[e]) - pivot, k.x, k.y)));
+        out.v[e] = from_f32<T>(activate<SILU>(fmaf(elem_f32(v, e) - pivot, k.x, k.y)));
       }
-      store16_global(dst + (size_t)i * V, v);
+      store16_global(dst + (size_t)i * V, out);
     });
   } else {
     const DivU32 seg(c.seglen);

@@ -293,6 +293,7 @@ inline uint16_t float_to_bf16_bits_rn(float f) {
 }
 }  // namespace gn_emu
 
+inline float __uint_as_float(uint32_t u) { return gn_emu::f32_from_bits(u); }
 inline float __half2float(__half h) { return gn_emu::half_bits_to_float(h.bits); }
 inline __half __float2half_rn(float f) { return __half{gn_emu::float_to_half_bits_rn(f)}; }
 inline float __bfloat162float(__nv_bfloat16 b) { return gn_emu::bf16_bits_to_float(b.bits); }

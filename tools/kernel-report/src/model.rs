@@ -276,6 +276,8 @@ pub fn model_section(s: &mut String, runs: &[Run], ipe: &BTreeMap<String, f64>) 
     let h200 = devices::by_key("h200").expect("h200");
     let mut logs = [0.0f64; 2];
     let mut count = 0;
+    // issue 14's done-when set: `Auto` rows that move at least 8 MiB, forward and backward apart
+    let mut big = BigRows::default();
     for r in runs {
         let [n, c, h, w] = r.case.nchw;
         let mut cells = Vec::new();
@@ -285,6 +287,9 @@ pub fn model_section(s: &mut String, runs: &[Run], ipe: &BTreeMap<String, f64>) 
             let pct = r.counted.minimum as f64 / (d.copy_gbs as f64 * 1e3) / t;
             if r.case.path == Path::Auto {
                 logs[k] += pct.ln();
+                if r.counted.minimum >= BIG_ROW_BYTES {
+                    big.add(r.case.pass(), k, pct);
+                }
             }
             cells.push(format!("{t:.1} | {:.0} %", pct * 100.0));
             bound = b;
@@ -313,6 +318,54 @@ pub fn model_section(s: &mut String, runs: &[Run], ipe: &BTreeMap<String, f64>) 
             (logs[0] / count as f64).exp() * 100.0,
             (logs[1] / count as f64).exp() * 100.0
         );
+        let _ = writeln!(
+            s,
+            "Issue 14's targets are a geomean over the `Auto` rows that move {} MiB or more \
+             (smaller ones are ruled by launch cost), at least 90 % forward and 85 % backward. \
+             Over the rows above that qualify (the video VAE shapes the issue also names are \
+             not emulated: too large for the emulator's run time): {}.\n",
+            BIG_ROW_BYTES >> 20,
+            big.summary()
+        );
+    }
+}
+
+/// Rows at least this large (minimum traffic) are judged against the copy bandwidth.
+pub const BIG_ROW_BYTES: u64 = 8 << 20;
+
+/// Log-sums of the predicted fraction of copy bandwidth, per pass and device (H100, H200).
+#[derive(Default)]
+struct BigRows {
+    fwd: ([f64; 2], usize),
+    bwd: ([f64; 2], usize),
+}
+
+impl BigRows {
+    fn add(&mut self, pass: &str, device: usize, pct: f64) {
+        let slot = if pass == "fwd" {
+            &mut self.fwd
+        } else {
+            &mut self.bwd
+        };
+        slot.0[device] += pct.ln();
+        if device == 0 {
+            slot.1 += 1;
+        }
+    }
+
+    fn summary(&self) -> String {
+        let one = |name: &str, (logs, n): ([f64; 2], usize)| {
+            if n == 0 {
+                return format!("{name}: no row");
+            }
+            let g = |k: usize| (logs[k] / n as f64).exp() * 100.0;
+            format!("{name} H100 {:.0} %, H200 {:.0} % ({n} rows)", g(0), g(1))
+        };
+        format!(
+            "{}; {}",
+            one("forward", self.fwd),
+            one("backward", self.bwd)
+        )
     }
 }
 

@@ -38,6 +38,15 @@ const MAX_CLUSTER: usize = 16;
 const MIN_CHUNK: usize = 4096;
 /// Blocks per SM the split path aims for.
 const SPLIT_BLOCKS_PER_SM: usize = 4;
+/// Blocks of a cluster kernel that one SM holds by registers: 512 threads at 64 registers
+/// (forward) and 80 (backward) on sm_90, of the SM's 64 Ki (docs/kernel-report.md, SASS
+/// section; the report's plan tables recount it from the SASS for every architecture).
+const CLUSTER_FWD_REG_BLOCKS: usize = 2;
+const CLUSTER_BWD_REG_BLOCKS: usize = 1;
+/// Threads one SM holds (sm_75 holds 1024: the cluster path needs sm_90, which holds 2048).
+const THREADS_PER_SM: usize = 2048;
+/// Shared memory the driver reserves per resident block.
+const SMEM_RESERVED_PER_BLOCK: usize = 1024;
 /// Largest grid the kernels are launched with (gridDim.x limit).
 const MAX_BLOCKS: u64 = i32::MAX as u64;
 
@@ -299,10 +308,15 @@ pub(crate) fn plan(
 ///
 /// Candidates: `k` blocks of whole channels (`ceil(D / k)` each) for every k up to the largest
 /// cluster, and, where `D` is at most half of it, every split of each channel into pieces.
-/// Among those that fit one block's shared memory the planner prefers, in order: chunks small
-/// enough for two blocks per SM (so one loads while the other computes); enough blocks for
-/// two per SM over the whole grid; then the fewest chunks (smaller clusters schedule more
-/// easily and exchange less).
+/// Among those that fit one block's shared memory the planner takes the one whose grid runs in
+/// the least time under a wave model, then the fewest chunks (smaller clusters schedule more
+/// easily and exchange less). Wave model: every block of a candidate does the same work,
+/// `1 / blocks` of the call's, and the grid runs in `ceil(blocks / slots)` rounds of one block
+/// time each, where `slots` is the blocks the device holds at once (SMs x blocks per SM, from
+/// registers, shared memory and threads); so the cost is `ceil(blocks / slots) / blocks`. A
+/// grid of 1.2 waves pays two rounds for the work of 1.2: 2x320x64x64 (64 rows of 10
+/// channels, f16) went from 320 blocks (1.21 waves of 264 slots) to 256 (0.97, one wave).
+/// Clusters are assumed to pack the SMs freely (placement within a GPC is not modelled).
 fn cluster_chunking(shape: Shape, on_chip: usize, dev: DeviceLimits) -> Option<Chunking> {
     let Shape {
         n,
@@ -347,13 +361,28 @@ fn cluster_chunking(shape: Shape, on_chip: usize, dev: DeviceLimits) -> Option<C
             ));
         }
     }
+    let reg_blocks = if on_chip == 1 {
+        CLUSTER_FWD_REG_BLOCKS
+    } else {
+        CLUSTER_BWD_REG_BLOCKS
+    };
+    // (rounds, blocks) of a candidate: its cost is rounds / blocks
+    let waves = |ch: Chunking, elems: usize| {
+        let per_sm = ((dev.smem_per_block + SMEM_RESERVED_PER_BLOCK)
+            / (bytes(elems) + SMEM_RESERVED_PER_BLOCK))
+            .min(reg_blocks)
+            .min(THREADS_PER_SM / THREADS as usize)
+            .max(1);
+        let blocks = (rows as u128) * ch.chunks as u128;
+        let slots = (dev.sms.max(1) * per_sm) as u128;
+        (blocks.div_ceil(slots), blocks.max(1))
+    };
     candidates
         .into_iter()
         .filter(|&(_, elems)| bytes(elems) <= dev.smem_per_block)
-        .min_by_key(|&(ch, elems)| {
-            let roomy = bytes(elems) <= FUSED_SMEM_BUDGET;
-            let short = (2 * dev.sms).saturating_sub(rows.saturating_mul(ch.chunks as usize));
-            (!roomy, short, ch.chunks)
+        .min_by(|&(a, ea), &(b, eb)| {
+            let ((ra, ba), (rb, bb)) = (waves(a, ea), waves(b, eb));
+            (ra * bb).cmp(&(rb * ba)).then(a.chunks.cmp(&b.chunks))
         })
         .map(|(ch, _)| ch)
 }
@@ -676,8 +705,33 @@ mod tests {
         )
         .unwrap();
         assert!(!p.fused);
-        assert!(p.blocks as usize >= 2 * H100.sms, "{p:?}");
+        // every SM gets a block, and the grid is one wave (two 16 KiB blocks per SM): 160
+        // blocks of 2 channels, not 320 of 1 (1.21 waves, the second one a fifth full)
+        assert!(p.blocks as usize >= H100.sms, "{p:?}");
+        assert!(p.blocks as usize <= 2 * H100.sms, "{p:?}");
         assert!(p.vec);
+    }
+
+    /// Cluster grids are sized in whole waves (issue 14, item 4): the wave model of
+    /// `cluster_chunking` on the shapes whose plans the kernel report flagged.
+    #[test]
+    fn cluster_grids_fill_whole_waves() {
+        let cases = [
+            // (shape, pass, blocks): 2x320x64x64 forward, 64 rows: 4 chunks (256 blocks of two
+            // per SM: 0.97 waves) where 5 made 320 (1.21); backward (80 registers: one block
+            // per SM) 2 chunks, 128 blocks (0.97) where 5 made 2.42 waves
+            (shape(2, 320, 32, 64 * 64, 2), Pass::Forward, 256),
+            (shape(2, 320, 32, 64 * 64, 2), Pass::Backward, 128),
+            // 1x512x64x64 backward: 4 chunks of 4 channels, 128 blocks, where 16 made 3.88
+            // waves with the last one 88 % full
+            (shape(1, 512, 32, 64 * 64, 2), Pass::Backward, 128),
+        ];
+        for (sh, pass, blocks) in cases {
+            let p = plan(sh, pass, Path::Auto, H100, true, &[]).unwrap();
+            assert!(p.cluster > 1, "{pass:?}: {p:?}");
+            assert_eq!(p.blocks, blocks, "{pass:?}: {p:?}");
+            check_covers(sh, pass, H100);
+        }
     }
 
     #[test]

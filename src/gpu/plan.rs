@@ -43,6 +43,14 @@ const SPLIT_BLOCKS_PER_SM: usize = 4;
 /// section; the report's plan tables recount it from the SASS for every architecture).
 const CLUSTER_FWD_REG_BLOCKS: usize = 2;
 const CLUSTER_BWD_REG_BLOCKS: usize = 1;
+/// Blocks of an NHWC split-path kernel that one SM holds by registers: 512 threads at 48
+/// (forward partial) to 56 (backward) registers on sm_90 (docs/kernel-report.md).
+const NHWC_SPLIT_REG_BLOCKS: usize = 2;
+/// How full the last wave of an NHWC split grid should be, unless it has [`MANY_WAVES`] (the
+/// kernel report's budget).
+const WAVE_FILL: f64 = 0.9;
+/// Waves from which a partly filled last one costs little.
+const MANY_WAVES: usize = 4;
 /// Threads one SM holds (sm_75 holds 1024: the cluster path needs sm_90, which holds 2048).
 const THREADS_PER_SM: usize = 2048;
 /// Shared memory the driver reserves per resident block.
@@ -388,6 +396,49 @@ fn cluster_chunking(shape: Shape, on_chip: usize, dev: DeviceLimits) -> Option<C
 }
 
 /// The kernels index N, C and S in 32 bits.
+/// Pieces per (sample, tile) of the NHWC split path: the fewest whose grid meets the kernel
+/// report's wave budget (its last wave at least [`WAVE_FILL`] full, or [`MANY_WAVES`] waves or
+/// more; slots = SMs x [`NHWC_SPLIT_REG_BLOCKS`]), among those whose pieces fit `cap` positions
+/// and hold about [`MIN_CHUNK`] values or more (at most `ceil(s w / MIN_CHUNK)` pieces); where
+/// none does, the one that uses its rounds' slots best. `units` = samples x tiles, `w` the
+/// tile's channels. The old target of four blocks per SM made 2x320x64x64 and 1x512x128x128
+/// 544 blocks for 264 slots: 2.06 waves, the last 6 % full.
+fn nhwc_split_pieces(units: usize, s: usize, w: usize, cap: usize, dev: DeviceLimits) -> usize {
+    let units = units.max(1);
+    let lo = s.div_ceil(cap.max(1)).max(1);
+    let hi = (s * w).div_ceil(MIN_CHUNK).clamp(lo, s.max(1));
+    let slots = (dev.sms * NHWC_SPLIT_REG_BLOCKS).max(1);
+    // asking for `pieces` gives pieces of ceil(s / pieces) positions: s.div_ceil(that) of them.
+    // Returns (pieces, meets the budget, blocks / (rounds x slots)).
+    let judge = |pieces: usize| {
+        let real = s.div_ceil(s.div_ceil(pieces));
+        let blocks = units * real;
+        let rounds = blocks.div_ceil(slots);
+        let last = (blocks - (rounds - 1) * slots) as f64 / slots as f64;
+        let ok = rounds >= MANY_WAVES || last >= WAVE_FILL;
+        (real, ok, blocks as f64 / (rounds * slots) as f64)
+    };
+    let mut best = judge(lo);
+    if best.1 {
+        return best.0;
+    }
+    // the fewest blocks whose r-th round is WAVE_FILL full, for r = 1, 2, ...
+    for rounds in 1..=MANY_WAVES {
+        let need = (((rounds - 1) as f64 + WAVE_FILL) * slots as f64).ceil() as usize;
+        let first = need.div_ceil(units).clamp(lo, hi);
+        for p in first..(first + 4).min(hi + 1) {
+            let j = judge(p);
+            if j.1 {
+                return j.0;
+            }
+            if j.2 > best.2 {
+                best = j;
+            }
+        }
+    }
+    best.0
+}
+
 fn check_u32_dims(n: usize, c: usize, s: usize, dims: &[usize]) -> Result<()> {
     for (what, v) in [("batch N", n), ("channels C", c), ("spatial size S", s)] {
         if v > u32::MAX as usize {
@@ -558,10 +609,8 @@ fn plan_nhwc(
             });
         };
         let cap = (room - 16) / (w * elem_bytes);
-        let total = n * c * s;
-        let target = (total / (SPLIT_BLOCKS_PER_SM * dev.sms).max(1)).max(MIN_CHUNK);
-        let piece_len = (target / w).clamp(1, cap).min(s);
-        let pieces = s.div_ceil(piece_len);
+        let pieces = nhwc_split_pieces(n * tiles, s, w, cap, dev);
+        let piece_len = s.div_ceil(pieces);
         Chunking {
             chunks: pieces as u32,
             cpb: gpb as u32,
@@ -710,6 +759,49 @@ mod tests {
         assert!(p.blocks as usize >= H100.sms, "{p:?}");
         assert!(p.blocks as usize <= 2 * H100.sms, "{p:?}");
         assert!(p.vec);
+    }
+
+    /// NHWC split grids fill their last wave to 90 % (the shapes the kernel report flagged at 0.73
+    /// to 2.06 waves with the last one 6-73 % full), and their pieces cover every position once.
+    #[test]
+    fn nhwc_split_grids_fill_their_waves() {
+        let slots = H100.sms * NHWC_SPLIT_REG_BLOCKS;
+        // (2x1280x16x16, 655 k values, cannot fill 264 slots with blocks of ~MIN_CHUNK: it
+        // takes the most blocks that allows, 3 pieces of 86 positions x 40 channels)
+        let small = plan(
+            Shape {
+                nhwc: true,
+                ..shape(2, 1280, 32, 16 * 16, 2)
+            },
+            Pass::Forward,
+            Path::Split,
+            H100,
+            true,
+            &[],
+        )
+        .unwrap();
+        assert_eq!((small.chunking.pieces, small.blocks), (3, 192), "{small:?}");
+        for (n, c, s) in [(2, 320, 64 * 64), (2, 640, 32 * 32), (1, 512, 128 * 128)] {
+            let sh = Shape {
+                nhwc: true,
+                ..shape(n, c, 32, s, 2)
+            };
+            for pass in [Pass::Forward, Pass::Backward] {
+                let p = plan(sh, pass, Path::Split, H100, true, &[]).unwrap();
+                let ch = p.chunking;
+                let blocks = p.blocks as usize;
+                let rounds = blocks.div_ceil(slots);
+                let last = (blocks - (rounds - 1) * slots) as f64 / slots as f64;
+                assert!(
+                    last >= WAVE_FILL,
+                    "{n}x{c}x{s} {pass:?}: {last:.2} of {p:?}"
+                );
+                let len = ch.piece_len as usize;
+                assert!(
+                    ch.pieces as usize == s.div_ceil(len) && len * (ch.pieces as usize - 1) < s
+                );
+            }
+        }
     }
 
     /// Cluster grids are sized in whole waves (issue 14, item 4): the wave model of

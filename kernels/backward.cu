@@ -20,8 +20,10 @@
 //   cluster, each with its chunk of x and dy on chip. Each writes its per-(n, c, piece) sums as
 //   `partial` does and puts its chunk's share of the row's weighted sums in shared memory; every
 //   block adds the K shares in rank order (distributed shared memory), so all hold the same
-//   record, and writes dx from its on-chip copy: x and dy read once, one launch (plus `params`).
-// - `params` reduces the sums over n and pieces, in a fixed order, into dweight and dbias.
+//   record, and writes dx from its on-chip copy: x and dy read once, one launch (plus `params`
+//   when N > 1).
+// - `params` reduces the sums over n and pieces, in a fixed order, into dweight and dbias. With
+//   N == 1 the fused and cluster kernels do it themselves (row_kernel_param_grads).
 // No atomics: the same inputs give the same bits.
 //
 // SiLU (GnBwdParams::activation): dy is the gradient of y = silu(z), z = xhat * w + b. The
@@ -239,6 +241,49 @@ __device__ __forceinline__ T* stage_x_dy(unsigned char* base, const GnBwdParams&
   return xs;
 }
 
+// dweight and dbias: channel c's sums of sample n, over its pieces, added into (sdy, sdyx),
+// with shift = delta_n * rstd_n. bwd_params runs it for n = 0, 1, ... in order; the row kernels
+// that write the gradients themselves (param_grads_in_row_kernel) run it once, so both give the
+// same bits.
+__device__ __forceinline__ void add_param_sums(const GnBwdParams& p, uint64_t n, uint32_t c,
+                                               float shift, float& sdy, float& sdyx) {
+  const uint32_t channels = p.groups * p.d;
+  const uint32_t pieces = p.chunking.pieces;
+  float ndy = 0.f, ndyx = 0.f;
+  for (uint32_t q = 0; q < pieces; ++q) {
+    const float* part = p.partials + partial_index(n, channels, c, pieces, q);
+    ndy += part[0];
+    ndyx += part[1];
+  }
+  sdy += ndy;
+  sdyx += ndyx - shift * ndy;
+}
+
+template <typename P>
+__device__ __forceinline__ void store_param_grads(const GnBwdParams& p, uint32_t c, float sdy,
+                                                  float sdyx) {
+  if (p.dweight) static_cast<P*>(p.dweight)[c] = from_f32<P>(sdyx);
+  if (p.dbias) static_cast<P*>(p.dbias)[c] = from_f32<P>(sdy);
+}
+
+// With one sample (N == 1) a channel's gradients are its sums over its pieces, all written by
+// one block (fused) or by the blocks of one cluster, so those kernels write dweight and dbias
+// themselves and the host launches no bwd_params (Plan::param_grads_in_row_kernel in
+// src/gpu/launch.rs is the same rule): no serial tail. Channels [first, first + count) of
+// sample 0, once the partials of all their pieces are visible to this block (a __syncthreads
+// after its own writes; a cluster_sync after its peers').
+template <typename P>
+__device__ __forceinline__ void row_kernel_param_grads(const GnBwdParams& p, uint32_t first,
+                                                       uint32_t count, float delta, float rstd) {
+  if (p.batch != 1 || (!p.dweight && !p.dbias)) return;
+  const float shift = delta * rstd;  // as bwd_params takes it from the row record
+  for (uint32_t j = threadIdx.x; j < count; j += blockDim.x) {
+    float sdy = 0.f, sdyx = 0.f;
+    add_param_sums(p, 0, first + j, shift, sdy, sdyx);
+    store_param_grads<P>(p, first + j, sdy, sdyx);
+  }
+}
+
 // One block per row, x and dy of the row in dynamic shared memory (2 * d * s * sizeof(T) bytes).
 template <typename T, typename P, bool VEC, bool SILU>
 __device__ void bwd_fused(const GnBwdParams& p) {
@@ -271,6 +316,7 @@ __device__ void bwd_fused(const GnBwdParams& p) {
     r[1] = rec.y;
     r[2] = rec.z;
   }
+  row_kernel_param_grads<P>(p, chan0, p.d, rec.z, rstd);
   dx_chunk<T, P, VEC, SILU>(xs, dys, static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, rec, w, b);
 }
 
@@ -405,6 +451,9 @@ __device__ void bwd_cluster(const GnBwdParams& p) {
     r[1] = rec.y;
     r[2] = rec.z;
   }
+  // this block's channels, or its channel when it holds the channel's piece 0 (the cluster_sync
+  // above follows every block's partials)
+  if (piece == 0) row_kernel_param_grads<P>(p, chan0 + c.c0, c.nseg, rec.z, rstd);
   dx_chunk<T, P, VEC, SILU>(xs, dys, static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, rec, w, b);
   cluster_sync();  // no block exits (taking its slot with it) before all have read the slots
 }
@@ -417,24 +466,14 @@ __device__ void bwd_params(const GnBwdParams& p) {
   const uint32_t channels = p.groups * p.d;
   const uint32_t c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= channels) return;
-  const uint32_t pieces = p.chunking.pieces;
   const uint32_t g = c / p.d;
   const float* records = row_records(p);
   float sdy = 0.f, sdyx = 0.f;
   for (uint32_t n = 0; n < p.batch; ++n) {
     const uint64_t row = (uint64_t)n * p.groups + g;
-    const float shift = records[3 * row + 2] * p.rstd[row];  // delta * rstd
-    float ndy = 0.f, ndyx = 0.f;
-    for (uint32_t q = 0; q < pieces; ++q) {
-      const float* part = p.partials + partial_index(n, channels, c, pieces, q);
-      ndy += part[0];
-      ndyx += part[1];
-    }
-    sdy += ndy;
-    sdyx += ndyx - shift * ndy;
+    add_param_sums(p, n, c, records[3 * row + 2] * p.rstd[row], sdy, sdyx);  // delta * rstd
   }
-  if (p.dweight) static_cast<P*>(p.dweight)[c] = from_f32<P>(sdyx);
-  if (p.dbias) static_cast<P*>(p.dbias)[c] = from_f32<P>(sdy);
+  store_param_grads<P>(p, c, sdy, sdyx);
 }
 
 }  // namespace gn

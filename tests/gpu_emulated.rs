@@ -721,6 +721,16 @@ fn cluster_parity() {
                         "{dims:?} {t} {pass}: one cluster launch, got {:?}",
                         tr.launches
                     );
+                    // one sample: the cluster kernel writes dweight and dbias itself (the
+                    // parity above checks them), no serial tail
+                    if dims[0] == 1 {
+                        assert_eq!(
+                            tr.launches.len(),
+                            1,
+                            "{dims:?} {t} {pass}: {:?}",
+                            tr.launches
+                        );
+                    }
                     assert!(tr
                         .launches
                         .iter()
@@ -749,6 +759,8 @@ fn cluster_parity() {
         if t != DType::F32 {
             let bwd = cl.bwd.as_ref().expect("16-bit backward fits a cluster");
             assert!(bwd.cluster > 1 && bwd.pieces > 1, "{t}: {}", describe(bwd));
+            // one sample: the blocks holding piece 0 write dweight and dbias over all pieces
+            assert_eq!(bwd.launches.len(), 1, "{t}: {:?}", bwd.launches);
         }
     }
     // offset rows: the pivot (forward) and the mean residual (backward, with SiLU too)

@@ -134,6 +134,14 @@ impl Plan {
             cluster: self.cluster,
         }
     }
+
+    /// Whether the backward's row kernel writes dweight and dbias itself, so that no
+    /// `bwd_params` launch follows: the NCHW fused and cluster kernels with one sample, where
+    /// all of a channel's sums are in one block or one cluster (`row_kernel_param_grads` in
+    /// kernels/backward.cu holds the kernel's half of this rule).
+    pub(crate) fn param_grads_in_row_kernel(&self, batch: u32, rows: u64) -> bool {
+        rows > 0 && !self.nhwc && (self.fused || self.cluster > 1) && batch == 1
+    }
 }
 
 /// Threads of the forward merge kernel: one warp per row.
@@ -284,7 +292,8 @@ where
             launch(&name, plan.row_grid(0), params)?;
         }
     }
-    if params.dweight != 0 || params.dbias != 0 {
+    let wanted = params.dweight != 0 || params.dbias != 0;
+    if wanted && !plan.param_grads_in_row_kernel(params.batch, params.rows) {
         let name = kernel_name("bwd_params", p, None, None);
         let blocks = channels.div_ceil(PARAM_THREADS as usize) as u32;
         launch(&name, Grid::new(blocks, PARAM_THREADS, 0), params)?;

@@ -16,10 +16,13 @@
 // Paths, as for NCHW (src/gpu/plan.rs decides):
 // - fused (one piece per row): the tile (x, or x and dy) is copied into shared memory once;
 //   statistics, per-channel sums and the output all come from the on-chip copy;
+// - cluster (sm_90+, forward): the pieces of a tile's rows are the blocks of one cluster, each
+//   with its piece on chip; statistics merged through distributed shared memory; x read once;
 // - split: forward `partial` (tile on chip, per-group (mean about the pivot, m2)) -> `merge`
 //   (one warp per row) -> `apply` (re-reads x); backward [`center` with SiLU] -> `partial`
 //   (per-(n, c, piece) sums, streamed) -> bwd_rows (backward.cu) -> `dx` (streamed); the
 //   parameter gradients reuse bwd_params (backward.cu): the workspace layouts are the NCHW ones.
+#include "cluster.cuh"
 #include "common.cuh"
 
 namespace gn {
@@ -354,6 +357,60 @@ __device__ void nhwc_fwd_apply(const GnFwdParams& p) {
                                          static_cast<const P*>(p.bias));
 }
 
+#if GN_CLUSTERS
+// Cluster path (sm_90+): the K pieces of a tile's rows are the K blocks of one cluster (K =
+// chunks = pieces, so rank = piece). Each block keeps its piece on chip, takes each group's
+// (mean about the row's pivot, m2) over it as `partial` does, and every block merges the K
+// partials of each group through distributed shared memory in rank order (one warp per group,
+// the fixed tree of warp_merge_parts, as `merge` does), so all hold the same statistics; then it
+// normalizes its on-chip piece. x read once, one launch. garr: pivot (0), the piece's mean
+// about the pivot (ng) and m2 (2 ng), which the peers read; the row's mean about the pivot
+// (3 ng) and rstd (4 ng).
+template <typename T, typename P, bool VEC, bool SILU>
+__device__ void nhwc_fwd_cluster(const GnFwdParams& p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const GnChunking ch = p.chunking;
+  const Tile t = tile_of(blockIdx.x, ch, p.groups, p.d, p.s);
+  const uint64_t c = (uint64_t)p.groups * p.d;
+  const uint32_t stride = part_stride(ch, p.d);
+  const TileSmem m = tile_smem(smem_raw, ch.cpb * p.d * ch.piece_len * sizeof(T), 1, 1, stride);
+  T* buf = reinterpret_cast<T*>(m.tiles);
+  const T* x = static_cast<const T*>(p.x);
+  float* garr = m.garr;
+  const uint32_t ng = t.ng;
+  load_tile<T, VEC>(buf, x, t, c);
+  for (uint32_t j = threadIdx.x; j < ng; j += blockDim.x) {
+    garr[j] = to_f32(x[t.n * p.s * c + (uint64_t)(t.g0 + j) * p.d]);  // the row's pivot
+  }
+  __syncthreads();
+  tile_stats(buf, t, p.d, m.part, stride, garr);  // ends with a barrier
+  cluster_sync();  // every block's partials are written
+  const uint32_t lane = threadIdx.x % kWarp;
+  const float d = (float)p.d;
+  for (uint32_t j = threadIdx.x / kWarp; j < ng; j += blockDim.x / kWarp) {
+    const Welford w = warp_merge_parts(ch.chunks, [&](uint32_t k) {
+      const float* peer = cluster_peer(garr, k);
+      return Welford(d * (float)min(ch.piece_len, p.s - k * ch.piece_len), peer[ng + j],
+                     peer[2 * ng + j]);
+    });
+    if (lane == 0) {
+      const float rstd = rstd_of(w.m2, w.n, p.eps);
+      garr[3 * ng + j] = w.mean;
+      garr[4 * ng + j] = rstd;
+      if (t.k == 0) {
+        p.mean[t.row(p.groups, j)] = garr[j] + w.mean;
+        p.rstd[t.row(p.groups, j)] = rstd;
+      }
+    }
+  }
+  __syncthreads();
+  normalize_tile<T, P, VEC, SILU, true>(buf, static_cast<T*>(p.y), t, c, p.d, garr, garr + 3 * ng,
+                                        garr + 4 * ng, static_cast<const P*>(p.weight),
+                                        static_cast<const P*>(p.bias));
+  cluster_sync();  // no block exits (taking its partials with it) before all have read them
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Backward (formulas and workspace as in backward.cu)
 
@@ -605,6 +662,7 @@ __device__ void nhwc_bwd_dx(const GnBwdParams& p) {
 }  // namespace gn
 
 // Entry points: groupnorm_nhwc_{fwd_fused,fwd_apply,bwd_fused,bwd_dx}_<T>_<P>_<vec|scalar>,
+// groupnorm_nhwc_fwd_cluster_<T>_<P>_<vec|scalar> (a trap below sm_90),
 // groupnorm_nhwc_fwd_partial_<T>_<vec|scalar>, groupnorm_nhwc_bwd_partial_<T>_<P>,
 // groupnorm_nhwc_{fwd_merge,bwd_center}_<T>. The activation is a uniform branch per kernel
 // (GN_DISPATCH_ACT, common.cuh).
@@ -617,6 +675,10 @@ __device__ void nhwc_bwd_dx(const GnBwdParams& p) {
   extern "C" __global__ void __launch_bounds__(gn::kNhwcThreads, 1)                            \
       groupnorm_nhwc_fwd_apply_##NAME(const GnFwdParams p) {                                   \
     GN_DISPATCH_ACT(gn::nhwc_fwd_apply, T, P, VEC)                                                 \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(gn::kNhwcThreads, 1)                            \
+      groupnorm_nhwc_fwd_cluster_##NAME(const GnFwdParams p) {                                 \
+    GN_IF_CLUSTERS(GN_DISPATCH_ACT(gn::nhwc_fwd_cluster, T, P, VEC))                               \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(gn::kNhwcThreads, 1)                            \
       groupnorm_nhwc_bwd_fused_##NAME(const GnBwdParams p) {                                   \

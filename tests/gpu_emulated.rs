@@ -814,26 +814,116 @@ fn cluster_path_refusals() {
             other => panic!("{dims:?} on {limits:?}: {other:?}"),
         }
     }
+    // channels-last: rows of 5000 positions need 14 blocks of 8 KiB, over the 8 of a cluster
+    // here (shorter rows run: nhwc_cluster_forward_parity); the backward has no cluster kernel
     let nhwc = GroupNorm::new(2, 4).unwrap().with_layout(Layout::Nhwc);
     match fwd(&nhwc, SMALL_CLUSTERS, &[1, 4, 50, 100]) {
-        Err(Error::PathUnavailable { why: what, .. }) => assert!(what.contains("NHWC"), "{what}"),
-        other => panic!("NHWC forced onto clusters: {other:?}"),
+        Err(Error::PathUnavailable { why: what, .. }) => {
+            assert!(
+                what.contains("NHWC") && what.contains("do not fit"),
+                "{what}"
+            )
+        }
+        other => panic!("NHWC rows too long for a cluster: {other:?}"),
     }
-    // Auto on a channels-last tensor takes the NHWC kernels, never clusters
-    let ran = parity::<f16, f32>(
-        &[1, 8, 40, 40],
-        2,
-        1130,
-        EOpts {
-            o: Opts {
-                layout: Layout::Nhwc,
-                ..PLAIN.o
-            },
-            limits: SMALL_CLUSTERS,
+    let dy = vec![0.25f32; x.len()];
+    let mut dx = vec![0.0f32; x.len()];
+    let stats = Stats {
+        mean: vec![0.5; 2],
+        rstd: vec![1.0; 2],
+    };
+    match emulate::backward_into::<f32, f32>(
+        &nhwc,
+        Path::Cluster,
+        SMALL_CLUSTERS,
+        &dy,
+        &x,
+        &[1, 4, 50, 100],
+        &stats,
+        None,
+        None,
+        &mut dx,
+        None,
+        None,
+    ) {
+        Err(Error::PathUnavailable { why: what, .. }) => assert!(what.contains("NHWC"), "{what}"),
+        other => panic!("NHWC backward forced onto clusters: {other:?}"),
+    }
+}
+
+/// The NHWC cluster forward (pieces of positions on chip, statistics merged through distributed
+/// shared memory), every dtype pair: pieces with a shorter last one, vector and scalar kernels,
+/// no affine parameters, misaligned buffers, SiLU, rows offset by 1e4, and the planner taking
+/// it on its own for a few long rows. The traces prove one cluster launch ran.
+#[test]
+fn nhwc_cluster_forward_parity() {
+    let o = EOpts {
+        limits: SMALL_CLUSTERS,
+        o: Opts {
+            layout: Layout::Nhwc,
+            ..PLAIN.o
         },
-    );
+    };
+    let nhwc_cluster = |ran: &[Ran], what: &str| {
+        let cl = ran.iter().find(|r| r.path == Path::Cluster);
+        let tr = f(cl.unwrap_or_else(|| panic!("{what}: the cluster path refused")));
+        assert!(
+            tr.nhwc && tr.cluster > 1 && tr.cluster == tr.chunks && tr.chunks == tr.pieces,
+            "{what}: {}",
+            describe(tr)
+        );
+        assert_eq!(tr.launches.len(), 1, "{what}: {:?}", tr.launches);
+        assert!(
+            tr.launches[0].kernel.contains("nhwc_fwd_cluster"),
+            "{what}: {:?}",
+            tr.launches
+        );
+        assert_eq!(tr.workspace_floats, 0, "{what}: {}", describe(tr));
+        tr.vec
+    };
+    // (N, C, H, W), G: 2 groups of 4 channels, 1001 positions (a short last piece); 4 groups of
+    // 2 channels (tiles of several groups), 7 x 9 positions
+    for (i, (dims, groups)) in [(&[1usize, 8, 7, 143][..], 2), (&[2, 8, 7, 9][..], 4)]
+        .into_iter()
+        .enumerate()
+    {
+        for opts in [
+            o.o,
+            Opts {
+                affine: Params::None,
+                ..o.o
+            },
+            Opts {
+                misalign: true,
+                ..o.o
+            },
+            Opts { silu: true, ..o.o },
+        ] {
+            let e = EOpts { o: opts, ..o };
+            for (t, ran) in all_dtypes(dims, groups, 1150 + i as u64, e) {
+                let vec = nhwc_cluster(&ran, &format!("{dims:?} {t} {opts:?}"));
+                assert!(
+                    !(opts.misalign && vec),
+                    "{dims:?} {t}: misaligned ran vectors"
+                );
+            }
+        }
+    }
+    // rows offset by 1e4: the pivot keeps them exact
+    let offset = EOpts {
+        o: Opts {
+            x_mean: 1e4,
+            f32_abs: F32_FORWARD_OFFSET_ABS,
+            ..o.o
+        },
+        ..o
+    };
+    let ran = parity::<f32, f32>(&[1, 8, 7, 143], 2, 1160, offset);
+    nhwc_cluster(&ran, "offset 1e4");
+    // Auto takes clusters on its own where a tile of whole rows does not fit one block
+    let ran = parity::<f16, f32>(&[1, 8, 40, 40], 2, 1130, o);
     let auto = fwd_of(&ran, Path::Auto);
-    assert!(auto.nhwc && auto.cluster == 1, "{}", describe(auto));
+    assert!(auto.nhwc && auto.cluster > 1, "{}", describe(auto));
 }
 
 /// The cluster kernels give the same bits whatever order the clusters, the blocks' threads and

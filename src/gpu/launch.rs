@@ -208,6 +208,9 @@ where
         return if plan.fused {
             let name = kernel_name("nhwc_fwd_fused", t, Some(p), Some(plan.vec));
             launch(&name, plan.row_grid(plan.smem_bytes), params)
+        } else if plan.cluster > 1 {
+            let name = kernel_name("nhwc_fwd_cluster", t, Some(p), Some(plan.vec));
+            launch(&name, plan.row_grid(plan.smem_bytes), params)
         } else {
             let name = kernel_name("nhwc_fwd_partial", t, None, Some(plan.vec));
             launch(&name, plan.row_grid(plan.smem_bytes), params)?;
@@ -466,6 +469,7 @@ mod tests {
                         "nhwc_bwd_dx",
                         "cluster_fwd",
                         "cluster_bwd",
+                        "nhwc_fwd_cluster",
                     ] {
                         wanted.push(kernel_name(kind, t, Some(p), Some(vec)));
                     }

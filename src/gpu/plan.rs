@@ -8,7 +8,8 @@
 //!   when a channel alone is too long), partials merged in a fixed order, then a second kernel
 //!   that re-reads its chunk (usually from L2). Taken for few or long rows where clusters are
 //!   not available.
-//! - **cluster** (compute capability 9.0+, NCHW): the chunks of a row are the blocks of one
+//! - **cluster** (compute capability 9.0+; NCHW, and the NHWC forward): the chunks of a row
+//!   (NHWC: the pieces of a tile's rows) are the blocks of one
 //!   thread-block cluster; each keeps its chunk on chip and the row's statistics are merged
 //!   through distributed shared memory, so x (and dy) are still read once. Taken instead of the
 //!   split path wherever a row fits one cluster.
@@ -43,6 +44,9 @@ const SPLIT_BLOCKS_PER_SM: usize = 4;
 /// section; the report's plan tables recount it from the SASS for every architecture).
 const CLUSTER_FWD_REG_BLOCKS: usize = 2;
 const CLUSTER_BWD_REG_BLOCKS: usize = 1;
+/// Blocks of the NHWC cluster forward that one SM holds by registers: 512 threads at 72-90
+/// registers (its 16-byte vector kernels on sm_90, docs/kernel-report.md).
+const NHWC_CLUSTER_REG_BLOCKS: usize = 1;
 /// Blocks of an NHWC split-path kernel that one SM holds by registers: 512 threads at 48
 /// (forward partial) to 56 (backward) registers on sm_90 (docs/kernel-report.md).
 const NHWC_SPLIT_REG_BLOCKS: usize = 2;
@@ -439,6 +443,40 @@ fn nhwc_split_pieces(units: usize, s: usize, w: usize, cap: usize, dev: DeviceLi
     best.0
 }
 
+/// Pieces per row of the NHWC cluster forward (`nhwc_fwd_cluster`): the cluster size K, 2 to
+/// the largest cluster, whose pieces of `ceil(s / K)` positions fit one block's shared memory
+/// (`bytes(positions)`), taken by the wave model of [`cluster_chunking`] (rounds / blocks, then
+/// the fewest pieces); `None` where the device has no clusters or no K fits. `units` = samples
+/// x tiles.
+fn nhwc_cluster_pieces(
+    units: usize,
+    s: usize,
+    bytes: impl Fn(usize) -> usize,
+    dev: DeviceLimits,
+) -> Option<usize> {
+    let max_k = dev.max_cluster.min(MAX_CLUSTER).min(s);
+    let slots_of = |smem: usize| {
+        let per_sm = ((dev.smem_per_block + SMEM_RESERVED_PER_BLOCK)
+            / (smem + SMEM_RESERVED_PER_BLOCK))
+            .min(NHWC_CLUSTER_REG_BLOCKS)
+            .min(THREADS_PER_SM / THREADS as usize)
+            .max(1);
+        (dev.sms.max(1) * per_sm) as u128
+    };
+    (2..=max_k)
+        .filter_map(|k| {
+            let len = s.div_ceil(k);
+            let pieces = s.div_ceil(len); // distinct cluster sizes only
+            let smem = bytes(len);
+            (pieces == k && smem <= dev.smem_per_block).then(|| {
+                let blocks = (units.max(1) * k) as u128;
+                (k, blocks.div_ceil(slots_of(smem)), blocks)
+            })
+        })
+        .min_by(|&(ka, ra, ba), &(kb, rb, bb)| (ra * bb).cmp(&(rb * ba)).then(ka.cmp(&kb)))
+        .map(|(k, _, _)| k)
+}
+
 fn check_u32_dims(n: usize, c: usize, s: usize, dims: &[usize]) -> Result<()> {
     for (what, v) in [("batch N", n), ("channels C", c), ("spatial size S", s)] {
         if v > u32::MAX as usize {
@@ -529,7 +567,8 @@ pub(crate) fn nhwc_extra_floats(q: usize, w: usize, gpb: usize) -> usize {
 }
 
 /// Plans an NHWC pass (see kernels/nhwc.cu): tiles of `gpb` groups, whole rows on chip when
-/// they fit (fused), else pieces of positions (split).
+/// they fit (fused), else pieces of positions: the forward on clusters where the pieces of a
+/// tile fit one (`nhwc_cluster_pieces`), the rest split.
 fn plan_nhwc(
     shape: Shape,
     pass: Pass,
@@ -570,10 +609,12 @@ fn plan_nhwc(
     let fused = match path {
         Path::Auto => fits(fused_bytes, FUSED_SMEM_BUDGET) && (enough_blocks || !worth_splitting),
         Path::Split => false,
+        Path::Cluster if pass == Pass::Forward => false,
         Path::Cluster => {
             return Err(Error::PathUnavailable {
                 path: "cluster",
-                why: "it has NCHW kernels only so far (NHWC takes the fused or the split path)"
+                why: "the NHWC backward has no cluster kernel yet (it takes the fused or the \
+                      split path)"
                     .to_string(),
             })
         }
@@ -589,12 +630,42 @@ fn plan_nhwc(
             })
         }
     };
+    let fwd_extra = nhwc_extra_floats(1, w, gpb) * 4;
+    let clustered = match path {
+        _ if fused || pass == Pass::Backward => None,
+        Path::Auto => nhwc_cluster_pieces(n * tiles, s, |len| tile_bytes(len) + fwd_extra, dev),
+        Path::Cluster => Some(
+            nhwc_cluster_pieces(n * tiles, s, |len| tile_bytes(len) + fwd_extra, dev).ok_or_else(
+                || Error::PathUnavailable {
+                    path: "cluster",
+                    why: if dev.max_cluster < 2 {
+                        "thread-block clusters need compute capability 9.0 or newer".to_string()
+                    } else {
+                        format!(
+                            "NHWC tiles of {gpb} group(s) x {s} positions do not fit the shared \
+                             memory of a cluster of at most {} blocks",
+                            dev.max_cluster.min(MAX_CLUSTER)
+                        )
+                    },
+                },
+            )?,
+        ),
+        _ => None,
+    };
     let chunking = if fused {
         Chunking {
             chunks: 1,
             cpb: gpb as u32,
             pieces: 1,
             piece_len: s as u32,
+        }
+    } else if let Some(pieces) = clustered {
+        let piece_len = s.div_ceil(pieces);
+        Chunking {
+            chunks: pieces as u32,
+            cpb: gpb as u32,
+            pieces: pieces as u32,
+            piece_len: piece_len as u32,
         }
     } else {
         // the forward partial kernel keeps a piece's tile on chip; the backward streams
@@ -630,16 +701,22 @@ fn plan_nhwc(
         (false, Pass::Forward) => tile_bytes(chunking.piece_len as usize) + extra,
         (false, Pass::Backward) => 0,
     };
+    // the cluster path keeps every piece on chip: no merge workspace
+    let on_chip_path = fused || clustered.is_some();
     Ok(Plan {
         fused,
         vec,
         chunking,
         blocks: blocks as u32,
         smem_bytes: smem_bytes as u32,
-        workspace_floats: checked_workspace(shape, pass, fused, chunking, silu, dims)?,
+        workspace_floats: checked_workspace(shape, pass, on_chip_path, chunking, silu, dims)?,
         nhwc: true,
         stream_smem_bytes: (nhwc_extra_floats(q, w, gpb) * 4) as u32,
-        cluster: 1,
+        cluster: if clustered.is_some() {
+            chunking.pieces
+        } else {
+            1
+        },
     })
 }
 

@@ -241,49 +241,6 @@ __device__ __forceinline__ T* stage_x_dy(unsigned char* base, const GnBwdParams&
   return xs;
 }
 
-// dweight and dbias: channel c's sums of sample n, over its pieces, added into (sdy, sdyx),
-// with shift = delta_n * rstd_n. bwd_params runs it for n = 0, 1, ... in order; the row kernels
-// that write the gradients themselves (param_grads_in_row_kernel) run it once, so both give the
-// same bits.
-__device__ __forceinline__ void add_param_sums(const GnBwdParams& p, uint64_t n, uint32_t c,
-                                               float shift, float& sdy, float& sdyx) {
-  const uint32_t channels = p.groups * p.d;
-  const uint32_t pieces = p.chunking.pieces;
-  float ndy = 0.f, ndyx = 0.f;
-  for (uint32_t q = 0; q < pieces; ++q) {
-    const float* part = p.partials + partial_index(n, channels, c, pieces, q);
-    ndy += part[0];
-    ndyx += part[1];
-  }
-  sdy += ndy;
-  sdyx += ndyx - shift * ndy;
-}
-
-template <typename P>
-__device__ __forceinline__ void store_param_grads(const GnBwdParams& p, uint32_t c, float sdy,
-                                                  float sdyx) {
-  if (p.dweight) static_cast<P*>(p.dweight)[c] = from_f32<P>(sdyx);
-  if (p.dbias) static_cast<P*>(p.dbias)[c] = from_f32<P>(sdy);
-}
-
-// With one sample (N == 1) a channel's gradients are its sums over its pieces, all written by
-// one block (fused) or by the blocks of one cluster, so those kernels write dweight and dbias
-// themselves and the host launches no bwd_params (Plan::param_grads_in_row_kernel in
-// src/gpu/launch.rs is the same rule): no serial tail. Channels [first, first + count) of
-// sample 0, once the partials of all their pieces are visible to this block (a __syncthreads
-// after its own writes; a cluster_sync after its peers').
-template <typename P>
-__device__ __forceinline__ void row_kernel_param_grads(const GnBwdParams& p, uint32_t first,
-                                                       uint32_t count, float delta, float rstd) {
-  if (p.batch != 1 || (!p.dweight && !p.dbias)) return;
-  const float shift = delta * rstd;  // as bwd_params takes it from the row record
-  for (uint32_t j = threadIdx.x; j < count; j += blockDim.x) {
-    float sdy = 0.f, sdyx = 0.f;
-    add_param_sums(p, 0, first + j, shift, sdy, sdyx);
-    store_param_grads<P>(p, first + j, sdy, sdyx);
-  }
-}
-
 // One block per row, x and dy of the row in dynamic shared memory (2 * d * s * sizeof(T) bytes).
 template <typename T, typename P, bool VEC, bool SILU>
 __device__ void bwd_fused(const GnBwdParams& p) {
@@ -316,7 +273,7 @@ __device__ void bwd_fused(const GnBwdParams& p) {
     r[1] = rec.y;
     r[2] = rec.z;
   }
-  row_kernel_param_grads<P>(p, chan0, p.d, rec.z, rstd);
+  row_kernel_param_grads<P>(p, chan0, p.d, [&](uint32_t) { return rec.z * rstd; });
   dx_chunk<T, P, VEC, SILU>(xs, dys, static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, rec, w, b);
 }
 
@@ -453,7 +410,9 @@ __device__ void bwd_cluster(const GnBwdParams& p) {
   }
   // this block's channels, or its channel when it holds the channel's piece 0 (the cluster_sync
   // above follows every block's partials)
-  if (piece == 0) row_kernel_param_grads<P>(p, chan0 + c.c0, c.nseg, rec.z, rstd);
+  if (piece == 0) {
+    row_kernel_param_grads<P>(p, chan0 + c.c0, c.nseg, [&](uint32_t) { return rec.z * rstd; });
+  }
   dx_chunk<T, P, VEC, SILU>(xs, dys, static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, rec, w, b);
   cluster_sync();  // no block exits (taking its slot with it) before all have read the slots
 }

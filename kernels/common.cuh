@@ -496,6 +496,50 @@ __device__ __forceinline__ float* centered_sums(const GnBwdParams& p) {
   return row_records(p) + 3 * p.rows;
 }
 
+// dweight and dbias: channel c's sums of sample n, over its pieces, added into (sdy, sdyx),
+// with shift = delta_n * rstd_n. bwd_params (backward.cu) runs it for n = 0, 1, ... in order;
+// the row kernels that write the gradients themselves (row_kernel_param_grads) run it once, so
+// both give the same bits.
+__device__ __forceinline__ void add_param_sums(const GnBwdParams& p, uint64_t n, uint32_t c,
+                                               float shift, float& sdy, float& sdyx) {
+  const uint32_t channels = p.groups * p.d;
+  const uint32_t pieces = p.chunking.pieces;
+  float ndy = 0.f, ndyx = 0.f;
+  for (uint32_t q = 0; q < pieces; ++q) {
+    const float* part = p.partials + partial_index(n, channels, c, pieces, q);
+    ndy += part[0];
+    ndyx += part[1];
+  }
+  sdy += ndy;
+  sdyx += ndyx - shift * ndy;
+}
+
+template <typename P>
+__device__ __forceinline__ void store_param_grads(const GnBwdParams& p, uint32_t c, float sdy,
+                                                  float sdyx) {
+  if (p.dweight) static_cast<P*>(p.dweight)[c] = from_f32<P>(sdyx);
+  if (p.dbias) static_cast<P*>(p.dbias)[c] = from_f32<P>(sdy);
+}
+
+// With one sample (N == 1) a channel's gradients are its sums over its pieces, all written by
+// one block (fused) or by the blocks of one cluster, so those kernels write dweight and dbias
+// themselves and the host launches no bwd_params (Plan::param_grads_in_row_kernel in
+// src/gpu/launch.rs is the same rule): no serial tail. Channels [first, first + count) of
+// sample 0, shift_of(j) = delta * rstd of channel first + j's row (as bwd_params takes it
+// from the row record), once the partials of all their pieces are visible to this block (a
+// __syncthreads after its own writes; a cluster_sync after its peers').
+template <typename P, typename ShiftOf>
+__device__ __forceinline__ void row_kernel_param_grads(const GnBwdParams& p, uint32_t first,
+                                                       uint32_t count, ShiftOf shift_of) {
+  if (p.batch != 1 || (!p.dweight && !p.dbias)) return;
+  for (uint32_t j = threadIdx.x; j < count; j += blockDim.x) {
+    float sdy = 0.f, sdyx = 0.f;
+    add_param_sums(p, 0, first + j, shift_of(j), sdy, sdyx);
+    store_param_grads<P>(p, first + j, sdy, sdyx);
+  }
+}
+
+
 }  // namespace gn
 
 // Runs KERNEL<..., SILU> with SILU from the launch parameters' activation: a uniform branch at

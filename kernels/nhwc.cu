@@ -16,8 +16,9 @@
 // Paths, as for NCHW (src/gpu/plan.rs decides):
 // - fused (one piece per row): the tile (x, or x and dy) is copied into shared memory once;
 //   statistics, per-channel sums and the output all come from the on-chip copy;
-// - cluster (sm_90+, forward): the pieces of a tile's rows are the blocks of one cluster, each
-//   with its piece on chip; statistics merged through distributed shared memory; x read once;
+// - cluster (sm_90+): the pieces of a tile's rows are the blocks of one cluster, each with its
+//   piece on chip (x, or x and dy); statistics and sums merged through distributed shared
+//   memory; read once, one launch (plus bwd_params when N > 1);
 // - split: forward `partial` (tile on chip, per-group (mean about the pivot, m2)) -> `merge`
 //   (one warp per row) -> `apply` (re-reads x); backward [`center` with SiLU] -> `partial`
 //   (per-(n, c, piece) sums, streamed) -> bwd_rows (backward.cu) -> `dx` (streamed); the
@@ -68,7 +69,7 @@ __device__ __forceinline__ uint32_t part_stride(const GnChunking& ch, uint32_t d
 }
 
 // Shared memory of a tile kernel: [tiles of T (each rounded to 16 bytes)] [Q * stride floats of
-// column partials] [8 * cpb floats of per-group values]. Mirrored by nhwc_extra_floats in
+// column partials] [9 * cpb floats of per-group values]. Mirrored by nhwc_extra_floats in
 // src/gpu/plan.rs.
 struct TileSmem {
   unsigned char* tiles;
@@ -586,8 +587,104 @@ __device__ void nhwc_bwd_fused(const GnBwdParams& p) {
   tile_bwd_sums<T, P, SILU, true>(xs, dys, t, c, p.d, m.part, stride, garr, w, b);
   write_sums(p, t, m.part, stride, 1, 0);
   tile_records<P>(p, t, m.part, stride, garr, w);
+  row_kernel_param_grads<P>(p, t.g0 * p.d, t.w, [&](uint32_t col) {
+    const uint32_t j = col / p.d;
+    return garr[2 * t.ng + j] * garr[t.ng + j];  // delta * rstd of the column's row
+  });
   dx_tile<T, P, VEC, SILU, true>(xs, dys, static_cast<T*>(p.dx), t, c, p.d, garr, w, b);
 }
+
+#if GN_CLUSTERS
+// Cluster path (sm_90+): the K pieces of a tile's rows are the K blocks of one cluster (rank =
+// piece), each with its piece of x and dy on chip, read once. As the fused kernel, but each
+// group's sums over the row come from the K blocks' shares through distributed shared memory:
+// lane k of a warp reads block k's share and a butterfly adds them, so every block holds the
+// same bits. garr: mean (0), rstd (ng), delta (2 ng), m1 (3 ng), m2 (4 ng) as the fused
+// kernel; the shares the peers read: the piece's centered sum (5 ng, SiLU), its weighted sums
+// (6 ng, 7 ng, 8 ng). The per-(n, c, piece) partials go to the workspace for the parameter
+// gradients (by the blocks of piece 0 when N == 1, else bwd_params).
+template <typename T, typename P, bool VEC, bool SILU>
+__device__ void nhwc_bwd_cluster(const GnBwdParams& p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Tile t = tile_of(blockIdx.x, p.chunking, p.groups, p.d, p.s);
+  const uint64_t c = (uint64_t)p.groups * p.d;
+  const uint32_t stride = part_stride(p.chunking, p.d);
+  const uint32_t tile_bytes = p.chunking.cpb * p.d * p.chunking.piece_len * sizeof(T);
+  const TileSmem m = tile_smem(smem_raw, tile_bytes, 2, 3, stride);
+  T* xs = reinterpret_cast<T*>(m.tiles);
+  T* dys = reinterpret_cast<T*>(m.tiles + ((tile_bytes + 15u) & ~15u));
+  load_tile<T, VEC>(xs, static_cast<const T*>(p.x), t, c);
+  load_tile<T, VEC>(dys, static_cast<const T*>(p.dy), t, c);
+  float* garr = m.garr;
+  const uint32_t ng = t.ng, chunks = p.chunking.chunks;
+  const uint32_t lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const uint32_t warps = blockDim.x / kWarp;
+  load_row_stats(p, t, garr);
+  __syncthreads();
+  const P* w = static_cast<const P*>(p.weight);
+  const P* b = static_cast<const P*>(p.bias);
+  if constexpr (SILU) {
+    // the rows' mean residuals first (to recompute z), from every block's centered sums
+    tile_centered_sums<T, true>(xs, t, c, p.d, m.part, stride, garr);
+    group_totals(ng, p.d, [&](uint32_t col) { return make_float3(m.part[col], 0.f, 0.f); },
+                 [&](uint32_t j, float3 v) { garr[5 * ng + j] = v.x; });
+    cluster_sync();  // every block's centered sums are written
+    for (uint32_t j = warp; j < ng; j += warps) {
+      const float v = warp_sum(lane < chunks ? cluster_peer(garr, lane)[5 * ng + j] : 0.f);
+      if (lane == 0) garr[2 * ng + j] = v * p.inv_row_len;
+    }
+    __syncthreads();
+  }
+  tile_bwd_sums<T, P, SILU, true>(xs, dys, t, c, p.d, m.part, stride, garr, w, b);
+  write_sums(p, t, m.part, stride, p.chunking.pieces, t.k);
+  const uint32_t ch0 = t.g0 * p.d;
+  group_totals(
+      ng, p.d,
+      [&](uint32_t col) {
+        const float wc = w ? to_f32(w[ch0 + col]) : 1.f;
+        return make_float3(wc * m.part[col], wc * m.part[stride + col], m.part[2 * stride + col]);
+      },
+      [&](uint32_t j, float3 v) {
+        garr[6 * ng + j] = v.x;
+        garr[7 * ng + j] = v.y;
+        garr[8 * ng + j] = v.z;
+      });
+  cluster_sync();  // every block's shares (and its partials in the workspace) are written
+  float* records = row_records(p);
+  for (uint32_t j = warp; j < ng; j += warps) {
+    float3 v = make_float3(0.f, 0.f, 0.f);
+    if (lane < chunks) {
+      const float* peer = cluster_peer(garr, lane);
+      v = make_float3(peer[6 * ng + j], peer[7 * ng + j], peer[8 * ng + j]);
+    }
+    v = make_float3(warp_sum(v.x), warp_sum(v.y), warp_sum(v.z));
+    if (lane == 0) {
+      // the row record as tile_records makes it
+      const float inv_l = p.inv_row_len, rstd = garr[ng + j];
+      const float delta = v.z * inv_l;
+      const float m1 = v.x * inv_l, m2 = (v.y - delta * rstd * v.x) * inv_l;
+      garr[2 * ng + j] = delta;
+      garr[3 * ng + j] = m1;
+      garr[4 * ng + j] = m2;
+      if (t.k == 0) {
+        float* r = records + 3 * t.row(p.groups, j);
+        r[0] = m1;
+        r[1] = m2;
+        r[2] = delta;
+      }
+    }
+  }
+  __syncthreads();
+  if (t.k == 0) {
+    row_kernel_param_grads<P>(p, ch0, t.w, [&](uint32_t col) {
+      const uint32_t j = col / p.d;
+      return garr[2 * ng + j] * garr[ng + j];  // delta * rstd of the column's row
+    });
+  }
+  dx_tile<T, P, VEC, SILU, true>(xs, dys, static_cast<T*>(p.dx), t, c, p.d, garr, w, b);
+  cluster_sync();  // no block exits (taking its shares with it) before all have read them
+}
+#endif
 
 // Split path with SiLU, pass 0: each group's sum of (x - mean) over the tile's positions.
 template <typename T>
@@ -662,7 +759,7 @@ __device__ void nhwc_bwd_dx(const GnBwdParams& p) {
 }  // namespace gn
 
 // Entry points: groupnorm_nhwc_{fwd_fused,fwd_apply,bwd_fused,bwd_dx}_<T>_<P>_<vec|scalar>,
-// groupnorm_nhwc_fwd_cluster_<T>_<P>_<vec|scalar> (a trap below sm_90),
+// groupnorm_nhwc_{fwd,bwd}_cluster_<T>_<P>_<vec|scalar> (a trap below sm_90),
 // groupnorm_nhwc_fwd_partial_<T>_<vec|scalar>, groupnorm_nhwc_bwd_partial_<T>_<P>,
 // groupnorm_nhwc_{fwd_merge,bwd_center}_<T>. The activation is a uniform branch per kernel
 // (GN_DISPATCH_ACT, common.cuh).
@@ -687,6 +784,10 @@ __device__ void nhwc_bwd_dx(const GnBwdParams& p) {
   extern "C" __global__ void __launch_bounds__(gn::kNhwcThreads, 1)                            \
       groupnorm_nhwc_bwd_dx_##NAME(const GnBwdParams p) {                                      \
     GN_DISPATCH_ACT(gn::nhwc_bwd_dx, T, P, VEC)                                                    \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(gn::kNhwcThreads, 1)                            \
+      groupnorm_nhwc_bwd_cluster_##NAME(const GnBwdParams p) {                                 \
+    GN_IF_CLUSTERS(GN_DISPATCH_ACT(gn::nhwc_bwd_cluster, T, P, VEC))                               \
   }
 
 #define GN_NHWC_TP(NAME, T, P)                                                                 \

@@ -815,7 +815,7 @@ fn cluster_path_refusals() {
         }
     }
     // channels-last: rows of 5000 positions need 14 blocks of 8 KiB, over the 8 of a cluster
-    // here (shorter rows run: nhwc_cluster_forward_parity); the backward has no cluster kernel
+    // here (shorter rows run: nhwc_cluster_parity)
     let nhwc = GroupNorm::new(2, 4).unwrap().with_layout(Layout::Nhwc);
     match fwd(&nhwc, SMALL_CLUSTERS, &[1, 4, 50, 100]) {
         Err(Error::PathUnavailable { why: what, .. }) => {
@@ -826,60 +826,65 @@ fn cluster_path_refusals() {
         }
         other => panic!("NHWC rows too long for a cluster: {other:?}"),
     }
-    let dy = vec![0.25f32; x.len()];
-    let mut dx = vec![0.0f32; x.len()];
-    let stats = Stats {
-        mean: vec![0.5; 2],
-        rstd: vec![1.0; 2],
-    };
-    match emulate::backward_into::<f32, f32>(
-        &nhwc,
-        Path::Cluster,
-        SMALL_CLUSTERS,
-        &dy,
-        &x,
-        &[1, 4, 50, 100],
-        &stats,
-        None,
-        None,
-        &mut dx,
-        None,
-        None,
-    ) {
-        Err(Error::PathUnavailable { why: what, .. }) => assert!(what.contains("NHWC"), "{what}"),
-        other => panic!("NHWC backward forced onto clusters: {other:?}"),
-    }
 }
 
-/// The NHWC cluster forward (pieces of positions on chip, statistics merged through distributed
-/// shared memory), every dtype pair: pieces with a shorter last one, vector and scalar kernels,
-/// no affine parameters, misaligned buffers, SiLU, rows offset by 1e4, and the planner taking
-/// it on its own for a few long rows. The traces prove one cluster launch ran.
+/// The NHWC cluster kernels (pieces of positions on chip, statistics and sums merged through
+/// distributed shared memory), forward and backward, every dtype pair: pieces with a shorter
+/// last one, tiles of several groups, vector and scalar kernels, no affine parameters,
+/// misaligned buffers, SiLU, rows offset by 1e4, and the planner taking them on its own. The
+/// traces prove one cluster launch ran (and no bwd_params with one sample).
 #[test]
-fn nhwc_cluster_forward_parity() {
+fn nhwc_cluster_parity() {
+    // 32 KiB per block: the backward's two tiles and three column-partial arrays fit clusters
+    // of at most 8 blocks in every dtype (8 KiB blocks hold the forward only)
     let o = EOpts {
-        limits: SMALL_CLUSTERS,
+        limits: DeviceLimits::new(SMALL.sms, 32 * 1024, 8),
         o: Opts {
             layout: Layout::Nhwc,
             ..PLAIN.o
         },
     };
-    let nhwc_cluster = |ran: &[Ran], what: &str| {
-        let cl = ran.iter().find(|r| r.path == Path::Cluster);
-        let tr = f(cl.unwrap_or_else(|| panic!("{what}: the cluster path refused")));
+    let check = |tr: &Trace, kernel: &str, what: &str| {
         assert!(
             tr.nhwc && tr.cluster > 1 && tr.cluster == tr.chunks && tr.chunks == tr.pieces,
             "{what}: {}",
             describe(tr)
         );
-        assert_eq!(tr.launches.len(), 1, "{what}: {:?}", tr.launches);
         assert!(
-            tr.launches[0].kernel.contains("nhwc_fwd_cluster"),
+            tr.launches[0].kernel.contains(kernel),
             "{what}: {:?}",
             tr.launches
         );
+        let params = tr
+            .launches
+            .iter()
+            .filter(|l| l.kernel.contains("bwd_params"));
+        assert_eq!(
+            tr.launches.len(),
+            1 + params.count(),
+            "{what}: {:?}",
+            tr.launches
+        );
+    };
+    let nhwc_cluster = |ran: &[Ran], n: usize, what: &str| {
+        let cl = ran.iter().find(|r| r.path == Path::Cluster);
+        let cl = cl.unwrap_or_else(|| panic!("{what}: the cluster path refused"));
+        let tr = f(cl);
+        check(tr, "nhwc_fwd_cluster", what);
         assert_eq!(tr.workspace_floats, 0, "{what}: {}", describe(tr));
-        tr.vec
+        let bwd = cl
+            .bwd
+            .as_ref()
+            .unwrap_or_else(|| panic!("{what}: backward refused"));
+        check(bwd, "nhwc_bwd_cluster", what);
+        // one sample: the blocks of piece 0 write dweight and dbias, no serial tail
+        assert_eq!(
+            bwd.launches.len() == 1,
+            n == 1,
+            "{what}: {:?}",
+            bwd.launches
+        );
+        tr.vec && bwd.vec
     };
     // (N, C, H, W), G: 2 groups of 4 channels, 1001 positions (a short last piece); 4 groups of
     // 2 channels (tiles of several groups), 7 x 9 positions
@@ -901,7 +906,7 @@ fn nhwc_cluster_forward_parity() {
         ] {
             let e = EOpts { o: opts, ..o };
             for (t, ran) in all_dtypes(dims, groups, 1150 + i as u64, e) {
-                let vec = nhwc_cluster(&ran, &format!("{dims:?} {t} {opts:?}"));
+                let vec = nhwc_cluster(&ran, dims[0], &format!("{dims:?} {t} {opts:?}"));
                 assert!(
                     !(opts.misalign && vec),
                     "{dims:?} {t}: misaligned ran vectors"
@@ -909,19 +914,26 @@ fn nhwc_cluster_forward_parity() {
             }
         }
     }
-    // rows offset by 1e4: the pivot keeps them exact
-    let offset = EOpts {
-        o: Opts {
-            x_mean: 1e4,
-            f32_abs: F32_FORWARD_OFFSET_ABS,
-            ..o.o
-        },
+    // rows offset by 1e4: the pivot (forward) and the mean residual (backward, SiLU too)
+    for silu in [false, true] {
+        let offset = EOpts {
+            o: Opts {
+                x_mean: 1e4,
+                f32_abs: F32_FORWARD_OFFSET_ABS,
+                silu,
+                ..o.o
+            },
+            ..o
+        };
+        let ran = parity::<f32, f32>(&[1, 8, 7, 143], 2, 1160, offset);
+        nhwc_cluster(&ran, 1, &format!("offset 1e4, silu {silu}"));
+    }
+    // Auto takes clusters on its own where a tile of whole rows does not fit one block
+    let small = EOpts {
+        limits: SMALL_CLUSTERS,
         ..o
     };
-    let ran = parity::<f32, f32>(&[1, 8, 7, 143], 2, 1160, offset);
-    nhwc_cluster(&ran, "offset 1e4");
-    // Auto takes clusters on its own where a tile of whole rows does not fit one block
-    let ran = parity::<f16, f32>(&[1, 8, 40, 40], 2, 1130, o);
+    let ran = parity::<f16, f32>(&[1, 8, 40, 40], 2, 1130, small);
     let auto = fwd_of(&ran, Path::Auto);
     assert!(auto.nhwc && auto.cluster > 1, "{}", describe(auto));
 }

@@ -136,11 +136,11 @@ impl Plan {
     }
 
     /// Whether the backward's row kernel writes dweight and dbias itself, so that no
-    /// `bwd_params` launch follows: the NCHW fused and cluster kernels with one sample, where
-    /// all of a channel's sums are in one block or one cluster (`row_kernel_param_grads` in
+    /// `bwd_params` launch follows: the fused and cluster kernels (NCHW and NHWC) with one
+    /// sample, where all of a channel's sums are in one block or one cluster (`row_kernel_param_grads` in
     /// kernels/backward.cu holds the kernel's half of this rule).
     pub(crate) fn param_grads_in_row_kernel(&self, batch: u32, rows: u64) -> bool {
-        rows > 0 && !self.nhwc && (self.fused || self.cluster > 1) && batch == 1
+        rows > 0 && (self.fused || self.cluster > 1) && batch == 1
     }
 }
 
@@ -261,6 +261,9 @@ where
     if params.rows > 0 && plan.nhwc {
         if plan.fused {
             let name = kernel_name("nhwc_bwd_fused", t, Some(p), Some(plan.vec));
+            launch(&name, plan.row_grid(plan.smem_bytes), params)?;
+        } else if plan.cluster > 1 {
+            let name = kernel_name("nhwc_bwd_cluster", t, Some(p), Some(plan.vec));
             launch(&name, plan.row_grid(plan.smem_bytes), params)?;
         } else {
             let smem = plan.stream_smem_bytes;
@@ -470,6 +473,7 @@ mod tests {
                         "cluster_fwd",
                         "cluster_bwd",
                         "nhwc_fwd_cluster",
+                        "nhwc_bwd_cluster",
                     ] {
                         wanted.push(kernel_name(kind, t, Some(p), Some(vec)));
                     }

@@ -44,9 +44,11 @@ const SPLIT_BLOCKS_PER_SM: usize = 4;
 /// section; the report's plan tables recount it from the SASS for every architecture).
 const CLUSTER_FWD_REG_BLOCKS: usize = 2;
 const CLUSTER_BWD_REG_BLOCKS: usize = 1;
-/// Blocks of the NHWC cluster forward that one SM holds by registers: 512 threads at 72-90
-/// registers (its 16-byte vector kernels on sm_90, docs/kernel-report.md).
-const NHWC_CLUSTER_REG_BLOCKS: usize = 1;
+/// Blocks of the NHWC cluster kernels that one SM holds by registers: 512 threads at 72-90
+/// (forward) and 100-118 (backward) registers, their 16-byte vector kernels on sm_90
+/// (docs/kernel-report.md).
+const NHWC_CLUSTER_FWD_REG_BLOCKS: usize = 1;
+const NHWC_CLUSTER_BWD_REG_BLOCKS: usize = 1;
 /// Blocks of an NHWC split-path kernel that one SM holds by registers: 512 threads at 48
 /// (forward partial) to 56 (backward) registers on sm_90 (docs/kernel-report.md).
 const NHWC_SPLIT_REG_BLOCKS: usize = 2;
@@ -443,22 +445,27 @@ fn nhwc_split_pieces(units: usize, s: usize, w: usize, cap: usize, dev: DeviceLi
     best.0
 }
 
-/// Pieces per row of the NHWC cluster forward (`nhwc_fwd_cluster`): the cluster size K, 2 to
-/// the largest cluster, whose pieces of `ceil(s / K)` positions fit one block's shared memory
-/// (`bytes(positions)`), taken by the wave model of [`cluster_chunking`] (rounds / blocks, then
-/// the fewest pieces); `None` where the device has no clusters or no K fits. `units` = samples
-/// x tiles.
+/// Pieces per row of the NHWC cluster kernels (`nhwc_{fwd,bwd}_cluster`): the cluster size K,
+/// 2 to the largest cluster, whose pieces of `ceil(s / K)` positions fit one block's shared
+/// memory (`bytes(positions)`), taken by the wave model of [`cluster_chunking`] (rounds /
+/// blocks, then the fewest pieces); `None` where the device has no clusters or no K fits.
+/// `units` = samples x tiles.
 fn nhwc_cluster_pieces(
     units: usize,
     s: usize,
     bytes: impl Fn(usize) -> usize,
+    pass: Pass,
     dev: DeviceLimits,
 ) -> Option<usize> {
+    let reg_blocks = match pass {
+        Pass::Forward => NHWC_CLUSTER_FWD_REG_BLOCKS,
+        Pass::Backward => NHWC_CLUSTER_BWD_REG_BLOCKS,
+    };
     let max_k = dev.max_cluster.min(MAX_CLUSTER).min(s);
     let slots_of = |smem: usize| {
         let per_sm = ((dev.smem_per_block + SMEM_RESERVED_PER_BLOCK)
             / (smem + SMEM_RESERVED_PER_BLOCK))
-            .min(NHWC_CLUSTER_REG_BLOCKS)
+            .min(reg_blocks)
             .min(THREADS_PER_SM / THREADS as usize)
             .max(1);
         (dev.sms.max(1) * per_sm) as u128
@@ -547,7 +554,7 @@ fn checked_workspace(
 /// no sector a block reads is shared with a neighbouring tile's block.
 const NHWC_MIN_RUN_BYTES: usize = 64;
 /// Per-group values an NHWC tile kernel keeps in shared memory (`8 * cpb` floats in nhwc.cu).
-const NHWC_GROUP_ARRAYS: usize = 8;
+const NHWC_GROUP_ARRAYS: usize = 9;
 
 /// Groups per NHWC tile: the fewest consecutive groups whose run spans
 /// [`NHWC_MIN_RUN_BYTES`], rounded up (within a vector's worth) to a run that is a whole number
@@ -609,15 +616,7 @@ fn plan_nhwc(
     let fused = match path {
         Path::Auto => fits(fused_bytes, FUSED_SMEM_BUDGET) && (enough_blocks || !worth_splitting),
         Path::Split => false,
-        Path::Cluster if pass == Pass::Forward => false,
-        Path::Cluster => {
-            return Err(Error::PathUnavailable {
-                path: "cluster",
-                why: "the NHWC backward has no cluster kernel yet (it takes the fused or the \
-                      split path)"
-                    .to_string(),
-            })
-        }
+        Path::Cluster => false,
         Path::Fused if fits(fused_bytes, dev.smem_per_block) => true,
         Path::Fused => {
             return Err(Error::PathUnavailable {
@@ -630,13 +629,14 @@ fn plan_nhwc(
             })
         }
     };
-    let fwd_extra = nhwc_extra_floats(1, w, gpb) * 4;
+    // the cluster kernels keep each piece's tile(s) on chip, with `extra` beside them
+    let cluster_bytes = |len: usize| on_chip * tile_bytes(len) + extra;
     let clustered = match path {
-        _ if fused || pass == Pass::Backward => None,
-        Path::Auto => nhwc_cluster_pieces(n * tiles, s, |len| tile_bytes(len) + fwd_extra, dev),
+        _ if fused => None,
+        Path::Auto => nhwc_cluster_pieces(n * tiles, s, cluster_bytes, pass, dev),
         Path::Cluster => Some(
-            nhwc_cluster_pieces(n * tiles, s, |len| tile_bytes(len) + fwd_extra, dev).ok_or_else(
-                || Error::PathUnavailable {
+            nhwc_cluster_pieces(n * tiles, s, cluster_bytes, pass, dev).ok_or_else(|| {
+                Error::PathUnavailable {
                     path: "cluster",
                     why: if dev.max_cluster < 2 {
                         "thread-block clusters need compute capability 9.0 or newer".to_string()
@@ -647,8 +647,8 @@ fn plan_nhwc(
                             dev.max_cluster.min(MAX_CLUSTER)
                         )
                     },
-                },
-            )?,
+                }
+            })?,
         ),
         _ => None,
     };
@@ -698,6 +698,7 @@ fn plan_nhwc(
     let vec = ptrs_aligned && c % v == 0 && w % v == 0;
     let smem_bytes = match (fused, pass) {
         (true, _) => fused_bytes,
+        _ if clustered.is_some() => cluster_bytes(chunking.piece_len as usize),
         (false, Pass::Forward) => tile_bytes(chunking.piece_len as usize) + extra,
         (false, Pass::Backward) => 0,
     };

@@ -490,7 +490,8 @@ impl Kernels {
                         dynamic as i32,
                     )
                     .map_err(|e| Error::driver(format!("configuring kernel `{name}`"), e))?;
-                    if name.starts_with("groupnorm_cluster_") {
+                    // the cluster kernels: groupnorm_cluster_* (NCHW), groupnorm_nhwc_*_cluster_*
+                    if name.contains("_cluster_") {
                         // clusters of more than 8 blocks (the portable limit) where the device
                         // has them: the planner asks for no more than `max_cluster`
                         f.set_attribute(

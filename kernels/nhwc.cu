@@ -561,6 +561,31 @@ __device__ __forceinline__ void tile_records(const GnBwdParams& p, const Tile& t
       });
 }
 
+// A backward tile kernel's shared memory (x's and dy's tiles of the block's piece, then the
+// column partials and the per-group arrays), with both tiles loaded and the rows' mean and rstd
+// in garr (delta 0), after a barrier.
+template <typename T>
+struct BwdTiles {
+  T* xs;
+  T* dys;
+  TileSmem m;
+};
+
+template <typename T, bool VEC>
+__device__ __forceinline__ BwdTiles<T> stage_bwd_tiles(unsigned char* raw, const GnBwdParams& p,
+                                                       const Tile& t, uint64_t c,
+                                                       uint32_t stride) {
+  const uint32_t tile_bytes = p.chunking.cpb * p.d * p.chunking.piece_len * sizeof(T);
+  const TileSmem m = tile_smem(raw, tile_bytes, 2, 3, stride);
+  T* xs = reinterpret_cast<T*>(m.tiles);
+  T* dys = reinterpret_cast<T*>(m.tiles + ((tile_bytes + 15u) & ~15u));
+  load_tile<T, VEC>(xs, static_cast<const T*>(p.x), t, c);
+  load_tile<T, VEC>(dys, static_cast<const T*>(p.dy), t, c);
+  load_row_stats(p, t, m.garr);
+  __syncthreads();
+  return BwdTiles<T>{xs, dys, m};
+}
+
 // One block per tile of whole rows: x and dy on chip, read once.
 template <typename T, typename P, bool VEC, bool SILU>
 __device__ void nhwc_bwd_fused(const GnBwdParams& p) {
@@ -568,15 +593,11 @@ __device__ void nhwc_bwd_fused(const GnBwdParams& p) {
   const Tile t = tile_of(blockIdx.x, p.chunking, p.groups, p.d, p.s);
   const uint64_t c = (uint64_t)p.groups * p.d;
   const uint32_t stride = part_stride(p.chunking, p.d);
-  const uint32_t tile_bytes = p.chunking.cpb * p.d * p.chunking.piece_len * sizeof(T);
-  const TileSmem m = tile_smem(smem_raw, tile_bytes, 2, 3, stride);
-  T* xs = reinterpret_cast<T*>(m.tiles);
-  T* dys = reinterpret_cast<T*>(m.tiles + ((tile_bytes + 15u) & ~15u));
-  load_tile<T, VEC>(xs, static_cast<const T*>(p.x), t, c);
-  load_tile<T, VEC>(dys, static_cast<const T*>(p.dy), t, c);
+  const BwdTiles<T> on_chip = stage_bwd_tiles<T, VEC>(smem_raw, p, t, c, stride);
+  const TileSmem m = on_chip.m;
+  T* xs = on_chip.xs;
+  T* dys = on_chip.dys;
   float* garr = m.garr;
-  load_row_stats(p, t, garr);
-  __syncthreads();
   const P* w = static_cast<const P*>(p.weight);
   const P* b = static_cast<const P*>(p.bias);
   if constexpr (SILU) {
@@ -609,18 +630,14 @@ __device__ void nhwc_bwd_cluster(const GnBwdParams& p) {
   const Tile t = tile_of(blockIdx.x, p.chunking, p.groups, p.d, p.s);
   const uint64_t c = (uint64_t)p.groups * p.d;
   const uint32_t stride = part_stride(p.chunking, p.d);
-  const uint32_t tile_bytes = p.chunking.cpb * p.d * p.chunking.piece_len * sizeof(T);
-  const TileSmem m = tile_smem(smem_raw, tile_bytes, 2, 3, stride);
-  T* xs = reinterpret_cast<T*>(m.tiles);
-  T* dys = reinterpret_cast<T*>(m.tiles + ((tile_bytes + 15u) & ~15u));
-  load_tile<T, VEC>(xs, static_cast<const T*>(p.x), t, c);
-  load_tile<T, VEC>(dys, static_cast<const T*>(p.dy), t, c);
+  const BwdTiles<T> on_chip = stage_bwd_tiles<T, VEC>(smem_raw, p, t, c, stride);
+  const TileSmem m = on_chip.m;
+  T* xs = on_chip.xs;
+  T* dys = on_chip.dys;
   float* garr = m.garr;
   const uint32_t ng = t.ng, chunks = p.chunking.chunks;
   const uint32_t lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const uint32_t warps = blockDim.x / kWarp;
-  load_row_stats(p, t, garr);
-  __syncthreads();
   const P* w = static_cast<const P*>(p.weight);
   const P* b = static_cast<const P*>(p.bias);
   if constexpr (SILU) {

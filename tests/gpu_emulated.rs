@@ -669,6 +669,23 @@ fn emulator_clusters() {
     assert!(e.contains("without clusters"), "{e}");
 }
 
+/// `o` and its variants a path's parity test runs: no affine parameters, misaligned buffers
+/// (the scalar kernels), SiLU.
+fn path_variants(o: Opts) -> [Opts; 4] {
+    [
+        o,
+        Opts {
+            affine: Params::None,
+            ..o
+        },
+        Opts {
+            misalign: true,
+            ..o
+        },
+        Opts { silu: true, ..o },
+    ]
+}
+
 /// The cluster path, every dtype pair: chunks of whole channels with a shorter last chunk,
 /// pieces of channels with a tail, vector and scalar kernels, no affine parameters, misaligned
 /// buffers, SiLU, a few long rows where the planner itself picks clusters, and rows offset by
@@ -688,18 +705,7 @@ fn cluster_parity() {
     .into_iter()
     .enumerate()
     {
-        for opts in [
-            o.o,
-            Opts {
-                affine: Params::None,
-                ..o.o
-            },
-            Opts {
-                misalign: true,
-                ..o.o
-            },
-            Opts { silu: true, ..o.o },
-        ] {
+        for opts in path_variants(o.o) {
             let opts = EOpts { o: opts, ..o };
             for (t, ran) in all_dtypes(dims, groups, 1100 + i as u64, opts) {
                 let cl = ran.iter().find(|r| r.path == Path::Cluster);
@@ -892,18 +898,7 @@ fn nhwc_cluster_parity() {
         .into_iter()
         .enumerate()
     {
-        for opts in [
-            o.o,
-            Opts {
-                affine: Params::None,
-                ..o.o
-            },
-            Opts {
-                misalign: true,
-                ..o.o
-            },
-            Opts { silu: true, ..o.o },
-        ] {
+        for opts in path_variants(o.o) {
             let e = EOpts { o: opts, ..o };
             for (t, ran) in all_dtypes(dims, groups, 1150 + i as u64, e) {
                 let vec = nhwc_cluster(&ran, dims[0], &format!("{dims:?} {t} {opts:?}"));

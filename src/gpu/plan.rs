@@ -382,13 +382,8 @@ fn cluster_chunking(shape: Shape, on_chip: usize, dev: DeviceLimits) -> Option<C
     };
     // (rounds, blocks) of a candidate: its cost is rounds / blocks
     let waves = |ch: Chunking, elems: usize| {
-        let per_sm = ((dev.smem_per_block + SMEM_RESERVED_PER_BLOCK)
-            / (bytes(elems) + SMEM_RESERVED_PER_BLOCK))
-            .min(reg_blocks)
-            .min(THREADS_PER_SM / THREADS as usize)
-            .max(1);
         let blocks = (rows as u128) * ch.chunks as u128;
-        let slots = (dev.sms.max(1) * per_sm) as u128;
+        let slots = resident_blocks(dev, bytes(elems), reg_blocks);
         (blocks.div_ceil(slots), blocks.max(1))
     };
     candidates
@@ -462,14 +457,6 @@ fn nhwc_cluster_pieces(
         Pass::Backward => NHWC_CLUSTER_BWD_REG_BLOCKS,
     };
     let max_k = dev.max_cluster.min(MAX_CLUSTER).min(s);
-    let slots_of = |smem: usize| {
-        let per_sm = ((dev.smem_per_block + SMEM_RESERVED_PER_BLOCK)
-            / (smem + SMEM_RESERVED_PER_BLOCK))
-            .min(reg_blocks)
-            .min(THREADS_PER_SM / THREADS as usize)
-            .max(1);
-        (dev.sms.max(1) * per_sm) as u128
-    };
     (2..=max_k)
         .filter_map(|k| {
             let len = s.div_ceil(k);
@@ -477,11 +464,26 @@ fn nhwc_cluster_pieces(
             let smem = bytes(len);
             (pieces == k && smem <= dev.smem_per_block).then(|| {
                 let blocks = (units.max(1) * k) as u128;
-                (k, blocks.div_ceil(slots_of(smem)), blocks)
+                (
+                    k,
+                    blocks.div_ceil(resident_blocks(dev, smem, reg_blocks)),
+                    blocks,
+                )
             })
         })
         .min_by(|&(ka, ra, ba), &(kb, rb, bb)| (ra * bb).cmp(&(rb * ba)).then(ka.cmp(&kb)))
         .map(|(k, _, _)| k)
+}
+
+/// Blocks of a row kernel (512 threads, `smem` bytes of dynamic shared memory, `reg_blocks`
+/// blocks per SM by its registers) the device holds at once: one wave.
+fn resident_blocks(dev: DeviceLimits, smem: usize, reg_blocks: usize) -> u128 {
+    let per_sm = ((dev.smem_per_block + SMEM_RESERVED_PER_BLOCK)
+        / (smem + SMEM_RESERVED_PER_BLOCK))
+        .min(reg_blocks)
+        .min(THREADS_PER_SM / THREADS as usize)
+        .max(1);
+    (dev.sms.max(1) * per_sm) as u128
 }
 
 fn check_u32_dims(n: usize, c: usize, s: usize, dims: &[usize]) -> Result<()> {

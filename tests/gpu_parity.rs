@@ -217,7 +217,7 @@ fn bad_input_is_a_typed_error() {
         .on_gpu(&gpu)
         .forward(&nhwc, DeviceAffine::none())
         .expect("NHWC forward");
-    let other = DeviceTensor::from_host(&gpu, &[f16::ONE; 20], &[2, 4, 5], Layout::Nchw).unwrap();
+    let other = DeviceTensor::from_host(&gpu, &[f16::ONE; 40], &[2, 4, 5], Layout::Nchw).unwrap();
     let mut y = DeviceTensor::zeros(&gpu, &[2, 4, 5], Layout::Nchw).unwrap();
     let mut stats = DeviceStats::zeros(&gpu, 4).unwrap();
     let e = op

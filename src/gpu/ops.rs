@@ -184,7 +184,7 @@ impl GpuGroupNorm {
         let path = if p.cluster > 1 { "cluster" } else { "split" };
         Ok(match (p.nhwc, p.fused, ch.pieces) {
             (true, true, _) => format!("nhwc fused ({} groups/tile)", ch.cpb),
-            (true, false, _) => format!("nhwc split x{} ({} groups/tile)", ch.chunks, ch.cpb),
+            (true, false, _) => format!("nhwc {path} x{} ({} groups/tile)", ch.chunks, ch.cpb),
             (false, true, _) => "fused".to_string(),
             (false, false, 1) => format!("{path} x{} ({} ch/chunk)", ch.chunks, ch.cpb),
             (false, false, pieces) => format!("{path} x{} ({pieces} pieces/ch)", ch.chunks),

@@ -8,7 +8,8 @@
 //!   when a channel alone is too long), partials merged in a fixed order, then a second kernel
 //!   that re-reads its chunk (usually from L2). Taken for few or long rows where clusters are
 //!   not available.
-//! - **cluster** (compute capability 9.0+; NCHW, and the NHWC forward): the chunks of a row
+//! - **cluster** (compute capability 9.0+; NCHW, and NHWC: the backward, the forward when
+//!   forced): the chunks of a row
 //!   (NHWC: the pieces of a tile's rows) are the blocks of one
 //!   thread-block cluster; each keeps its chunk on chip and the row's statistics are merged
 //!   through distributed shared memory, so x (and dy) are still read once. Taken instead of the
@@ -635,7 +636,13 @@ fn plan_nhwc(
     let cluster_bytes = |len: usize| on_chip * tile_bytes(len) + extra;
     let clustered = match path {
         _ if fused => None,
-        Path::Auto => nhwc_cluster_pieces(n * tiles, s, cluster_bytes, pass, dev),
+        // Auto: the backward only. On an H200 (2026-11-30, BENCHMARKS.md) the cluster forward
+        // measured slower than the split path on every NHWC shape benched (1x512x64x64 f16:
+        // 31.3 against 22.4 µs), the cluster backward as fast or faster (1x512x128x128: 70.8
+        // against 83.0 µs); forcing Path::Cluster still runs the forward on clusters.
+        Path::Auto if pass == Pass::Backward => {
+            nhwc_cluster_pieces(n * tiles, s, cluster_bytes, pass, dev)
+        }
         Path::Cluster => Some(
             nhwc_cluster_pieces(n * tiles, s, cluster_bytes, pass, dev).ok_or_else(|| {
                 Error::PathUnavailable {

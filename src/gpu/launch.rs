@@ -137,8 +137,8 @@ impl Plan {
 
     /// Whether the backward's row kernel writes dweight and dbias itself, so that no
     /// `bwd_params` launch follows: the fused and cluster kernels (NCHW and NHWC) with one
-    /// sample, where all of a channel's sums are in one block or one cluster (`row_kernel_param_grads` in
-    /// kernels/backward.cu holds the kernel's half of this rule).
+    /// sample, where all of a channel's sums are in one block or one cluster
+    /// (`row_kernel_param_grads` in kernels/common.cuh holds the kernel's half of this rule).
     pub(crate) fn param_grads_in_row_kernel(&self, batch: u32, rows: u64) -> bool {
         rows > 0 && (self.fused || self.cluster > 1) && batch == 1
     }

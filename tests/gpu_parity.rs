@@ -236,8 +236,9 @@ fn bad_input_is_a_typed_error() {
         .backward(&other, &x, &stats, DeviceAffine::none(), true)
         .unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { name: "dy", .. }), "{e}");
-    // parameter dtype is checked even when no parameter is passed
-    let e = op.forward(&x, DeviceAffine::none()).unwrap_err();
+    // parameter dtype is checked even when no parameter is passed: bf16 parameters cannot
+    // accompany f16 activations (`DeviceAffine::none()` is typed f32, which every dtype accepts)
+    let e = op.forward(&x, DeviceAffine::<bf16>::new()).unwrap_err();
     assert!(matches!(e, Error::DtypeMismatch { .. }), "{e}");
     // an output whose buffer was swapped for a shorter one after construction
     let mut y = DeviceTensor::<f16>::zeros(&gpu, &[2, 4, 3], Layout::Nchw).unwrap();

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Time torch.nn.functional.group_norm the way `groupnorm bench` times the crate.
 
-Same shape sets, same timing (CUDA events around each call, median of --runs after --warmup,
-inputs rotated when they fit in L2), same minimum-traffic accounting (forward 2 tensor passes,
+Same shape sets, same timing (on CUDA three ways: `time_ms`, per-call time of back-to-back
+calls between one event pair, median of 5 batches; `graph_ms`, the same calls captured in a
+CUDA graph and replayed; `latency_ms`, one call between its own events; inputs rotated through
+more than twice the L2), same minimum-traffic accounting (forward 2 tensor passes,
 backward 3), same copy-bandwidth reference measured in the same process, and the same CSV columns,
 so `scripts/compare_bench.py ours.csv torch.csv` can put them side by side.
 
@@ -121,29 +123,74 @@ def main():
             sys.exit(f"bench_torch: unknown dtype {d}")
     passes = ["fwd", "bwd"] if args.passes == "both" else [args.passes]
 
-    def timed(fn, n_warm, n_runs):
+    BATCHES = 5
+
+    def timed(fn, n_warm, n_runs, copies=1, graph=True):
+        """(back-to-back ms per call, single-call latency ms, CUDA-graph ms per call or None),
+        as `groupnorm bench` times the crate (cli/src/bench.rs `time_gpu`)."""
         for i in range(n_warm):
-            fn(i)
-        times = []
+            fn(i % copies)
+        single = []
         for i in range(n_runs):
             if cuda:
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn(i)
+                fn(i % copies)
                 end.record()
                 end.synchronize()
-                times.append(start.elapsed_time(end))
+                single.append(start.elapsed_time(end))
             else:
                 t0 = time.perf_counter()
-                fn(i)
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+                fn(i % copies)
+                single.append((time.perf_counter() - t0) * 1e3)
+        latency = statistics.median(single)
+        if not cuda:
+            return latency, latency, None
+        calls = max(n_runs, copies)
+        batches = []
+        for _ in range(BATCHES):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(calls):
+                fn(i % copies)
+            end.record()
+            end.synchronize()
+            batches.append(start.elapsed_time(end) / calls)
+        graph_ms = None
+        if not graph:
+            return statistics.median(batches), latency, None
+        try:
+            g = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn(0)  # capture wants the allocator warmed on the capturing stream
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(g):
+                for i in range(calls):
+                    fn(i % copies)
+            g.replay()
+            replays = []
+            for _ in range(BATCHES):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                g.replay()
+                end.record()
+                end.synchronize()
+                replays.append(start.elapsed_time(end) / calls)
+            graph_ms = statistics.median(replays)
+            del g
+        except Exception as e:  # noqa: BLE001 - a capture PyTorch refuses is reported, not fatal
+            print(f"bench_torch: graph_ms not measured: {type(e).__name__}: {e}", file=sys.stderr)
+        return statistics.median(batches), latency, graph_ms
 
     # copy bandwidth: bytes read plus written, buffers far beyond the last-level cache
     src = torch.empty((512 if cuda else 256) << 20, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    copy_ms = timed(lambda i: dst.copy_(src), 3, 20)
+    copy_ms = timed(lambda i: dst.copy_(src), 3, 20)[1]
     copy_gbps = 2 * src.numel() / copy_ms / 1e6
     print(f"bench_torch: {name}, torch {torch.__version__}, copy {copy_gbps:.0f} GB/s",
           file=sys.stderr)
@@ -166,7 +213,12 @@ def main():
             for v in dims:
                 numel *= v
             nbytes = numel * torch.tensor([], dtype=dt).element_size()
-            copies = max(2, min(16, -(-3 * l2 // (2 * nbytes)))) if 2 * nbytes < 3 * l2 else 1
+            # the crate's rotation (cli/src/bench.rs `gpu_copies`): a round over the copies moves
+            # more than twice the L2 (outputs are PyTorch's own allocations and do not rotate)
+            if cuda:
+                copies = 1 if nbytes >= l2 else max(2, min(2048, -(-l2 // nbytes) + 1))
+            else:  # the CPU bench's rotation (cli/src/bench.rs `cpu_copies`)
+                copies = max(2, min(16, -(-3 * l2 // (2 * nbytes)))) if 2 * nbytes < 3 * l2 else 1
             print(f"bench_torch: {label(dims, groups)} {d} ...", file=sys.stderr)
             def make():
                 if args.layout == "nchw":
@@ -201,7 +253,8 @@ def main():
                 for p in passes:
                     if p == "fwd":
                         with torch.no_grad():
-                            ms = timed(lambda i: f(xs[i % copies], w, b), args.warmup, args.runs)
+                            ms, lat, gms = timed(lambda k: f(xs[k], w, b), args.warmup,
+                                                 args.runs, copies)
                     else:
                         leaves = []
                         outs = []
@@ -212,11 +265,12 @@ def main():
                             outs.append(f(x, ww, bb))
                             leaves.append((x, ww, bb))
 
-                        def bwd(i):
-                            k = i % copies
+                        def bwd(k):
                             torch.autograd.grad(outs[k], leaves[k], dys[k], retain_graph=True)
 
-                        ms = timed(bwd, args.warmup, args.runs)
+                        # no graph: autograd runs each backward op on its forward op's
+                        # stream, outside the capturing stream (graph_ms stays empty)
+                        ms, lat, gms = timed(bwd, args.warmup, args.runs, copies, graph=False)
                         del outs, leaves
                     gbps = (2 if p == "fwd" else 3) * nbytes / ms / 1e6
                     rows.append({
@@ -224,6 +278,8 @@ def main():
                         "shape": label(dims, groups), "dtype": f"{d}/{d}", "pass": p,
                         "path": impl.split(" ")[0], "time_ms": f"{ms:.6f}", "gbps": f"{gbps:.2f}",
                         "pct_copy": f"{100 * gbps / copy_gbps:.2f}", "copy_gbps": f"{copy_gbps:.2f}",
+                        "latency_ms": f"{lat:.6f}",
+                        "graph_ms": "" if gms is None else f"{gms:.6f}",
                     })
             del xs, dys
             if cuda:
@@ -231,7 +287,7 @@ def main():
 
     summary(rows)
     cols = ["impl", "device", "shape", "dtype", "pass", "path", "time_ms", "gbps", "pct_copy",
-            "copy_gbps"]
+            "copy_gbps", "latency_ms", "graph_ms"]
     out = open(args.csv, "w", newline="") if args.csv else sys.stdout
     wr = csv.DictWriter(out, fieldnames=cols)
     wr.writeheader()

@@ -22,8 +22,13 @@ pub const USAGE: &str = "usage: groupnorm bench [--shapes sd|small|large|all|2x3
        [--dtype f16,f32|all|bf16] [--pass fwd|bwd|both] [--runs 50] [--warmup 10]
        [--path auto|fused|split|cluster] [--device auto|gpu|cpu] [--no-baseline]
        [--layout nchw|nhwc] [--silu] [--csv FILE] [--json FILE]
-  GPU: median of --runs timed runs (CUDA events) after --warmup, inputs rotated when they fit in
-  L2; GB/s at minimum traffic and % of the device-to-device copy bandwidth measured first.
+  GPU, three timings per row, inputs and outputs rotated through more than twice the L2
+  (up to 2048 copies): time_ms, per-call time of --runs back-to-back calls (at least one per
+  copy) between one event pair, median of 5 batches, what a stream of calls costs; graph_ms,
+  the same calls captured once into a CUDA graph and replayed (no host submission), median of
+  5 replays; latency_ms, one call between its own events on an idle GPU, median of --runs.
+  GB/s at minimum traffic from time_ms, and % of the device-to-device copy bandwidth measured
+  first.
   --layout nhwc times channels-last tensors, --silu GroupNorm fused with SiLU (the unfused
   baseline exists for NCHW without an activation only, and is skipped otherwise).
   CPU: wall-clock median, inputs rotated past a 32 MiB last-level cache as on the GPU; threads
@@ -42,9 +47,14 @@ pub struct Row {
     pub gbps: f64,
     pub pct_copy: f64,
     pub copy_gbps: f64,
+    /// One call on an idle device (GPU: between its own events), ms.
+    pub latency_ms: f64,
+    /// Per call, replayed from a CUDA graph, ms (NaN: not measured, e.g. on the CPU).
+    pub graph_ms: f64,
 }
 
-pub const CSV_HEADER: &str = "impl,device,shape,dtype,pass,path,time_ms,gbps,pct_copy,copy_gbps";
+pub const CSV_HEADER: &str =
+    "impl,device,shape,dtype,pass,path,time_ms,gbps,pct_copy,copy_gbps,latency_ms,graph_ms";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -173,6 +183,11 @@ fn copy_bandwidth(gpu: &Gpu) -> Result<f64, Failure> {
 }
 
 fn bench_gpu(gpu: &Gpu, cfg: &Config) -> Result<Vec<Row>, Failure> {
+    // Everything runs on the per-thread default stream: unlike the legacy default stream it can
+    // be captured into a graph (graph_ms), and unlike a created stream it keeps cudarc in its
+    // one-stream mode, where a call records and waits on no events (work that would add host
+    // time to every call, and that a capture refuses).
+    let gpu = &gpu.with_stream(gpu.context().per_thread_stream())?;
     let l2 = gpu
         .context()
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
@@ -215,22 +230,120 @@ fn bench_gpu(gpu: &Gpu, cfg: &Config) -> Result<Vec<Row>, Failure> {
     Ok(rows)
 }
 
-/// Median GPU milliseconds of `runs` calls after `warmup`, each call timed by its own events.
+/// Timed back-to-back batches, and graph replays, whose median a row reports.
+const BATCHES: usize = 5;
+
+/// The most copies of a shape's tensors that rotate: tensors under about L2 / 2048 (25 KiB on
+/// an H100) then stay partly resident in L2 between their uses; such shapes are ruled by launch
+/// cost, which `latency_ms` shows.
+const MAX_COPIES: usize = 2048;
+
+/// Copies of a shape's tensors (inputs and outputs) to rotate through so that one round over
+/// them moves more than twice the L2 at minimum traffic (each call touches at least two
+/// tensors), and no call finds its tensors in L2 from an earlier one.
+fn gpu_copies(tensor_bytes: usize, l2: usize) -> usize {
+    if tensor_bytes >= l2 {
+        // one call alone touches two L2s: its tensors' heads are gone before the next call
+        1
+    } else {
+        l2.div_ceil(tensor_bytes.max(1))
+            .saturating_add(1)
+            .clamp(2, MAX_COPIES)
+    }
+}
+
+/// The three times of one row, milliseconds per call.
+struct Timing {
+    /// Back-to-back calls between one event pair.
+    per_call: f64,
+    /// One call between its own events, the device idle before it.
+    latency: f64,
+    /// Replays of a CUDA graph of the calls (NaN where capture failed; the reason was printed).
+    graph: f64,
+}
+
+/// Times `f(k)` (`k`: which copy of the tensors to use) three ways: see [`Timing`].
 fn time_gpu(
     gpu: &Gpu,
-    warmup: usize,
-    runs: usize,
+    cfg: &Config,
+    copies: usize,
     mut f: impl FnMut(usize) -> groupnorm::Result<()>,
-) -> groupnorm::Result<f64> {
-    for i in 0..warmup {
-        f(i)?;
+) -> groupnorm::Result<Timing> {
+    for i in 0..cfg.warmup {
+        f(i % copies)?;
     }
-    let mut times = Vec::with_capacity(runs);
-    for i in 0..runs {
+    // single calls: each waits for the previous one to finish (elapsed_ms synchronizes)
+    let mut single = Vec::with_capacity(cfg.runs);
+    for i in 0..cfg.runs {
         let start = gpu.timing_event()?;
-        f(i)?;
+        f(i % copies)?;
         let end = gpu.timing_event()?;
-        times.push(Gpu::elapsed_ms(&start, &end)?);
+        single.push(Gpu::elapsed_ms(&start, &end)?);
+    }
+    // back to back: every copy at least once per batch, one event pair around the batch
+    let calls = cfg.runs.max(copies);
+    let mut batches = Vec::with_capacity(BATCHES);
+    for _ in 0..BATCHES {
+        let start = gpu.timing_event()?;
+        for i in 0..calls {
+            f(i % copies)?;
+        }
+        let end = gpu.timing_event()?;
+        batches.push(Gpu::elapsed_ms(&start, &end)? / calls as f64);
+    }
+    let graph = match graph_ms(gpu, calls, copies, &mut f) {
+        Ok(ms) => ms,
+        Err(why) => {
+            eprintln!("bench: graph_ms not measured: {why}");
+            f64::NAN
+        }
+    };
+    Ok(Timing {
+        per_call: median(batches),
+        latency: median(single),
+        graph,
+    })
+}
+
+/// Per-call time of `calls` calls captured into one CUDA graph, median of [`BATCHES`] replays
+/// after one untimed replay. The stream must be capturable (not the legacy default stream;
+/// [`bench_gpu`] runs on the per-thread default stream).
+fn graph_ms(
+    gpu: &Gpu,
+    calls: usize,
+    copies: usize,
+    f: &mut impl FnMut(usize) -> groupnorm::Result<()>,
+) -> Result<f64, String> {
+    use groupnorm::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let stream = gpu.stream();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| format!("beginning a stream capture: {e}"))?;
+    let mut enqueued = Ok(());
+    for i in 0..calls {
+        if let Err(e) = f(i % copies) {
+            enqueued = Err(e);
+            break;
+        }
+    }
+    // the capture ends whatever happened, so that the stream is usable again
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+    enqueued.map_err(|e| format!("a call failed while being captured: {e}"))?;
+    let graph = graph
+        .map_err(|e| format!("ending the capture: {e}"))?
+        .ok_or("the capture recorded no work")?;
+    let failed = |e: groupnorm::Error| e.to_string();
+    graph
+        .launch()
+        .map_err(|e| format!("replaying the graph: {e}"))?;
+    let mut times = Vec::with_capacity(BATCHES);
+    for _ in 0..BATCHES {
+        let start = gpu.timing_event().map_err(failed)?;
+        graph
+            .launch()
+            .map_err(|e| format!("replaying the graph: {e}"))?;
+        let end = gpu.timing_event().map_err(failed)?;
+        times.push(Gpu::elapsed_ms(&start, &end).map_err(failed)? / calls as f64);
     }
     Ok(median(times))
 }
@@ -249,33 +362,32 @@ fn gpu_shape<T: Element, P: Element>(
         .with_activation(cfg.act);
     let layout = cfg.layout;
     let bytes = shape.numel() * T::DTYPE.size();
-    // enough copies of the inputs that consecutive runs do not find them in L2
-    let copies = if 2 * bytes < 3 * l2 {
-        (3 * l2).div_ceil(2 * bytes.max(1)).clamp(2, 16)
-    } else {
-        1
-    };
+    let copies = gpu_copies(bytes, l2);
     let mut rng = Rng::new(7);
     let x: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);
     let dy: Vec<T> = rng.normal_vec(shape.numel(), 0.0, 1.0);
-    let xs: Vec<DeviceTensor<T>> = (0..copies)
-        .map(|_| DeviceTensor::from_host(gpu, &x, dims, layout))
-        .collect::<Result<_, _>>()?;
-    let dys: Vec<DeviceTensor<T>> = (0..copies)
-        .map(|_| DeviceTensor::from_host(gpu, &dy, dims, layout))
-        .collect::<Result<_, _>>()?;
+    let upload = |v: &[T]| -> groupnorm::Result<Vec<DeviceTensor<T>>> {
+        (0..copies)
+            .map(|_| DeviceTensor::from_host(gpu, v, dims, layout))
+            .collect()
+    };
+    let zeros = || -> groupnorm::Result<Vec<DeviceTensor<T>>> {
+        (0..copies)
+            .map(|_| DeviceTensor::zeros(gpu, dims, layout))
+            .collect()
+    };
+    let (xs, dys) = (upload(&x)?, upload(&dy)?);
+    let (mut ys, mut dxs) = (zeros()?, zeros()?);
     let w = gpu::upload(gpu.stream(), &rng.normal_vec::<P>(c, 1.0, 0.1))?;
     let b = gpu::upload(gpu.stream(), &rng.normal_vec::<P>(c, 0.0, 0.1))?;
-    let mut y = DeviceTensor::<T>::zeros(gpu, dims, layout)?;
     let mut stats = DeviceStats::zeros(gpu, dims[0] * shape.groups)?;
-    let mut dx = DeviceTensor::<T>::zeros(gpu, dims, layout)?;
     let mut dw = gpu::upload(gpu.stream(), &vec![P::default(); c])?;
     let mut db = gpu::upload(gpu.stream(), &vec![P::default(); c])?;
     let mut op = gn.on_gpu(gpu).with_path(cfg.path);
     let mut rows = Vec::new();
     let dtype = format!("{}/{}", T::DTYPE, P::DTYPE);
-    let mut push = |implementation, pass: &'static str, path: String, ms: f64| {
-        let gbps = passes_of(pass) * bytes as f64 / ms / 1e6;
+    let mut push = |implementation, pass: &'static str, path: String, t: Timing| {
+        let gbps = passes_of(pass) * bytes as f64 / t.per_call / 1e6;
         rows.push(Row {
             implementation,
             device: gpu.name().to_string(),
@@ -283,70 +395,70 @@ fn gpu_shape<T: Element, P: Element>(
             dtype: dtype.clone(),
             pass,
             path,
-            time_ms: ms,
+            time_ms: t.per_call,
             gbps,
             pct_copy: 100.0 * gbps / copy,
             copy_gbps: copy,
+            latency_ms: t.latency,
+            graph_ms: t.graph,
         });
     };
-    // statistics for the backward passes
+    // statistics for the backward passes (every copy of x holds the same values)
     op.forward_into(
         &xs[0],
         DeviceAffine::new().weight(&w).bias(&b),
-        &mut y,
+        &mut ys[0],
         &mut stats,
     )?;
     for &pass in &cfg.passes {
         let path = op.describe_path::<T>(dims, pass == "bwd")?;
-        let ms = if pass == "fwd" {
-            time_gpu(gpu, cfg.warmup, cfg.runs, |i| {
+        let t = if pass == "fwd" {
+            time_gpu(gpu, cfg, copies, |k| {
                 op.forward_into(
-                    &xs[i % copies],
+                    &xs[k],
                     DeviceAffine::new().weight(&w).bias(&b),
-                    &mut y,
+                    &mut ys[k],
                     &mut stats,
                 )
             })?
         } else {
-            time_gpu(gpu, cfg.warmup, cfg.runs, |i| {
-                let k = i % copies;
+            time_gpu(gpu, cfg, copies, |k| {
                 op.backward_into(
                     &dys[k],
                     &xs[k],
                     &stats,
                     DeviceAffine::new().weight(&w).bias(&b),
-                    &mut dx,
+                    &mut dxs[k],
                     Some(&mut dw),
                     Some(&mut db),
                 )
             })?
         };
-        push(implementation_name(cfg), pass, path, ms);
+        push(implementation_name(cfg), pass, path, t);
         if cfg.baseline {
-            let ms = if pass == "fwd" {
-                time_gpu(gpu, cfg.warmup, cfg.runs, |i| {
+            let t = if pass == "fwd" {
+                time_gpu(gpu, cfg, copies, |k| {
                     op.forward_baseline_into(
-                        &xs[i % copies],
+                        &xs[k],
                         DeviceAffine::new().weight(&w).bias(&b),
-                        &mut y,
+                        &mut ys[k],
                         &mut stats,
                     )
                 })?
             } else {
-                time_gpu(gpu, cfg.warmup, cfg.runs, |i| {
-                    let k = i % copies;
+                time_gpu(gpu, cfg, copies, |k| {
                     op.backward_baseline_into(
                         &dys[k],
                         &xs[k],
                         &stats,
                         DeviceAffine::new().weight(&w),
-                        &mut dx,
+                        &mut dxs[k],
                         Some(&mut dw),
                         Some(&mut db),
                     )
                 })?
             };
-            push("baseline", pass, "unfused".into(), ms);
+            push("baseline", pass, "unfused".into(), t);
         }
     }
     Ok(rows)
@@ -489,6 +601,9 @@ fn cpu_shape<T: Element, P: Element>(
             gbps,
             pct_copy: 100.0 * gbps / copy,
             copy_gbps: copy,
+            // each CPU call is timed on its own: its latency is its time
+            latency_ms: ms,
+            graph_ms: f64::NAN,
         });
     }
     Ok(rows)
@@ -499,13 +614,34 @@ fn cpu_shape<T: Element, P: Element>(
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<14} {:<20} {:<9} {:<4} {:<26} {:>10} {:>9} {:>7}",
-        "impl", "shape", "dtype", "pass", "path", "time ms", "GB/s", "% copy"
+        "{:<14} {:<20} {:<9} {:<4} {:<26} {:>10} {:>9} {:>7} {:>10} {:>10}",
+        "impl",
+        "shape",
+        "dtype",
+        "pass",
+        "path",
+        "time ms",
+        "GB/s",
+        "% copy",
+        "graph ms",
+        "latency ms"
     );
     for r in rows {
         println!(
-            "{:<14} {:<20} {:<9} {:<4} {:<26} {:>10.4} {:>9.1} {:>6.1}%",
-            r.implementation, r.shape, r.dtype, r.pass, r.path, r.time_ms, r.gbps, r.pct_copy
+            "{:<14} {:<20} {:<9} {:<4} {:<26} {:>10.4} {:>9.1} {:>6.1}% {:>10} {:>10.4}",
+            r.implementation,
+            r.shape,
+            r.dtype,
+            r.pass,
+            r.path,
+            r.time_ms,
+            r.gbps,
+            r.pct_copy,
+            match csv_ms(r.graph_ms).as_str() {
+                "" => "-".to_string(),
+                ms => ms[..ms.len() - 2].to_string(),
+            },
+            r.latency_ms
         );
     }
     if let Some(r) = rows.first() {
@@ -522,7 +658,7 @@ pub fn csv(rows: &[Row]) -> String {
     for r in rows {
         writeln!(
             s,
-            "{},{},{},{},{},{},{:.6},{:.2},{:.2},{:.2}",
+            "{},{},{},{},{},{},{:.6},{:.2},{:.2},{:.2},{},{}",
             r.implementation,
             r.device.replace(',', " "),
             r.shape,
@@ -532,11 +668,22 @@ pub fn csv(rows: &[Row]) -> String {
             r.time_ms,
             r.gbps,
             r.pct_copy,
-            r.copy_gbps
+            r.copy_gbps,
+            csv_ms(r.latency_ms),
+            csv_ms(r.graph_ms)
         )
         .expect("write to String");
     }
     s
+}
+
+/// A time for the CSV: empty when it was not measured (NaN).
+fn csv_ms(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.6}")
+    } else {
+        String::new()
+    }
 }
 
 /// A measured number as JSON: `null` when it is not finite (JSON has no NaN or infinity; a
@@ -561,6 +708,8 @@ pub fn json(rows: &[Row]) -> String {
                 "gbps": json_num(r.gbps),
                 "pct_copy": json_num(r.pct_copy),
                 "copy_gbps": json_num(r.copy_gbps),
+                "latency_ms": json_num(r.latency_ms),
+                "graph_ms": json_num(r.graph_ms),
             })
             .to_string()
         })
@@ -585,6 +734,8 @@ mod tests {
             gbps: 1.5,
             pct_copy: f64::INFINITY,
             copy_gbps: 3.0,
+            latency_ms: t,
+            graph_ms: f64::NAN,
         };
         let text = json(&[row(0.25), row(f64::NAN)]);
         let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
@@ -593,5 +744,51 @@ mod tests {
         assert!(v[1]["time_ms"].is_null() && v[0]["pct_copy"].is_null());
         assert_eq!(v[1]["gbps"], 1.5);
         assert!(!text.contains("NaN") && !text.contains("inf"));
+        assert!(v[0]["graph_ms"].is_null() && v[0]["latency_ms"] == 0.25);
+    }
+
+    #[test]
+    fn csv_rows_have_the_header_s_columns_and_unmeasured_times_are_empty() {
+        let row = Row {
+            implementation: "groupnorm",
+            device: "dev, with a comma".into(),
+            shape: "2x320x64x64:32".into(),
+            dtype: "f16/f32".into(),
+            pass: "fwd",
+            path: "fused".into(),
+            time_ms: 0.5,
+            gbps: 1.5,
+            pct_copy: 50.0,
+            copy_gbps: 3.0,
+            latency_ms: 0.75,
+            graph_ms: f64::NAN,
+        };
+        let text = csv(&[row]);
+        let lines: Vec<&str> = text.lines().collect();
+        let header: Vec<&str> = lines[0].split(',').collect();
+        let cells: Vec<&str> = lines[1].split(',').collect();
+        assert_eq!(header.len(), cells.len());
+        let cell = |name| cells[header.iter().position(|h| *h == name).unwrap()];
+        assert_eq!(cell("latency_ms"), "0.750000");
+        assert_eq!(cell("graph_ms"), "");
+        assert_eq!(cell("device"), "dev  with a comma");
+    }
+
+    #[test]
+    fn rotation_moves_more_than_twice_the_l2_per_round() {
+        let l2 = 50 << 20;
+        for bytes in [1 << 10, 100 << 10, 1 << 20, 4 << 20, 24 << 20, 49 << 20] {
+            let k = gpu_copies(bytes, l2);
+            // a round touches at least two tensors of every copy
+            assert!(
+                k == MAX_COPIES || 2 * k * bytes > 2 * l2,
+                "{bytes} B: {k} copies"
+            );
+            assert!(k >= 2);
+        }
+        assert_eq!(gpu_copies(1, l2), MAX_COPIES);
+        // a tensor of L2 size or more: one call touches two L2s by itself
+        assert_eq!(gpu_copies(l2, l2), 1);
+        assert_eq!(gpu_copies(10 * l2, l2), 1);
     }
 }

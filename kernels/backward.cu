@@ -23,7 +23,9 @@
 //   record, and writes dx from its on-chip copy: x and dy read once, one launch (plus `params`
 //   when N > 1).
 // - `params` reduces the sums over n and pieces, in a fixed order, into dweight and dbias. With
-//   N == 1 the fused and cluster kernels do it themselves (row_kernel_param_grads).
+//   N == 1 the fused and cluster kernels do it themselves (row_kernel_param_grads), and on the
+//   split path `dx` does it for any N (split_param_grads): only the fused and cluster paths with
+//   N > 1 launch `params`.
 // No atomics: the same inputs give the same bits.
 //
 // SiLU (GnBwdParams::activation): dy is the gradient of y = silu(z), z = xhat * w + b. The
@@ -334,9 +336,11 @@ __device__ void bwd_rows(const GnBwdParams& p) {
   }
 }
 
-// Split path, pass 3: dx for this block's chunk from the row's record.
+// Split path, pass 3: dx for this block's chunk from the row's record (and, first, dweight and
+// dbias of a channel per thread of the grid's first C threads).
 template <typename T, typename P, bool VEC, bool SILU>
 __device__ void bwd_dx(const GnBwdParams& p) {
+  split_param_grads<P>(p);
   const Chunk c = chunk_of(blockIdx.x, p.chunking, p.d, p.s);
   const float mean = p.mean[c.row], rstd = p.rstd[c.row];
   const uint32_t chan0 = (uint32_t)(c.row % p.groups) * p.d;
@@ -422,17 +426,8 @@ __device__ void bwd_cluster(const GnBwdParams& p) {
 // One thread per channel, n in order. Runs after the row records are written.
 template <typename P>
 __device__ void bwd_params(const GnBwdParams& p) {
-  const uint32_t channels = p.groups * p.d;
   const uint32_t c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  const uint32_t g = c / p.d;
-  const float* records = row_records(p);
-  float sdy = 0.f, sdyx = 0.f;
-  for (uint32_t n = 0; n < p.batch; ++n) {
-    const uint64_t row = (uint64_t)n * p.groups + g;
-    add_param_sums(p, n, c, records[3 * row + 2] * p.rstd[row], sdy, sdyx);  // delta * rstd
-  }
-  store_param_grads<P>(p, c, sdy, sdyx);
+  if (c < p.groups * p.d) channel_param_grads<P>(p, c);
 }
 
 }  // namespace gn

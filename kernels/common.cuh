@@ -505,6 +505,7 @@ __device__ __forceinline__ void add_param_sums(const GnBwdParams& p, uint64_t n,
   const uint32_t channels = p.groups * p.d;
   const uint32_t pieces = p.chunking.pieces;
   float ndy = 0.f, ndyx = 0.f;
+#pragma unroll 4
   for (uint32_t q = 0; q < pieces; ++q) {
     const float* part = p.partials + partial_index(n, channels, c, pieces, q);
     ndy += part[0];
@@ -519,6 +520,40 @@ __device__ __forceinline__ void store_param_grads(const GnBwdParams& p, uint32_t
                                                   float sdyx) {
   if (p.dweight) static_cast<P*>(p.dweight)[c] = from_f32<P>(sdyx);
   if (p.dbias) static_cast<P*>(p.dbias)[c] = from_f32<P>(sdy);
+}
+
+// Channel c's dweight and dbias over all samples, n in order, from the row records (delta_n,
+// with rstd_n) and the per-(n, c, piece) sums: what bwd_params does for each channel.
+// The loop over n is not unrolled and add_param_sums' loop over pieces 4 times: inlined into
+// the split dx kernels with nvcc's own unrolling, this took their registers from 40-47 to
+// 61-64 on sm_90 (fewer dx blocks per SM for a few threads' serial work); with these pragmas
+// every kernel keeps the registers it had before (docs/kernel-report.md).
+template <typename P>
+__device__ __forceinline__ void channel_param_grads(const GnBwdParams& p, uint32_t c) {
+  const uint32_t g = c / p.d;
+  const float* records = row_records(p);
+  float sdy = 0.f, sdyx = 0.f;
+#pragma unroll 1
+  for (uint32_t n = 0; n < p.batch; ++n) {
+    const uint64_t row = (uint64_t)n * p.groups + g;
+    add_param_sums(p, n, c, records[3 * row + 2] * p.rstd[row], sdy, sdyx);  // delta * rstd
+  }
+  store_param_grads<P>(p, c, sdy, sdyx);
+}
+
+// The split path's dx kernels (NCHW and NHWC) start with this: the row records and every
+// per-(n, c, piece) sum are complete before they run (bwd_rows ran before them on the stream),
+// so the threads of the whole grid take one channel each, the first C of them in grid order,
+// and the host launches no bwd_params after them (Plan::param_grads_in_row_kernel in
+// src/gpu/launch.rs is the same rule): the same bits as bwd_params, no serial launch.
+template <typename P>
+__device__ __forceinline__ void split_param_grads(const GnBwdParams& p) {
+  if (!p.dweight && !p.dbias) return;
+  const uint32_t channels = p.groups * p.d;
+  const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+  for (uint64_t c = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; c < channels; c += stride) {
+    channel_param_grads<P>(p, (uint32_t)c);
+  }
 }
 
 // With one sample (N == 1) a channel's gradients are its sums over its pieces, all written by

@@ -21,8 +21,9 @@
 //   memory; read once, one launch (plus bwd_params when N > 1);
 // - split: forward `partial` (tile on chip, per-group (mean about the pivot, m2)) -> `merge`
 //   (one warp per row) -> `apply` (re-reads x); backward [`center` with SiLU] -> `partial`
-//   (per-(n, c, piece) sums, streamed) -> bwd_rows (backward.cu) -> `dx` (streamed); the
-//   parameter gradients reuse bwd_params (backward.cu): the workspace layouts are the NCHW ones.
+//   (per-(n, c, piece) sums, streamed) -> bwd_rows (backward.cu) -> `dx` (streamed, which also
+//   writes dweight and dbias: split_param_grads, common.cuh); the fused and cluster kernels with
+//   N > 1 leave them to bwd_params (backward.cu): the workspace layouts are the NCHW ones.
 #include "cluster.cuh"
 #include "common.cuh"
 
@@ -751,9 +752,11 @@ __device__ void nhwc_bwd_partial(const GnBwdParams& p) {
   write_sums(p, t, m.part, stride, p.chunking.pieces, t.k);
 }
 
-// Split path, pass 3: dx of the tile, streamed, from the row records bwd_rows wrote.
+// Split path, pass 3: dx of the tile, streamed, from the row records bwd_rows wrote (and,
+// first, dweight and dbias: split_param_grads).
 template <typename T, typename P, bool VEC, bool SILU>
 __device__ void nhwc_bwd_dx(const GnBwdParams& p) {
+  split_param_grads<P>(p);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Tile t = tile_of(blockIdx.x, p.chunking, p.groups, p.d, p.s);
   const uint64_t c = (uint64_t)p.groups * p.d;

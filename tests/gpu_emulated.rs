@@ -338,6 +338,8 @@ fn split_layouts_chunks_pieces_and_tails() {
                 "{dims:?} {t}: no tail chunk: {split:?}"
             );
             assert_eq!(split.vec, vec, "{dims:?} {t}: {split:?}");
+            // two samples: the parity above checked dweight and dbias from the dx kernel
+            assert_split_backward_has_no_params_launch(&ran, &format!("{dims:?} {t}"));
         }
     }
     // one channel per chunk (S just under the chunk size: 2048 f32 values, 4096 f16/bf16)
@@ -358,6 +360,22 @@ fn split_layouts_chunks_pieces_and_tails() {
     assert!(
         split.pieces == 1 && split.cpb == 1 && split.chunks == 4,
         "{split:?}"
+    );
+}
+
+/// The split path's backward ends with its `dx` kernel, which writes dweight and dbias itself
+/// (split_param_grads in kernels/common.cuh): no `bwd_params` launch after it, for any N.
+fn assert_split_backward_has_no_params_launch(ran: &[Ran], what: &str) {
+    let bwd = ran
+        .iter()
+        .find(|r| r.path == Path::Split)
+        .and_then(|r| r.bwd.as_ref())
+        .unwrap_or_else(|| panic!("{what}: no split backward trace"));
+    let last = bwd.launches.last().map(|l| l.kernel.as_str()).unwrap_or("");
+    assert!(
+        last.contains("bwd_dx") && !bwd.launches.iter().any(|l| l.kernel.contains("bwd_params")),
+        "{what}: {:?}",
+        bwd.launches
     );
 }
 
@@ -589,8 +607,10 @@ fn nhwc_split_pieces_and_vectors() {
             "{dims:?}: {}",
             describe(split)
         );
+        assert_split_backward_has_no_params_launch(&ran, &format!("{dims:?} f16"));
         let ran = parity::<f32, f32>(dims, groups, 961, o);
         assert!(fwd_of(&ran, Path::Split).vec, "{dims:?}");
+        assert_split_backward_has_no_params_launch(&ran, &format!("{dims:?} f32"));
     }
 }
 

@@ -135,12 +135,16 @@ impl Plan {
         }
     }
 
-    /// Whether the backward's row kernel writes dweight and dbias itself, so that no
-    /// `bwd_params` launch follows: the fused and cluster kernels (NCHW and NHWC) with one
-    /// sample, where all of a channel's sums are in one block or one cluster
-    /// (`row_kernel_param_grads` in kernels/common.cuh holds the kernel's half of this rule).
+    /// Whether the backward's row kernels write dweight and dbias themselves, so that no
+    /// `bwd_params` launch follows:
+    /// - the fused and cluster kernels (NCHW and NHWC) with one sample, where all of a
+    ///   channel's sums are in one block or one cluster (`row_kernel_param_grads` in
+    ///   kernels/common.cuh holds the kernel's half of this rule);
+    /// - the split path's `dx` kernels (NCHW and NHWC) with any number of samples: they run
+    ///   after every sum and row record exists (`split_param_grads`).
     pub(crate) fn param_grads_in_row_kernel(&self, batch: u32, rows: u64) -> bool {
-        rows > 0 && (self.fused || self.cluster > 1) && batch == 1
+        let split = !self.fused && self.cluster <= 1;
+        rows > 0 && (split || batch == 1)
     }
 }
 

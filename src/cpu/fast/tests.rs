@@ -216,3 +216,32 @@ fn lane_sums_fold_pairwise_in_a_fixed_order_and_add_the_remainder_last() {
     (w[0], w[LANES], w[1], w[3 * LANES]) = (1e8, -1e8, 1.0, 1.0);
     assert_eq!(lane_sum(&w, |e| e), 2.0);
 }
+
+#[test]
+fn bf16_widening_for_arithmetic_computes_as_half_s_values() {
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    let mut fast = vec![0f32; all.len()];
+    let mut exact = vec![0f32; all.len()];
+    bf16_to_f32_for_arithmetic(&all, &mut fast);
+    bf16_to_f32_slice(&all, &mut exact);
+    // a run-time operand, so that the additions below run on the CPU, not in constant folding
+    let zero = std::hint::black_box(-0.0f32);
+    for ((&bits, &f), &e) in all.iter().zip(&fast).zip(&exact) {
+        assert_eq!(
+            e.to_bits(),
+            bf16::from_bits(bits).to_f32().to_bits(),
+            "{bits:#06x}"
+        );
+        if e.is_nan() {
+            // the first operation quiets the signaling NaN: the same bits as half's quieted one
+            let (a, b) = (
+                std::hint::black_box(f) + zero,
+                std::hint::black_box(e) + zero,
+            );
+            assert!(a.is_nan() && b.is_nan(), "{bits:#06x}");
+            assert_eq!(a.to_bits(), b.to_bits(), "{bits:#06x}");
+        } else {
+            assert_eq!(f.to_bits(), e.to_bits(), "{bits:#06x}");
+        }
+    }
+}

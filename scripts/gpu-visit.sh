@@ -18,7 +18,8 @@
 #   torchcheck scripts/torch_check.py: the C ABI called from PyTorch on CUDA tensors
 #   python_cuda the Python package's CUDA tests (python/tests/test_cuda.py), from the packed wheel
 #   model_vs_measured  docs/kernel-report.md's first-order model beside the bench's measurement
-# "quick" trims the sanitizer to one test and the bench to the N = 1 sd shapes, to fit one call.
+# "quick" trims the sanitizer to one test and the bench to the N = 1 sd shapes; "short" (below)
+# is the prioritized subset with a time limit per step, for one device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-visit}
@@ -31,6 +32,44 @@ for d in /usr/local/nvidia/lib64 /usr/local/cuda/lib64; do
   [ -d "$d" ] && export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d
 done
 declare -A result
+# The first-order model of docs/kernel-report.md (tools/kernel-report: a model, not a
+# measurement) beside what the bench measured, per shape and pass (f16, NCHW, the planner's
+# path), so that the visit can correct the model's constants (latency, launch cost).
+model_vs_measured() {
+  python3 - "$OUT/ours.csv" docs/kernel-report.md "$(cat "$OUT/device.txt" 2>/dev/null)" <<'PY'
+import csv, sys
+ours, report, device = sys.argv[1], sys.argv[2], sys.argv[3]
+col = 5 if "H100" in device else 7  # H100 or H200 columns of the model table (µs, %)
+model, in_table = {}, False
+for line in open(report):
+    if line.startswith("## First-order model"):
+        in_table = True
+    elif line.startswith("## "):
+        in_table = False
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if in_table and len(cells) >= 10 and cells[3] == "Auto" and cells[1] == "NCHW":
+        model[(cells[0].split()[-1], cells[2])] = (cells[col], cells[col + 1], cells[4])
+print(f"model columns: {'H100' if col == 5 else 'H200'} (device: {device.splitlines()[-1] if device else '?'}); "
+      "model %: of the datasheet copy bandwidth; measured %: of the copy bandwidth the bench measured")
+print(f"{'shape':24} {'pass':4} {'model path':12} {'model us':>9} {'model %':>8} | {'measured path':14} "
+      f"{'measured us':>11} {'measured %':>10} {'graph us':>9} {'latency us':>10}")
+for row in csv.DictReader(open(ours)):
+    key = (row["shape"], row["pass"])
+    if row["dtype"].split("/")[0] != "f16" or key not in model:
+        continue
+    t, pct, path = model.pop(key)
+    us = lambda c: f"{float(row[c]) * 1e3:.1f}" if row.get(c) else "-"
+    print(f"{key[0]:24} {key[1]:4} {path:12} {t:>9} {pct:>8} | {row['path']:14} "
+          f"{us('time_ms'):>11} {row['pct_copy']:>10} {us('graph_ms'):>9} {us('latency_ms'):>10}")
+for key in sorted(model):
+    print(f"{key[0]:24} {key[1]:4} (model only: not in the bench shapes)")
+PY
+}
+summary() {
+  echo; echo "=== summary (logs in $OUT)"
+  for k in "${!result[@]}"; do echo "$k: ${result[$k]}"; done | sort | tee "$OUT/summary.txt"
+}
+
 step() { # name, command...
   local name=$1; shift
   echo "=== $name: $*"
@@ -41,6 +80,34 @@ step() { # name, command...
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv | tee "$OUT/device.txt"
+
+# "short": the highest-value checks only, each under its own time limit, for a visit of one
+# device call (about 9 minutes of device time in all, so that a rerun still fits the 15):
+# the bench's three timings on the six shapes of the first visit, NCHW and NHWC, beside
+# PyTorch; the sanitizer's race, init and sync checks on the small parity tests; the
+# GPU-only tests. Pack with `../shared/tools/gpu-pack --test gpu_parity --test kernels`.
+if [ "$quick" = short ]; then
+  Q=1x320x64x64,1x640x32x32,1x1280x16x16,1x512x128x128,2x320x64x64,1x512x64x64
+  step bench timeout 120 "$bin" bench --device gpu --shapes "$Q" --dtype f16,f32 \
+    --csv "$OUT/ours.csv"
+  step bench_nhwc timeout 90 "$bin" bench --device gpu --shapes "$Q" --dtype f16 --layout nhwc \
+    --csv "$OUT/ours_nhwc.csv"
+  if python3 -c "import torch" 2>/dev/null; then
+    step torch timeout 120 python3 scripts/bench_torch.py --shapes "$Q" --dtype f16,f32 \
+      --impls torch --no-silu --csv "$OUT/torch.csv"
+    step compare timeout 20 python3 scripts/compare_bench.py "$OUT/ours.csv" "$OUT/torch.csv" --markdown
+  fi
+  [ -f "$OUT/ours.csv" ] && step model_vs_measured model_vs_measured
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in racecheck initcheck synccheck; do
+      step "sanitizer-$tool" timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 1 \
+        .gpu/bin/test-kernels --test-threads=1 small_and_odd_shapes
+    done
+  fi
+  step gpu_parity timeout 60 .gpu/bin/test-gpu_parity --test-threads=1
+  summary
+  exit 0
+fi
 step tests bash .gpu/run tests
 
 if command -v compute-sanitizer >/dev/null; then
@@ -99,37 +166,6 @@ else
   result[torch]="not run: PyTorch not importable"
 fi
 
-# The first-order model of docs/kernel-report.md (tools/kernel-report: a model, not a
-# measurement) beside what the bench measured, per shape and pass (f16, NCHW, the planner's
-# path), so that the visit can correct the model's constants (latency, launch cost).
-model_vs_measured() {
-  python3 - "$OUT/ours.csv" docs/kernel-report.md "$(cat "$OUT/device.txt" 2>/dev/null)" <<'PY'
-import csv, sys
-ours, report, device = sys.argv[1], sys.argv[2], sys.argv[3]
-col = 5 if "H100" in device else 7  # H100 or H200 columns of the model table (µs, %)
-model, in_table = {}, False
-for line in open(report):
-    if line.startswith("## First-order model"):
-        in_table = True
-    elif line.startswith("## "):
-        in_table = False
-    cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if in_table and len(cells) >= 10 and cells[3] == "Auto" and cells[1] == "NCHW":
-        model[(cells[0].split()[-1], cells[2])] = (cells[col], cells[col + 1], cells[4])
-print(f"model columns: {'H100' if col == 5 else 'H200'} (device: {device.splitlines()[-1] if device else '?'}); "
-      "model %: of the datasheet copy bandwidth; measured %: of the copy bandwidth the bench measured")
-print(f"{'shape':24} {'pass':4} {'model path':12} {'model us':>9} {'model %':>8} | {'measured path':14} {'measured us':>11} {'measured %':>10}")
-for row in csv.DictReader(open(ours)):
-    key = (row["shape"], row["pass"])
-    if row["dtype"].split("/")[0] != "f16" or key not in model:
-        continue
-    t, pct, path = model.pop(key)
-    print(f"{key[0]:24} {key[1]:4} {path:12} {t:>9} {pct:>8} | {row['path']:14} "
-          f"{float(row['time_ms']) * 1e3:11.1f} {row['pct_copy']:>10}")
-for key in sorted(model):
-    print(f"{key[0]:24} {key[1]:4} (model only: not in the bench shapes)")
-PY
-}
 if [ -f "$OUT/ours.csv" ]; then
   step model_vs_measured model_vs_measured
   cat "$OUT/model_vs_measured.log"
@@ -137,5 +173,4 @@ else
   result[model_vs_measured]="not run: no $OUT/ours.csv (the bench step failed)"
 fi
 
-echo; echo "=== summary (logs in $OUT)"
-for k in "${!result[@]}"; do echo "$k: ${result[$k]}"; done | sort | tee "$OUT/summary.txt"
+summary

@@ -479,3 +479,158 @@ fn large_offset_rows_f32() {
         }
     }
 }
+
+/// `backward_into` writes the bits `backward` returns, for every dtype pair, both layouts, with
+/// and without SiLU; `dweight` without a weight is the gradient of a unit weight; buffers of the
+/// wrong length or dtype are refused before anything is written.
+#[test]
+fn backward_into_matches_backward_and_refuses_bad_buffers() {
+    use groupnorm::{Activation, Error};
+    fn one<T: Element, P: Element>(layout: Layout, act: Activation, seed: u64) {
+        let dims = [2usize, 12, 7, 5];
+        let gn = GroupNorm::new(3, 12)
+            .unwrap()
+            .with_layout(layout)
+            .with_activation(act);
+        let mut r = rng(seed);
+        let n = dims.iter().product();
+        let x: Vec<T> = normal_vec(&mut r, n, 0.5, 2.0);
+        let dy: Vec<T> = normal_vec(&mut r, n, 0.0, 1.0);
+        let w: Vec<P> = normal_vec(&mut r, 12, 1.0, 0.2);
+        let b: Vec<P> = normal_vec(&mut r, 12, 0.0, 0.2);
+        let ctx = format!("{} {} {layout:?} {act:?}", T::DTYPE, P::DTYPE);
+        for affine in [Affine::new().weight(&w).bias(&b), Affine::new()] {
+            let (_, stats) = gn.forward(&x, &dims, affine).unwrap();
+            let want = gn.backward(&dy, &x, &dims, &stats, affine, true).unwrap();
+            let (mut dx, mut dw, mut db) = (
+                vec![T::default(); n],
+                vec![P::default(); 12],
+                vec![P::default(); 12],
+            );
+            gn.backward_into(
+                &dy,
+                &x,
+                &dims,
+                &stats,
+                affine,
+                &mut dx,
+                Some(&mut dw),
+                Some(&mut db),
+            )
+            .unwrap();
+            let bits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
+            let pbits = |v: &[P]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&dx), bits(&want.dx), "{ctx}: dx");
+            assert_eq!(
+                pbits(&db),
+                pbits(want.dbias.as_ref().unwrap()),
+                "{ctx}: dbias"
+            );
+            match &want.dweight {
+                Some(wd) => assert_eq!(pbits(&dw), pbits(wd), "{ctx}: dweight"),
+                // no weight: the gradient a unit weight gets, which the backward with a unit
+                // weight returns
+                None if act == Activation::None => {
+                    let ones = vec![P::from_f32(1.0); 12];
+                    let unit = gn
+                        .backward(&dy, &x, &dims, &stats, Affine::new().weight(&ones), false)
+                        .unwrap();
+                    assert_eq!(
+                        pbits(&dw),
+                        pbits(unit.dweight.as_ref().unwrap()),
+                        "{ctx}: unit"
+                    );
+                }
+                None => {}
+            }
+            // only dx asked for
+            let mut dx2 = vec![T::default(); n];
+            gn.backward_into(&dy, &x, &dims, &stats, affine, &mut dx2, None, None)
+                .unwrap();
+            assert_eq!(bits(&dx2), bits(&want.dx), "{ctx}: dx alone");
+            // wrong lengths: refused, nothing written
+            let sentinel = T::from_f32(7.0);
+            let mut short = vec![sentinel; n - 1];
+            let e = gn
+                .backward_into(&dy, &x, &dims, &stats, affine, &mut short, None, None)
+                .unwrap_err();
+            assert!(
+                matches!(e, Error::LengthMismatch { name: "dx", .. }),
+                "{ctx}: {e}"
+            );
+            let mut dx3 = vec![sentinel; n];
+            let mut dw11 = vec![P::default(); 11];
+            let e = gn
+                .backward_into(
+                    &dy,
+                    &x,
+                    &dims,
+                    &stats,
+                    affine,
+                    &mut dx3,
+                    Some(&mut dw11),
+                    None,
+                )
+                .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Error::LengthMismatch {
+                        name: "dweight",
+                        ..
+                    }
+                ),
+                "{ctx}: {e}"
+            );
+            let mut db13 = vec![P::default(); 13];
+            let e = gn
+                .backward_into(
+                    &dy,
+                    &x,
+                    &dims,
+                    &stats,
+                    affine,
+                    &mut dx3,
+                    None,
+                    Some(&mut db13),
+                )
+                .unwrap_err();
+            assert!(
+                matches!(e, Error::LengthMismatch { name: "dbias", .. }),
+                "{ctx}: {e}"
+            );
+            assert!(
+                dx3.iter().all(|v| v.to_f32() == 7.0),
+                "{ctx}: written on error"
+            );
+        }
+    }
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        for act in [Activation::None, Activation::Silu] {
+            one::<f32, f32>(layout, act, 31);
+            one::<f16, f32>(layout, act, 32);
+            one::<f16, f16>(layout, act, 33);
+            one::<bf16, f32>(layout, act, 34);
+            one::<bf16, bf16>(layout, act, 35);
+        }
+    }
+    // a parameter-gradient buffer of another dtype than f32 or the activation's
+    let gn = GroupNorm::new(1, 2).unwrap();
+    let x = [f16::from_f32(1.0), f16::from_f32(3.0)];
+    let (_, stats) = gn.forward(&x, &[1, 2], Affine::<f32>::new()).unwrap();
+    let mut dx = [f16::ZERO; 2];
+    let mut dw = [bf16::ZERO; 2];
+    let e = gn
+        .backward_into(
+            &x,
+            &x,
+            &[1, 2],
+            &stats,
+            Affine::<bf16>::new(),
+            &mut dx,
+            Some(&mut dw),
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(e, groupnorm::Error::DtypeMismatch { .. }), "{e}");
+}

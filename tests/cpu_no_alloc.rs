@@ -12,11 +12,13 @@ struct Counting;
 
 static COUNTING: AtomicBool = AtomicBool::new(false);
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+static BYTES: AtomicUsize = AtomicUsize::new(0);
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
         if COUNTING.load(Ordering::SeqCst) {
             ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+            BYTES.fetch_add(layout.size(), Ordering::SeqCst);
         }
         // SAFETY: forwarded unchanged to the system allocator.
         unsafe { System.alloc(layout) }
@@ -30,6 +32,7 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
         if COUNTING.load(Ordering::SeqCst) {
             ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+            BYTES.fetch_add(new_size, Ordering::SeqCst);
         }
         // SAFETY: forwarded unchanged to the system allocator.
         unsafe { System.realloc(ptr, layout, new_size) }
@@ -120,6 +123,64 @@ fn forward_into_allocates_nothing_beyond_argument_validation() {
                 a,
                 baseline,
                 "{dims:?} {} f16: {a} allocations",
+                layout.name()
+            );
+        }
+    }
+}
+
+/// `backward_into` without an activation allocates no buffer of the tensor's size: NCHW only
+/// the per-(n, c) sums and the per-channel gradients (a few KiB here); channels-last also its
+/// per-block partial sums, at most `numel / 8` f32 values (NHWC_MIN_POSITIONS in
+/// src/cpu/fast/mod.rs). Against 1.3 and 2.6 MB for `dx`.
+#[test]
+fn backward_into_allocates_no_buffer_of_the_tensor_s_size() {
+    use groupnorm::Element;
+    fn bytes_of<T: Element>(layout: Layout) -> (usize, usize) {
+        let dims = [2usize, 320, 32, 32];
+        let numel: usize = dims.iter().product();
+        let gn = GroupNorm::new(32, 320).unwrap().with_layout(layout);
+        let x: Vec<T> = (0..numel)
+            .map(|i| T::from_f32(((i * 7919) % 1000) as f32 / 250.0 - 2.0))
+            .collect();
+        let dy: Vec<T> = (0..numel)
+            .map(|i| T::from_f32(((i * 104_729) % 997) as f32 / 500.0 - 1.0))
+            .collect();
+        let w = vec![1.5f32; 320];
+        let (_, stats) = gn.forward(&x, &dims, Affine::new().weight(&w)).unwrap();
+        let (mut dx, mut dw, mut db) =
+            (vec![T::default(); numel], vec![0f32; 320], vec![0f32; 320]);
+        let mut fewest = usize::MAX;
+        for _ in 0..3 {
+            BYTES.store(0, Ordering::SeqCst);
+            COUNTING.store(true, Ordering::SeqCst);
+            let r = gn.backward_into(
+                &dy,
+                &x,
+                &dims,
+                &stats,
+                Affine::new().weight(&w),
+                &mut dx,
+                Some(&mut dw),
+                Some(&mut db),
+            );
+            COUNTING.store(false, Ordering::SeqCst);
+            r.unwrap();
+            fewest = fewest.min(BYTES.load(Ordering::SeqCst));
+        }
+        (fewest, numel)
+    }
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        for (bytes, numel) in [bytes_of::<f32>(layout), bytes_of::<f16>(layout)] {
+            // the sums: 2 * N * C f32 = 5 KiB, the gradients 4 * C f32 = 5 KiB, and for NHWC
+            // the block partials
+            let bound = match layout {
+                Layout::Nchw => 16 << 10,
+                _ => numel / 8 * 4 + (16 << 10),
+            };
+            assert!(
+                bytes <= bound,
+                "{}: {bytes} bytes allocated for {numel} elements (bound {bound})",
                 layout.name()
             );
         }

@@ -31,7 +31,8 @@ pub const USAGE: &str = "usage: groupnorm bench [--shapes sd|small|large|all|2x3
   first.
   --layout nhwc times channels-last tensors, --silu GroupNorm fused with SiLU (the unfused
   baseline exists for NCHW without an activation only, and is skipped otherwise).
-  CPU: wall-clock median, inputs rotated past a 32 MiB last-level cache as on the GPU; threads
+  CPU: wall-clock median, inputs rotated past a 32 MiB last-level cache, outputs (the
+  backward's too, through backward_into) allocated once; threads
   from RAYON_NUM_THREADS (scripts/bench_torch.py --device cpu --threads N times PyTorch alike).
   Defaults: --shapes sd --dtype f16,f32 --pass both (CPU: --shapes small --runs 10).";
 
@@ -549,6 +550,9 @@ fn cpu_shape<T: Element, P: Element>(
     let w: Vec<P> = rng.normal_vec(c, 1.0, 0.1);
     let b: Vec<P> = rng.normal_vec(c, 0.0, 0.1);
     let mut y = vec![T::default(); x.len()];
+    // the backward writes into buffers allocated once, as a training loop reuses its own (a
+    // fresh dx per call timed its page faults: 33.5 MB at 1x128x256x256 f32)
+    let (mut dx, mut dw, mut db) = (y.clone(), vec![P::default(); c], vec![P::default(); c]);
     let (_, mut stats) = gn.forward(&x, dims, Affine::new().weight(&w).bias(&b))?;
     let bytes = shape.numel() * T::DTYPE.size();
     // Inputs rotated as scripts/bench_torch.py rotates PyTorch's: copies of x and dy whose
@@ -571,14 +575,16 @@ fn cpu_shape<T: Element, P: Element>(
                     &mut stats,
                 )?;
             } else {
-                std::hint::black_box(gn.backward(
+                gn.backward_into(
                     dy,
                     x,
                     dims,
                     &stats,
                     Affine::new().weight(&w).bias(&b),
-                    true,
-                )?);
+                    &mut dx,
+                    Some(&mut dw),
+                    Some(&mut db),
+                )?;
             }
             if i >= cfg.warmup {
                 times.push(t.elapsed().as_secs_f64() * 1e3);

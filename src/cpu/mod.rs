@@ -243,6 +243,82 @@ impl GroupNorm {
         affine: Affine<'_, P>,
         want_dbias: bool,
     ) -> Result<Grads<T, P>> {
+        let geo = self.check_backward(dy, x, dims, stats, affine, want_dbias)?;
+        let mut dx = try_filled(geo.numel(), T::default(), &geo, "dx")?;
+        let (dweight, dbias) = self.gradients(&geo, dy, x, stats, affine, &mut dx)?;
+        Ok(Grads {
+            dx,
+            dweight: affine.weight.map(|_| dweight),
+            dbias: want_dbias.then_some(dbias),
+        })
+    }
+
+    /// Backward pass on the CPU into caller-owned buffers: [`GroupNorm::backward`]'s gradients
+    /// written into `dx` (`N * C * S` elements) and, each when given, `dweight` and `dbias` (`C`
+    /// values of type `P`, f32 or `T`; `dweight` may be asked for without a weight: it is the
+    /// gradient a unit weight would get). For training loops that reuse their gradient buffers:
+    /// without an activation no buffer of the tensor's size is allocated (NCHW: the per-(n, c)
+    /// sums, `2 * N * C` f32 values; channels-last also per-block partial sums, at most an
+    /// eighth of the tensor's elements in f32); with one, the pre-activation gradient takes one
+    /// f32 buffer of the tensor's size.
+    ///
+    /// Errors: as [`GroupNorm::backward`] (with `want_dbias` = `dbias.is_some()`), plus `dx`,
+    /// `dweight` or `dbias` of the wrong length. Nothing is written when an error is returned.
+    ///
+    /// ```
+    /// use groupnorm::{Affine, GroupNorm};
+    /// let gn = GroupNorm::new(1, 2)?;
+    /// let (x, w) = ([1.0f32, 3.0], [1.0f32, 2.0]);
+    /// let (_y, stats) = gn.forward(&x, &[1, 2], Affine::new().weight(&w))?;
+    /// let (mut dx, mut dw, mut db) = ([0f32; 2], [0f32; 2], [0f32; 2]);
+    /// gn.backward_into(
+    ///     &[1.0f32, -1.0], &x, &[1, 2], &stats, Affine::new().weight(&w),
+    ///     &mut dx, Some(&mut dw), Some(&mut db),
+    /// )?;
+    /// assert_eq!(db, [1.0, -1.0]);
+    /// # Ok::<(), groupnorm::Error>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_into<T: Element, P: Element>(
+        &self,
+        dy: &[T],
+        x: &[T],
+        dims: &[usize],
+        stats: &Stats,
+        affine: Affine<'_, P>,
+        dx: &mut [T],
+        dweight: Option<&mut [P]>,
+        dbias: Option<&mut [P]>,
+    ) -> Result<()> {
+        let geo = self.check_backward(dy, x, dims, stats, affine, dbias.is_some())?;
+        geo.check_activation("dx", dx.len())?;
+        if let Some(dw) = &dweight {
+            check_param_dtype::<T, P>("dweight")?;
+            check_len("dweight", dw.len(), geo.c, "one value per channel")?;
+        }
+        if let Some(db) = &dbias {
+            check_len("dbias", db.len(), geo.c, "one value per channel")?;
+        }
+        let (dw, db) = self.gradients(&geo, dy, x, stats, affine, dx)?;
+        if let Some(out) = dweight {
+            out.copy_from_slice(&dw);
+        }
+        if let Some(out) = dbias {
+            out.copy_from_slice(&db);
+        }
+        Ok(())
+    }
+
+    /// The checks of [`GroupNorm::backward`], before anything is computed or written.
+    fn check_backward<T: Element, P: Element>(
+        &self,
+        dy: &[T],
+        x: &[T],
+        dims: &[usize],
+        stats: &Stats,
+        affine: Affine<'_, P>,
+        want_dbias: bool,
+    ) -> Result<Geometry> {
         let Affine { weight, bias } = affine;
         let geo = self.geometry(dims)?;
         geo.check_activation("dy", dy.len())?;
@@ -261,19 +337,30 @@ impl GroupNorm {
             check_param_dtype::<T, P>("dbias")?;
         }
         check_stats_values(stats)?;
-        let mut dx = try_filled(geo.numel(), T::default(), &geo, "dx")?;
+        Ok(geo)
+    }
+
+    /// `dx` (of `geo.numel()` elements, overwritten) and the weight and bias gradients, `C`
+    /// values each, of validated arguments.
+    fn gradients<T: Element, P: Element>(
+        &self,
+        geo: &Geometry,
+        dy: &[T],
+        x: &[T],
+        stats: &Stats,
+        affine: Affine<'_, P>,
+        dx: &mut [T],
+    ) -> Result<(Vec<P>, Vec<P>)> {
+        let Affine { weight, bias } = affine;
+        let act = self.activation();
         if geo.numel() == 0 {
             // Nothing to differentiate: zero gradients, allocated with a check (C may be huge).
-            let zeros = || try_filled(geo.c, P::from_f32(0.0), &geo, "a parameter gradient");
-            return Ok(Grads {
-                dx,
-                dweight: weight.map(|_| zeros()).transpose()?,
-                dbias: want_dbias.then(zeros).transpose()?,
-            });
+            let zeros = || try_filled(geo.c, P::from_f32(0.0), geo, "a parameter gradient");
+            return Ok((zeros()?, zeros()?));
         }
         if T::DTYPE == DType::F64 {
             let r = reference::backward_act_f64(
-                &geo,
+                geo,
                 self.eps(),
                 act,
                 &widen(dy),
@@ -287,24 +374,15 @@ impl GroupNorm {
                 *o = T::from_f64(v);
             }
             let narrow = |v: Vec<f64>| v.into_iter().map(P::from_f64).collect::<Vec<P>>();
-            return Ok(Grads {
-                dx,
-                dweight: weight.map(|_| narrow(r.dweight)),
-                dbias: want_dbias.then(|| narrow(r.dbias)),
-            });
+            return Ok((narrow(r.dweight), narrow(r.dbias)));
         }
         let (dweight, dbias) = if act == Activation::None {
-            fast::backward(&geo, dy, x, &stats.mean, &stats.rstd, weight, &mut dx)
+            fast::backward(geo, dy, x, &stats.mean, &stats.rstd, weight, dx)
         } else {
-            let dz =
-                fast::activation_grad(&geo, act, dy, x, &stats.mean, &stats.rstd, weight, bias);
-            fast::backward(&geo, &dz, x, &stats.mean, &stats.rstd, weight, &mut dx)
+            let dz = fast::activation_grad(geo, act, dy, x, &stats.mean, &stats.rstd, weight, bias);
+            fast::backward(geo, &dz, x, &stats.mean, &stats.rstd, weight, dx)
         };
         let narrow = |v: Vec<f32>| v.into_iter().map(P::from_f32).collect::<Vec<P>>();
-        Ok(Grads {
-            dx,
-            dweight: weight.map(|_| narrow(dweight)),
-            dbias: want_dbias.then(|| narrow(dbias)),
-        })
+        Ok((narrow(dweight), narrow(dbias)))
     }
 }

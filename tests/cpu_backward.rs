@@ -548,57 +548,19 @@ fn backward_into_matches_backward_and_refuses_bad_buffers() {
             gn.backward_into(&dy, &x, &dims, &stats, affine, &mut dx2, None, None)
                 .unwrap();
             assert_eq!(bits(&dx2), bits(&want.dx), "{ctx}: dx alone");
-            // wrong lengths: refused, nothing written
-            let sentinel = T::from_f32(7.0);
-            let mut short = vec![sentinel; n - 1];
-            let e = gn
-                .backward_into(&dy, &x, &dims, &stats, affine, &mut short, None, None)
-                .unwrap_err();
-            assert!(
-                matches!(e, Error::LengthMismatch { name: "dx", .. }),
-                "{ctx}: {e}"
-            );
-            let mut dx3 = vec![sentinel; n];
+            // wrong lengths: refused with the buffer's name, nothing written
+            let refused = |dx: &mut [T], dw: Option<&mut [P]>, db: Option<&mut [P]>| match gn
+                .backward_into(&dy, &x, &dims, &stats, affine, dx, dw, db)
+            {
+                Err(Error::LengthMismatch { name, .. }) => name,
+                other => panic!("{ctx}: {other:?}"),
+            };
+            let mut dx3 = vec![T::from_f32(7.0); n];
+            assert_eq!(refused(&mut dx3[1..], None, None), "dx");
             let mut dw11 = vec![P::default(); 11];
-            let e = gn
-                .backward_into(
-                    &dy,
-                    &x,
-                    &dims,
-                    &stats,
-                    affine,
-                    &mut dx3,
-                    Some(&mut dw11),
-                    None,
-                )
-                .unwrap_err();
-            assert!(
-                matches!(
-                    e,
-                    Error::LengthMismatch {
-                        name: "dweight",
-                        ..
-                    }
-                ),
-                "{ctx}: {e}"
-            );
+            assert_eq!(refused(&mut dx3, Some(&mut dw11), None), "dweight");
             let mut db13 = vec![P::default(); 13];
-            let e = gn
-                .backward_into(
-                    &dy,
-                    &x,
-                    &dims,
-                    &stats,
-                    affine,
-                    &mut dx3,
-                    None,
-                    Some(&mut db13),
-                )
-                .unwrap_err();
-            assert!(
-                matches!(e, Error::LengthMismatch { name: "dbias", .. }),
-                "{ctx}: {e}"
-            );
+            assert_eq!(refused(&mut dx3, None, Some(&mut db13)), "dbias");
             assert!(
                 dx3.iter().all(|v| v.to_f32() == 7.0),
                 "{ctx}: written on error"

@@ -583,10 +583,14 @@ mod cuda {
         unsafe { dev.alloc::<T>(len.max(1)) }
     }
 
-    /// A zeroed f32 workspace of `bytes` bytes, or `None` when the problem needs none.
+    /// An f32 workspace of `bytes` bytes, not initialized (a memset per call saved), or `None`
+    /// when the problem needs none.
     fn workspace(dev: &CudaDevice, bytes: usize) -> Result<Option<CudaSlice<f32>>> {
         (bytes > 0)
-            .then(|| dev.alloc_zeros::<f32>(bytes.div_ceil(4)))
+            // SAFETY: the kernels write every workspace value before they read it: the raw
+            // layer promises its callers nothing about the workspace's contents, and the host
+            // emulator runs every path on NaN-poisoned workspaces (src/gpu/emulate.rs).
+            .then(|| unsafe { alloc_out::<f32>(dev, bytes.div_ceil(4)) })
             .transpose()
     }
 

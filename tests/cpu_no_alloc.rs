@@ -13,6 +13,9 @@ struct Counting;
 static COUNTING: AtomicBool = AtomicBool::new(false);
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 static BYTES: AtomicUsize = AtomicUsize::new(0);
+/// The counters are global and the tests run on parallel threads: each test holds this for
+/// its whole run, so that one test's allocations never land in another's count.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
@@ -89,6 +92,7 @@ fn fewest_allocations<T: groupnorm::Element>(gn: &GroupNorm, dims: &[usize]) -> 
 
 #[test]
 fn forward_into_allocates_nothing_beyond_argument_validation() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // The baseline: a one-element tensor. What it allocates is argument validation (today 4:
     // the dims copied into `Geometry`, and the messages of the `x`, `y` and stats length checks,
     // formatted before they are known to be needed), the same for every shape.
@@ -135,6 +139,7 @@ fn forward_into_allocates_nothing_beyond_argument_validation() {
 /// src/cpu/fast/mod.rs). Against 1.3 and 2.6 MB for `dx`.
 #[test]
 fn backward_into_allocates_no_buffer_of_the_tensor_s_size() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     use groupnorm::Element;
     fn bytes_of<T: Element>(layout: Layout) -> (usize, usize) {
         let dims = [2usize, 320, 32, 32];

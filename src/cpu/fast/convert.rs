@@ -265,16 +265,6 @@ mod f16c {
     }
 }
 
-/// bf16 bits to f32: a shift (NaNs quieted, as `half` does). The exact widening, kept as the
-/// tests' reference for [`bf16_to_f32_for_arithmetic`], which the passes use.
-#[cfg(test)]
-#[inline(always)]
-pub(super) fn bf16_bits_to_f32(b: u16) -> f32 {
-    let b = u32::from(b);
-    let quiet = if b & 0x7fff > 0x7f80 { 0x40 } else { 0 };
-    f32::from_bits((b | quiet) << 16)
-}
-
 /// f32 to bf16 bits, rounded to nearest even (NaN quieted, payload kept).
 #[inline(always)]
 pub(super) fn f32_to_bf16_bits(f: f32) -> u16 {
@@ -288,17 +278,8 @@ pub(super) fn f32_to_bf16_bits(f: f32) -> u16 {
     }) as u16
 }
 
-/// Widens bf16 bits into `dst` (same length), NaNs quieted: `half`'s bits (tests only).
-#[cfg(test)]
-#[inline(always)]
-pub(super) fn bf16_to_f32_slice(src: &[u16], dst: &mut [f32]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = bf16_bits_to_f32(s);
-    }
-}
-
 /// Widens bf16 bits into `dst` (same length) for arithmetic: the shift alone, two vector
-/// instructions per eight values against six with [`bf16_to_f32_slice`]'s NaN quieting (the
+/// instructions per eight values against six with `half`'s NaN quieting (the
 /// bf16 forward measured 1.3x slower than f16 with it). The bits differ from `half`'s only for
 /// signaling NaNs, which stay signaling here; every use computes with the values
 /// ([`read_f32`]'s contract), and IEEE 754 arithmetic (x86's included) returns a signaling

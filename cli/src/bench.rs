@@ -334,15 +334,16 @@ fn graph_ms(
         .map_err(|e| format!("ending the capture: {e}"))?
         .ok_or("the capture recorded no work")?;
     let failed = |e: groupnorm::Error| e.to_string();
-    graph
-        .launch()
-        .map_err(|e| format!("replaying the graph: {e}"))?;
+    let replay = || {
+        graph
+            .launch()
+            .map_err(|e| format!("replaying the graph: {e}"))
+    };
+    replay()?;
     let mut times = Vec::with_capacity(BATCHES);
     for _ in 0..BATCHES {
         let start = gpu.timing_event().map_err(failed)?;
-        graph
-            .launch()
-            .map_err(|e| format!("replaying the graph: {e}"))?;
+        replay()?;
         let end = gpu.timing_event().map_err(failed)?;
         times.push(Gpu::elapsed_ms(&start, &end).map_err(failed)? / calls as f64);
     }
@@ -643,9 +644,10 @@ fn print_table(rows: &[Row]) {
             r.time_ms,
             r.gbps,
             r.pct_copy,
-            match csv_ms(r.graph_ms).as_str() {
-                "" => "-".to_string(),
-                ms => ms[..ms.len() - 2].to_string(),
+            if r.graph_ms.is_finite() {
+                format!("{:.4}", r.graph_ms)
+            } else {
+                "-".to_string()
             },
             r.latency_ms
         );

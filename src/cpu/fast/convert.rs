@@ -90,6 +90,180 @@ pub(super) fn write_f32<T: Element>(dst: &mut [T], buf: &mut Buf, f: impl FnOnce
     }
 }
 
+/// Eight values as f32: one vector register once inlined into an AVX2 copy.
+pub(super) type F8 = [f32; 8];
+
+/// Whether a pass over `T` values takes the explicit vector forms of [`load8`], [`store8`],
+/// [`store16`] and the lane fold: the CPU has AVX2 and F16C. Checked once per pass (cached
+/// flags) and handed to the inner loops as their const parameter `SIMD`, so that they carry no
+/// check. (Written as plain loops, LLVM vectorized the bf16 conversions across eight-value
+/// steps, gathering with `vpinsrw`: the bf16 forward ran 2x slower than through buffers.)
+#[inline(always)]
+pub(super) fn use_simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return f16c::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
+/// The first eight values of `s` as f32, converted in registers: the fused form of
+/// [`read_f32`] for loops that take eight values at a time (same values, same NaN contract).
+/// `SIMD` must be [`use_simd()`](use_simd).
+#[inline(always)]
+pub(super) fn load8<T: Element, const SIMD: bool>(s: &[T]) -> F8 {
+    let s = &s[..8];
+    let mut o = [0f32; 8];
+    if let Some(v) = cast_slice::<T, f32>(s) {
+        #[cfg(target_arch = "x86_64")]
+        if SIMD {
+            // SAFETY: `SIMD` is only true when the CPU has AVX2 and F16C (`use_simd`).
+            return unsafe { f16c::load8_f32(v) };
+        }
+        o.copy_from_slice(v);
+    } else if let Some(h) = cast_slice::<T, bf16>(s) {
+        let h: &[u16] = h.reinterpret_cast();
+        #[cfg(target_arch = "x86_64")]
+        if SIMD {
+            // SAFETY: `SIMD` is only true when the CPU has AVX2 and F16C (`use_simd`).
+            return unsafe { f16c::load8_bf16(h) };
+        }
+        for (o, &h) in o.iter_mut().zip(h) {
+            *o = f32::from_bits(u32::from(h) << 16);
+        }
+    } else if let Some(h) = cast_slice::<T, f16>(s) {
+        let h: &[u16] = h.reinterpret_cast();
+        #[cfg(target_arch = "x86_64")]
+        if SIMD {
+            // SAFETY: `SIMD` is only true when the CPU has AVX2 and F16C (`use_simd`).
+            return unsafe { f16c::load8(h) };
+        }
+        for (o, &h) in o.iter_mut().zip(h) {
+            *o = f16_bits_to_f32(h);
+        }
+    } else {
+        for (o, v) in o.iter_mut().zip(s) {
+            *o = v.to_f32();
+        }
+    }
+    o
+}
+
+/// One value as f32, as [`load8`] converts it (for the tails of its loops).
+#[inline(always)]
+pub(super) fn load1<T: Element>(v: &T) -> f32 {
+    let s = std::slice::from_ref(v);
+    if let Some(h) = cast_slice::<T, bf16>(s) {
+        f32::from_bits(u32::from(h[0].to_bits()) << 16)
+    } else {
+        v.to_f32()
+    }
+}
+
+/// Stores eight f32 values rounded once into the first eight of `d`: the fused form of
+/// [`write_f32`] (same bits). `SIMD` as in [`load8`].
+#[inline(always)]
+pub(super) fn store8<T: Element, const SIMD: bool>(v: F8, d: &mut [T]) {
+    let d = &mut d[..8];
+    if let Some(o) = cast_slice_mut::<T, f32>(d) {
+        #[cfg(target_arch = "x86_64")]
+        if SIMD {
+            // SAFETY: as in `load8`.
+            return unsafe { f16c::store8_f32(v, o) };
+        }
+        o.copy_from_slice(&v);
+    } else if let Some(h) = cast_slice_mut::<T, bf16>(d) {
+        let h: &mut [u16] = h.reinterpret_cast_mut();
+        #[cfg(target_arch = "x86_64")]
+        if SIMD {
+            // SAFETY: as in `load8`.
+            return unsafe { f16c::store8_bf16(v, h) };
+        }
+        for (h, &v) in h.iter_mut().zip(&v) {
+            *h = f32_to_bf16_bits(v);
+        }
+    } else if let Some(h) = cast_slice_mut::<T, f16>(d) {
+        let h: &mut [u16] = h.reinterpret_cast_mut();
+        #[cfg(target_arch = "x86_64")]
+        if SIMD {
+            // SAFETY: as in `load8`.
+            return unsafe { f16c::store8(v, h) };
+        }
+        for (h, &v) in h.iter_mut().zip(&v) {
+            *h = f32_to_f16_bits(v);
+        }
+    } else {
+        for (o, &v) in d.iter_mut().zip(&v) {
+            *o = T::from_f32(v);
+        }
+    }
+}
+
+/// [`store8`] of two vectors into the first sixteen of `d` (bf16 packs them together).
+#[inline(always)]
+pub(super) fn store16<T: Element, const SIMD: bool>(lo: F8, hi: F8, d: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        if let Some(h) = cast_slice_mut::<T, bf16>(&mut d[..16]) {
+            // SAFETY: `SIMD` is only true when the CPU has AVX2 and F16C (`use_simd`).
+            return unsafe { f16c::store16_bf16(lo, hi, h.reinterpret_cast_mut()) };
+        }
+    }
+    let (a, b) = d[..16].split_at_mut(8);
+    store8::<T, SIMD>(lo, a);
+    store8::<T, SIMD>(hi, b);
+}
+
+/// Stores one value as [`store8`] rounds it (for the tails of its loops).
+#[inline(always)]
+pub(super) fn store1<T: Element>(v: f32, d: &mut T) {
+    let d = std::slice::from_mut(d);
+    if let Some(h) = cast_slice_mut::<T, bf16>(d) {
+        h[0] = bf16::from_bits(f32_to_bf16_bits(v));
+    } else if let Some(h) = cast_slice_mut::<T, f16>(d) {
+        h[0] = f16::from_bits(f32_to_f16_bits(v));
+    } else {
+        d[0] = T::from_f32(v);
+    }
+}
+
+/// `y[i] = f(i, x[i])` over two runs of the same length, converted in registers eight values
+/// at a time ([`load8`], [`store8`]), the tail one at a time: the same values and bits as
+/// [`read_f32`], `f`, [`write_f32`] through buffers, with no buffer. `f` must be a plain
+/// element-wise computation for LLVM to vectorize it (`i` may index per-channel arrays).
+#[inline(always)]
+pub(super) fn map_values<T: Element, const SIMD: bool>(
+    x: &[T],
+    y: &mut [T],
+    f: impl Fn(usize, f32) -> f32,
+) {
+    let eight = |i: usize, a: &[T]| {
+        let v = load8::<T, SIMD>(a);
+        let mut o = [0f32; 8];
+        for (l, (o, &v)) in o.iter_mut().zip(&v).enumerate() {
+            *o = f(i + l, v);
+        }
+        o
+    };
+    let mut x16 = x.chunks_exact(16);
+    let mut y16 = y.chunks_exact_mut(16);
+    let mut i = 0;
+    for (a, b) in (&mut x16).zip(&mut y16) {
+        let (lo, hi) = (eight(i, &a[..8]), eight(i + 8, &a[8..]));
+        store16::<T, SIMD>(lo, hi, b);
+        i += 16;
+    }
+    let mut xs = x16.remainder().chunks_exact(8);
+    let mut ys = y16.into_remainder().chunks_exact_mut(8);
+    for (a, b) in (&mut xs).zip(&mut ys) {
+        store8::<T, SIMD>(eight(i, a), b);
+        i += 8;
+    }
+    for (a, b) in xs.remainder().iter().zip(ys.into_remainder()) {
+        store1(f(i, load1(a)), b);
+        i += 1;
+    }
+}
+
 // The conversions below are written without branches (selects only) so that LLVM vectorizes
 // the slice loops: 4 lanes with the baseline instruction set (SSE2 on x86-64), 8 lanes in the
 // AVX2 copies of the callers (`multiversion`), into which they are inlined; checked in the
@@ -188,17 +362,147 @@ pub(super) fn f32_to_f16_slice(src: &[f32], dst: &mut [u16]) {
 /// conversion runs the same instructions but calls a function per eight values; here a span of
 /// up to [`CHUNK`] values is one call, inlined into callers compiled with F16C.
 #[cfg(target_arch = "x86_64")]
-mod f16c {
+pub(super) mod f16c {
     use super::{f16_bits_to_f32, f32_to_f16_bits};
     use std::arch::x86_64::{
-        __m128i, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_storeu_ps,
-        _mm_loadu_si128, _mm_storeu_si128, _MM_FROUND_TO_NEAREST_INT,
+        __m128i, __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_and_si256,
+        _mm256_blendv_epi8, _mm256_castps256_ps128, _mm256_castps_si256, _mm256_castsi256_si128,
+        _mm256_cmp_ps, _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_cvtps_ph,
+        _mm256_extractf128_ps, _mm256_loadu_ps, _mm256_or_si256, _mm256_packus_epi32,
+        _mm256_permute4x64_epi64, _mm256_set1_epi32, _mm256_slli_epi32, _mm256_srli_epi32,
+        _mm256_storeu_ps, _mm256_storeu_si256, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
+        _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_storeu_si128, _CMP_UNORD_Q,
+        _MM_FROUND_TO_NEAREST_INT,
     };
 
-    /// Whether the CPU has AVX and F16C (detected once by `std`, then a cached flag).
+    /// Whether the CPU has AVX, AVX2 and F16C (detected once by `std`, then cached flags).
     #[inline(always)]
     pub(super) fn available() -> bool {
-        std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("f16c")
+        std::arch::is_x86_feature_detected!("avx")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// [`super::fold_lanes`] of four rows, in vector registers: rows 0 + 2 and 1 + 3, their
+    /// sum, then lanes `k + 4`, `k + 2`, `k + 1`, the same additions in the same order (same
+    /// bits). Inlined into its caller, where the out-of-line fold reloaded the rows in 8-byte
+    /// pieces (a tenth of the f16/bf16 forward, perf), and where LLVM's own inlined fold
+    /// reshaped the loop before it into 128-bit pieces.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(in super::super) unsafe fn fold4x8(acc: &[[f32; 8]; 4]) -> f32 {
+        // SAFETY: each row is 8 f32 (32 bytes), read unaligned; the CPU has AVX.
+        unsafe {
+            let r = |i: usize| _mm256_loadu_ps(acc[i].as_ptr());
+            let v = _mm256_add_ps(_mm256_add_ps(r(0), r(2)), _mm256_add_ps(r(1), r(3)));
+            let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+        }
+    }
+
+    /// The first eight values of `s` in one vector load (copied as an array, LLVM vectorized
+    /// the loops around [`super::load8`] across its eight-value steps, with scalar loads).
+    ///
+    /// # Safety
+    /// The CPU must have AVX ([`available`]).
+    #[target_feature(enable = "avx")]
+    #[inline]
+    pub(super) unsafe fn load8_f32(s: &[f32]) -> [f32; 8] {
+        let s = &s[..8];
+        // SAFETY: `s` is 8 f32, read unaligned; `__m256` and `[f32; 8]` have the same size.
+        unsafe { std::mem::transmute::<__m256, [f32; 8]>(_mm256_loadu_ps(s.as_ptr())) }
+    }
+
+    /// Stores eight values into the first eight of `d` in one vector store.
+    ///
+    /// # Safety
+    /// The CPU must have AVX ([`available`]).
+    #[target_feature(enable = "avx")]
+    #[inline]
+    pub(super) unsafe fn store8_f32(v: [f32; 8], d: &mut [f32]) {
+        let d = &mut d[..8];
+        // SAFETY: as in `load8_f32`; `d` is 8 f32, written unaligned.
+        unsafe { _mm256_storeu_ps(d.as_mut_ptr(), std::mem::transmute::<[f32; 8], __m256>(v)) }
+    }
+
+    /// The first eight bf16 values of `s` (bits), widened by the shift alone as
+    /// [`super::bf16_to_f32_for_arithmetic`] does.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn load8_bf16(s: &[u16]) -> [f32; 8] {
+        let s = &s[..8];
+        // SAFETY: `s` is 8 u16 (16 bytes), read unaligned; `__m256i` and `[f32; 8]` have the
+        // same size and every bit pattern is valid for both.
+        unsafe {
+            let h = _mm_loadu_si128(s.as_ptr().cast::<__m128i>());
+            let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+            std::mem::transmute::<__m256i, [f32; 8]>(w)
+        }
+    }
+
+    /// Eight values rounded to bf16 bits as [`super::f32_to_bf16_bits`] rounds each (nearest
+    /// even; NaN quieted, payload kept), in the 32-bit lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn bf16_lanes(v: [f32; 8]) -> __m256i {
+        // SAFETY: `__m256` and `[f32; 8]` have the same size, any bits are valid in both.
+        let f = unsafe { std::mem::transmute::<[f32; 8], __m256>(v) };
+        let x = _mm256_castps_si256(f);
+        let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd);
+        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(x, bias));
+        let nan = _mm256_or_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(0x40));
+        let is_nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(f, f));
+        _mm256_blendv_epi8(rounded, nan, is_nan)
+    }
+
+    /// Rounds sixteen values to bf16 bits into the first sixteen of `d`, as
+    /// [`super::f32_to_bf16_bits`] rounds each: one pack for both halves.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn store16_bf16(lo: [f32; 8], hi: [f32; 8], d: &mut [u16]) {
+        let d = &mut d[..16];
+        // SAFETY: the CPU has AVX2 (the caller); `d` is 16 u16 (32 bytes), written unaligned.
+        unsafe {
+            let (a, b) = (bf16_lanes(lo), bf16_lanes(hi));
+            // 32 -> 16 bits: every value is below 2^16, so the unsigned saturating pack is a
+            // plain narrowing; it packs within 128-bit halves (a0-3 b0-3 | a4-7 b4-7), so
+            // the quads are put back in order.
+            let p = _mm256_packus_epi32(a, b);
+            let q = _mm256_permute4x64_epi64::<0b11_01_10_00>(p);
+            _mm256_storeu_si256(d.as_mut_ptr().cast::<__m256i>(), q);
+        }
+    }
+
+    /// Rounds eight values to bf16 bits into the first eight of `d`, as
+    /// [`super::f32_to_bf16_bits`] rounds each.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn store8_bf16(v: [f32; 8], d: &mut [u16]) {
+        let d = &mut d[..8];
+        // SAFETY: the CPU has AVX2 (the caller); `d` is 8 u16, written unaligned.
+        unsafe {
+            let r = bf16_lanes(v);
+            let p = _mm256_packus_epi32(r, r);
+            let q = _mm256_permute4x64_epi64::<0b1000>(p);
+            _mm_storeu_si128(d.as_mut_ptr().cast::<__m128i>(), _mm256_castsi256_si128(q));
+        }
     }
 
     /// Calls `eight` on each run of eight values of `src` and `dst` (the shorter length), and
@@ -218,6 +522,38 @@ mod f16c {
         }
         for (d, &s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
             *d = one(s);
+        }
+    }
+
+    /// The first eight f16 values of `s`, widened.
+    ///
+    /// # Safety
+    /// The CPU must have AVX and F16C ([`available`]).
+    #[target_feature(enable = "avx,f16c")]
+    #[inline]
+    pub(super) unsafe fn load8(s: &[u16]) -> [f32; 8] {
+        let s = &s[..8];
+        // SAFETY: `s` is 8 u16 (16 bytes), read unaligned; `__m256` and `[f32; 8]` have the
+        // same size and every bit pattern is valid for both.
+        unsafe {
+            let h = _mm_loadu_si128(s.as_ptr().cast::<__m128i>());
+            std::mem::transmute::<__m256, [f32; 8]>(_mm256_cvtph_ps(h))
+        }
+    }
+
+    /// Rounds eight values to f16 (nearest even) into the first eight of `d`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX and F16C ([`available`]).
+    #[target_feature(enable = "avx,f16c")]
+    #[inline]
+    pub(super) unsafe fn store8(v: [f32; 8], d: &mut [u16]) {
+        let d = &mut d[..8];
+        // SAFETY: as in `load8`; `d` is 8 u16, written unaligned.
+        unsafe {
+            let f = std::mem::transmute::<[f32; 8], __m256>(v);
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(f);
+            _mm_storeu_si128(d.as_mut_ptr().cast::<__m128i>(), h);
         }
     }
 

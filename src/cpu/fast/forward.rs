@@ -49,7 +49,7 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
     let body = |scr: &mut Scratch, (row, ((yr, xr), (mean_out, rstd_out))): Item<'_, T>| {
         let g = row % groups;
         let pivot = xr[0].to_f32();
-        let st = RowStats::from_moments(run_moments(xr, pivot, &mut scr.a), pivot, eps);
+        let st = RowStats::from_moments(run_moments(xr, pivot), pivot, eps);
         *mean_out = st.mean;
         *rstd_out = st.rstd;
         for_each_row_piece(yr, scr, |off, yp, scr| {
@@ -77,7 +77,9 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
 /// Normalizes a piece of an NCHW row that starts at row offset `off` (channel runs of `s`
 /// values, the row's first channel `c0`): `y = ((x - p) - (mean - p)) * (rstd * w) + b`, then
 /// the activation. Compiled for AVX2 too and picked at run time (the same operations in the
-/// same order, so the same bits: Rust never contracts to FMA on its own).
+/// same order, so the same bits: Rust never contracts to FMA on its own). Without an
+/// activation, values are converted in registers ([`map_values`]); with one, through the
+/// scratch buffers, so that the affine loop stays vectorized apart from the activation's.
 #[allow(clippy::too_many_arguments)]
 #[multiversion(targets("x86_64+avx2+fma+f16c"))]
 fn normalize_piece<T: Element, P: Element>(
@@ -94,13 +96,30 @@ fn normalize_piece<T: Element, P: Element>(
     act: Activation,
 ) {
     let sm = st.shifted_mean;
+    let coefs = |dc: usize| {
+        let c = c0 + dc;
+        (st.rstd * param(weight, c, 1.0), param(bias, c, 0.0))
+    };
+    if act == Activation::None {
+        let affine = |x: &[T], y: &mut [T], scale: f32, shift: f32| {
+            let f = |_, v: f32| ((v - pivot) - sm) * scale + shift;
+            if use_simd() {
+                map_values::<T, true>(x, y, f)
+            } else {
+                map_values::<T, false>(x, y, f)
+            }
+        };
+        for_each_channel_run(off, xp.len(), s, |dc, k| {
+            let (scale, shift) = coefs(dc);
+            affine(&xp[k.clone()], &mut yp[k], scale, shift);
+        });
+        return;
+    }
     for (bi, (xb, yb)) in xp.chunks(CHUNK).zip(yp.chunks_mut(CHUNK)).enumerate() {
         read_f32(xb, &mut scr.a, |xv| {
             write_f32(yb, &mut scr.b, |yv| {
                 for_each_channel_run(off + bi * CHUNK, xv.len(), s, |dc, k| {
-                    let c = c0 + dc;
-                    let scale = st.rstd * param(weight, c, 1.0);
-                    let shift = param(bias, c, 0.0);
+                    let (scale, shift) = coefs(dc);
                     for (o, v) in yv[k.clone()].iter_mut().zip(&xv[k.clone()]) {
                         *o = ((v - pivot) - sm) * scale + shift;
                     }

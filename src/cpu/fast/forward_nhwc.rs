@@ -38,9 +38,10 @@ impl NhwcBatch {
     }
 
     pub(super) fn new(c: usize, d: usize, g0: usize, gb: usize) -> NhwcBatch {
-        // A leaf reads about NHWC_BLOCK values (twice, from cache), at most CHUNK positions
-        // (each channel accumulator sums at most CHUNK values in sequence).
-        let pb = (NHWC_BLOCK / (gb * d)).clamp(1, CHUNK);
+        // A leaf reads about NHWC_STATS_BLOCK values (twice, the second time from cache), at
+        // most CHUNK positions (each channel accumulator sums at most CHUNK values in
+        // sequence).
+        let pb = (NHWC_STATS_BLOCK / (gb * d)).clamp(1, CHUNK);
         NhwcBatch { c, d, g0, gb, pb }
     }
 }
@@ -112,20 +113,66 @@ fn nhwc_leaf_moments<T: Element>(
     pos: Range<usize>,
     pivots: &Wide,
 ) -> BatchMoments {
+    if use_simd() {
+        nhwc_leaf_two_pass::<T, true>(xs, b, pos, pivots)
+    } else {
+        nhwc_leaf_two_pass::<T, false>(xs, b, pos, pivots)
+    }
+}
+
+/// `acc[j] += f(x[j], p[j], m[j])` over a segment of channels, eight at a time with the values
+/// converted in registers ([`load8`]), the tail one at a time.
+#[inline(always)]
+pub(super) fn accumulate_channels<T: Element, const SIMD: bool>(
+    acc: &mut [f32],
+    x: &[T],
+    p: &[f32],
+    m: &[f32],
+    f: impl Fn(f32, f32, f32) -> f32,
+) {
+    let n = x.len();
+    let (acc, p, m) = (&mut acc[..n], &p[..n], &m[..n]);
+    let mut a8 = acc.chunks_exact_mut(8);
+    let mut x8 = x.chunks_exact(8);
+    let (mut p8, mut m8) = (p.chunks_exact(8), m.chunks_exact(8));
+    for (((a, x), p), m) in (&mut a8).zip(&mut x8).zip(&mut p8).zip(&mut m8) {
+        let (e, pv, mv) = (
+            load8::<T, SIMD>(x),
+            load8::<f32, SIMD>(p),
+            load8::<f32, SIMD>(m),
+        );
+        let mut s = load8::<f32, SIMD>(a);
+        for (l, s) in s.iter_mut().enumerate() {
+            *s += f(e[l], pv[l], mv[l]);
+        }
+        store8::<f32, SIMD>(s, a);
+    }
+    let tail = a8.into_remainder().iter_mut().zip(x8.remainder());
+    for ((a, x), (p, m)) in tail.zip(p8.remainder().iter().zip(m8.remainder())) {
+        *a += f(load1(x), *p, *m);
+    }
+}
+
+#[inline(always)]
+fn nhwc_leaf_two_pass<T: Element, const SIMD: bool>(
+    xs: &[T],
+    b: NhwcBatch,
+    pos: Range<usize>,
+    pivots: &Wide,
+) -> BatchMoments {
     let mut out = BatchMoments {
         count: pos.len() * b.d,
         mean: [0.0; BATCH_CHANNELS],
         m2: [0.0; BATCH_CHANNELS],
     };
     let col0 = b.g0 * b.d;
-    let mut buf = [0f32; CHUNK];
     if b.d > BATCH_CHANNELS {
         // One group, long contiguous runs: a pairwise tree per run, merged over the leaf's
-        // (at most NHWC_BLOCK / D < 64) positions.
+        // (at most NHWC_STATS_BLOCK / D < 64) positions.
         let mut m = Moments::default();
         for s in pos {
             let at = s * b.c + col0;
-            m = m.merge(run_moments(&xs[at..at + b.d], pivots[0], &mut buf));
+            m = m.merge(run_moments(&xs[at..at + b.d], pivots[0]));
         }
         (out.mean[0], out.m2[0]) = (m.mean, m.m2);
         return out;
@@ -138,18 +185,11 @@ fn nhwc_leaf_moments<T: Element>(
     for (pg, p) in pc[..cb].chunks_mut(b.d).zip(pivots) {
         pg.fill(*p);
     }
-    // Each position's segment is read in spans of at most CHUNK channels (the conversion
-    // buffer); span `j` starts at channel `j * CHUNK` of the batch.
+    // Each position's segment, walked in memory order, values converted in registers.
     for s in pos.clone() {
         let at = s * b.c + col0;
-        for (j, seg) in xs[at..at + cb].chunks(CHUNK).enumerate() {
-            let k = j * CHUNK..;
-            read_f32(seg, &mut buf, |v| {
-                for ((a, e), p) in acc[k.clone()].iter_mut().zip(v).zip(&pc[k]) {
-                    *a += e - p;
-                }
-            });
-        }
+        let seg = &xs[at..at + cb];
+        accumulate_channels::<T, SIMD>(&mut acc, seg, &pc, &pc, |e, p, _| e - p);
     }
     for i in 0..b.gb {
         out.mean[i] = pairwise_sum(&acc[i * b.d..(i + 1) * b.d]) / out.count as f32;
@@ -160,16 +200,11 @@ fn nhwc_leaf_moments<T: Element>(
     acc = zero;
     for s in pos {
         let at = s * b.c + col0;
-        for (j, seg) in xs[at..at + cb].chunks(CHUNK).enumerate() {
-            let k = j * CHUNK..;
-            read_f32(seg, &mut buf, |v| {
-                let (pc, mc) = (&pc[k.clone()], &mc[k.clone()]);
-                for (((a, e), p), m) in acc[k].iter_mut().zip(v).zip(pc).zip(mc) {
-                    let dv = (e - p) - m;
-                    *a += dv * dv;
-                }
-            });
-        }
+        let seg = &xs[at..at + cb];
+        accumulate_channels::<T, SIMD>(&mut acc, seg, &pc, &mc, |e, p, m| {
+            let dv = (e - p) - m;
+            dv * dv
+        });
     }
     for i in 0..b.gb {
         out.m2[i] = pairwise_sum(&acc[i * b.d..(i + 1) * b.d]);
@@ -342,6 +377,26 @@ fn normalize_nhwc_piece<T: Element>(
     k: &SpanCoefs,
     act: Activation,
 ) {
+    if act == Activation::None {
+        // Each position's columns, values converted in registers.
+        let n = cols.len();
+        let (p, m, a, b) = (
+            &k.pivot[..n],
+            &k.shifted_mean[..n],
+            &k.scale[..n],
+            &k.shift[..n],
+        );
+        let simd = use_simd();
+        for (xr, yr) in xp.chunks_exact(c).zip(yp.chunks_exact_mut(c)) {
+            let (xr, yr) = (&xr[cols.clone()], &mut yr[cols.clone()]);
+            if simd {
+                affine_per_channel::<T, true>(xr, yr, p, m, a, b);
+            } else {
+                affine_per_channel::<T, false>(xr, yr, p, m, a, b);
+            }
+        }
+        return;
+    }
     let (mut bx, mut by) = ([0f32; CHUNK], [0f32; CHUNK]);
     // `span` of the piece, whose first channel is coefficient `at` of `k`
     let mut normalize = |span: Range<usize>, at: usize| {
@@ -366,5 +421,42 @@ fn normalize_nhwc_piece<T: Element>(
             let start = row + cols.start + at;
             normalize(start..start + CHUNK.min(cols.len() - at), at);
         }
+    }
+}
+
+/// `y[j] = ((x[j] - p[j]) - m[j]) * a[j] + b[j]` over one position's columns (the same
+/// arithmetic as [`SpanCoefs::apply`]), eight at a time with the values converted in
+/// registers ([`load8`], [`store8`]), the tail one at a time.
+#[inline(always)]
+pub(super) fn affine_per_channel<T: Element, const SIMD: bool>(
+    x: &[T],
+    y: &mut [T],
+    p: &[f32],
+    m: &[f32],
+    a: &[f32],
+    b: &[f32],
+) {
+    let f = |v: f32, p: f32, m: f32, a: f32, b: f32| ((v - p) - m) * a + b;
+    let mut x8 = x.chunks_exact(8);
+    let mut y8 = y.chunks_exact_mut(8);
+    let mut c8 = p
+        .chunks_exact(8)
+        .zip(m.chunks_exact(8))
+        .zip(a.chunks_exact(8).zip(b.chunks_exact(8)));
+    for ((xv, yv), ((p, m), (a, b))) in (&mut x8).zip(&mut y8).zip(&mut c8) {
+        let v = load8::<T, SIMD>(xv);
+        let (p, m) = (load8::<f32, SIMD>(p), load8::<f32, SIMD>(m));
+        let (a, b) = (load8::<f32, SIMD>(a), load8::<f32, SIMD>(b));
+        let mut o = [0f32; 8];
+        for (l, o) in o.iter_mut().enumerate() {
+            *o = f(v[l], p[l], m[l], a[l], b[l]);
+        }
+        store8::<T, SIMD>(o, yv);
+    }
+    let done = x.len() - x8.remainder().len();
+    let tail = x8.remainder().iter().zip(y8.into_remainder()).enumerate();
+    for (i, (xv, yv)) in tail {
+        let j = done + i;
+        store1(f(load1(xv), p[j], m[j], a[j], b[j]), yv);
     }
 }

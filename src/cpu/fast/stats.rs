@@ -175,22 +175,53 @@ pub(super) fn pairwise_sum(v: &[f32]) -> f32 {
 }
 
 /// Exact two-pass moments of 1 to [`CHUNK`] values, shifted by `pivot` (compiled for AVX2 too,
-/// picked at run time; same operations in the same order, so the same bits).
+/// picked at run time; same operations in the same order, so the same bits). Both passes read
+/// `x` itself (from L1 the second time), eight values at a time converted in registers.
 #[multiversion(targets("x86_64+avx2+fma+f16c"))]
-pub(super) fn leaf_moments<T: Element>(x: &[T], pivot: f32, buf: &mut Buf) -> Moments {
+pub(super) fn leaf_moments<T: Element>(x: &[T], pivot: f32) -> Moments {
+    if use_simd() {
+        leaf_two_pass::<T, true>(x, pivot)
+    } else {
+        leaf_two_pass::<T, false>(x, pivot)
+    }
+}
+
+#[inline(always)]
+fn leaf_two_pass<T: Element, const SIMD: bool>(x: &[T], pivot: f32) -> Moments {
     debug_assert!(!x.is_empty() && x.len() <= CHUNK);
-    read_f32(x, buf, |v| {
-        let mean = lane_sum(v, |e| e - pivot) / v.len() as f32;
-        let m2 = lane_sum(v, |e| {
-            let d = (e - pivot) - mean;
-            d * d
-        });
-        Moments {
-            count: v.len(),
-            mean,
-            m2,
+    let mean = lane_sum_of::<T, SIMD>(x, |e| e - pivot) / x.len() as f32;
+    let m2 = lane_sum_of::<T, SIMD>(x, |e| {
+        let d = (e - pivot) - mean;
+        d * d
+    });
+    Moments {
+        count: x.len(),
+        mean,
+        m2,
+    }
+}
+
+/// [`lane_sum`] over values of `T`, converted eight at a time in registers ([`load8`]): the same
+/// lanes, order and fold, so the same bits as [`lane_sum`] over the converted values.
+#[inline(always)]
+pub(super) fn lane_sum_of<T: Element, const SIMD: bool>(v: &[T], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [[0f32; 8]; LANES / 8];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, c8) in acc.iter_mut().zip(c.chunks_exact(8)) {
+            let e = load8::<T, SIMD>(c8);
+            for (x, &e) in a.iter_mut().zip(&e) {
+                *x += f(e);
+            }
         }
-    })
+    }
+    let rest = chunks.remainder().iter().fold(0f32, |a, e| a + f(load1(e)));
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        // SAFETY: `SIMD` is only true when the CPU has AVX2 and F16C (`use_simd`).
+        return unsafe { f16c::fold4x8(&acc) } + rest;
+    }
+    fold_lanes(&acc) + rest
 }
 
 /// Where to cut a slice longer than [`CHUNK`]: half its chunks (rounded down) on the left.
@@ -201,23 +232,19 @@ pub(super) fn split_point(len: usize) -> usize {
 
 /// Moments of a contiguous run, shifted by `pivot`: a fixed pairwise tree of chunk states,
 /// with long halves computed in parallel (the tree, hence the result, does not change).
-pub(super) fn run_moments<T: Element>(x: &[T], pivot: f32, buf: &mut Buf) -> Moments {
+pub(super) fn run_moments<T: Element>(x: &[T], pivot: f32) -> Moments {
     if x.len() <= CHUNK {
         return if x.is_empty() {
             Moments::default()
         } else {
-            leaf_moments(x, pivot, buf)
+            leaf_moments(x, pivot)
         };
     }
     let (a, b) = x.split_at(split_point(x.len()));
     let (ma, mb) = if x.len() >= PAR_MIN && may_split() {
-        rayon::join(
-            || run_moments(a, pivot, buf),
-            || run_moments(b, pivot, &mut [0.0; CHUNK]),
-        )
+        rayon::join(|| run_moments(a, pivot), || run_moments(b, pivot))
     } else {
-        let ma = run_moments(a, pivot, buf);
-        (ma, run_moments(b, pivot, buf))
+        (run_moments(a, pivot), run_moments(b, pivot))
     };
     ma.merge(mb)
 }

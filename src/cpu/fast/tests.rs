@@ -20,7 +20,7 @@ fn merge_matches_direct_moments() {
     let v: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 * 0.25).collect();
     let direct_mean = v.iter().map(|&e| e as f64).sum::<f64>() / 1000.0;
     let direct_m2: f64 = v.iter().map(|&e| (e as f64 - direct_mean).powi(2)).sum();
-    let m = run_moments(&v, 0.0, &mut [0.0; CHUNK]);
+    let m = run_moments(&v, 0.0);
     assert_eq!(m.count, 1000);
     assert!((m.mean as f64 - direct_mean).abs() < 1e-5 * direct_mean);
     assert!((m.m2 as f64 - direct_m2).abs() < 1e-5 * direct_m2);
@@ -38,7 +38,7 @@ fn split_point_keeps_whole_chunks_on_the_left() {
 fn chunk_with_inf_gives_nan_variance() {
     let mut v = vec![1.0f32; 10];
     v[3] = f32::INFINITY;
-    let st = RowStats::from_moments(leaf_moments(&v, 1.0, &mut [0.0; CHUNK]), 1.0, 1e-5);
+    let st = RowStats::from_moments(leaf_moments(&v, 1.0), 1.0, 1e-5);
     assert!(st.rstd.is_nan() && st.mean.is_nan());
 }
 
@@ -234,5 +234,155 @@ fn bf16_widening_for_arithmetic_computes_as_half_s_values() {
         } else {
             assert_eq!(f.to_bits(), e.to_bits(), "{bits:#06x}");
         }
+    }
+}
+
+/// [`load8`], [`store8`], [`store16`] (and the tails' [`load1`], [`store1`]) over every
+/// 16-bit pattern and every rounding case class, in both forms (the vector one where this
+/// CPU has it): the same bits as the span conversions through buffers.
+fn register_conversions_match_spans<const SIMD: bool>() {
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    let (h, b): (Vec<f16>, Vec<bf16>) = all
+        .iter()
+        .map(|&u| (f16::from_bits(u), bf16::from_bits(u)))
+        .unzip();
+    let mut want = vec![0f32; all.len()];
+    f16_to_f32_slice(&all, &mut want);
+    for (i, e) in h.chunks_exact(8).enumerate() {
+        let got = load8::<f16, SIMD>(e);
+        for (l, g) in got.iter().enumerate() {
+            let w = want[i * 8 + l];
+            assert_eq!(g.to_bits(), w.to_bits(), "f16 {:#06x}", i * 8 + l);
+            assert_eq!(
+                load1(&e[l]).to_bits(),
+                w.to_bits(),
+                "f16 {:#06x}",
+                i * 8 + l
+            );
+        }
+    }
+    bf16_to_f32_for_arithmetic(&all, &mut want);
+    for (i, e) in b.chunks_exact(8).enumerate() {
+        let got = load8::<bf16, SIMD>(e);
+        for (l, g) in got.iter().enumerate() {
+            let w = want[i * 8 + l];
+            assert_eq!(g.to_bits(), w.to_bits(), "bf16 {:#06x}", i * 8 + l);
+            assert_eq!(
+                load1(&e[l]).to_bits(),
+                w.to_bits(),
+                "bf16 {:#06x}",
+                i * 8 + l
+            );
+        }
+    }
+    let cases: Vec<f32> = f16_rounding_cases().chain(rounding_cases()).collect();
+    let n = cases.len() / 16 * 16;
+    let (mut h8, mut h16) = (vec![f16::ZERO; n], vec![f16::ZERO; n]);
+    let (mut b8, mut b16) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
+    let (mut f8, mut f16s) = (vec![0f32; n], vec![0f32; n]);
+    let v8 = |s: &[f32]| -> F8 { s.try_into().expect("eight values") };
+    for (i, c) in cases[..n].chunks_exact(16).enumerate() {
+        let at = i * 16;
+        for k in [0, 8] {
+            store8::<f16, SIMD>(v8(&c[k..k + 8]), &mut h8[at + k..]);
+            store8::<bf16, SIMD>(v8(&c[k..k + 8]), &mut b8[at + k..]);
+            store8::<f32, SIMD>(v8(&c[k..k + 8]), &mut f8[at + k..]);
+        }
+        let (lo, hi) = (v8(&c[..8]), v8(&c[8..]));
+        store16::<f16, SIMD>(lo, hi, &mut h16[at..]);
+        store16::<bf16, SIMD>(lo, hi, &mut b16[at..]);
+        store16::<f32, SIMD>(lo, hi, &mut f16s[at..]);
+    }
+    for (i, &v) in cases[..n].iter().enumerate() {
+        let (wh, wb) = (f32_to_f16_bits(v), f32_to_bf16_bits(v));
+        let what = format!("f32 {:#010x}", v.to_bits());
+        assert_eq!((h8[i].to_bits(), h16[i].to_bits()), (wh, wh), "f16 {what}");
+        assert_eq!((b8[i].to_bits(), b16[i].to_bits()), (wb, wb), "bf16 {what}");
+        assert_eq!(
+            (f8[i].to_bits(), f16s[i].to_bits()),
+            (v.to_bits(), v.to_bits())
+        );
+        let (mut oh, mut ob) = (f16::ZERO, bf16::ZERO);
+        store1(v, &mut oh);
+        store1(v, &mut ob);
+        assert_eq!((oh.to_bits(), ob.to_bits()), (wh, wb), "{what}, one");
+    }
+}
+
+#[test]
+fn register_conversions_match_the_span_conversions() {
+    register_conversions_match_spans::<false>();
+    if use_simd() {
+        register_conversions_match_spans::<true>();
+    }
+}
+
+/// The fused forms give the bits of the buffered ones: `lane_sum_of` (and the vector lane
+/// fold) against `lane_sum` over the converted values, `map_values` against the same
+/// arithmetic through `read_f32`/`write_f32`, on lengths with every remainder.
+fn fused_forms_match_buffered<T: Element, const SIMD: bool>() {
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 3.0 + 1e4 * f32::from(rng % 7 == 0)
+    };
+    for len in (1..=70).chain([CHUNK - 1, CHUNK]) {
+        let x: Vec<T> = (0..len).map(|_| T::from_f32(next())).collect();
+        let (pivot, scale, shift) = (x[0].to_f32(), 0.37f32, -1.25f32);
+        let f = |e: f32| ((e - pivot) - 0.5) * scale + shift;
+        let mut buf = [0f32; CHUNK];
+        let want = read_f32(&x, &mut buf, |v| lane_sum(v, |e| (e - pivot) * (e - pivot)));
+        let got = lane_sum_of::<T, SIMD>(&x, |e| (e - pivot) * (e - pivot));
+        assert_eq!(got.to_bits(), want.to_bits(), "lane sum, len {len}");
+        let mut want_y = vec![T::from_f32(0.0); len];
+        let mut by = [0f32; CHUNK];
+        read_f32(&x, &mut buf, |v| {
+            write_f32(&mut want_y, &mut by, |o| {
+                for (o, &v) in o.iter_mut().zip(v) {
+                    *o = f(v);
+                }
+            })
+        });
+        let mut got_y = vec![T::from_f32(0.0); len];
+        map_values::<T, SIMD>(&x, &mut got_y, |_, v| f(v));
+        let bits = |y: &[T]| y.iter().map(|e| e.to_f32().to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got_y), bits(&want_y), "map, len {len}");
+        // per-channel forms (NHWC): coefficients vary along the run
+        let coef = |k: f32| (0..len).map(|i| k * (i as f32 + 1.0)).collect::<Vec<f32>>();
+        let (p, m, a, b) = (coef(0.5), coef(-0.25), coef(0.01), coef(3.0));
+        let mut want_y = vec![T::from_f32(0.0); len];
+        read_f32(&x, &mut buf, |v| {
+            write_f32(&mut want_y, &mut by, |o| {
+                for (j, (o, &v)) in o.iter_mut().zip(v).enumerate() {
+                    *o = ((v - p[j]) - m[j]) * a[j] + b[j];
+                }
+            })
+        });
+        affine_per_channel::<T, SIMD>(&x, &mut got_y, &p, &m, &a, &b);
+        assert_eq!(bits(&got_y), bits(&want_y), "per-channel affine, len {len}");
+        let (mut want_acc, mut got_acc) = (b.clone(), b.clone());
+        let g = |e: f32, p: f32, m: f32| ((e - p) - m) * ((e - p) - m);
+        read_f32(&x, &mut buf, |v| {
+            for (j, (acc, &e)) in want_acc.iter_mut().zip(v).enumerate() {
+                *acc += g(e, p[j], m[j]);
+            }
+        });
+        accumulate_channels::<T, SIMD>(&mut got_acc, &x, &p, &m, g);
+        let fbits = |v: &[f32]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+        assert_eq!(fbits(&got_acc), fbits(&want_acc), "channel sums, len {len}");
+    }
+}
+
+#[test]
+fn fused_conversions_give_the_bits_of_the_buffered_ones() {
+    fused_forms_match_buffered::<f32, false>();
+    fused_forms_match_buffered::<f16, false>();
+    fused_forms_match_buffered::<bf16, false>();
+    if use_simd() {
+        fused_forms_match_buffered::<f32, true>();
+        fused_forms_match_buffered::<f16, true>();
+        fused_forms_match_buffered::<bf16, true>();
     }
 }

@@ -23,50 +23,46 @@ impl BwdSums {
 
 /// [`BwdSums`] of 1 to [`CHUNK`] values, [`LANES`] lanes each (AVX2 too, picked at run time).
 #[multiversion(targets("x86_64+avx2+fma+f16c"))]
-pub(super) fn leaf_sums<T: Element, U: Element>(
+pub(super) fn leaf_sums<T: Element, U: Element>(dy: &[U], x: &[T], mean: f32) -> BwdSums {
+    if use_simd() {
+        leaf_sums_of::<T, U, true>(dy, x, mean)
+    } else {
+        leaf_sums_of::<T, U, false>(dy, x, mean)
+    }
+}
+
+/// [`leaf_sums`] with the values converted in registers, eight at a time ([`lane_sum_of`]).
+/// One pass per sum over the chunk (in L1), each as [`lane_sum`]: fused in one loop, LLVM
+/// bundled the three sums' lanes in pairs instead of vectors (assembly).
+#[inline(always)]
+pub(super) fn leaf_sums_of<T: Element, U: Element, const SIMD: bool>(
     dy: &[U],
     x: &[T],
     mean: f32,
-    scr: &mut Scratch,
 ) -> BwdSums {
-    read_f32(dy, &mut scr.a, |dy| {
-        read_f32(x, &mut scr.b, |x| {
-            // One pass per sum over the chunk (in L1), each as `lane_sum`: fused in one loop,
-            // LLVM bundled the three sums' lanes in pairs instead of vectors (assembly).
-            BwdSums {
-                dy: lane_sum(dy, |d| d),
-                dy_xm: lane_sum2(dy, x, |d, xv| d * (xv - mean)),
-                xm: lane_sum(x, |xv| xv - mean),
-            }
-        })
-    })
+    BwdSums {
+        dy: lane_sum_of::<U, SIMD>(dy, |d| d),
+        dy_xm: lane_sum2_of::<U, T, SIMD>(dy, x, |d, xv| d * (xv - mean)),
+        xm: lane_sum_of::<T, SIMD>(x, |xv| xv - mean),
+    }
 }
 
 /// [`BwdSums`] of a contiguous run, pairwise over chunks.
-pub(super) fn run_sums<T: Element, U: Element>(
-    dy: &[U],
-    x: &[T],
-    mean: f32,
-    scr: &mut Scratch,
-) -> BwdSums {
+pub(super) fn run_sums<T: Element, U: Element>(dy: &[U], x: &[T], mean: f32) -> BwdSums {
     if dy.len() <= CHUNK {
         return if dy.is_empty() {
             BwdSums::default()
         } else {
-            leaf_sums(dy, x, mean, scr)
+            leaf_sums(dy, x, mean)
         };
     }
     let mid = split_point(dy.len());
     let (dya, dyb) = dy.split_at(mid);
     let (xa, xb) = x.split_at(mid);
     let (sa, sb) = if dy.len() >= PAR_MIN && may_split() {
-        rayon::join(
-            || run_sums(dya, xa, mean, scr),
-            || run_sums(dyb, xb, mean, &mut Scratch::new()),
-        )
+        rayon::join(|| run_sums(dya, xa, mean), || run_sums(dyb, xb, mean))
     } else {
-        let sa = run_sums(dya, xa, mean, scr);
-        (sa, run_sums(dyb, xb, mean, scr))
+        (run_sums(dya, xa, mean), run_sums(dyb, xb, mean))
     };
     sa.add(sb)
 }
@@ -193,9 +189,9 @@ pub(super) fn backward_nchw<T: Element, U: Element, P: Element>(
         let (m, r) = (mean[row], rstd[row]);
         let sum_xm = nchw_row_sums(xr, dyr, s, m, sdy_r, sdyx_r, scr);
         let (k2, k3) = row_coefs(weight, g, sdy_r, sdyx_r, sum_xm, l, m, r);
-        for_each_row_piece(dxr, scr, |off, dp, scr| {
+        for_each_row_piece(dxr, scr, |off, dp, _| {
             let (xp, dyp) = (&xr[off..off + dp.len()], &dyr[off..off + dp.len()]);
-            dx_piece(xp, dyp, dp, scr, off, s, g * d, r, m, k2, k3, weight);
+            dx_piece(xp, dyp, dp, off, s, g * d, r, m, k2, k3, weight);
         });
     };
     if on_caller(geo) {
@@ -216,8 +212,9 @@ pub(super) fn backward_nchw<T: Element, U: Element, P: Element>(
 }
 
 /// Per-channel `sum dy` and `sum dy*(x - mean)` of one NCHW row (into `sdy`, `sdyx`), and
-/// the row's `sum (x - mean)`. Runs of at least [`CHUNK`] values get a pairwise tree each;
-/// shorter runs are summed in sequence, block by block, so that their conversions and loops
+/// the row's `sum (x - mean)`. Runs of at least [`CHUNK`] values get a pairwise tree each,
+/// runs of [`LANES`] to [`CHUNK`] one leaf each; shorter runs are summed in sequence, block by
+/// block, so that their conversions and loops
 /// are amortized over whole blocks.
 #[allow(clippy::too_many_arguments)]
 #[multiversion(targets("x86_64+avx2+fma+f16c"))]
@@ -234,11 +231,20 @@ pub(super) fn nchw_row_sums<T: Element, U: Element>(
     if s >= CHUNK {
         for (dc, (a, b)) in sdy.iter_mut().zip(sdyx.iter_mut()).enumerate() {
             let run = dc * s..(dc + 1) * s;
-            let sums = run_sums(&dyr[run.clone()], &xr[run], mean, scr);
+            let sums = run_sums(&dyr[run.clone()], &xr[run], mean);
             (*a, *b) = (sums.dy, sums.dy_xm);
             sum_xm += sums.xm;
         }
         return sum_xm;
+    }
+    if s >= LANES {
+        // One leaf per channel run: lane sums rather than one sequential sum per run (three
+        // dependent additions per value: 32x1280x8x8 bf16 ran at 0.46x PyTorch).
+        return if use_simd() {
+            run_leaf_sums::<T, U, true>(xr, dyr, s, mean, sdy, sdyx)
+        } else {
+            run_leaf_sums::<T, U, false>(xr, dyr, s, mean, sdy, sdyx)
+        };
     }
     sdy.fill(0.0);
     sdyx.fill(0.0);
@@ -263,6 +269,28 @@ pub(super) fn nchw_row_sums<T: Element, U: Element>(
     sum_xm
 }
 
+/// [`nchw_row_sums`] with one leaf per channel run of `s` values (at most [`CHUNK`]); returns
+/// the row's `sum (x - mean)`. (Inlined into the AVX2 copy of its caller: called through a
+/// function pointer it ran in baseline code, 2x slower than the sequential sums.)
+#[inline(always)]
+fn run_leaf_sums<T: Element, U: Element, const SIMD: bool>(
+    xr: &[T],
+    dyr: &[U],
+    s: usize,
+    mean: f32,
+    sdy: &mut [f32],
+    sdyx: &mut [f32],
+) -> f32 {
+    let mut sum_xm = 0f32;
+    for (dc, (a, b)) in sdy.iter_mut().zip(sdyx.iter_mut()).enumerate() {
+        let run = dc * s..(dc + 1) * s;
+        let sums = leaf_sums_of::<T, U, SIMD>(&dyr[run.clone()], &xr[run], mean);
+        (*a, *b) = (sums.dy, sums.dy_xm);
+        sum_xm += sums.xm;
+    }
+    sum_xm
+}
+
 /// `dx = k1[c]*dy - k2*(x - mean) - k3` over a piece of an NCHW row that starts at row offset
 /// `off` (channel runs of `s` values, the row's first channel `c0`, `k1[c] = rstd * w[c]`).
 /// Compiled for AVX2 too and picked at run time (same operations in the same order).
@@ -272,7 +300,6 @@ fn dx_piece<T: Element, U: Element, P: Element>(
     xp: &[T],
     dyp: &[U],
     dp: &mut [T],
-    scr: &mut Scratch,
     off: usize,
     s: usize,
     c0: usize,
@@ -282,25 +309,16 @@ fn dx_piece<T: Element, U: Element, P: Element>(
     k3: f32,
     weight: Option<&[P]>,
 ) {
-    for (bi, ((xb, db), ob)) in xp
-        .chunks(CHUNK)
-        .zip(dyp.chunks(CHUNK))
-        .zip(dp.chunks_mut(CHUNK))
-        .enumerate()
-    {
-        read_f32(xb, &mut scr.a, |xv| {
-            read_f32(db, &mut scr.b, |dv| {
-                write_f32(ob, &mut scr.c, |ov| {
-                    for_each_channel_run(off + bi * CHUNK, xv.len(), s, |dc, k| {
-                        let k1 = r * param(weight, c0 + dc, 1.0);
-                        for ((o, xi), di) in
-                            ov[k.clone()].iter_mut().zip(&xv[k.clone()]).zip(&dv[k])
-                        {
-                            *o = k1 * di - k2 * (xi - m) - k3;
-                        }
-                    })
-                })
-            })
-        });
-    }
+    let run = |x: &[T], dy: &[U], o: &mut [T], k1: f32| {
+        let f = |xi: f32, di: f32| k1 * di - k2 * (xi - m) - k3;
+        if use_simd() {
+            map2_values::<T, U, true>(x, dy, o, f)
+        } else {
+            map2_values::<T, U, false>(x, dy, o, f)
+        }
+    };
+    for_each_channel_run(off, xp.len(), s, |dc, k| {
+        let k1 = r * param(weight, c0 + dc, 1.0);
+        run(&xp[k.clone()], &dyp[k.clone()], &mut dp[k], k1);
+    });
 }

@@ -161,29 +161,85 @@ fn nhwc_block_sums<T: Element, U: Element>(
 ) {
     let (a, rest) = out.split_at_mut(c);
     let (b, e) = rest.split_at_mut(c);
-    let (mut bx, mut bd) = ([0f32; CHUNK], [0f32; CHUNK]);
-    for_each_span(xs.len(), c, |span, ch0| {
-        read_f32(&xs[span.clone()], &mut bx, |xv| {
-            read_f32(&dys[span], &mut bd, |dv| {
-                for (xseg, dseg) in xv.chunks(c).zip(dv.chunks(c)) {
-                    let k = ch0..ch0 + xseg.len();
-                    for (((((a, b), e), xi), di), m) in a[k.clone()]
-                        .iter_mut()
-                        .zip(&mut b[k.clone()])
-                        .zip(&mut e[k.clone()])
-                        .zip(xseg)
-                        .zip(dseg)
-                        .zip(&mc[k])
-                    {
-                        let xm = xi - m;
-                        *a += di;
-                        *b += di * xm;
-                        *e += xm;
+    if f32_only::<T, U>() {
+        // f32 in place (no conversion): the span loops measured faster than the eight-channel
+        // form here (4x64x16x16 0.042 against 0.052 ms, one thread).
+        let (mut bx, mut bd) = ([0f32; CHUNK], [0f32; CHUNK]);
+        for_each_span(xs.len(), c, |span, ch0| {
+            read_f32(&xs[span.clone()], &mut bx, |xv| {
+                read_f32(&dys[span], &mut bd, |dv| {
+                    for (xseg, dseg) in xv.chunks(c).zip(dv.chunks(c)) {
+                        let k = ch0..ch0 + xseg.len();
+                        for (((((a, b), e), xi), di), m) in a[k.clone()]
+                            .iter_mut()
+                            .zip(&mut b[k.clone()])
+                            .zip(&mut e[k.clone()])
+                            .zip(xseg)
+                            .zip(dseg)
+                            .zip(&mc[k])
+                        {
+                            let xm = xi - m;
+                            *a += di;
+                            *b += di * xm;
+                            *e += xm;
+                        }
                     }
-                }
+                })
             })
-        })
-    });
+        });
+    } else if use_simd() {
+        channel_sums::<T, U, true>(xs, dys, mc, a, b, e, c);
+    } else {
+        channel_sums::<T, U, false>(xs, dys, mc, a, b, e, c);
+    }
+}
+
+/// [`nhwc_block_sums`] position by position, eight channels at a time with the values
+/// converted in registers ([`load8`]), the tail channels one at a time.
+#[inline(always)]
+fn channel_sums<T: Element, U: Element, const SIMD: bool>(
+    xs: &[T],
+    dys: &[U],
+    mc: &[f32],
+    a: &mut [f32],
+    b: &mut [f32],
+    e: &mut [f32],
+    c: usize,
+) {
+    let f8 = |v: &[f32]| load8::<f32, SIMD>(v);
+    let full = c / 8 * 8;
+    for (xr, dr) in xs.chunks_exact(c).zip(dys.chunks_exact(c)) {
+        let lanes = xr[..full]
+            .chunks_exact(8)
+            .zip(dr[..full].chunks_exact(8))
+            .zip(mc[..full].chunks_exact(8))
+            .zip(a[..full].chunks_exact_mut(8))
+            .zip(
+                b[..full]
+                    .chunks_exact_mut(8)
+                    .zip(e[..full].chunks_exact_mut(8)),
+            );
+        for ((((x8, d8), m8), a8), (b8, e8)) in lanes {
+            let (xv, dv, mv) = (load8::<T, SIMD>(x8), load8::<U, SIMD>(d8), f8(m8));
+            let (mut sa, mut sb, mut se) = (f8(a8), f8(b8), f8(e8));
+            for l in 0..8 {
+                let xm = xv[l] - mv[l];
+                sa[l] += dv[l];
+                sb[l] += dv[l] * xm;
+                se[l] += xm;
+            }
+            store8::<f32, SIMD>(sa, a8);
+            store8::<f32, SIMD>(sb, b8);
+            store8::<f32, SIMD>(se, e8);
+        }
+        for j in full..c {
+            let (xi, di) = (load1(&xr[j]), load1(&dr[j]));
+            let xm = xi - mc[j];
+            a[j] += di;
+            b[j] += di * xm;
+            e[j] += xm;
+        }
+    }
 }
 
 /// Phase 3 of the NHWC backward on a piece of whole positions: `dx = k1*dy - k2*(x - m) - k3`
@@ -200,28 +256,86 @@ fn nhwc_dx_piece<T: Element, U: Element>(
     k3: &[f32],
     mn: &[f32],
 ) {
-    let (mut bx, mut bd, mut bo) = ([0f32; CHUNK], [0f32; CHUNK], [0f32; CHUNK]);
-    for_each_span(xp.len(), c, |span, ch0| {
-        read_f32(&xp[span.clone()], &mut bx, |xv| {
-            read_f32(&dp[span.clone()], &mut bd, |dv| {
-                write_f32(&mut op[span], &mut bo, |ov| {
-                    for ((oseg, xseg), dseg) in ov.chunks_mut(c).zip(xv.chunks(c)).zip(dv.chunks(c))
-                    {
-                        let k = ch0..ch0 + xseg.len();
-                        for ((((((o, xi), di), a), b), cc), m) in oseg
-                            .iter_mut()
-                            .zip(xseg)
-                            .zip(dseg)
-                            .zip(&k1[k.clone()])
-                            .zip(&k2[k.clone()])
-                            .zip(&k3[k.clone()])
-                            .zip(&mn[k])
+    if f32_only::<T, U>() {
+        // f32 in place, as in `nhwc_block_sums`.
+        let (mut bx, mut bd, mut bo) = ([0f32; CHUNK], [0f32; CHUNK], [0f32; CHUNK]);
+        for_each_span(xp.len(), c, |span, ch0| {
+            read_f32(&xp[span.clone()], &mut bx, |xv| {
+                read_f32(&dp[span.clone()], &mut bd, |dv| {
+                    write_f32(&mut op[span], &mut bo, |ov| {
+                        for ((oseg, xseg), dseg) in
+                            ov.chunks_mut(c).zip(xv.chunks(c)).zip(dv.chunks(c))
                         {
-                            *o = a * di - b * (xi - m) - cc;
+                            let k = ch0..ch0 + xseg.len();
+                            for ((((((o, xi), di), a), b), cc), m) in oseg
+                                .iter_mut()
+                                .zip(xseg)
+                                .zip(dseg)
+                                .zip(&k1[k.clone()])
+                                .zip(&k2[k.clone()])
+                                .zip(&k3[k.clone()])
+                                .zip(&mn[k])
+                            {
+                                *o = a * di - b * (xi - m) - cc;
+                            }
                         }
-                    }
+                    })
                 })
             })
-        })
-    });
+        });
+    } else if use_simd() {
+        channel_dx::<T, U, true>(xp, dp, op, c, k1, k2, k3, mn);
+    } else {
+        channel_dx::<T, U, false>(xp, dp, op, c, k1, k2, k3, mn);
+    }
+}
+
+/// [`nhwc_dx_piece`] position by position, eight channels at a time with the values
+/// converted in registers ([`load8`], [`store8`]), the tail channels one at a time.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn channel_dx<T: Element, U: Element, const SIMD: bool>(
+    xp: &[T],
+    dp: &[U],
+    op: &mut [T],
+    c: usize,
+    k1: &[f32],
+    k2: &[f32],
+    k3: &[f32],
+    mn: &[f32],
+) {
+    let f8 = |v: &[f32]| load8::<f32, SIMD>(v);
+    let full = c / 8 * 8;
+    let f = |x: f32, d: f32, a: f32, b: f32, cc: f32, m: f32| a * d - b * (x - m) - cc;
+    for ((xr, dr), or) in xp
+        .chunks_exact(c)
+        .zip(dp.chunks_exact(c))
+        .zip(op.chunks_exact_mut(c))
+    {
+        let lanes = xr[..full]
+            .chunks_exact(8)
+            .zip(dr[..full].chunks_exact(8))
+            .zip(or[..full].chunks_exact_mut(8))
+            .zip(k1[..full].chunks_exact(8).zip(k2[..full].chunks_exact(8)))
+            .zip(k3[..full].chunks_exact(8).zip(mn[..full].chunks_exact(8)));
+        for ((((x8, d8), o8), (a8, b8)), (c8, m8)) in lanes {
+            let (xv, dv) = (load8::<T, SIMD>(x8), load8::<U, SIMD>(d8));
+            let (av, bv, cv, mv) = (f8(a8), f8(b8), f8(c8), f8(m8));
+            let mut o = [0f32; 8];
+            for (l, o) in o.iter_mut().enumerate() {
+                *o = f(xv[l], dv[l], av[l], bv[l], cv[l], mv[l]);
+            }
+            store8::<T, SIMD>(o, o8);
+        }
+        for j in full..c {
+            let v = f(load1(&xr[j]), load1(&dr[j]), k1[j], k2[j], k3[j], mn[j]);
+            store1(v, &mut or[j]);
+        }
+    }
+}
+
+/// Whether both tensors are f32 (read and written in place, no conversion).
+#[inline(always)]
+fn f32_only<T: 'static, U: 'static>() -> bool {
+    TypeId::of::<T>() == TypeId::of::<f32>() && TypeId::of::<U>() == TypeId::of::<f32>()
 }

@@ -35,7 +35,6 @@ pub(super) type Buf = [f32; CHUNK];
 pub(super) struct Scratch {
     pub(super) a: Buf,
     pub(super) b: Buf,
-    pub(super) c: Buf,
 }
 
 impl Scratch {
@@ -43,7 +42,6 @@ impl Scratch {
         Scratch {
             a: [0.0; CHUNK],
             b: [0.0; CHUNK],
-            c: [0.0; CHUNK],
         }
     }
 }
@@ -261,6 +259,44 @@ pub(super) fn map_values<T: Element, const SIMD: bool>(
     for (a, b) in xs.remainder().iter().zip(ys.into_remainder()) {
         store1(f(i, load1(a)), b);
         i += 1;
+    }
+}
+
+/// `o[i] = f(x[i], d[i])` over three runs of the same length, converted in registers as in
+/// [`map_values`] (the backward's `dx`).
+#[inline(always)]
+pub(super) fn map2_values<T: Element, U: Element, const SIMD: bool>(
+    x: &[T],
+    d: &[U],
+    o: &mut [T],
+    f: impl Fn(f32, f32) -> f32,
+) {
+    let d = &d[..x.len()];
+    let eight = |a: &[T], b: &[U]| {
+        let (u, v) = (load8::<T, SIMD>(a), load8::<U, SIMD>(b));
+        let mut r = [0f32; 8];
+        for (l, r) in r.iter_mut().enumerate() {
+            *r = f(u[l], v[l]);
+        }
+        r
+    };
+    let (mut x16, mut d16) = (x.chunks_exact(16), d.chunks_exact(16));
+    let mut o16 = o.chunks_exact_mut(16);
+    for ((a, b), c) in (&mut x16).zip(&mut d16).zip(&mut o16) {
+        let (lo, hi) = (eight(&a[..8], &b[..8]), eight(&a[8..], &b[8..]));
+        store16::<T, SIMD>(lo, hi, c);
+    }
+    let (mut x8, mut d8) = (
+        x16.remainder().chunks_exact(8),
+        d16.remainder().chunks_exact(8),
+    );
+    let mut o8 = o16.into_remainder().chunks_exact_mut(8);
+    for ((a, b), c) in (&mut x8).zip(&mut d8).zip(&mut o8) {
+        store8::<T, SIMD>(eight(a, b), c);
+    }
+    let tail = x8.remainder().iter().zip(d8.remainder());
+    for ((a, b), c) in tail.zip(o8.into_remainder()) {
+        store1(f(load1(a), load1(b)), c);
     }
 }
 

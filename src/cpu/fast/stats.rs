@@ -90,30 +90,6 @@ pub(super) fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     fold_lanes(&acc) + rest
 }
 
-/// [`lane_sum`] of `f(a[i], b[i])` over two slices of the same length.
-#[inline(always)]
-pub(super) fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [[0f32; 8]; LANES / 8];
-    let mut ac = a.chunks_exact(LANES);
-    let mut bc = b.chunks_exact(LANES);
-    for (a32, b32) in (&mut ac).zip(&mut bc) {
-        for (acc8, (a8, b8)) in acc
-            .iter_mut()
-            .zip(a32.chunks_exact(8).zip(b32.chunks_exact(8)))
-        {
-            for ((x, &u), &v) in acc8.iter_mut().zip(a8).zip(b8) {
-                *x += f(u, v);
-            }
-        }
-    }
-    let rest = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .fold(0f32, |s, (&u, &v)| s + f(u, v));
-    fold_lanes(&acc) + rest
-}
-
 /// Adds `f` of `8 * R` values into accumulators held as rows of eight lanes.
 ///
 /// How these loops are written decides whether LLVM keeps each row in one vector register
@@ -162,6 +138,41 @@ pub(super) fn fold_lanes<const R: usize>(acc: &[[f32; 8]; R]) -> f32 {
         }
     }
     v[0]
+}
+
+/// [`lane_sum_of`] of `f(a[i], b[i])` over two runs of the same length (values of `A` and `B`
+/// converted eight at a time in registers): the same lanes, order and fold.
+#[inline(always)]
+pub(super) fn lane_sum2_of<A: Element, B: Element, const SIMD: bool>(
+    a: &[A],
+    b: &[B],
+    f: impl Fn(f32, f32) -> f32,
+) -> f32 {
+    let mut acc = [[0f32; 8]; LANES / 8];
+    let mut ac = a.chunks_exact(LANES);
+    let mut bc = b[..a.len()].chunks_exact(LANES);
+    for (a32, b32) in (&mut ac).zip(&mut bc) {
+        for (acc8, (a8, b8)) in acc
+            .iter_mut()
+            .zip(a32.chunks_exact(8).zip(b32.chunks_exact(8)))
+        {
+            let (u, v) = (load8::<A, SIMD>(a8), load8::<B, SIMD>(b8));
+            for (l, x) in acc8.iter_mut().enumerate() {
+                *x += f(u[l], v[l]);
+            }
+        }
+    }
+    let rest = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .fold(0f32, |s, (u, v)| s + f(load1(u), load1(v)));
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        // SAFETY: `SIMD` is only true when the CPU has AVX2 and F16C (`use_simd`).
+        return unsafe { f16c::fold4x8(&acc) } + rest;
+    }
+    fold_lanes(&acc) + rest
 }
 
 /// Pairwise sum of a short slice (per-group sums of per-channel partials).

@@ -372,6 +372,28 @@ fn fused_forms_match_buffered<T: Element, const SIMD: bool>() {
         accumulate_channels::<T, SIMD>(&mut got_acc, &x, &p, &m, g);
         let fbits = |v: &[f32]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
         assert_eq!(fbits(&got_acc), fbits(&want_acc), "channel sums, len {len}");
+        // two-input forms (the backward): the same products in the same lanes and order
+        let d: Vec<T> = (0..len).map(|_| T::from_f32(next())).collect();
+        let h = |u: f32, v: f32| u * (v - pivot);
+        let products: Vec<f32> = d
+            .iter()
+            .zip(&x)
+            .map(|(u, v)| h(load1(u), load1(v)))
+            .collect();
+        let want = lane_sum_of::<f32, false>(&products, |e| e);
+        let got = lane_sum2_of::<T, T, SIMD>(&d, &x, h);
+        assert_eq!(
+            got.to_bits(),
+            want.to_bits(),
+            "two-input lane sum, len {len}"
+        );
+        let k = |xi: f32, di: f32| 0.75 * di - 0.125 * (xi - pivot) - 0.5;
+        let mut want_y = vec![T::from_f32(0.0); len];
+        for ((o, xi), di) in want_y.iter_mut().zip(&x).zip(&d) {
+            store1(k(load1(xi), load1(di)), o);
+        }
+        map2_values::<T, T, SIMD>(&x, &d, &mut got_y, k);
+        assert_eq!(bits(&got_y), bits(&want_y), "two-input map, len {len}");
     }
 }
 

@@ -211,6 +211,18 @@ pub(super) fn store16<T: Element, const SIMD: bool>(lo: F8, hi: F8, d: &mut [T])
     store8::<T, SIMD>(hi, b);
 }
 
+/// [`fold_lanes`] of the four rows of [`lane_sum_of`]'s accumulators: in vector registers
+/// when `SIMD` (the same additions in the same order, so the same bits), out of line otherwise.
+#[inline(always)]
+pub(super) fn fold_lanes4<const SIMD: bool>(acc: &[[f32; 8]; 4]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        // SAFETY: `SIMD` is only true when the CPU has AVX2 and F16C (`use_simd`).
+        return unsafe { f16c::fold4x8(acc) };
+    }
+    fold_lanes(acc)
+}
+
 /// Stores one value as [`store8`] rounds it (for the tails of its loops).
 #[inline(always)]
 pub(super) fn store1<T: Element>(v: f32, d: &mut T) {
@@ -364,7 +376,7 @@ pub(super) fn f32_to_f16_bits(f: f32) -> u16 {
     (mag | sign) as u16
 }
 
-/// Widens f16 bits into `dst` (same length): F16C where the CPU has it (checked once per
+/// Widens f16 bits into `dst` (same length): F16C where the CPU has it (with AVX2; checked once per
 /// call, a cached flag; inlined into the AVX2 copies of the callers), the branch-free loop
 /// otherwise. The same bits either way.
 #[inline(always)]
@@ -398,7 +410,7 @@ pub(super) fn f32_to_f16_slice(src: &[f32], dst: &mut [u16]) {
 /// conversion runs the same instructions but calls a function per eight values; here a span of
 /// up to [`CHUNK`] values is one call, inlined into callers compiled with F16C.
 #[cfg(target_arch = "x86_64")]
-pub(super) mod f16c {
+mod f16c {
     use super::{f16_bits_to_f32, f32_to_f16_bits};
     use std::arch::x86_64::{
         __m128i, __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_and_si256,
@@ -429,7 +441,7 @@ pub(super) mod f16c {
     /// The CPU must have AVX2 ([`available`]).
     #[target_feature(enable = "avx2")]
     #[inline]
-    pub(in super::super) unsafe fn fold4x8(acc: &[[f32; 8]; 4]) -> f32 {
+    pub(super) unsafe fn fold4x8(acc: &[[f32; 8]; 4]) -> f32 {
         // SAFETY: each row is 8 f32 (32 bytes), read unaligned; the CPU has AVX.
         unsafe {
             let r = |i: usize| _mm256_loadu_ps(acc[i].as_ptr());

@@ -167,12 +167,7 @@ pub(super) fn lane_sum2_of<A: Element, B: Element, const SIMD: bool>(
         .iter()
         .zip(bc.remainder())
         .fold(0f32, |s, (u, v)| s + f(load1(u), load1(v)));
-    #[cfg(target_arch = "x86_64")]
-    if SIMD {
-        // SAFETY: `SIMD` is only true when the CPU has AVX2 and F16C (`use_simd`).
-        return unsafe { f16c::fold4x8(&acc) } + rest;
-    }
-    fold_lanes(&acc) + rest
+    fold_lanes4::<SIMD>(&acc) + rest
 }
 
 /// Pairwise sum of a short slice (per-group sums of per-channel partials).
@@ -227,12 +222,7 @@ pub(super) fn lane_sum_of<T: Element, const SIMD: bool>(v: &[T], f: impl Fn(f32)
         }
     }
     let rest = chunks.remainder().iter().fold(0f32, |a, e| a + f(load1(e)));
-    #[cfg(target_arch = "x86_64")]
-    if SIMD {
-        // SAFETY: `SIMD` is only true when the CPU has AVX2 and F16C (`use_simd`).
-        return unsafe { f16c::fold4x8(&acc) } + rest;
-    }
-    fold_lanes(&acc) + rest
+    fold_lanes4::<SIMD>(&acc) + rest
 }
 
 /// Where to cut a slice longer than [`CHUNK`]: half its chunks (rounded down) on the left.

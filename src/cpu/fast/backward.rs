@@ -214,8 +214,7 @@ pub(super) fn backward_nchw<T: Element, U: Element, P: Element>(
 /// Per-channel `sum dy` and `sum dy*(x - mean)` of one NCHW row (into `sdy`, `sdyx`), and
 /// the row's `sum (x - mean)`. Runs of at least [`CHUNK`] values get a pairwise tree each,
 /// runs of [`LANES`] to [`CHUNK`] one leaf each; shorter runs are summed in sequence, block by
-/// block, so that their conversions and loops
-/// are amortized over whole blocks.
+/// block, so that their conversions and loops are amortized over whole blocks.
 #[allow(clippy::too_many_arguments)]
 #[multiversion(targets("x86_64+avx2+fma+f16c"))]
 pub(super) fn nchw_row_sums<T: Element, U: Element>(

@@ -226,25 +226,23 @@ pub(super) fn nchw_row_sums<T: Element, U: Element>(
     sdyx: &mut [f32],
     scr: &mut Scratch,
 ) -> f32 {
-    let mut sum_xm = 0f32;
     if s >= CHUNK {
-        for (dc, (a, b)) in sdy.iter_mut().zip(sdyx.iter_mut()).enumerate() {
-            let run = dc * s..(dc + 1) * s;
-            let sums = run_sums(&dyr[run.clone()], &xr[run], mean);
-            (*a, *b) = (sums.dy, sums.dy_xm);
-            sum_xm += sums.xm;
-        }
-        return sum_xm;
+        return per_run_sums(xr, dyr, s, sdy, sdyx, |d, x| run_sums(d, x, mean));
     }
     if s >= LANES {
         // One leaf per channel run: lane sums rather than one sequential sum per run (three
         // dependent additions per value: 32x1280x8x8 bf16 ran at 0.46x PyTorch).
         return if use_simd() {
-            run_leaf_sums::<T, U, true>(xr, dyr, s, mean, sdy, sdyx)
+            per_run_sums(xr, dyr, s, sdy, sdyx, |d, x| {
+                leaf_sums_of::<T, U, true>(d, x, mean)
+            })
         } else {
-            run_leaf_sums::<T, U, false>(xr, dyr, s, mean, sdy, sdyx)
+            per_run_sums(xr, dyr, s, sdy, sdyx, |d, x| {
+                leaf_sums_of::<T, U, false>(d, x, mean)
+            })
         };
     }
+    let mut sum_xm = 0f32;
     sdy.fill(0.0);
     sdyx.fill(0.0);
     for (bi, (xb, db)) in xr.chunks(CHUNK).zip(dyr.chunks(CHUNK)).enumerate() {
@@ -268,24 +266,25 @@ pub(super) fn nchw_row_sums<T: Element, U: Element>(
     sum_xm
 }
 
-/// [`nchw_row_sums`] with one leaf per channel run of `s` values (at most [`CHUNK`]); returns
-/// the row's `sum (x - mean)`. (Inlined into the AVX2 copy of its caller: called through a
-/// function pointer it ran in baseline code, 2x slower than the sequential sums.)
+/// [`nchw_row_sums`] for runs of at least [`LANES`] values: `sums` of each channel run of `s`
+/// values into `sdy`, `sdyx`; returns the row's `sum (x - mean)`. (A generic closure, inlined
+/// into the AVX2 copy of its caller: a leaf passed as a function pointer ran in baseline code,
+/// 2x slower than the sequential sums.)
 #[inline(always)]
-fn run_leaf_sums<T: Element, U: Element, const SIMD: bool>(
+fn per_run_sums<T: Element, U: Element>(
     xr: &[T],
     dyr: &[U],
     s: usize,
-    mean: f32,
     sdy: &mut [f32],
     sdyx: &mut [f32],
+    sums: impl Fn(&[U], &[T]) -> BwdSums,
 ) -> f32 {
     let mut sum_xm = 0f32;
     for (dc, (a, b)) in sdy.iter_mut().zip(sdyx.iter_mut()).enumerate() {
         let run = dc * s..(dc + 1) * s;
-        let sums = leaf_sums_of::<T, U, SIMD>(&dyr[run.clone()], &xr[run], mean);
-        (*a, *b) = (sums.dy, sums.dy_xm);
-        sum_xm += sums.xm;
+        let r = sums(&dyr[run.clone()], &xr[run]);
+        (*a, *b) = (r.dy, r.dy_xm);
+        sum_xm += r.xm;
     }
     sum_xm
 }

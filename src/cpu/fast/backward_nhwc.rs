@@ -81,26 +81,26 @@ fn nhwc_sample_backward<T: Element, U: Element, P: Element>(
     let pb = nhwc_block_positions(c);
     let nb = s.div_ceil(pb);
     let (p, coefs) = ws.split_at_mut(nb * 3 * c);
+    let (k1, rest) = coefs.split_at_mut(c);
+    let (k2, rest) = rest.split_at_mut(c);
+    let (k3, mn) = rest.split_at_mut(c);
+    // Each channel's row mean, once per sample: phase 1 reads it, phase 3 too.
+    for (g, m) in mn.chunks_mut(d).enumerate() {
+        m.fill(mean_n[g]);
+    }
 
     // Phase 1: per block: per-channel sums over the block's positions, walking memory
     // contiguously.
-    let block = |mc: &mut Vec<f32>, (blk, out): (usize, &mut [f32])| {
+    let mc = &*mn;
+    let block = |(blk, out): (usize, &mut [f32])| {
         let (s0, s1) = (blk * pb, ((blk + 1) * pb).min(s));
         let range = s0 * c..s1 * c;
-        for (ch, m) in mc.iter_mut().enumerate() {
-            *m = mean_n[ch / d];
-        }
         nhwc_block_sums(&xs[range.clone()], &dys[range], mc, out, c);
     };
     if par {
-        p.par_chunks_mut(3 * c)
-            .enumerate()
-            .for_each_init(|| vec![0f32; c], block);
+        p.par_chunks_mut(3 * c).enumerate().for_each(block);
     } else {
-        let mut mc = vec![0f32; c];
-        p.chunks_mut(3 * c)
-            .enumerate()
-            .for_each(|item| block(&mut mc, item));
+        p.chunks_mut(3 * c).enumerate().for_each(block);
     }
 
     // Phase 2: pairwise tree over the blocks, then the row coefficients.
@@ -120,9 +120,6 @@ fn nhwc_sample_backward<T: Element, U: Element, P: Element>(
     sdy_n.copy_from_slice(&p[..c]);
     sdyx_n.copy_from_slice(&p[c..2 * c]);
     let sxm = &p[2 * c..w];
-    let (k1, rest) = coefs.split_at_mut(c);
-    let (k2, rest) = rest.split_at_mut(c);
-    let (k3, mn) = rest.split_at_mut(c);
     for g in 0..groups {
         let ch = g * d..(g + 1) * d;
         let (k2g, k3g) = row_coefs(
@@ -138,7 +135,7 @@ fn nhwc_sample_backward<T: Element, U: Element, P: Element>(
         // Phase 3's per-channel coefficients (structure of arrays).
         for ch in ch {
             k1[ch] = rstd_n[g] * param(weight, ch, 1.0);
-            (k2[ch], k3[ch], mn[ch]) = (k2g, k3g, mean_n[g]);
+            (k2[ch], k3[ch]) = (k2g, k3g);
         }
     }
 

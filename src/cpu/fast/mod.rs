@@ -44,12 +44,13 @@
 //!
 //! # Conversions
 //!
-//! The forward pass (statistics leaves and normalization, both layouts, without an activation)
-//! converts eight values at a time in registers (`convert::load8`, `store8`, `store16`): F16C
-//! for f16, a shift and a rounding sequence for bf16, explicit 256-bit loads and stores for f32
-//! where the CPU has AVX2 and F16C (`use_simd`, checked once per pass), plain loops otherwise.
-//! The other passes read and write in spans of at most [`CHUNK`] elements through f32 buffers
-//! on the stack: f32 data is used in place, f16 and bf16 go through branch-free loops that
+//! The inner loops of both passes (statistics leaves, normalization without an activation,
+//! backward sums and `dx`; not the NHWC backward's f32 loops) convert eight values at a time in
+//! registers (`convert::load8`, `store8`, `store16`): F16C for f16, a shift and a rounding
+//! sequence for bf16, explicit 256-bit loads and stores for f32 where the CPU has AVX2 and F16C
+//! (`use_simd`, checked once per pass), plain loops otherwise. The rest (activations, NCHW
+//! backward runs of fewer than [`LANES`] values, the NHWC backward in f32) reads and writes
+//! in spans of at most [`CHUNK`] elements through f32 buffers on the stack: f32 data is used in place, f16 and bf16 go through branch-free loops that
 //! LLVM vectorizes and inlines into the AVX2 copies below. Both forms give the same bits, equal
 //! to `half`'s and to F16C's `vcvtph2ps`/`vcvtps2ph` with round-to-nearest-even (`tests.rs`).
 //!

@@ -23,6 +23,7 @@
 //! dims here, but a kernel that indexed out of its buffers would corrupt host memory. The guard
 //! zones exist to catch exactly that in tests.
 
+use super::kernel_id::KernelId;
 use super::launch::{self, Grid};
 use super::params::{BwdParams, Chunking, FwdParams};
 use super::plan::{DeviceLimits, Pass, Path, Plan};
@@ -262,8 +263,9 @@ unsafe fn launch_raw(
 fn launcher<'a, A>(
     limits: DeviceLimits,
     trace: &'a mut Trace,
-) -> impl FnMut(&str, Grid, &A) -> Result<()> + 'a {
-    move |name, grid, params| {
+) -> impl FnMut(KernelId, Grid, &A) -> Result<()> + 'a {
+    move |id, grid, params| {
+        let name = id.name();
         assert!(
             grid.smem as usize <= limits.smem_per_block,
             "launching `{name}`: {} bytes of dynamic shared memory, over the {} this device \
@@ -278,7 +280,7 @@ fn launcher<'a, A>(
             limits.max_cluster
         );
         trace.launches.push(Launch {
-            kernel: name.to_string(),
+            kernel: name.clone(),
             blocks: grid.blocks,
             threads: grid.threads,
             smem_bytes: grid.smem,
@@ -288,11 +290,11 @@ fn launcher<'a, A>(
         // to the backward ones (the names say which), #[repr(C)] mirrors of params.h. The
         // callers below filled them from slices checked against the dims and the plan, which
         // stay borrowed until the sequence returns.
-        let r = unsafe { launch_raw(name, grid, params as *const A as *const c_void) };
+        let r = unsafe { launch_raw(&name, grid, params as *const A as *const c_void) };
         if let Err(why) = r {
             panic!("emulated launch failed: {why}");
         }
-        take_launch_traffic(name);
+        take_launch_traffic(&name);
         Ok(())
     }
 }
@@ -684,8 +686,8 @@ pub fn launchable_kernels() -> Vec<String> {
                     stream_smem_bytes: 0,
                     cluster,
                 };
-                let mut record = |name: &str| {
-                    names.push(name.to_string());
+                let mut record = |id: KernelId| {
+                    names.push(id.name());
                     Ok(())
                 };
                 let fwd = FwdParams {
@@ -1002,9 +1004,9 @@ pub fn plan_launches(
     };
     let (_, plan) = raw::plan_of(limits, &problem, pass)?;
     let mut trace = Trace::new(&plan);
-    let mut record = |name: &str, grid: Grid| {
+    let mut record = |id: KernelId, grid: Grid| {
         trace.launches.push(Launch {
-            kernel: name.to_string(),
+            kernel: id.name(),
             blocks: grid.blocks,
             threads: grid.threads,
             smem_bytes: grid.smem,

@@ -1,6 +1,7 @@
 //! The launch layer: the only place that calls into the kernels. Everything it receives has been
 //! validated by the caller (src/gpu/ops.rs): shapes, lengths, dtypes, contexts and the plan.
 
+use super::kernel_id::{KernelId, Kind};
 use super::params::{BwdParams, FwdParams};
 use super::plan::{Plan, PARAM_THREADS, THREADS};
 use super::runtime::Gpu;
@@ -8,19 +9,6 @@ use crate::{DType, Error, Result};
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{result, sys, DeviceRepr};
 use std::ffi::c_void;
-
-/// `groupnorm_<kind>_<T>[_<P>]_<vec|scalar>`, the names kernels/ exports.
-pub(crate) fn kernel_name(kind: &str, t: DType, p: Option<DType>, vec: Option<bool>) -> String {
-    let mut name = format!("groupnorm_{kind}_{t}");
-    if let Some(p) = p {
-        name.push('_');
-        name.push_str(p.name());
-    }
-    if let Some(vec) = vec {
-        name.push_str(if vec { "_vec" } else { "_scalar" });
-    }
-    name
-}
 
 /// The configuration of one launch of a sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,26 +35,27 @@ impl Grid {
     }
 }
 
-/// Launches kernel `name` on a raw stream with its one parameter-struct argument.
+/// Launches kernel `id` on a raw stream with its one parameter-struct argument.
 ///
 /// # Safety
 ///
 /// `stream` is a valid stream of `gpu`'s context, and every pointer in `params` is valid for what
-/// kernel `name` reads and writes under the plan the caller made for it, until the stream's work
+/// kernel `id` reads and writes under the plan the caller made for it, until the stream's work
 /// completes.
 unsafe fn launch<A: DeviceRepr>(
     gpu: &Gpu,
     stream: CUstream,
-    name: &str,
+    id: KernelId,
     grid: Grid,
     params: &A,
 ) -> Result<()> {
     // the caller's current context comes back when this returns, launched or not (taken before
     // the function lookup, which may bind the context itself)
     let _restore = gpu.bind_scoped()?;
-    let f = gpu.function(name)?;
+    let f = gpu.function(id)?;
     let mut args = [params as *const A as *mut c_void];
-    let failed = |e| Error::driver(format!("launching `{name}`"), e);
+    // the name is formatted on failure only (is_cluster_refusal reads it from the context)
+    let failed = |e| Error::driver(format!("launching `{id}`"), e);
     if grid.cluster > 1 {
         let mut attr = sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
@@ -105,7 +94,7 @@ unsafe fn launch<A: DeviceRepr>(
         .result()
         .map_err(failed);
     }
-    // SAFETY: `name` is one of kernels/'s entry points, all of which take exactly one argument,
+    // SAFETY: `id` is one of kernels/'s entry points, all of which take exactly one argument,
     // the #[repr(C)] parameter struct `A` mirrors (layout asserted on both sides); `args` points
     // at it for the duration of the call (the driver copies arguments at launch). Grid, block and
     // shared-memory sizes come from the plan, which keeps them within the device limits; the
@@ -166,9 +155,9 @@ pub(crate) unsafe fn forward(
     p: DType,
     params: &FwdParams,
 ) -> Result<()> {
-    forward_sequence(plan, t, p, params, |name, grid, a| {
+    forward_sequence(plan, t, p, params, |id, grid, a| {
         // SAFETY: forwarded from this function's contract.
-        unsafe { launch(gpu, stream, name, grid, a) }
+        unsafe { launch(gpu, stream, id, grid, a) }
     })
 }
 
@@ -186,13 +175,13 @@ pub(crate) unsafe fn backward(
     channels: usize,
     params: &BwdParams,
 ) -> Result<()> {
-    backward_sequence(plan, t, p, channels, params, |name, grid, a| {
+    backward_sequence(plan, t, p, channels, params, |id, grid, a| {
         // SAFETY: forwarded from this function's contract.
-        unsafe { launch(gpu, stream, name, grid, a) }
+        unsafe { launch(gpu, stream, id, grid, a) }
     })
 }
 
-/// The forward pass's kernels, in order, each handed to `launch` as (kernel name, blocks,
+/// The forward pass's kernels, in order, each handed to `launch` as (kernel id, blocks,
 /// threads per block, dynamic shared memory bytes, parameters). The GPU path and the host
 /// emulator (`emulate`, feature `emulate`) share this one sequence.
 pub(crate) fn forward_sequence<L>(
@@ -203,49 +192,41 @@ pub(crate) fn forward_sequence<L>(
     mut launch: L,
 ) -> Result<()>
 where
-    L: FnMut(&str, Grid, &FwdParams) -> Result<()>,
+    L: FnMut(KernelId, Grid, &FwdParams) -> Result<()>,
 {
     if params.rows == 0 {
         return Ok(());
     }
     if plan.nhwc {
         return if plan.fused {
-            let name = kernel_name("nhwc_fwd_fused", t, Some(p), Some(plan.vec));
-            launch(&name, plan.row_grid(plan.smem_bytes), params)
+            let id = KernelId::new(Kind::NhwcFwdFused, t, Some(p), Some(plan.vec));
+            launch(id, plan.row_grid(plan.smem_bytes), params)
         } else if plan.cluster > 1 {
-            let name = kernel_name("nhwc_fwd_cluster", t, Some(p), Some(plan.vec));
-            launch(&name, plan.row_grid(plan.smem_bytes), params)
+            let id = KernelId::new(Kind::NhwcFwdCluster, t, Some(p), Some(plan.vec));
+            launch(id, plan.row_grid(plan.smem_bytes), params)
         } else {
-            let name = kernel_name("nhwc_fwd_partial", t, None, Some(plan.vec));
-            launch(&name, plan.row_grid(plan.smem_bytes), params)?;
-            let name = kernel_name("nhwc_fwd_merge", t, None, None);
-            launch(
-                &name,
-                Grid::new(params.rows as u32, MERGE_THREADS, 0),
-                params,
-            )?;
-            let name = kernel_name("nhwc_fwd_apply", t, Some(p), Some(plan.vec));
-            launch(&name, plan.row_grid(plan.stream_smem_bytes), params)
+            let id = KernelId::new(Kind::NhwcFwdPartial, t, None, Some(plan.vec));
+            launch(id, plan.row_grid(plan.smem_bytes), params)?;
+            let id = KernelId::new(Kind::NhwcFwdMerge, t, None, None);
+            launch(id, Grid::new(params.rows as u32, MERGE_THREADS, 0), params)?;
+            let id = KernelId::new(Kind::NhwcFwdApply, t, Some(p), Some(plan.vec));
+            launch(id, plan.row_grid(plan.stream_smem_bytes), params)
         };
     }
     if plan.cluster > 1 {
-        let name = kernel_name("cluster_fwd", t, Some(p), Some(plan.vec));
-        return launch(&name, plan.row_grid(plan.smem_bytes), params);
+        let id = KernelId::new(Kind::ClusterFwd, t, Some(p), Some(plan.vec));
+        return launch(id, plan.row_grid(plan.smem_bytes), params);
     }
     if plan.fused {
-        let name = kernel_name("fwd_fused", t, Some(p), Some(plan.vec));
-        launch(&name, plan.row_grid(plan.smem_bytes), params)
+        let id = KernelId::new(Kind::FwdFused, t, Some(p), Some(plan.vec));
+        launch(id, plan.row_grid(plan.smem_bytes), params)
     } else {
-        let name = kernel_name("fwd_partial", t, None, Some(plan.vec));
-        launch(&name, plan.row_grid(plan.smem_bytes), params)?;
-        let name = kernel_name("fwd_merge", t, None, None);
-        launch(
-            &name,
-            Grid::new(params.rows as u32, MERGE_THREADS, 0),
-            params,
-        )?;
-        let name = kernel_name("fwd_apply", t, Some(p), Some(plan.vec));
-        launch(&name, plan.row_grid(0), params)
+        let id = KernelId::new(Kind::FwdPartial, t, None, Some(plan.vec));
+        launch(id, plan.row_grid(plan.smem_bytes), params)?;
+        let id = KernelId::new(Kind::FwdMerge, t, None, None);
+        launch(id, Grid::new(params.rows as u32, MERGE_THREADS, 0), params)?;
+        let id = KernelId::new(Kind::FwdApply, t, Some(p), Some(plan.vec));
+        launch(id, plan.row_grid(0), params)
     }
 }
 
@@ -259,54 +240,54 @@ pub(crate) fn backward_sequence<L>(
     mut launch: L,
 ) -> Result<()>
 where
-    L: FnMut(&str, Grid, &BwdParams) -> Result<()>,
+    L: FnMut(KernelId, Grid, &BwdParams) -> Result<()>,
 {
     let silu = params.activation != 0;
     if params.rows > 0 && plan.nhwc {
         if plan.fused {
-            let name = kernel_name("nhwc_bwd_fused", t, Some(p), Some(plan.vec));
-            launch(&name, plan.row_grid(plan.smem_bytes), params)?;
+            let id = KernelId::new(Kind::NhwcBwdFused, t, Some(p), Some(plan.vec));
+            launch(id, plan.row_grid(plan.smem_bytes), params)?;
         } else if plan.cluster > 1 {
-            let name = kernel_name("nhwc_bwd_cluster", t, Some(p), Some(plan.vec));
-            launch(&name, plan.row_grid(plan.smem_bytes), params)?;
+            let id = KernelId::new(Kind::NhwcBwdCluster, t, Some(p), Some(plan.vec));
+            launch(id, plan.row_grid(plan.smem_bytes), params)?;
         } else {
             let smem = plan.stream_smem_bytes;
             if silu {
-                let name = kernel_name("nhwc_bwd_center", t, None, None);
-                launch(&name, plan.row_grid(smem), params)?;
+                let id = KernelId::new(Kind::NhwcBwdCenter, t, None, None);
+                launch(id, plan.row_grid(smem), params)?;
             }
-            let name = kernel_name("nhwc_bwd_partial", t, Some(p), None);
-            launch(&name, plan.row_grid(smem), params)?;
-            let name = kernel_name("bwd_rows", p, None, None);
-            launch(&name, Grid::new(params.rows as u32, ROW_THREADS, 0), params)?;
-            let name = kernel_name("nhwc_bwd_dx", t, Some(p), Some(plan.vec));
-            launch(&name, plan.row_grid(smem), params)?;
+            let id = KernelId::new(Kind::NhwcBwdPartial, t, Some(p), None);
+            launch(id, plan.row_grid(smem), params)?;
+            let id = KernelId::new(Kind::BwdRows, p, None, None);
+            launch(id, Grid::new(params.rows as u32, ROW_THREADS, 0), params)?;
+            let id = KernelId::new(Kind::NhwcBwdDx, t, Some(p), Some(plan.vec));
+            launch(id, plan.row_grid(smem), params)?;
         }
     } else if params.rows > 0 && plan.cluster > 1 {
-        let name = kernel_name("cluster_bwd", t, Some(p), Some(plan.vec));
-        launch(&name, plan.row_grid(plan.smem_bytes), params)?;
+        let id = KernelId::new(Kind::ClusterBwd, t, Some(p), Some(plan.vec));
+        launch(id, plan.row_grid(plan.smem_bytes), params)?;
     } else if params.rows > 0 {
         if plan.fused {
-            let name = kernel_name("bwd_fused", t, Some(p), Some(plan.vec));
-            launch(&name, plan.row_grid(plan.smem_bytes), params)?;
+            let id = KernelId::new(Kind::BwdFused, t, Some(p), Some(plan.vec));
+            launch(id, plan.row_grid(plan.smem_bytes), params)?;
         } else {
             if silu {
-                let name = kernel_name("bwd_center", t, None, Some(plan.vec));
-                launch(&name, plan.row_grid(0), params)?;
+                let id = KernelId::new(Kind::BwdCenter, t, None, Some(plan.vec));
+                launch(id, plan.row_grid(0), params)?;
             }
-            let name = kernel_name("bwd_partial", t, Some(p), Some(plan.vec));
-            launch(&name, plan.row_grid(0), params)?;
-            let name = kernel_name("bwd_rows", p, None, None);
-            launch(&name, Grid::new(params.rows as u32, ROW_THREADS, 0), params)?;
-            let name = kernel_name("bwd_dx", t, Some(p), Some(plan.vec));
-            launch(&name, plan.row_grid(0), params)?;
+            let id = KernelId::new(Kind::BwdPartial, t, Some(p), Some(plan.vec));
+            launch(id, plan.row_grid(0), params)?;
+            let id = KernelId::new(Kind::BwdRows, p, None, None);
+            launch(id, Grid::new(params.rows as u32, ROW_THREADS, 0), params)?;
+            let id = KernelId::new(Kind::BwdDx, t, Some(p), Some(plan.vec));
+            launch(id, plan.row_grid(0), params)?;
         }
     }
     let wanted = params.dweight != 0 || params.dbias != 0;
     if wanted && !plan.param_grads_in_row_kernel(params.batch, params.rows) {
-        let name = kernel_name("bwd_params", p, None, None);
+        let id = KernelId::new(Kind::BwdParams, p, None, None);
         let blocks = channels.div_ceil(PARAM_THREADS as usize) as u32;
-        launch(&name, Grid::new(blocks, PARAM_THREADS, 0), params)?;
+        launch(id, Grid::new(blocks, PARAM_THREADS, 0), params)?;
     }
     Ok(())
 }
@@ -331,9 +312,9 @@ pub(crate) unsafe fn forward_baseline(
     p: DType,
     params: &FwdParams,
 ) -> Result<()> {
-    forward_baseline_sequence(t, p, params, |name, grid, a| {
+    forward_baseline_sequence(t, p, params, |id, grid, a| {
         // SAFETY: forwarded from this function's contract.
-        unsafe { launch(gpu, stream, name, grid, a) }
+        unsafe { launch(gpu, stream, id, grid, a) }
     })
 }
 
@@ -350,9 +331,9 @@ pub(crate) unsafe fn backward_baseline(
     channels: usize,
     params: &BwdParams,
 ) -> Result<()> {
-    backward_baseline_sequence(t, p, channels, params, |name, grid, a| {
+    backward_baseline_sequence(t, p, channels, params, |id, grid, a| {
         // SAFETY: forwarded from this function's contract.
-        unsafe { launch(gpu, stream, name, grid, a) }
+        unsafe { launch(gpu, stream, id, grid, a) }
     })
 }
 
@@ -365,20 +346,20 @@ pub(crate) fn forward_baseline_sequence<L>(
     mut launch: L,
 ) -> Result<()>
 where
-    L: FnMut(&str, Grid, &FwdParams) -> Result<()>,
+    L: FnMut(KernelId, Grid, &FwdParams) -> Result<()>,
 {
     if params.rows == 0 {
         return Ok(());
     }
     let numel = params.rows * params.d as u64 * params.s as u64;
     launch(
-        &kernel_name("base_stats", t, None, None),
+        KernelId::new(Kind::BaseStats, t, None, None),
         Grid::new(params.rows as u32, BASE_THREADS, 0),
         params,
     )?;
-    let name = kernel_name("base_norm", t, Some(p), None);
+    let id = KernelId::new(Kind::BaseNorm, t, Some(p), None);
     launch(
-        &name,
+        id,
         Grid::new(elementwise_blocks(numel), BASE_THREADS, 0),
         params,
     )
@@ -394,7 +375,7 @@ pub(crate) fn backward_baseline_sequence<L>(
     mut launch: L,
 ) -> Result<()>
 where
-    L: FnMut(&str, Grid, &BwdParams) -> Result<()>,
+    L: FnMut(KernelId, Grid, &BwdParams) -> Result<()>,
 {
     if params.rows > 0 {
         let numel = params.rows * params.d as u64 * params.s as u64;
@@ -405,27 +386,23 @@ where
             });
         }
         launch(
-            &kernel_name("base_bwd_sums", t, None, None),
+            KernelId::new(Kind::BaseBwdSums, t, None, None),
             Grid::new(sums as u32, BASE_THREADS, 0),
             params,
         )?;
-        let name = kernel_name("base_bwd_coeffs", p, None, None);
+        let id = KernelId::new(Kind::BaseBwdCoeffs, p, None, None);
+        launch(id, Grid::new(params.rows as u32, BASE_THREADS, 0), params)?;
+        let id = KernelId::new(Kind::BaseBwdDx, t, Some(p), None);
         launch(
-            &name,
-            Grid::new(params.rows as u32, BASE_THREADS, 0),
-            params,
-        )?;
-        let name = kernel_name("base_bwd_dx", t, Some(p), None);
-        launch(
-            &name,
+            id,
             Grid::new(elementwise_blocks(numel), BASE_THREADS, 0),
             params,
         )?;
     }
     if params.dweight != 0 || params.dbias != 0 {
-        let name = kernel_name("base_bwd_params", p, None, None);
+        let id = KernelId::new(Kind::BaseBwdParams, p, None, None);
         let blocks = channels.div_ceil(BASE_THREADS as usize) as u32;
-        launch(&name, Grid::new(blocks, BASE_THREADS, 0), params)?;
+        launch(id, Grid::new(blocks, BASE_THREADS, 0), params)?;
     }
     Ok(())
 }
@@ -433,22 +410,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn kernel_names_match_the_exported_ones() {
-        assert_eq!(
-            kernel_name("fwd_fused", DType::F16, Some(DType::F32), Some(true)),
-            "groupnorm_fwd_fused_f16_f32_vec"
-        );
-        assert_eq!(
-            kernel_name("fwd_partial", DType::BF16, None, Some(false)),
-            "groupnorm_fwd_partial_bf16_scalar"
-        );
-        assert_eq!(
-            kernel_name("bwd_params", DType::F32, None, None),
-            "groupnorm_bwd_params_f32"
-        );
-    }
 
     /// Every name `forward`/`backward` can ask for exists in the fatbins (checked against the
     /// entry points ptxas compiled), for every dtype pair the API accepts.
@@ -465,47 +426,47 @@ mod tests {
             for p in [t, DType::F32] {
                 for vec in [true, false] {
                     for kind in [
-                        "fwd_fused",
-                        "fwd_apply",
-                        "bwd_fused",
-                        "bwd_dx",
-                        "bwd_partial",
-                        "nhwc_fwd_fused",
-                        "nhwc_fwd_apply",
-                        "nhwc_bwd_fused",
-                        "nhwc_bwd_dx",
-                        "cluster_fwd",
-                        "cluster_bwd",
-                        "nhwc_fwd_cluster",
-                        "nhwc_bwd_cluster",
+                        Kind::FwdFused,
+                        Kind::FwdApply,
+                        Kind::BwdFused,
+                        Kind::BwdDx,
+                        Kind::BwdPartial,
+                        Kind::NhwcFwdFused,
+                        Kind::NhwcFwdApply,
+                        Kind::NhwcBwdFused,
+                        Kind::NhwcBwdDx,
+                        Kind::ClusterFwd,
+                        Kind::ClusterBwd,
+                        Kind::NhwcFwdCluster,
+                        Kind::NhwcBwdCluster,
                     ] {
-                        wanted.push(kernel_name(kind, t, Some(p), Some(vec)));
+                        wanted.push(KernelId::new(kind, t, Some(p), Some(vec)).name());
                     }
-                    for kind in ["fwd_partial", "bwd_center", "nhwc_fwd_partial"] {
-                        wanted.push(kernel_name(kind, t, None, Some(vec)));
+                    for kind in [Kind::FwdPartial, Kind::BwdCenter, Kind::NhwcFwdPartial] {
+                        wanted.push(KernelId::new(kind, t, None, Some(vec)).name());
                     }
                 }
-                wanted.push(kernel_name("nhwc_bwd_partial", t, Some(p), None));
+                wanted.push(KernelId::new(Kind::NhwcBwdPartial, t, Some(p), None).name());
             }
-            for kind in ["nhwc_fwd_merge", "nhwc_bwd_center"] {
-                wanted.push(kernel_name(kind, t, None, None));
+            for kind in [Kind::NhwcFwdMerge, Kind::NhwcBwdCenter] {
+                wanted.push(KernelId::new(kind, t, None, None).name());
             }
-            wanted.push(kernel_name("bwd_params", t, None, None));
-            wanted.push(kernel_name("bwd_rows", t, None, None));
-            wanted.push(kernel_name("fwd_merge", t, None, None));
+            wanted.push(KernelId::new(Kind::BwdParams, t, None, None).name());
+            wanted.push(KernelId::new(Kind::BwdRows, t, None, None).name());
+            wanted.push(KernelId::new(Kind::FwdMerge, t, None, None).name());
             // the baseline is embedded with the `bench` feature only (build.rs)
             if cfg!(feature = "bench") {
                 for kind in [
-                    "base_stats",
-                    "base_bwd_sums",
-                    "base_bwd_coeffs",
-                    "base_bwd_params",
+                    Kind::BaseStats,
+                    Kind::BaseBwdSums,
+                    Kind::BaseBwdCoeffs,
+                    Kind::BaseBwdParams,
                 ] {
-                    wanted.push(kernel_name(kind, t, None, None));
+                    wanted.push(KernelId::new(kind, t, None, None).name());
                 }
                 for p in [t, DType::F32] {
-                    for kind in ["base_norm", "base_bwd_dx"] {
-                        wanted.push(kernel_name(kind, t, Some(p), None));
+                    for kind in [Kind::BaseNorm, Kind::BaseBwdDx] {
+                        wanted.push(KernelId::new(kind, t, Some(p), None).name());
                     }
                 }
             }

@@ -13,6 +13,7 @@
 #[cfg(feature = "emulate")]
 #[doc(hidden)]
 pub mod emulate;
+mod kernel_id;
 mod launch;
 pub mod ops;
 mod params;

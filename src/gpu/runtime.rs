@@ -1,8 +1,9 @@
 //! The CUDA runtime: finding the driver and a device, loading the embedded kernels once per
 //! context, and looking kernels up by name.
 
+use super::kernel_id::{KernelId, Kind};
 use super::plan::DeviceLimits;
-use crate::{Error, Result};
+use crate::{DType, Error, Result};
 use cudarc::driver::sys::{
     self, CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUresult,
 };
@@ -10,7 +11,7 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStrea
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -81,7 +82,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     kernels: Arc<Kernels>,
     limits: DeviceLimits,
-    name: String,
+    /// Shared, so that a clone (one per C ABI call, from [`Gpu::cached`]) allocates nothing.
+    name: Arc<str>,
     capability: (i32, i32),
 }
 
@@ -128,7 +130,8 @@ impl Gpu {
         )?;
         let name = ctx
             .name()
-            .unwrap_or_else(|_| format!("CUDA device {ordinal}"));
+            .unwrap_or_else(|_| format!("CUDA device {ordinal}"))
+            .into();
         let smem_optin = smem.max(0) as usize;
         let mut limits = DeviceLimits {
             sms: sms.max(1) as usize,
@@ -305,11 +308,17 @@ impl Gpu {
     pub(crate) fn bind_scoped(&self) -> Result<ContextGuard> {
         let previous = cudarc::driver::result::ctx::get_current()
             .map_err(|e| Error::driver("reading the current context", e))?;
-        self.bind()?;
-        Ok(ContextGuard {
-            previous,
-            ours: self.ctx.cu_ctx(),
-        })
+        let ours = self.ctx.cu_ctx();
+        if previous == Some(ours) {
+            // already current (the common case: one device, or a caller that binds it): what
+            // `bind` would do but its second cuCtxGetCurrent, and the guard restores nothing
+            self.ctx
+                .check_err()
+                .map_err(|e| Error::driver("making the context current", e))?;
+        } else {
+            self.bind()?;
+        }
+        Ok(ContextGuard { previous, ours })
     }
 
     /// Makes this device's context current on the calling thread (raw launches need it).
@@ -319,8 +328,9 @@ impl Gpu {
             .map_err(|e| Error::driver("making the context current", e))
     }
 
-    pub(crate) fn function(&self, name: &str) -> Result<CudaFunction> {
-        self.kernels.function(name)
+    /// Kernel `id`, loaded in this context (resolved and configured on its first use).
+    pub(crate) fn function(&self, id: KernelId) -> Result<&CudaFunction> {
+        self.kernels.function(id)
     }
 
     /// Records a timing event on this handle's stream; two of them measure the GPU time of the
@@ -371,7 +381,9 @@ impl Drop for ContextGuard {
 /// The embedded modules loaded into one context, and the functions looked up so far.
 pub(crate) struct Kernels {
     modules: Vec<Arc<CudaModule>>,
-    functions: RwLock<HashMap<String, CudaFunction>>,
+    /// The functions resolved so far, at [`KernelId::index`]: a launch finds its function with
+    /// one atomic load, no name formatted and no lock taken.
+    functions: Box<[OnceLock<CudaFunction>]>,
     /// The device's shared memory per block (opt-in), static and dynamic together.
     smem_optin: usize,
     /// Set once the driver refused a cluster launch in this context for resources (MPS limits,
@@ -427,7 +439,7 @@ impl Kernels {
         }
         let kernels = Arc::new(Kernels {
             modules,
-            functions: RwLock::new(HashMap::new()),
+            functions: (0..KernelId::COUNT).map(|_| OnceLock::new()).collect(),
             smem_optin,
             clusters_refused: AtomicBool::new(false),
         });
@@ -441,7 +453,8 @@ impl Kernels {
     /// The context must be current.
     fn max_cluster(&self, smem_bytes: usize) -> usize {
         // the kernel with the most registers: a cluster size it reaches, the others reach too
-        let Ok(f) = self.function("groupnorm_cluster_bwd_f32_f32_scalar") else {
+        let id = KernelId::new(Kind::ClusterBwd, DType::F32, Some(DType::F32), Some(false));
+        let Ok(f) = self.function(id) else {
             return 0;
         };
         let config = sys::CUlaunchConfig {
@@ -467,18 +480,24 @@ impl Kernels {
         }
     }
 
-    fn function(&self, name: &str) -> Result<CudaFunction> {
-        if let Some(f) = self
-            .functions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-        {
-            return Ok(f.clone());
+    /// Kernel `id`: from the table once resolved; the first use in this context finds it in the
+    /// modules by name and configures it. Two threads resolving one kernel at once both
+    /// configure it (the same attributes) and the first stored wins.
+    fn function(&self, id: KernelId) -> Result<&CudaFunction> {
+        let slot = &self.functions[id.index()];
+        if let Some(f) = slot.get() {
+            return Ok(f);
         }
+        let f = self.resolve(id)?;
+        Ok(slot.get_or_init(|| f))
+    }
+
+    /// Finds kernel `id` in the modules and sets its attributes.
+    fn resolve(&self, id: KernelId) -> Result<CudaFunction> {
+        let name = id.name();
         let mut last_err = None;
         for module in &self.modules {
-            match module.load_function(name) {
+            match module.load_function(&name) {
                 Ok(f) => {
                     // Let the kernel use all the dynamic shared memory the device allows a block
                     // beside its static scratch (the planner stays 1 KiB under this); each launch
@@ -490,8 +509,7 @@ impl Kernels {
                         dynamic as i32,
                     )
                     .map_err(|e| Error::driver(format!("configuring kernel `{name}`"), e))?;
-                    // the cluster kernels: groupnorm_cluster_* (NCHW), groupnorm_nhwc_*_cluster_*
-                    if name.contains("_cluster_") {
+                    if id.kind.is_cluster() {
                         // clusters of more than 8 blocks (the portable limit) where the device
                         // has them: the planner asks for no more than `max_cluster`
                         f.set_attribute(
@@ -500,17 +518,13 @@ impl Kernels {
                         )
                         .map_err(|e| Error::driver(format!("configuring kernel `{name}`"), e))?;
                     }
-                    self.functions
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(name.to_string(), f.clone());
                     return Ok(f);
                 }
                 Err(e) => last_err = Some(e),
             }
         }
         Err(Error::KernelMissing {
-            name: name.to_string(),
+            name,
             source: last_err.unwrap_or(DriverError(CUresult::CUDA_ERROR_NOT_FOUND)),
         })
     }

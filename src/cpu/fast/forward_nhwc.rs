@@ -75,8 +75,8 @@ impl BatchMoments {
 }
 
 /// Moments of the groups of batch `b` of NHWC sample `xs` over positions `pos`, shifted by
-/// each group's pivot (`pivots[i]` for group `b.g0 + i`): leaves of `b.pb` positions, exact
-/// two-pass over values walked contiguously, merged in a fixed pairwise tree whose long halves
+/// each group's pivot (`pivots[i]` for group `b.g0 + i`): leaves of `b.pb` positions over
+/// values walked contiguously ([`nhwc_leaf`]), merged in a fixed pairwise tree whose long halves
 /// run in parallel when `par`. Nothing is allocated: all state is on the stack.
 pub(super) fn nhwc_batch_moments<T: Element>(
     xs: &[T],
@@ -104,7 +104,7 @@ pub(super) fn nhwc_batch_moments<T: Element>(
     nhwc_leaf_moments(xs, b, pos, pivots)
 }
 
-/// One leaf of [`nhwc_batch_moments`]: at most `b.pb` positions, exact two-pass. Compiled for
+/// One leaf of [`nhwc_batch_moments`]: at most `b.pb` positions ([`nhwc_leaf`]). Compiled for
 /// AVX2 too and picked at run time (same operations in the same order, so the same bits).
 #[multiversion(targets("x86_64+avx2+fma+f16c"))]
 fn nhwc_leaf_moments<T: Element>(
@@ -114,9 +114,9 @@ fn nhwc_leaf_moments<T: Element>(
     pivots: &Wide,
 ) -> BatchMoments {
     if use_simd() {
-        nhwc_leaf_two_pass::<T, true>(xs, b, pos, pivots)
+        nhwc_leaf::<T, true>(xs, b, pos, pivots)
     } else {
-        nhwc_leaf_two_pass::<T, false>(xs, b, pos, pivots)
+        nhwc_leaf::<T, false>(xs, b, pos, pivots)
     }
 }
 
@@ -153,8 +153,70 @@ pub(super) fn accumulate_channels<T: Element, const SIMD: bool>(
     }
 }
 
+/// `s1[j] += x[j] - p[j]` and `s2[j] += (x[j] - p[j])^2` over a segment of channels, eight at a
+/// time with the values converted in registers ([`load8`]), the tail one at a time.
 #[inline(always)]
-fn nhwc_leaf_two_pass<T: Element, const SIMD: bool>(
+pub(super) fn accumulate_channels_and_squares<T: Element, const SIMD: bool>(
+    s1: &mut [f32],
+    s2: &mut [f32],
+    x: &[T],
+    p: &[f32],
+) {
+    let n = x.len();
+    let (s1, s2, p) = (&mut s1[..n], &mut s2[..n], &p[..n]);
+    let (mut a8, mut b8) = (s1.chunks_exact_mut(8), s2.chunks_exact_mut(8));
+    let (mut x8, mut p8) = (x.chunks_exact(8), p.chunks_exact(8));
+    for (((a, b), x), p) in (&mut a8).zip(&mut b8).zip(&mut x8).zip(&mut p8) {
+        let (e, pv) = (load8::<T, SIMD>(x), load8::<f32, SIMD>(p));
+        let (mut u, mut v) = (load8::<f32, SIMD>(a), load8::<f32, SIMD>(b));
+        for l in 0..8 {
+            let d = e[l] - pv[l];
+            u[l] += d;
+            v[l] += d * d;
+        }
+        store8::<f32, SIMD>(u, a);
+        store8::<f32, SIMD>(v, b);
+    }
+    let tail = a8.into_remainder().iter_mut().zip(b8.into_remainder());
+    for ((a, b), (x, p)) in tail.zip(x8.remainder().iter().zip(p8.remainder())) {
+        let d = load1(x) - *p;
+        *a += d;
+        *b += d * d;
+    }
+}
+
+/// How far a one-pass leaf's shifted mean may sit from zero, in its own variances
+/// (`count * mean^2 <= ONE_PASS_SPREAD * m2`: a pivot within three standard deviations of the
+/// leaf's mean), for its `m2` to be accepted.
+const ONE_PASS_SPREAD: f64 = 9.0;
+
+/// The leaf's `m2 = s2 - s1^2 / n` from its shifted sums `s1 = sum(x - p)` and
+/// `s2 = sum((x - p)^2)`, or `None` where that difference may have cancelled.
+///
+/// Why this is accurate where it is accepted: the f32 sums carry a relative error of about
+/// `k u` at worst and `sqrt(k) u` typically (`u = 2^-24`, `k` the additions in sequence: at
+/// most [`CHUNK`] positions per channel plus the pairwise depth over channels), on
+/// `s2 = m2 + s1^2 / n`. The two-pass pays the same on `m2` alone. Accepting only
+/// `s1^2 / n <= 9 m2` bounds `s2` by `10 m2`, so the one-pass error is at most ten times the
+/// two-pass's: about 3e-6 relative in rstd for errors that do not align (the tests hold every
+/// dtype's statistics to 1e-5), 8e-5 if every rounding aligned, against the f16/bf16 outputs'
+/// ulp of 1e-3 and 8e-3 relative (DESIGN.md, "Dtypes"). The shifted mean is the same `s1 / n`
+/// the two-pass takes. A pivot far out in its row (an outlier as the row's first value), NaN
+/// and infinity fail the check (a NaN compares false), and the group is summed again exactly.
+/// For a row of normal values, a pivot beyond three standard deviations happens to one group
+/// in 370. The f32 forward, held to 1e-5 on `y` itself, always takes the two passes.
+fn one_pass_m2(s1: f32, s2: f32, n: usize) -> Option<f32> {
+    let (s1, s2, n) = (s1 as f64, s2 as f64, n as f64);
+    let spread = s1 * s1 / n;
+    let m2 = s2 - spread;
+    (spread <= ONE_PASS_SPREAD * m2).then_some(m2 as f32)
+}
+
+/// One leaf's moments: exact two-pass for f32; for f16/bf16 one pass of shifted sums and
+/// squares, kept per group where [`one_pass_m2`] accepts them and summed again in a second
+/// pass where it does not.
+#[inline(always)]
+fn nhwc_leaf<T: Element, const SIMD: bool>(
     xs: &[T],
     b: NhwcBatch,
     pos: Range<usize>,
@@ -184,6 +246,47 @@ fn nhwc_leaf_two_pass<T: Element, const SIMD: bool>(
     // the sums at 25 positions per leaf)
     for (pg, p) in pc[..cb].chunks_mut(b.d).zip(pivots) {
         pg.fill(*p);
+    }
+    if T::DTYPE != crate::DType::F32 {
+        // f16/bf16: sums of `x - p` and of its square in one walk, accepted per group where
+        // the check says they cannot have cancelled (`one_pass_m2`); a group that fails it
+        // takes the exact second pass over its own channels (the same per-channel arithmetic
+        // as the two-pass below).
+        let mut sq = zero;
+        for s in pos.clone() {
+            let at = s * b.c + col0;
+            let seg = &xs[at..at + cb];
+            accumulate_channels_and_squares::<T, SIMD>(&mut acc, &mut sq, seg, &pc);
+        }
+        for i in 0..b.gb {
+            let g = i * b.d..(i + 1) * b.d;
+            let (s1, s2) = (pairwise_sum(&acc[g.clone()]), pairwise_sum(&sq[g.clone()]));
+            out.mean[i] = s1 / out.count as f32;
+            out.m2[i] = match one_pass_m2(s1, s2, out.count) {
+                Some(m2) => m2,
+                None => {
+                    mc[g.clone()].fill(out.mean[i]);
+                    let sq = &mut sq[g.clone()];
+                    sq.fill(0.0);
+                    for s in pos.clone() {
+                        let at = s * b.c + col0;
+                        let seg = &xs[at + g.start..at + g.end];
+                        accumulate_channels::<T, SIMD>(
+                            sq,
+                            seg,
+                            &pc[g.clone()],
+                            &mc[g.clone()],
+                            |e, p, m| {
+                                let dv = (e - p) - m;
+                                dv * dv
+                            },
+                        );
+                    }
+                    pairwise_sum(sq)
+                }
+            };
+        }
+        return out;
     }
     // Each position's segment, walked in memory order, values converted in registers.
     for s in pos.clone() {

@@ -372,6 +372,27 @@ fn fused_forms_match_buffered<T: Element, const SIMD: bool>() {
         accumulate_channels::<T, SIMD>(&mut got_acc, &x, &p, &m, g);
         let fbits = |v: &[f32]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
         assert_eq!(fbits(&got_acc), fbits(&want_acc), "channel sums, len {len}");
+        // sums and squares in one walk (the f16/bf16 NHWC one-pass leaf)
+        let (mut want_s1, mut want_s2) = (a.clone(), b.clone());
+        read_f32(&x, &mut buf, |v| {
+            for (j, &e) in v.iter().enumerate() {
+                let dv = e - p[j];
+                want_s1[j] += dv;
+                want_s2[j] += dv * dv;
+            }
+        });
+        let (mut got_s1, mut got_s2) = (a.clone(), b.clone());
+        accumulate_channels_and_squares::<T, SIMD>(&mut got_s1, &mut got_s2, &x, &p);
+        assert_eq!(
+            fbits(&got_s1),
+            fbits(&want_s1),
+            "channel sums of one walk, len {len}"
+        );
+        assert_eq!(
+            fbits(&got_s2),
+            fbits(&want_s2),
+            "channel squares, len {len}"
+        );
         // two-input forms (the backward): the same products in the same lanes and order
         let d: Vec<T> = (0..len).map(|_| T::from_f32(next())).collect();
         let h = |u: f32, v: f32| u * (v - pivot);

@@ -185,33 +185,6 @@ pub(super) fn accumulate_channels_and_squares<T: Element, const SIMD: bool>(
     }
 }
 
-/// How far a one-pass leaf's shifted mean may sit from zero, in its own variances
-/// (`count * mean^2 <= ONE_PASS_SPREAD * m2`: a pivot within three standard deviations of the
-/// leaf's mean), for its `m2` to be accepted.
-const ONE_PASS_SPREAD: f64 = 9.0;
-
-/// The leaf's `m2 = s2 - s1^2 / n` from its shifted sums `s1 = sum(x - p)` and
-/// `s2 = sum((x - p)^2)`, or `None` where that difference may have cancelled.
-///
-/// Why this is accurate where it is accepted: the f32 sums carry a relative error of about
-/// `k u` at worst and `sqrt(k) u` typically (`u = 2^-24`, `k` the additions in sequence: at
-/// most [`CHUNK`] positions per channel plus the pairwise depth over channels), on
-/// `s2 = m2 + s1^2 / n`. The two-pass pays the same on `m2` alone. Accepting only
-/// `s1^2 / n <= 9 m2` bounds `s2` by `10 m2`, so the one-pass error is at most ten times the
-/// two-pass's: about 3e-6 relative in rstd for errors that do not align (the tests hold every
-/// dtype's statistics to 1e-5), 8e-5 if every rounding aligned, against the f16/bf16 outputs'
-/// ulp of 1e-3 and 8e-3 relative (DESIGN.md, "Dtypes"). The shifted mean is the same `s1 / n`
-/// the two-pass takes. A pivot far out in its row (an outlier as the row's first value), NaN
-/// and infinity fail the check (a NaN compares false), and the group is summed again exactly.
-/// For a row of normal values, a pivot beyond three standard deviations happens to one group
-/// in 370. The f32 forward, held to 1e-5 on `y` itself, always takes the two passes.
-fn one_pass_m2(s1: f32, s2: f32, n: usize) -> Option<f32> {
-    let (s1, s2, n) = (s1 as f64, s2 as f64, n as f64);
-    let spread = s1 * s1 / n;
-    let m2 = s2 - spread;
-    (spread <= ONE_PASS_SPREAD * m2).then_some(m2 as f32)
-}
-
 /// One leaf's moments: exact two-pass for f32; for f16/bf16 one pass of shifted sums and
 /// squares, kept per group where [`one_pass_m2`] accepts them and summed again in a second
 /// pass where it does not.

@@ -10,8 +10,8 @@
 //! (`x[n, g*D, 0]`), subtracted from every value before accumulating and before normalizing,
 //! so rounding errors scale with the spread of the row and not with its offset. The row is cut
 //! into chunks; a chunk's shifted mean and `m2` are computed exactly in two passes over the
-//! (cached) chunk (f16/bf16 NHWC: one pass of sums and squares where a check shows they cannot
-//! have cancelled, `forward_nhwc::one_pass_m2`), and chunk states merge with Chan's formula in a fixed pairwise tree (error
+//! (cached) chunk (f16/bf16: one pass of sums and squares where a check shows they cannot
+//! have cancelled, `stats::one_pass_m2`), and chunk states merge with Chan's formula in a fixed pairwise tree (error
 //! grows with the tree's depth, not with the number of chunks).
 //!
 //! - NCHW: a row is one contiguous run, chunks are [`CHUNK`] values; rows run in parallel,

@@ -416,11 +416,11 @@ mod f16c {
         __m128i, __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_and_si256,
         _mm256_blendv_epi8, _mm256_castps256_ps128, _mm256_castps_si256, _mm256_castsi256_si128,
         _mm256_cmp_ps, _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_cvtps_ph,
-        _mm256_extractf128_ps, _mm256_loadu_ps, _mm256_or_si256, _mm256_packus_epi32,
-        _mm256_permute4x64_epi64, _mm256_set1_epi32, _mm256_slli_epi32, _mm256_srli_epi32,
-        _mm256_storeu_ps, _mm256_storeu_si256, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
-        _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_storeu_si128, _CMP_UNORD_Q,
-        _MM_FROUND_TO_NEAREST_INT,
+        _mm256_extractf128_ps, _mm256_loadu_ps, _mm256_movemask_ps, _mm256_or_si256,
+        _mm256_packus_epi32, _mm256_permute4x64_epi64, _mm256_set1_epi32, _mm256_slli_epi32,
+        _mm256_srli_epi32, _mm256_storeu_ps, _mm256_storeu_si256, _mm_add_ps, _mm_add_ss,
+        _mm_cvtss_f32, _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_storeu_si128,
+        _CMP_UNORD_Q, _MM_FROUND_TO_NEAREST_INT,
     };
 
     /// Whether the CPU has AVX, AVX2 and F16C (detected once by `std`, then cached flags).
@@ -506,12 +506,26 @@ mod f16c {
         // SAFETY: `__m256` and `[f32; 8]` have the same size, any bits are valid in both.
         let f = unsafe { std::mem::transmute::<[f32; 8], __m256>(v) };
         let x = _mm256_castps_si256(f);
-        let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
-        let bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd);
-        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(x, bias));
+        // SAFETY: the CPU has AVX2 (this function's contract).
+        let rounded = unsafe { bf16_lanes_finite(v) };
         let nan = _mm256_or_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(0x40));
         let is_nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(f, f));
         _mm256_blendv_epi8(rounded, nan, is_nan)
+    }
+
+    /// [`bf16_lanes`] for lanes that hold no NaN (infinities round to themselves): the
+    /// rounding alone, without the NaN blend.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn bf16_lanes_finite(v: [f32; 8]) -> __m256i {
+        // SAFETY: `__m256i` and `[f32; 8]` have the same size, any bits are valid in both.
+        let x = unsafe { std::mem::transmute::<[f32; 8], __m256i>(v) };
+        let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd);
+        _mm256_srli_epi32::<16>(_mm256_add_epi32(x, bias))
     }
 
     /// Rounds sixteen values to bf16 bits into the first sixteen of `d`, as
@@ -525,7 +539,17 @@ mod f16c {
         let d = &mut d[..16];
         // SAFETY: the CPU has AVX2 (the caller); `d` is 16 u16 (32 bytes), written unaligned.
         unsafe {
-            let (a, b) = (bf16_lanes(lo), bf16_lanes(hi));
+            // one compare tells whether either vector holds a NaN (unordered lanes): almost
+            // never, so the branch predicts and the blend is skipped
+            let (l, h) = (
+                std::mem::transmute::<[f32; 8], __m256>(lo),
+                std::mem::transmute::<[f32; 8], __m256>(hi),
+            );
+            let (a, b) = if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(l, h)) == 0 {
+                (bf16_lanes_finite(lo), bf16_lanes_finite(hi))
+            } else {
+                (bf16_lanes(lo), bf16_lanes(hi))
+            };
             // 32 -> 16 bits: every value is below 2^16, so the unsigned saturating pack is a
             // plain narrowing; it packs within 128-bit halves (a0-3 b0-3 | a4-7 b4-7), so
             // the quads are put back in order.

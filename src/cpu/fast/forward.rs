@@ -54,7 +54,7 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
         *rstd_out = st.rstd;
         for_each_row_piece(yr, scr, |off, yp, scr| {
             let xp = &xr[off..off + yp.len()];
-            normalize_piece(xp, yp, scr, off, s, g * d, pivot, st, weight, bias, act);
+            normalize_piece(xp, yp, scr, off, s, g * d, st, weight, bias, act);
         });
     };
     if on_caller(geo) {
@@ -75,8 +75,8 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
 }
 
 /// Normalizes a piece of an NCHW row that starts at row offset `off` (channel runs of `s`
-/// values, the row's first channel `c0`): `y = ((x - p) - (mean - p)) * (rstd * w) + b`, then
-/// the activation. Compiled for AVX2 too and picked at run time (the same operations in the
+/// values, the row's first channel `c0`): `y = (x - hi) * a + (b - lo * a)` with `a = rstd * w`
+/// and the row's centre `hi + lo` ([`centre`]), then the activation. Compiled for AVX2 too and picked at run time (the same operations in the
 /// same order, so the same bits: Rust never contracts to FMA on its own). Without an
 /// activation, values are converted in registers ([`map_values`]); with one, through the
 /// scratch buffers, so that the affine loop stays vectorized apart from the activation's.
@@ -89,20 +89,20 @@ fn normalize_piece<T: Element, P: Element>(
     off: usize,
     s: usize,
     c0: usize,
-    pivot: f32,
     st: RowStats,
     weight: Option<&[P]>,
     bias: Option<&[P]>,
     act: Activation,
 ) {
-    let sm = st.shifted_mean;
+    let hi = st.mean;
     let coefs = |dc: usize| {
         let c = c0 + dc;
-        (st.rstd * param(weight, c, 1.0), param(bias, c, 0.0))
+        let scale = st.rstd * param(weight, c, 1.0);
+        (scale, shift_of(param(bias, c, 0.0), st.residual, scale))
     };
     if act == Activation::None {
         let affine = |x: &[T], y: &mut [T], scale: f32, shift: f32| {
-            let f = |_, v: f32| ((v - pivot) - sm) * scale + shift;
+            let f = |_, v: f32| (v - hi) * scale + shift;
             if use_simd() {
                 map_values::<T, true>(x, y, f)
             } else {
@@ -121,7 +121,7 @@ fn normalize_piece<T: Element, P: Element>(
                 for_each_channel_run(off + bi * CHUNK, xv.len(), s, |dc, k| {
                     let (scale, shift) = coefs(dc);
                     for (o, v) in yv[k.clone()].iter_mut().zip(&xv[k.clone()]) {
-                        *o = ((v - pivot) - sm) * scale + shift;
+                        *o = (v - hi) * scale + shift;
                     }
                     activate(act, &mut yv[k]);
                 })

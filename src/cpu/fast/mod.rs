@@ -24,8 +24,11 @@
 //!   next sample; samples, batches and halves of long position ranges run in parallel. With
 //!   `S = 1` the two layouts are the same memory order and the NCHW code runs.
 //!
-//! `y = ((x - p) - (mean - p)) * (rstd * w) + b` in f32, rounded once to `T`; the saved mean is
-//! `p + (mean - p)` in f32.
+//! The saved mean is `hi = p + (mean - p)` in f32; `lo` is what that rounding dropped
+//! (`stats::centre`, computed in f64). `y = (x - hi) * a + (b - lo * a)` with `a = rstd * w`,
+//! in f32, rounded once to `T`: one subtraction, one product and one sum per value, and the
+//! row's offset still cancels exactly (`x - hi` is exact for values within a factor two of
+//! `hi`).
 //!
 //! # Backward
 //!

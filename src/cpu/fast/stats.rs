@@ -31,12 +31,37 @@ impl Moments {
     }
 }
 
-/// Final statistics of one row: shifted mean `mean - pivot`, mean, rstd.
+/// Final statistics of one row: shifted mean `mean - pivot`, mean, rstd, and the residual
+/// `(pivot + shifted mean) - mean` the f32 mean rounded away ([`centre`]).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct RowStats {
     pub(super) shifted_mean: f32,
     pub(super) mean: f32,
     pub(super) rstd: f32,
+    pub(super) residual: f32,
+}
+
+/// The centre the normalization subtracts, as two floats: `pivot + shifted_mean` rounded to f32
+/// (the saved mean: the same bits as the f32 sum) and what that rounding dropped, so that
+/// `hi + lo` is the centre to about 2^-48 of it. `y = (x - hi) * a + (b - lo * a)`
+/// ([`shift_of`]) then subtracts the whole centre: `x - hi` is exact where `x` is within a
+/// factor two of `hi` (offset rows) and otherwise rounds relative to `x - hi`, and `lo`
+/// folds into the per-channel shift, so a row's offset costs nothing (docs/design.md,
+/// "Accuracy targets") and each value takes one subtraction, one product and one sum.
+#[inline]
+pub(super) fn centre(pivot: f32, shifted_mean: f32) -> (f32, f32) {
+    let c = f64::from(pivot) + f64::from(shifted_mean);
+    let hi = c as f32;
+    (hi, (c - f64::from(hi)) as f32)
+}
+
+/// The per-channel shift `b - lo * a` of [`centre`]'s form, in f32: `lo` is at most half an
+/// ulp of the centre, so `lo * a` is at most half an ulp of `centre * a` and its rounding is
+/// far below the final `+ shift`'s (and `lo = 0`, every row without an offset to speak of,
+/// gives `b` exactly).
+#[inline]
+pub(super) fn shift_of(bias: f32, lo: f32, scale: f32) -> f32 {
+    bias - lo * scale
 }
 
 impl RowStats {
@@ -47,6 +72,7 @@ impl RowStats {
             shifted_mean: 0.0,
             mean: 0.0,
             rstd: (1.0 / f64::from(eps).sqrt()) as f32,
+            residual: 0.0,
         }
     }
 
@@ -61,12 +87,15 @@ impl RowStats {
                 shifted_mean: f32::NAN,
                 mean: f32::NAN,
                 rstd: f32::NAN,
+                residual: f32::NAN,
             };
         }
+        let (mean, residual) = centre(pivot, m.mean);
         RowStats {
             shifted_mean: m.mean,
-            mean: pivot + m.mean,
+            mean,
             rstd,
+            residual,
         }
     }
 }

@@ -51,7 +51,8 @@ impl NhwcBatch {
 #[derive(Clone, Copy, Debug)]
 pub(super) struct BatchMoments {
     pub(super) count: usize,
-    pub(super) mean: Wide,
+    /// f64, as [`Moments::mean`].
+    pub(super) mean: [f64; BATCH_CHANNELS],
     pub(super) m2: Wide,
 }
 
@@ -234,28 +235,31 @@ fn nhwc_leaf<T: Element, const SIMD: bool>(
         for i in 0..b.gb {
             let g = i * b.d..(i + 1) * b.d;
             let (s1, s2) = (pairwise_sum(&acc[g.clone()]), pairwise_sum(&sq[g.clone()]));
-            out.mean[i] = s1 / out.count as f32;
+            out.mean[i] = f64::from(s1) / out.count as f64;
             out.m2[i] = match one_pass_m2(s1, s2, out.count) {
                 Some(m2) => m2,
                 None => {
-                    mc[g.clone()].fill(out.mean[i]);
-                    let sq = &mut sq[g.clone()];
+                    // the corrected two-pass (Chan, Golub and LeVeque) over the group's own
+                    // channels: deviations from the f32 mean, their squares and their sum,
+                    // which corrects the mean for what the long sums of `x - p` rounded away
+                    // (they add values as far out as the pivot is)
+                    mc[g.clone()].fill(s1 / out.count as f32);
+                    let (sq, cr) = (&mut sq[g.clone()], &mut acc[g.clone()]);
                     sq.fill(0.0);
+                    cr.fill(0.0);
                     for s in pos.clone() {
                         let at = s * b.c + col0;
                         let seg = &xs[at + g.start..at + g.end];
-                        accumulate_channels::<T, SIMD>(
-                            sq,
-                            seg,
-                            &pc[g.clone()],
-                            &mc[g.clone()],
-                            |e, p, m| {
-                                let dv = (e - p) - m;
-                                dv * dv
-                            },
-                        );
+                        let (p, m) = (&pc[g.clone()], &mc[g.clone()]);
+                        accumulate_channels::<T, SIMD>(cr, seg, p, m, |e, p, m| (e - p) - m);
+                        accumulate_channels::<T, SIMD>(sq, seg, p, m, |e, p, m| {
+                            let dv = (e - p) - m;
+                            dv * dv
+                        });
                     }
-                    pairwise_sum(sq)
+                    let (corr, m2) = corrected(pairwise_sum(cr), pairwise_sum(sq), out.count);
+                    out.mean[i] += corr;
+                    m2
                 }
             };
         }
@@ -267,11 +271,10 @@ fn nhwc_leaf<T: Element, const SIMD: bool>(
         let seg = &xs[at..at + cb];
         accumulate_channels::<T, SIMD>(&mut acc, seg, &pc, &pc, |e, p, _| e - p);
     }
-    for i in 0..b.gb {
-        out.mean[i] = pairwise_sum(&acc[i * b.d..(i + 1) * b.d]) / out.count as f32;
-    }
-    for (mg, m) in mc[..cb].chunks_mut(b.d).zip(&out.mean) {
-        mg.fill(*m);
+    for (i, mg) in mc[..cb].chunks_mut(b.d).enumerate() {
+        let s1 = pairwise_sum(&acc[i * b.d..(i + 1) * b.d]);
+        out.mean[i] = f64::from(s1) / out.count as f64;
+        mg.fill(s1 / out.count as f32);
     }
     acc = zero;
     for s in pos {
@@ -302,17 +305,13 @@ pub(super) struct SpanCoefs {
 }
 
 impl SpanCoefs {
-    /// Coefficients of channels `first..first + len` (`len <= BATCH_CHANNELS`) of one NHWC
-    /// sample `xs` (the pivot of group `g` is `xs[g * d]`), from its rows' shifted means and
-    /// rstd.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new<T: Element, P: Element>(
+    /// Coefficients of channels `first..first + len` (`len <= BATCH_CHANNELS`), from `row(g)`:
+    /// group `g`'s centre `(hi, lo)` ([`centre`]) and rstd.
+    pub(super) fn new<P: Element>(
         first: usize,
         len: usize,
         d: usize,
-        xs: &[T],
-        shifted_mean: &[f32],
-        rstd: &[f32],
+        row: impl Fn(usize) -> (f32, f32, f32),
         weight: Option<&[P]>,
         bias: Option<&[P]>,
     ) -> SpanCoefs {
@@ -326,14 +325,13 @@ impl SpanCoefs {
         };
         // channel `ch` (coefficient `i`) in group `g`, stepped without a division per channel
         let (mut g, mut next) = (first / d, (first / d + 1) * d);
-        let group = |g: usize| centre(xs[g * d].to_f32(), shifted_mean[g]);
-        let (mut hi, mut lo) = group(g);
+        let (mut hi, mut lo, mut rstd) = row(g);
         for (i, ch) in (first..first + len).enumerate() {
             if ch == next {
                 (g, next) = (g + 1, next + d);
-                (hi, lo) = group(g);
+                (hi, lo, rstd) = row(g);
             }
-            let scale = rstd[g] * param(weight, ch, 1.0);
+            let scale = rstd * param(weight, ch, 1.0);
             k.centre[i] = hi;
             k.scale[i] = scale;
             k.shift[i] = shift_of(param(bias, ch, 0.0), lo, scale);
@@ -360,11 +358,13 @@ impl SpanCoefs {
 /// One NHWC sample's output and input, and its rows' mean and rstd.
 type SampleItem<'a, T> = ((&'a mut [T], &'a [T]), (&'a mut [f32], &'a mut [f32]));
 
-/// NHWC forward, allocating nothing, one sample after the other (samples in parallel): the
-/// sample's statistics per batch of groups (walking it contiguously; the shifted mean is parked
-/// in `mean`), then its normalization over contiguous pieces of whole positions while it is
-/// still in cache, then `mean = pivot + shifted mean`. (Statistics of every sample before any
-/// normalization read `x` twice from memory once the tensor outgrows the last-level cache.)
+/// NHWC forward, allocating nothing, one sample after the other (samples in parallel), and
+/// within a sample one batch of groups after the other: the batch's statistics (walking its
+/// columns of every position; long position ranges split in parallel), then the normalization
+/// of those columns over contiguous pieces of whole positions while they are still in cache,
+/// with the coefficients made from the statistics in hand (the f64 shifted means, see
+/// [`Moments`], never parked in f32). (Statistics of every sample before any normalization
+/// read `x` twice from memory once the tensor outgrows the last-level cache.)
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward_nhwc<T: Element, P: Element>(
     geo: &Geometry,
@@ -384,52 +384,41 @@ pub(super) fn forward_nhwc<T: Element, P: Element>(
     // Small tensors run on the calling thread.
     let par = !on_caller(geo);
 
-    let stats = |xs: &[T], bi: usize, mean_b: &mut [f32], rstd_b: &mut [f32]| {
-        let b = NhwcBatch::new(c, d, bi * gb, mean_b.len());
-        let mut pivots = [0f32; BATCH_CHANNELS];
-        for (i, p) in pivots[..b.gb].iter_mut().enumerate() {
-            *p = xs[(b.g0 + i) * d].to_f32();
-        }
-        let bm = nhwc_batch_moments(xs, b, 0..s, &pivots, par);
-        for (i, (m, r)) in mean_b.iter_mut().zip(rstd_b.iter_mut()).enumerate() {
-            let st = RowStats::from_moments(bm.get(i), pivots[i], eps);
-            (*m, *r) = (st.shifted_mean, st.rstd);
-        }
-    };
     let one_sample = |((ys, xs), (mean_n, rstd_n)): SampleItem<'_, T>| {
-        if par {
-            mean_n
-                .par_chunks_mut(gb)
-                .zip(rstd_n.par_chunks_mut(gb))
-                .enumerate()
-                .for_each(|(bi, (mean_b, rstd_b))| stats(xs, bi, mean_b, rstd_b));
-        } else {
-            for (bi, (mean_b, rstd_b)) in
-                mean_n.chunks_mut(gb).zip(rstd_n.chunks_mut(gb)).enumerate()
-            {
-                stats(xs, bi, mean_b, rstd_b);
+        for (bi, (mean_b, rstd_b)) in mean_n.chunks_mut(gb).zip(rstd_n.chunks_mut(gb)).enumerate() {
+            let b = NhwcBatch::new(c, d, bi * gb, mean_b.len());
+            let mut pivots = [0f32; BATCH_CHANNELS];
+            for (i, p) in pivots[..b.gb].iter_mut().enumerate() {
+                *p = xs[(b.g0 + i) * d].to_f32();
             }
-        }
-        // Coefficients once per sample and column batch (all channels up to 1024), shared by
-        // the pieces. (Per piece they cost as much as a tenth of the normalization, perf.)
-        let (sm, rs) = (&*mean_n, &*rstd_n);
-        for ch0 in (0..c).step_by(BATCH_CHANNELS) {
-            let len = BATCH_CHANNELS.min(c - ch0);
-            let k = SpanCoefs::new(ch0, len, d, xs, sm, rs, weight, bias);
-            let norm = |(yp, xp): (&mut [T], &[T])| {
-                normalize_nhwc_piece(xp, yp, c, ch0..ch0 + len, &k, act)
+            let bm = nhwc_batch_moments(xs, b, 0..s, &pivots, par);
+            let mut lo = [0f32; BATCH_CHANNELS];
+            for (i, (m, r)) in mean_b.iter_mut().zip(rstd_b.iter_mut()).enumerate() {
+                let st = RowStats::from_moments(bm.get(i), pivots[i], eps);
+                (*m, *r, lo[i]) = (st.mean, st.rstd, st.residual);
+            }
+            let (his, rs) = (&*mean_b, &*rstd_b);
+            let row = |g: usize| {
+                let i = g - b.g0;
+                (his[i], lo[i], rs[i])
             };
-            if par {
-                ys.par_chunks_mut(piece)
-                    .zip(xs.par_chunks(piece))
-                    .for_each(norm);
-            } else {
-                ys.chunks_mut(piece).zip(xs.chunks(piece)).for_each(norm);
+            // the batch's columns, in spans of at most BATCH_CHANNELS (more only when one
+            // group has more channels than that)
+            let cols = b.g0 * d..(b.g0 + b.gb) * d;
+            for ch0 in cols.clone().step_by(BATCH_CHANNELS) {
+                let len = BATCH_CHANNELS.min(cols.end - ch0);
+                let k = SpanCoefs::new(ch0, len, d, row, weight, bias);
+                let norm = |(yp, xp): (&mut [T], &[T])| {
+                    normalize_nhwc_piece(xp, yp, c, ch0..ch0 + len, &k, act)
+                };
+                if par {
+                    ys.par_chunks_mut(piece)
+                        .zip(xs.par_chunks(piece))
+                        .for_each(norm);
+                } else {
+                    ys.chunks_mut(piece).zip(xs.chunks(piece)).for_each(norm);
+                }
             }
-        }
-        // saved mean = pivot + shifted mean
-        for (g, m) in mean_n.iter_mut().enumerate() {
-            *m += xs[g * d].to_f32();
         }
     };
     if par {

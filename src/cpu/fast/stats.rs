@@ -3,10 +3,17 @@
 use super::*;
 
 /// Count, mean and sum of squared deviations of a set of values (a Welford/Chan state).
+///
+/// The (shifted) mean is an f64: a leaf's is its f32 sum divided in f64, and merges keep it
+/// there, so that it is not rounded to f32 before [`centre`] splits `pivot + mean` into the
+/// two floats the normalization subtracts. Rounded to f32, it carried half an ulp of itself
+/// into every output: an error that grows with how far the pivot (the row's first value) lies
+/// from the mean, 2.5e-6 at 60 standard deviations, over the f16/bf16 outputs' `1e-6` near
+/// zero (`half_statistics_with_far_pivots`).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(super) struct Moments {
     pub(super) count: usize,
-    pub(super) mean: f32,
+    pub(super) mean: f64,
     pub(super) m2: f32,
 }
 
@@ -21,36 +28,35 @@ impl Moments {
             return other;
         }
         let count = self.count + other.count;
-        let wb = other.count as f32 / count as f32;
+        let wb = other.count as f64 / count as f64;
         let delta = other.mean - self.mean;
         Moments {
             count,
             mean: self.mean + delta * wb,
-            m2: self.m2 + other.m2 + delta * delta * (self.count as f32 * wb),
+            m2: self.m2 + other.m2 + (delta * delta * (self.count as f64 * wb)) as f32,
         }
     }
 }
 
-/// Final statistics of one row: shifted mean `mean - pivot`, mean, rstd, and the residual
-/// `(pivot + shifted mean) - mean` the f32 mean rounded away ([`centre`]).
+/// Final statistics of one row: mean, rstd, and the residual `(pivot + shifted mean) - mean`
+/// the f32 mean rounded away ([`centre`]).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct RowStats {
-    pub(super) shifted_mean: f32,
     pub(super) mean: f32,
     pub(super) rstd: f32,
     pub(super) residual: f32,
 }
 
 /// The centre the normalization subtracts, as two floats: `pivot + shifted_mean` rounded to f32
-/// (the saved mean: the same bits as the f32 sum) and what that rounding dropped, so that
-/// `hi + lo` is the centre to about 2^-48 of it. `y = (x - hi) * a + (b - lo * a)`
+/// (the saved mean) and what that rounding dropped, so that `hi + lo` is the centre to about
+/// 2^-48 of it. `y = (x - hi) * a + (b - lo * a)`
 /// ([`shift_of`]) then subtracts the whole centre: `x - hi` is exact where `x` is within a
 /// factor two of `hi` (offset rows) and otherwise rounds relative to `x - hi`, and `lo`
 /// folds into the per-channel shift, so a row's offset costs nothing (docs/design.md,
 /// "Accuracy targets") and each value takes one subtraction, one product and one sum.
 #[inline]
-pub(super) fn centre(pivot: f32, shifted_mean: f32) -> (f32, f32) {
-    let c = f64::from(pivot) + f64::from(shifted_mean);
+pub(super) fn centre(pivot: f32, shifted_mean: f64) -> (f32, f32) {
+    let c = f64::from(pivot) + shifted_mean;
     let hi = c as f32;
     (hi, (c - f64::from(hi)) as f32)
 }
@@ -69,7 +75,6 @@ impl RowStats {
     /// computed in f64 and rounded once, as it involves no data).
     pub(super) fn empty(eps: f32) -> RowStats {
         RowStats {
-            shifted_mean: 0.0,
             mean: 0.0,
             rstd: (1.0 / f64::from(eps).sqrt()) as f32,
             residual: 0.0,
@@ -84,7 +89,6 @@ impl RowStats {
         let rstd = 1.0 / (var + eps).sqrt();
         if rstd.is_nan() || !m.mean.is_finite() || !pivot.is_finite() {
             return RowStats {
-                shifted_mean: f32::NAN,
                 mean: f32::NAN,
                 rstd: f32::NAN,
                 residual: f32::NAN,
@@ -92,7 +96,6 @@ impl RowStats {
         }
         let (mean, residual) = centre(pivot, m.mean);
         RowStats {
-            shifted_mean: m.mean,
             mean,
             rstd,
             residual,
@@ -232,19 +235,33 @@ fn leaf_two_pass<T: Element, const SIMD: bool>(x: &[T], pivot: f32) -> Moments {
         if let Some(m2) = one_pass_m2(s1, s2, x.len()) {
             return Moments {
                 count: x.len(),
-                mean: s1 / x.len() as f32,
+                mean: f64::from(s1) / x.len() as f64,
                 m2,
             };
         }
+        // the corrected two-pass, as in the NHWC leaves (`forward_nhwc::nhwc_leaf`)
+        let mean = s1 / x.len() as f32;
+        let cr = lane_sum_of::<T, SIMD>(x, |e| (e - pivot) - mean);
+        let sq = lane_sum_of::<T, SIMD>(x, |e| {
+            let d = (e - pivot) - mean;
+            d * d
+        });
+        let (corr, m2) = corrected(cr, sq, x.len());
+        return Moments {
+            count: x.len(),
+            mean: f64::from(s1) / x.len() as f64 + corr,
+            m2,
+        };
     }
-    let mean = lane_sum_of::<T, SIMD>(x, |e| e - pivot) / x.len() as f32;
+    let s1 = lane_sum_of::<T, SIMD>(x, |e| e - pivot);
+    let mean = s1 / x.len() as f32;
     let m2 = lane_sum_of::<T, SIMD>(x, |e| {
         let d = (e - pivot) - mean;
         d * d
     });
     Moments {
         count: x.len(),
-        mean,
+        mean: f64::from(s1) / x.len() as f64,
         m2,
     }
 }
@@ -265,6 +282,16 @@ pub(super) fn lane_sum_of<T: Element, const SIMD: bool>(v: &[T], f: impl Fn(f32)
     }
     let rest = chunks.remainder().iter().fold(0f32, |a, e| a + f(load1(e)));
     fold_lanes4::<SIMD>(&acc) + rest
+}
+
+/// The corrected two-pass's last step, from the sums over `n` values of their deviations `d`
+/// from a provisional mean, `sum d` and `sum d^2`: the correction to that mean,
+/// `sum d / n`, and `m2 = sum d^2 - (sum d)^2 / n` (at least 0), in f64. For the f16/bf16
+/// leaves whose one-pass sums [`one_pass_m2`] refused: their pivot is far from the mean, so
+/// the f32 sums of `x - p` that gave the provisional mean added large values and rounded.
+pub(super) fn corrected(sum_d: f32, sum_d2: f32, n: usize) -> (f64, f32) {
+    let (d, n) = (f64::from(sum_d), n as f64);
+    (d / n, (f64::from(sum_d2) - d * d / n).max(0.0) as f32)
 }
 
 /// [`lane_sum_of`] of `x - pivot` and of `(x - pivot)^2` in one walk: each sum in its own

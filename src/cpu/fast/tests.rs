@@ -22,7 +22,7 @@ fn merge_matches_direct_moments() {
     let direct_m2: f64 = v.iter().map(|&e| (e as f64 - direct_mean).powi(2)).sum();
     let m = run_moments(&v, 0.0);
     assert_eq!(m.count, 1000);
-    assert!((m.mean as f64 - direct_mean).abs() < 1e-5 * direct_mean);
+    assert!((m.mean - direct_mean).abs() < 1e-5 * direct_mean);
     assert!((m.m2 as f64 - direct_m2).abs() < 1e-5 * direct_m2);
 }
 

@@ -1,5 +1,5 @@
 //! The CUDA runtime: finding the driver and a device, loading the embedded kernels once per
-//! context, and looking kernels up by name.
+//! context, and looking kernels up by a dense id (`KernelId`, src/gpu/kernel_id.rs).
 
 use super::kernel_id::{KernelId, Kind};
 use super::plan::DeviceLimits;

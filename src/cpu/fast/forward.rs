@@ -75,9 +75,10 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
 }
 
 /// Normalizes a piece of an NCHW row that starts at row offset `off` (channel runs of `s`
-/// values, the row's first channel `c0`): `y = (x - hi) * a + (b - lo * a)` with `a = rstd * w`
-/// and the row's centre `hi + lo` ([`centre`]), then the activation. Compiled for AVX2 too and picked at run time (the same operations in the
-/// same order, so the same bits: Rust never contracts to FMA on its own). Without an
+/// values, the row's first channel `c0`): `y = (x - hi) * a + (b - lo * a)` with
+/// `a = rstd * w` and the row's centre `hi + lo` ([`centre`]), then the activation. Compiled
+/// for AVX2 too and picked at run time (the same operations in the same order, so the same
+/// bits: Rust never contracts to FMA on its own). Without an
 /// activation, values are converted in registers ([`map_values`]); with one, through the
 /// scratch buffers, so that the affine loop stays vectorized apart from the activation's.
 #[allow(clippy::too_many_arguments)]

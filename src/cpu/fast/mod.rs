@@ -11,8 +11,8 @@
 //! so rounding errors scale with the spread of the row and not with its offset. The row is cut
 //! into chunks; a chunk's shifted mean and `m2` are computed exactly in two passes over the
 //! (cached) chunk (f16/bf16: one pass of sums and squares where a check shows they cannot
-//! have cancelled, `stats::one_pass_m2`), and chunk states merge with Chan's formula in a fixed pairwise tree (error
-//! grows with the tree's depth, not with the number of chunks).
+//! have cancelled, `stats::one_pass_m2`), and chunk states merge with Chan's formula in a
+//! fixed pairwise tree (error grows with the tree's depth, not with the number of chunks).
 //!
 //! - NCHW: a row is one contiguous run, chunks are [`CHUNK`] values; rows run in parallel,
 //!   and so do the halves of long rows.
@@ -20,9 +20,10 @@
 //!   `gb * D <= 1024` channels (`forward_nhwc::BATCH_CHANNELS`: all of them up to C = 1024)
 //!   are a contiguous segment of every position; a chunk is a block of positions times one
 //!   group's channels, summed with one accumulator per channel while walking the segments in
-//!   memory order. A sample's statistics, then its normalization while it is in cache, then the
-//!   next sample; samples, batches and halves of long position ranges run in parallel. With
-//!   `S = 1` the two layouts are the same memory order and the NCHW code runs.
+//!   memory order. Within a sample, batch after batch: its statistics, then the normalization
+//!   of its columns while they are in cache; samples, halves of long position ranges and
+//!   pieces of the normalization run in parallel. With `S = 1` the two layouts are the same
+//!   memory order and the NCHW code runs.
 //!
 //! The saved mean is `hi = p + (mean - p)` in f32; `lo` is what that rounding dropped
 //! (`stats::centre`, computed in f64). `y = (x - hi) * a + (b - lo * a)` with `a = rstd * w`,
@@ -54,8 +55,8 @@
 //! sequence for bf16, explicit 256-bit loads and stores for f32 where the CPU has AVX2 and F16C
 //! (`use_simd`, checked once per pass), plain loops otherwise. The rest (activations, NCHW
 //! backward runs of fewer than [`LANES`] values, the NHWC backward in f32) reads and writes
-//! in spans of at most [`CHUNK`] elements through f32 buffers on the stack: f32 data is used in place, f16 and bf16 go through branch-free loops that
-//! LLVM vectorizes and inlines into the AVX2 copies below. Both forms give the same bits, equal
+//! in spans of at most [`CHUNK`] elements through f32 buffers on the stack: f32 data is used
+//! in place, f16 and bf16 go through branch-free loops that LLVM vectorizes and inlines into the AVX2 copies below. Both forms give the same bits, equal
 //! to `half`'s and to F16C's `vcvtph2ps`/`vcvtps2ph` with round-to-nearest-even (`tests.rs`).
 //!
 //! # Dispatch and scheduling

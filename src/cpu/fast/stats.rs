@@ -49,10 +49,9 @@ pub(super) struct RowStats {
 
 /// The centre the normalization subtracts, as two floats: `pivot + shifted_mean` rounded to f32
 /// (the saved mean) and what that rounding dropped, so that `hi + lo` is the centre to about
-/// 2^-48 of it. `y = (x - hi) * a + (b - lo * a)`
-/// ([`shift_of`]) then subtracts the whole centre: `x - hi` is exact where `x` is within a
-/// factor two of `hi` (offset rows) and otherwise rounds relative to `x - hi`, and `lo`
-/// folds into the per-channel shift, so a row's offset costs nothing (docs/design.md,
+/// 2^-48 of it. `y = (x - hi) * a + (b - lo * a)` ([`shift_of`]) then subtracts the whole
+/// centre: `x - hi` is exact where `x` is within a factor two of `hi` (offset rows) and
+/// otherwise rounds relative to `x - hi`, and `lo` folds into the per-channel shift, so a row's offset costs nothing (docs/design.md,
 /// "Accuracy targets") and each value takes one subtraction, one product and one sum.
 #[inline]
 pub(super) fn centre(pivot: f32, shifted_mean: f64) -> (f32, f32) {
@@ -230,38 +229,40 @@ pub(super) fn leaf_moments<T: Element>(x: &[T], pivot: f32) -> Moments {
 #[inline(always)]
 fn leaf_two_pass<T: Element, const SIMD: bool>(x: &[T], pivot: f32) -> Moments {
     debug_assert!(!x.is_empty() && x.len() <= CHUNK);
-    if T::DTYPE != crate::DType::F32 {
+    let n = x.len();
+    // f16/bf16: one walk of sums and squares, kept where `one_pass_m2` accepts it; otherwise
+    // (and for f32) the sum of `x - p` and a second pass of squared deviations
+    let (s1, refused) = if T::DTYPE != crate::DType::F32 {
         let (s1, s2) = lane_sums_and_squares_of::<T, SIMD>(x, pivot);
-        if let Some(m2) = one_pass_m2(s1, s2, x.len()) {
+        if let Some(m2) = one_pass_m2(s1, s2, n) {
             return Moments {
-                count: x.len(),
-                mean: f64::from(s1) / x.len() as f64,
+                count: n,
+                mean: f64::from(s1) / n as f64,
                 m2,
             };
         }
-        // the corrected two-pass, as in the NHWC leaves (`forward_nhwc::nhwc_leaf`)
-        let mean = s1 / x.len() as f32;
-        let cr = lane_sum_of::<T, SIMD>(x, |e| (e - pivot) - mean);
-        let sq = lane_sum_of::<T, SIMD>(x, |e| {
-            let d = (e - pivot) - mean;
-            d * d
-        });
-        let (corr, m2) = corrected(cr, sq, x.len());
-        return Moments {
-            count: x.len(),
-            mean: f64::from(s1) / x.len() as f64 + corr,
-            m2,
-        };
-    }
-    let s1 = lane_sum_of::<T, SIMD>(x, |e| e - pivot);
-    let mean = s1 / x.len() as f32;
+        (s1, true)
+    } else {
+        (lane_sum_of::<T, SIMD>(x, |e| e - pivot), false)
+    };
+    let mean = s1 / n as f32;
     let m2 = lane_sum_of::<T, SIMD>(x, |e| {
         let d = (e - pivot) - mean;
         d * d
     });
+    if refused {
+        // a far pivot: the corrected two-pass, as in the NHWC leaves (`forward_nhwc::nhwc_leaf`)
+        let cr = lane_sum_of::<T, SIMD>(x, |e| (e - pivot) - mean);
+        let (corr, m2) = corrected(cr, m2, n);
+        return Moments {
+            count: n,
+            mean: f64::from(s1) / n as f64 + corr,
+            m2,
+        };
+    }
     Moments {
-        count: x.len(),
-        mean: f64::from(s1) / x.len() as f64,
+        count: n,
+        mean: f64::from(s1) / n as f64,
         m2,
     }
 }
@@ -325,7 +326,7 @@ pub(super) fn lane_sums_and_squares_of<T: Element, const SIMD: bool>(
 /// How far a one-pass leaf's shifted mean may sit from zero, in its own variances
 /// (`count * mean^2 <= ONE_PASS_SPREAD * m2`: a pivot within three standard deviations of the
 /// leaf's mean), for its `m2` to be accepted.
-pub(super) const ONE_PASS_SPREAD: f64 = 9.0;
+const ONE_PASS_SPREAD: f64 = 9.0;
 
 /// The leaf's `m2 = s2 - s1^2 / n` from its shifted sums `s1 = sum(x - p)` and
 /// `s2 = sum((x - p)^2)`, or `None` where that difference may have cancelled.

@@ -621,10 +621,16 @@ mod f16c {
     #[inline]
     pub(super) unsafe fn store8(v: [f32; 8], d: &mut [u16]) {
         let d = &mut d[..8];
-        // SAFETY: as in `load8`; `d` is 8 u16, written unaligned.
+        // SAFETY: as in `load8`; `d` is 8 u16, written unaligned. The empty `asm!` reads and
+        // writes nothing but its register operand.
         unsafe {
             let f = std::mem::transmute::<[f32; 8], __m256>(v);
-            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(f);
+            let mut h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(f);
+            // Keeps the rounding in a register: LLVM otherwise folds it into the store
+            // (`vcvtps2ph` with a memory operand), which on AMD Zen cores costs more than
+            // the register form and a plain store (a standalone loop: 0.099 against 0.073 ns
+            // per value on this project's EPYC machine).
+            std::arch::asm!("/* {0} */", inout(xmm_reg) h, options(pure, nomem, nostack, preserves_flags));
             _mm_storeu_si128(d.as_mut_ptr().cast::<__m128i>(), h);
         }
     }

@@ -37,11 +37,12 @@ impl NhwcBatch {
         }
     }
 
-    pub(super) fn new(c: usize, d: usize, g0: usize, gb: usize) -> NhwcBatch {
-        // A leaf reads about NHWC_STATS_BLOCK values (twice, the second time from cache), at
-        // most CHUNK positions (each channel accumulator sums at most CHUNK values in
-        // sequence).
-        let pb = (NHWC_STATS_BLOCK / (gb * d)).clamp(1, CHUNK);
+    /// The batch of `gb` groups from `g0`, with leaves sized for elements of `elem` bytes.
+    pub(super) fn new(c: usize, d: usize, g0: usize, gb: usize, elem: usize) -> NhwcBatch {
+        // A leaf reads about NHWC_STATS_BYTES of `x` (f32: twice, the second time from
+        // cache), at most CHUNK positions (each channel accumulator sums at most CHUNK values
+        // in sequence).
+        let pb = (NHWC_STATS_BYTES / elem / (gb * d)).clamp(1, CHUNK);
         NhwcBatch { c, d, g0, gb, pb }
     }
 }
@@ -204,7 +205,7 @@ fn nhwc_leaf<T: Element, const SIMD: bool>(
     let col0 = b.g0 * b.d;
     if b.d > BATCH_CHANNELS {
         // One group, long contiguous runs: a pairwise tree per run, merged over the leaf's
-        // (at most NHWC_STATS_BLOCK / D < 64) positions.
+        // (at most NHWC_STATS_BYTES / (2 D) < 128) positions.
         let mut m = Moments::default();
         for s in pos {
             let at = s * b.c + col0;
@@ -292,15 +293,13 @@ fn nhwc_leaf<T: Element, const SIMD: bool>(
 }
 
 /// Per-channel normalization coefficients of a span of up to [`BATCH_CHANNELS`] channels, on
-/// the stack (12 KiB): `y = (x - centre) * scale + shift` ([`centre`], [`shift_of`]). The pads
-/// keep the three arrays from lying a multiple of 4 KiB apart: with them the f32 NHWC forward
-/// measured 1.5-5 % faster (A/B, 5 processes each; loads that far apart share their low 12
-/// address bits, which the CPU's store-to-load check compares first).
+/// the stack (12 KiB): `y = (x - centre) * scale + shift` ([`centre`], [`shift_of`]). (Pads
+/// between the arrays, to keep them off 4 KiB multiples of each other, were once credited
+/// with 1.5-5 %; the compiler had moved them to the end of the struct, and with `repr(C)`
+/// putting them between the arrays they measured neutral, so they are gone.)
 pub(super) struct SpanCoefs {
     pub(super) centre: Wide,
-    _pad1: [f32; 40],
     pub(super) scale: Wide,
-    _pad2: [f32; 40],
     pub(super) shift: Wide,
 }
 
@@ -318,9 +317,7 @@ impl SpanCoefs {
         let zero = [0.0; BATCH_CHANNELS];
         let mut k = SpanCoefs {
             centre: zero,
-            _pad1: [0.0; 40],
             scale: zero,
-            _pad2: [0.0; 40],
             shift: zero,
         };
         // channel `ch` (coefficient `i`) in group `g`, stepped without a division per channel
@@ -386,7 +383,7 @@ pub(super) fn forward_nhwc<T: Element, P: Element>(
 
     let one_sample = |((ys, xs), (mean_n, rstd_n)): SampleItem<'_, T>| {
         for (bi, (mean_b, rstd_b)) in mean_n.chunks_mut(gb).zip(rstd_n.chunks_mut(gb)).enumerate() {
-            let b = NhwcBatch::new(c, d, bi * gb, mean_b.len());
+            let b = NhwcBatch::new(c, d, bi * gb, mean_b.len(), T::DTYPE.size());
             let mut pivots = [0f32; BATCH_CHANNELS];
             for (i, p) in pivots[..b.gb].iter_mut().enumerate() {
                 *p = xs[(b.g0 + i) * d].to_f32();
@@ -500,26 +497,41 @@ pub(super) fn affine_per_channel<T: Element, const SIMD: bool>(
     a: &[f32],
     b: &[f32],
 ) {
-    let f = |v: f32, m: f32, a: f32, b: f32| (v - m) * a + b;
-    let mut x8 = x.chunks_exact(8);
-    let mut y8 = y.chunks_exact_mut(8);
-    let mut c8 = m
-        .chunks_exact(8)
-        .zip(a.chunks_exact(8).zip(b.chunks_exact(8)));
-    for ((xv, yv), (m, (a, b))) in (&mut x8).zip(&mut y8).zip(&mut c8) {
-        let v = load8::<T, SIMD>(xv);
-        let m = load8::<f32, SIMD>(m);
-        let (a, b) = (load8::<f32, SIMD>(a), load8::<f32, SIMD>(b));
-        let mut o = [0f32; 8];
-        for (l, o) in o.iter_mut().enumerate() {
-            *o = f(v[l], m[l], a[l], b[l]);
-        }
-        store8::<T, SIMD>(o, yv);
+    let n = x.len();
+    let (y, m, a, b) = (&mut y[..n], &m[..n], &a[..n], &b[..n]);
+    // sixteen values per step (one 32-byte store for bf16), then eight, then one by one;
+    // every slice is cut to `n` first so that the steps carry no bounds checks
+    let mut j = 0;
+    while j + 16 <= n {
+        let lo = affine8::<T, SIMD>(&x[j..], &m[j..], &a[j..], &b[j..]);
+        let hi = affine8::<T, SIMD>(&x[j + 8..], &m[j + 8..], &a[j + 8..], &b[j + 8..]);
+        store16::<T, SIMD>(lo, hi, &mut y[j..]);
+        j += 16;
     }
-    let done = x.len() - x8.remainder().len();
-    let tail = x8.remainder().iter().zip(y8.into_remainder()).enumerate();
-    for (i, (xv, yv)) in tail {
-        let j = done + i;
-        store1(f(load1(xv), m[j], a[j], b[j]), yv);
+    if j + 8 <= n {
+        let o = affine8::<T, SIMD>(&x[j..], &m[j..], &a[j..], &b[j..]);
+        store8::<T, SIMD>(o, &mut y[j..]);
+        j += 8;
     }
+    for j in j..n {
+        store1((load1(&x[j]) - m[j]) * a[j] + b[j], &mut y[j]);
+    }
+}
+
+/// `(x - m) * a + b` of the first eight values of each (a function, not a closure: a closure
+/// does not take the target features of the multiversioned function around it, so the
+/// conversions inside one would not inline; written as a closure, this loop ran 4x slower).
+#[inline(always)]
+fn affine8<T: Element, const SIMD: bool>(x: &[T], m: &[f32], a: &[f32], b: &[f32]) -> F8 {
+    let v = load8::<T, SIMD>(x);
+    let (m, a, b) = (
+        load8::<f32, SIMD>(m),
+        load8::<f32, SIMD>(a),
+        load8::<f32, SIMD>(b),
+    );
+    let mut o = [0f32; 8];
+    for l in 0..8 {
+        o[l] = (v[l] - m[l]) * a[l] + b[l];
+    }
+    o
 }

@@ -88,11 +88,14 @@ const PAR_MIN: usize = 1 << 15;
 const PIECE: usize = 1 << 14;
 /// Target elements per NHWC spatial block (positions times channels).
 const NHWC_BLOCK: usize = 1 << 14;
-/// Target elements per leaf of the NHWC forward statistics (positions times channels). Each
-/// leaf zeroes and fills its per-channel arrays (12 KiB) and returns its moments by value
-/// (8 KiB): at 2^14 that was a tenth of the f16 forward (perf, `memset`/`memmove`); 2^16 ran
-/// the 2x320x64x64 f16 forward in 1.15 ms against 1.33 (A/B, one thread).
-const NHWC_STATS_BLOCK: usize = 1 << 16;
+/// Target bytes of `x` per leaf of the NHWC forward statistics (positions times channels
+/// times the element size): half of a 512 KiB L2, so that the f32 leaf's second pass reads
+/// from it. Each leaf zeroes and fills its per-channel arrays (12 KiB) and returns its
+/// moments by value (12 KiB): at 2^14 f16 values that was a tenth of the f16 forward (perf,
+/// `memset`/`memmove`); 2^16 ran the 2x320x64x64 f16 forward in 1.15 ms against 1.33 (A/B,
+/// one thread); 2^17 f16 values (this size) ran 6 % fewer instructions than 2^16 in the
+/// 1x640x32x32 f16 forward.
+const NHWC_STATS_BYTES: usize = 1 << 18;
 /// Bounds on the positions per NHWC block: at most `CHUNK` values per channel are summed
 /// sequentially; at least 16 keeps the workspace under `numel / 8` for very wide tensors.
 const NHWC_MIN_POSITIONS: usize = 16;

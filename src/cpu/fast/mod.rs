@@ -56,8 +56,9 @@
 //! (`use_simd`, checked once per pass), plain loops otherwise. The rest (activations, NCHW
 //! backward runs of fewer than [`LANES`] values, the NHWC backward in f32) reads and writes
 //! in spans of at most [`CHUNK`] elements through f32 buffers on the stack: f32 data is used
-//! in place, f16 and bf16 go through branch-free loops that LLVM vectorizes and inlines into the AVX2 copies below. Both forms give the same bits, equal
-//! to `half`'s and to F16C's `vcvtph2ps`/`vcvtps2ph` with round-to-nearest-even (`tests.rs`).
+//! in place, f16 and bf16 go through branch-free loops that LLVM vectorizes and inlines into
+//! the AVX2 copies below. Both forms give the same bits, equal to `half`'s and to F16C's
+//! `vcvtph2ps`/`vcvtps2ph` with round-to-nearest-even (`tests.rs`).
 //!
 //! # Dispatch and scheduling
 //!

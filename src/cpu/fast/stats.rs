@@ -51,8 +51,8 @@ pub(super) struct RowStats {
 /// (the saved mean) and what that rounding dropped, so that `hi + lo` is the centre to about
 /// 2^-48 of it. `y = (x - hi) * a + (b - lo * a)` ([`shift_of`]) then subtracts the whole
 /// centre: `x - hi` is exact where `x` is within a factor two of `hi` (offset rows) and
-/// otherwise rounds relative to `x - hi`, and `lo` folds into the per-channel shift, so a row's offset costs nothing (docs/design.md,
-/// "Accuracy targets") and each value takes one subtraction, one product and one sum.
+/// otherwise rounds relative to `x - hi`, and `lo` folds into the per-channel shift, so a
+/// row's offset costs nothing (docs/design.md, "Accuracy targets") and each value takes one subtraction, one product and one sum.
 #[inline]
 pub(super) fn centre(pivot: f32, shifted_mean: f64) -> (f32, f32) {
     let c = f64::from(pivot) + shifted_mean;

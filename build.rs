@@ -19,6 +19,12 @@
 //!   `75,80,86,89,90,100,120`, less what this nvcc cannot target (`nvcc --list-gpu-arch`; sm_100
 //!   and sm_120 need 12.8). An architecture asked for by name that nvcc cannot target is an
 //!   error. SASS for each, PTX for the newest.
+//! - `GROUPNORM_KERNEL_CACHE`: a directory where compiled fatbins (and ptxas' report) are kept,
+//!   keyed by a hash of the nvcc command line, nvcc's path and version, and every file under
+//!   `kernels/`. Off by default. Each feature set and profile of the crate runs this script
+//!   anew, and nvcc for the seven default architectures takes about three minutes on two cores;
+//!   CI and local work across feature sets set it so that nvcc runs once per kernel change.
+//!   The spill check reads the cached report as it would a fresh one.
 //! - `GROUPNORM_REQUIRE_NVCC=1`: kept for older scripts; with the `cuda` feature a missing nvcc
 //!   is an error anyway, and this makes it one on docs.rs too.
 
@@ -40,6 +46,7 @@ const ENV_VARS: &[&str] = &[
     "GROUPNORM_CUDA_ARCHS",
     "CUDA_COMPUTE_CAP",
     "GROUPNORM_REQUIRE_NVCC",
+    "GROUPNORM_KERNEL_CACHE",
     "DOCS_RS",
 ];
 /// What to do when nvcc is missing or too old (the build stops with this).
@@ -87,8 +94,10 @@ fn main() {
                     ));
                 }
                 let archs = archs(&nvcc);
-                let (modules, names) = compile_all(&nvcc, &gpu_sources, &out_dir, &archs);
-                report_embedded(&modules, &archs, version);
+                let cache = KernelCache::from_env(&nvcc, version, &sources);
+                let (modules, names) =
+                    compile_all(&nvcc, &gpu_sources, &out_dir, &archs, cache.as_ref());
+                report_embedded(&modules, &archs, version, cache.as_ref());
                 (modules, names, archs)
             }
             None if docs_rs => (Vec::new(), Vec::new(), Vec::new()),
@@ -149,16 +158,30 @@ fn nvcc_archs(nvcc: &Path) -> Vec<u32> {
 }
 
 /// Prints what went into the binary: architectures, PTX, bytes.
-fn report_embedded(modules: &[(String, PathBuf)], archs: &[u32], version: (u32, u32)) {
+fn report_embedded(
+    modules: &[(String, PathBuf)],
+    archs: &[u32],
+    version: (u32, u32),
+    cache: Option<&KernelCache>,
+) {
     let bytes: u64 = modules
         .iter()
         .map(|(_, p)| fs::metadata(p).map_or(0, |m| m.len()))
         .sum();
     let names: Vec<&str> = modules.iter().map(|(n, _)| n.as_str()).collect();
     let sass: Vec<String> = archs.iter().map(|a| format!("sm_{a}")).collect();
+    let cached = match cache {
+        Some(c) => format!(
+            "; kernel cache {}: {} of {} modules found there",
+            c.dir.display(),
+            c.hits.load(std::sync::atomic::Ordering::Relaxed),
+            modules.len()
+        ),
+        None => String::new(),
+    };
     println!(
         "cargo::warning=groupnorm GPU kernels (nvcc {}.{}): SASS for {}, PTX for compute_{}; \
-         {} modules ({}), {:.1} MiB embedded",
+         {} modules ({}), {:.1} MiB embedded{cached}",
         version.0,
         version.1,
         sass.join(","),
@@ -401,11 +424,12 @@ fn compile_all(
     sources: &[PathBuf],
     out_dir: &Path,
     archs: &[u32],
+    cache: Option<&KernelCache>,
 ) -> (Vec<(String, PathBuf)>, Vec<String>) {
     let results: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = sources
             .iter()
-            .map(|src| scope.spawn(|| compile_one(nvcc, src, out_dir, archs)))
+            .map(|src| scope.spawn(|| compile_one(nvcc, src, out_dir, archs, cache)))
             .collect();
         handles
             .into_iter()
@@ -450,6 +474,7 @@ fn compile_one(
     src: &Path,
     out_dir: &Path,
     archs: &[u32],
+    cache: Option<&KernelCache>,
 ) -> Result<(String, PathBuf, String), String> {
     let stem = src
         .file_stem()
@@ -478,18 +503,34 @@ fn compile_one(
     }
     cmd.arg(src);
     let shown = format!("{cmd:?}");
-    let output = cmd
-        .output()
-        .map_err(|e| format!("could not run nvcc ({e}):\n  {shown}"))?;
-    let log = String::from_utf8_lossy(&output.stderr).into_owned()
-        + &String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        return Err(format!(
-            "nvcc failed on {} ({}):\n  {shown}\n{log}",
-            src.display(),
-            output.status
-        ));
-    }
+    // the key: everything on the command line but the output path (the sources' contents are
+    // in the cache's own key)
+    let key_args: Vec<String> = cmd
+        .get_args()
+        .filter(|a| *a != out.as_os_str())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let log = match cache.and_then(|c| c.get(&key_args, &out)) {
+        Some(log) => log,
+        None => {
+            let output = cmd
+                .output()
+                .map_err(|e| format!("could not run nvcc ({e}):\n  {shown}"))?;
+            let log = String::from_utf8_lossy(&output.stderr).into_owned()
+                + &String::from_utf8_lossy(&output.stdout);
+            if !output.status.success() {
+                return Err(format!(
+                    "nvcc failed on {} ({}):\n  {shown}\n{log}",
+                    src.display(),
+                    output.status
+                ));
+            }
+            if let Some(c) = cache {
+                c.put(&key_args, &out, &log);
+            }
+            log
+        }
+    };
     let spills = find_spills(&log);
     if !spills.is_empty() {
         return Err(format!(
@@ -500,6 +541,113 @@ fn compile_one(
         ));
     }
     Ok((stem, out, log))
+}
+
+/// `GROUPNORM_KERNEL_CACHE`: fatbins and ptxas logs kept across runs of this script.
+///
+/// An entry is `<key>.fatbin` plus `<key>.log`, written to temporary names and renamed (a
+/// concurrent build sees a whole entry or none). The key is a 128-bit FNV-1a hash of the nvcc
+/// path and version, `NVCC_CCBIN`, the names and contents of every file under `kernels/`, and the
+/// command line. A miss or an unreadable entry compiles as if there were no cache.
+struct KernelCache {
+    dir: PathBuf,
+    /// the hash of everything but the command line
+    base: u128,
+    hits: std::sync::atomic::AtomicUsize,
+}
+
+impl KernelCache {
+    fn from_env(nvcc: &Path, version: (u32, u32), sources: &[PathBuf]) -> Option<Self> {
+        let dir = PathBuf::from(env::var_os("GROUPNORM_KERNEL_CACHE").filter(|v| !v.is_empty())?);
+        fs::create_dir_all(&dir).unwrap_or_else(|e| {
+            fail(&format!(
+                "GROUPNORM_KERNEL_CACHE={}: cannot create it: {e}",
+                dir.display()
+            ))
+        });
+        let mut h = Fnv128::new();
+        h.write(nvcc.as_os_str().as_encoded_bytes());
+        h.write(format!("{}.{}", version.0, version.1).as_bytes());
+        h.write(
+            env::var_os("NVCC_CCBIN")
+                .unwrap_or_default()
+                .as_encoded_bytes(),
+        );
+        // every file of kernels/ (headers too), in name order
+        let kernels_dir = sources
+            .first()
+            .and_then(|p| p.parent())
+            .unwrap_or(Path::new("kernels"));
+        let mut files: Vec<PathBuf> = fs::read_dir(kernels_dir)
+            .map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default();
+        files.sort();
+        for f in files {
+            h.write(f.as_os_str().as_encoded_bytes());
+            h.write(&fs::read(&f).unwrap_or_else(|e| fail(&format!("read {}: {e}", f.display()))));
+        }
+        Some(Self {
+            dir,
+            base: h.finish(),
+            hits: Default::default(),
+        })
+    }
+
+    fn entry(&self, args: &[String]) -> PathBuf {
+        let mut h = Fnv128 { state: self.base };
+        for a in args {
+            h.write(a.as_bytes());
+        }
+        self.dir.join(format!("{:032x}", h.finish()))
+    }
+
+    /// Copies a cached fatbin to `out` and returns its ptxas log, or `None` on a miss.
+    fn get(&self, args: &[String], out: &Path) -> Option<String> {
+        let entry = self.entry(args);
+        let log = fs::read_to_string(entry.with_extension("log")).ok()?;
+        fs::copy(entry.with_extension("fatbin"), out).ok()?;
+        self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(log)
+    }
+
+    /// Stores a fresh compile; a failure to store is only a lost cache entry.
+    fn put(&self, args: &[String], fatbin: &Path, log: &str) {
+        let entry = self.entry(args);
+        let tmp = |ext: &str| entry.with_extension(format!("{ext}.tmp{}", std::process::id()));
+        let (tf, tl) = (tmp("fatbin"), tmp("log"));
+        // the fatbin first: an entry counts once its log exists
+        let stored = fs::copy(fatbin, &tf).is_ok()
+            && fs::rename(&tf, entry.with_extension("fatbin")).is_ok()
+            && fs::write(&tl, log).is_ok()
+            && fs::rename(&tl, entry.with_extension("log")).is_ok();
+        if !stored {
+            let _ = fs::remove_file(tf);
+            let _ = fs::remove_file(tl);
+        }
+    }
+}
+
+/// 128-bit FNV-1a, with each field followed by its length (so that field boundaries count).
+struct Fnv128 {
+    state: u128,
+}
+
+impl Fnv128 {
+    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
+    fn new() -> Self {
+        Self {
+            state: 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d,
+        }
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes.iter().chain(&(bytes.len() as u64).to_le_bytes()) {
+            self.state ^= u128::from(b);
+            self.state = self.state.wrapping_mul(Self::PRIME);
+        }
+    }
+    fn finish(&self) -> u128 {
+        self.state
+    }
 }
 
 /// Lines naming `kernel for sm_XX: N bytes spill stores, M bytes spill loads` with N or M > 0.

@@ -34,11 +34,89 @@ fn split_point_keeps_whole_chunks_on_the_left() {
     assert!(split_point(CHUNK + 1) < CHUNK + 1);
 }
 
+/// The tree as a plain recursion (what `run_moments` computed before its serial part became
+/// one call, `walk_tree`): every length must give the same bits, for every dtype.
+fn recursive_tree<T: Element>(x: &[T], pivot: f32) -> Moments {
+    if x.len() <= CHUNK {
+        return run_moments(x, pivot); // one leaf
+    }
+    let (a, b) = x.split_at(split_point(x.len()));
+    recursive_tree(a, pivot).merge(recursive_tree(b, pivot))
+}
+
+#[test]
+fn the_serial_tree_is_the_recursive_tree() {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 1.0
+    };
+    let v: Vec<f32> = (0..PAR_MIN + 3 * CHUNK + 7).map(|_| next()).collect();
+    let h: Vec<f16> = v.iter().map(|&e| f16::from_f32(e)).collect();
+    let b: Vec<bf16> = v.iter().map(|&e| bf16::from_f32(e)).collect();
+    let c = CHUNK;
+    let lens = [
+        1,
+        7,
+        c - 1,
+        c,
+        c + 1,
+        2 * c,
+        2 * c + 1,
+        3 * c,
+        3 * c - 5,
+        5 * c + 3,
+        7 * c,
+        8 * c,
+        13 * c + 100,
+        33 * c + 1,
+        64 * c,
+        PAR_MIN - 1,
+        PAR_MIN,
+        PAR_MIN + 3 * c + 7,
+    ];
+    for &n in &lens {
+        for pivot in [0.0, v[0], 40.0] {
+            assert_eq!(
+                run_moments(&v[..n], pivot),
+                recursive_tree(&v[..n], pivot),
+                "f32 {n}"
+            );
+            assert_eq!(
+                run_moments(&h[..n], pivot),
+                recursive_tree(&h[..n], pivot),
+                "f16 {n}"
+            );
+            assert_eq!(
+                run_moments(&b[..n], pivot),
+                recursive_tree(&b[..n], pivot),
+                "bf16 {n}"
+            );
+        }
+    }
+    // the walk visits leaves left to right, once each, and merges them all
+    for k in 1..=70 {
+        let mut order = Vec::new();
+        let m = walk_tree(k, |i| {
+            order.push(i);
+            Moments {
+                count: 1,
+                mean: i as f64,
+                m2: 0.0,
+            }
+        });
+        assert_eq!(order, (0..k).collect::<Vec<_>>(), "k = {k}");
+        assert_eq!(m.count, k, "k = {k}");
+    }
+}
+
 #[test]
 fn chunk_with_inf_gives_nan_variance() {
     let mut v = vec![1.0f32; 10];
     v[3] = f32::INFINITY;
-    let st = RowStats::from_moments(leaf_moments(&v, 1.0), 1.0, 1e-5);
+    let st = RowStats::from_moments(run_moments(&v, 1.0), 1.0, 1e-5);
     assert!(st.rstd.is_nan() && st.mean.is_nan());
 }
 

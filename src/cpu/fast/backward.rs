@@ -308,7 +308,7 @@ fn dx_piece<T: Element, U: Element, P: Element>(
     weight: Option<&[P]>,
 ) {
     let run = |x: &[T], dy: &[U], o: &mut [T], k1: f32| {
-        let f = |xi: f32, di: f32| k1 * di - k2 * (xi - m) - k3;
+        let f = move |xi: f32, di: f32| k1 * di - k2 * (xi - m) - k3;
         if use_simd() {
             map2_values::<T, U, true>(x, dy, o, f)
         } else {

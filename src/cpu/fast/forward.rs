@@ -103,7 +103,7 @@ fn normalize_piece<T: Element, P: Element>(
     };
     if act == Activation::None {
         let affine = |x: &[T], y: &mut [T], scale: f32, shift: f32| {
-            let f = |_, v: f32| (v - hi) * scale + shift;
+            let f = move |_, v: f32| (v - hi) * scale + shift;
             if use_simd() {
                 map_values::<T, true>(x, y, f)
             } else {

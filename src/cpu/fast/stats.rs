@@ -215,9 +215,10 @@ pub(super) fn pairwise_sum(v: &[f32]) -> f32 {
 }
 
 /// A leaf's moments (1 to [`CHUNK`] values, shifted by `pivot`; both passes read `x` itself,
-/// from L1 the second time, eight values at a time converted in registers): exact two-pass for f32; for f16/bf16 one pass of shifted sums and
-/// squares where [`one_pass_m2`] accepts them, the second pass where it does not (the same
-/// mean either way: [`lane_sums_and_squares_of`]'s first sum has [`lane_sum_of`]'s bits).
+/// from L1 the second time, eight values at a time converted in registers): exact two-pass
+/// for f32; for f16/bf16 one pass of shifted sums and squares where [`one_pass_m2`] accepts
+/// them, the second pass where it does not (the same mean either way:
+/// [`lane_sums_and_squares_of`]'s first sum has [`lane_sum_of`]'s bits).
 #[inline(always)]
 fn leaf_two_pass<T: Element, const SIMD: bool>(x: &[T], pivot: f32) -> Moments {
     debug_assert!(!x.is_empty() && x.len() <= CHUNK);
@@ -406,7 +407,8 @@ pub(super) fn chunk_range(i: usize, len: usize) -> Range<usize> {
 /// Evaluates the pairwise tree over leaves `0..k` (`k >= 1`; a node `(lo, n)` of `n >= 2`
 /// leaves is `merge(node(lo, n / 2), node(lo + n / 2, n - n / 2))`) in post-order, leaves left
 /// to right, with an explicit stack instead of recursion so that it inlines with `leaf`.
-/// At most [`WALK_MAX_LEAVES`] leaves, whose depth of at most 23 the frames hold.
+/// At most [`WALK_MAX_LEAVES`] leaves: a path from the root then passes at most 22 inner
+/// nodes, one frame each.
 #[inline(always)]
 pub(super) fn walk_tree<S: Copy>(
     k: usize,

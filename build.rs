@@ -94,7 +94,7 @@ fn main() {
                     ));
                 }
                 let archs = archs(&nvcc);
-                let cache = KernelCache::from_env(&nvcc, version, &sources);
+                let cache = KernelCache::from_env(&nvcc, version, Path::new("kernels"));
                 let (modules, names) =
                     compile_all(&nvcc, &gpu_sources, &out_dir, &archs, cache.as_ref());
                 report_embedded(&modules, &archs, version, cache.as_ref());
@@ -547,8 +547,9 @@ fn compile_one(
 ///
 /// An entry is `<key>.fatbin` plus `<key>.log`, written to temporary names and renamed (a
 /// concurrent build sees a whole entry or none). The key is a 128-bit FNV-1a hash of the nvcc
-/// path and version, `NVCC_CCBIN`, the names and contents of every file under `kernels/`, and the
-/// command line. A miss or an unreadable entry compiles as if there were no cache.
+/// path and version, the names and contents of every file under `kernels/`, and the command
+/// line (architectures, `-ccbin`). A miss or an unreadable entry compiles as if there were no
+/// cache.
 struct KernelCache {
     dir: PathBuf,
     /// the hash of everything but the command line
@@ -557,7 +558,7 @@ struct KernelCache {
 }
 
 impl KernelCache {
-    fn from_env(nvcc: &Path, version: (u32, u32), sources: &[PathBuf]) -> Option<Self> {
+    fn from_env(nvcc: &Path, version: (u32, u32), kernels_dir: &Path) -> Option<Self> {
         let dir = PathBuf::from(env::var_os("GROUPNORM_KERNEL_CACHE").filter(|v| !v.is_empty())?);
         fs::create_dir_all(&dir).unwrap_or_else(|e| {
             fail(&format!(
@@ -568,16 +569,7 @@ impl KernelCache {
         let mut h = Fnv128::new();
         h.write(nvcc.as_os_str().as_encoded_bytes());
         h.write(format!("{}.{}", version.0, version.1).as_bytes());
-        h.write(
-            env::var_os("NVCC_CCBIN")
-                .unwrap_or_default()
-                .as_encoded_bytes(),
-        );
         // every file of kernels/ (headers too), in name order
-        let kernels_dir = sources
-            .first()
-            .and_then(|p| p.parent())
-            .unwrap_or(Path::new("kernels"));
         let mut files: Vec<PathBuf> = fs::read_dir(kernels_dir)
             .map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect())
             .unwrap_or_default();

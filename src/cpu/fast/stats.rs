@@ -373,48 +373,43 @@ pub(super) fn run_moments<T: Element>(x: &[T], pivot: f32) -> Moments {
 /// instructions per value, a sixth of the f32 NCHW forward (cachegrind, 2x320x64x64).
 #[multiversion(targets("x86_64+avx2+fma+f16c"))]
 fn serial_tree<T: Element>(x: &[T], pivot: f32) -> Moments {
-    if x.len().div_ceil(CHUNK) > WALK_MAX_LEAVES {
+    let k = x.len().div_ceil(CHUNK);
+    if k > WALK_MAX_LEAVES {
         // (rows of over 2^30 values) the top of the tree as a recursion, as `run_moments`
         let (a, b) = x.split_at(split_point(x.len()));
         return serial_tree(a, pivot).merge(serial_tree(b, pivot));
     }
     if use_simd() {
         walk_tree(
-            x.len().div_ceil(CHUNK),
+            k,
             #[inline(always)]
             |i| leaf_two_pass::<T, true>(&x[chunk_range(i, x.len())], pivot),
-            Moments::merge,
         )
     } else {
         walk_tree(
-            x.len().div_ceil(CHUNK),
+            k,
             #[inline(always)]
             |i| leaf_two_pass::<T, false>(&x[chunk_range(i, x.len())], pivot),
-            Moments::merge,
         )
     }
 }
 
 /// Leaves [`walk_tree`] takes at most (2^22 chunks: 2^30 values).
-pub(super) const WALK_MAX_LEAVES: usize = 1 << 22;
+const WALK_MAX_LEAVES: usize = 1 << 22;
 
 /// The values of chunk `i` of a run of `len`: [`CHUNK`] of them, fewer in the last.
 #[inline(always)]
-pub(super) fn chunk_range(i: usize, len: usize) -> Range<usize> {
+fn chunk_range(i: usize, len: usize) -> Range<usize> {
     i * CHUNK..((i + 1) * CHUNK).min(len)
 }
 
 /// Evaluates the pairwise tree over leaves `0..k` (`k >= 1`; a node `(lo, n)` of `n >= 2`
-/// leaves is `merge(node(lo, n / 2), node(lo + n / 2, n - n / 2))`) in post-order, leaves left
+/// leaves is `node(lo, n / 2).merge(node(lo + n / 2, n - n / 2))`) in post-order, leaves left
 /// to right, with an explicit stack instead of recursion so that it inlines with `leaf`.
 /// At most [`WALK_MAX_LEAVES`] leaves: a path from the root then passes at most 22 inner
 /// nodes, one frame each.
 #[inline(always)]
-pub(super) fn walk_tree<S: Copy>(
-    k: usize,
-    mut leaf: impl FnMut(usize) -> S,
-    merge: impl Fn(S, S) -> S,
-) -> S {
+pub(super) fn walk_tree(k: usize, mut leaf: impl FnMut(usize) -> Moments) -> Moments {
     assert!((1..=WALK_MAX_LEAVES).contains(&k), "walk_tree: {k} leaves");
     // up to three leaves directly: no frames to set up (they cost a tenth of a 4x64x16x16 f32
     // forward, whose rows are two leaves)
@@ -422,18 +417,18 @@ pub(super) fn walk_tree<S: Copy>(
         1 => return leaf(0),
         2 => {
             let a = leaf(0);
-            return merge(a, leaf(1));
+            return a.merge(leaf(1));
         }
         3 => {
             let a = leaf(0);
             let b = leaf(1);
-            return merge(a, merge(b, leaf(2)));
+            return a.merge(b.merge(leaf(2)));
         }
         _ => {}
     }
     // (first leaf, leaves, the left child's result once known): one per level of the path
     // from the root, ceil(log2 k) <= 22 of them
-    let mut frames = [(0usize, 0usize, None::<S>); 22];
+    let mut frames = [(0usize, 0usize, None::<Moments>); 22];
     let mut depth = 0;
     let (mut lo, mut n) = (0, k);
     loop {
@@ -457,7 +452,7 @@ pub(super) fn walk_tree<S: Copy>(
                     break;
                 }
                 Some(l) => {
-                    m = merge(l, m);
+                    m = l.merge(m);
                     depth -= 1;
                 }
             }

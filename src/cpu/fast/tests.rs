@@ -99,18 +99,14 @@ fn the_serial_tree_is_the_recursive_tree() {
     // the walk visits leaves left to right, once each, and merges them all
     for k in 1..=70 {
         let mut order = Vec::new();
-        let m = walk_tree(
-            k,
-            |i| {
-                order.push(i);
-                Moments {
-                    count: 1,
-                    mean: i as f64,
-                    m2: 0.0,
-                }
-            },
-            Moments::merge,
-        );
+        let m = walk_tree(k, |i| {
+            order.push(i);
+            Moments {
+                count: 1,
+                mean: i as f64,
+                m2: 0.0,
+            }
+        });
         assert_eq!(order, (0..k).collect::<Vec<_>>(), "k = {k}");
         assert_eq!(m.count, k, "k = {k}");
     }

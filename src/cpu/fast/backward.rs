@@ -56,7 +56,7 @@ pub(super) fn run_sums<T: Element, U: Element>(dy: &[U], x: &[T], mean: f32) -> 
             leaf_sums(dy, x, mean)
         };
     }
-    let mid = split_point(dy.len());
+    let mid = split_point(dy.len(), CHUNK);
     let (dya, dyb) = dy.split_at(mid);
     let (xa, xb) = x.split_at(mid);
     let (sa, sb) = if dy.len() >= PAR_MIN && may_split() {

@@ -103,11 +103,10 @@ fn normalize_piece<T: Element, P: Element>(
     };
     if act == Activation::None {
         let affine = |x: &[T], y: &mut [T], scale: f32, shift: f32| {
-            let f = move |_, v: f32| (v - hi) * scale + shift;
             if use_simd() {
-                map_values::<T, true>(x, y, f)
+                affine_values::<T, true>(x, y, hi, scale, shift)
             } else {
-                map_values::<T, false>(x, y, f)
+                affine_values::<T, false>(x, y, hi, scale, shift)
             }
         };
         for_each_channel_run(off, xp.len(), s, |dc, k| {

@@ -10,11 +10,13 @@
 //! (`x[n, g*D, 0]`), subtracted from every value before accumulating and before normalizing,
 //! so rounding errors scale with the spread of the row and not with its offset. The row is cut
 //! into chunks; a chunk's shifted mean and `m2` are computed exactly in two passes over the
-//! (cached) chunk (f16/bf16: one pass of sums and squares where a check shows they cannot
-//! have cancelled, `stats::one_pass_m2`), and chunk states merge with Chan's formula in a
+//! (cached) chunk (f32: the second about the chunk's centre rounded to f32, less the known
+//! square of that rounding, `stats::leaf_f32`; f16/bf16: one pass of sums and squares where
+//! a check shows they cannot have cancelled, `stats::one_pass_m2`), and chunk states merge
+//! with Chan's formula in a
 //! fixed pairwise tree (error grows with the tree's depth, not with the number of chunks).
 //!
-//! - NCHW: a row is one contiguous run, chunks are [`CHUNK`] values; rows run in parallel,
+//! - NCHW: a row is one contiguous run, chunks (leaves) are [`LEAF`] values; rows run in parallel,
 //!   and so do the halves of long rows.
 //! - NHWC: a row is `S` runs of `D` values, `C` apart. Groups are taken in batches whose
 //!   `gb * D <= 1024` channels (`forward_nhwc::BATCH_CHANNELS`: all of them up to C = 1024)
@@ -80,9 +82,18 @@ use rayon::prelude::*;
 use std::any::TypeId;
 use std::ops::Range;
 
-/// Values per leaf of the statistics tree, and per conversion span: small enough that a
-/// sequential f32 sum over an eighth of it is accurate and that two passes over it hit L1.
+/// Values per conversion span and per leaf of the backward's and the NHWC passes' sums:
+/// small enough that a sequential f32 sum over a 32nd of it (the lanes of `stats::LANES`)
+/// is accurate and that two passes over it hit L1.
 pub(crate) const CHUNK: usize = 256;
+/// Values per leaf of the NCHW statistics tree (the forward's mean and variance): the f32
+/// leaves sum in 64 lanes (`stats::wide_sum_of`), 32 values each; the f16/bf16 leaves in
+/// the 32 lanes of `stats::LANES`, 64 each; two passes over a leaf (8 KiB of f32) hit L1.
+/// Each leaf pays its folds, a division and a merge into the tree: at 256 values they were
+/// about 40 % of the statistics' instructions (cachegrind, 2x320x64x64 f32), and 2048-value
+/// leaves ran the NCHW forward in 0.80-0.89x the time of 256-value ones (f32, f16, bf16;
+/// 2x320x64x64, 32x1280x8x8, 2x128x32x32; one thread; see the commit message).
+pub(crate) const LEAF: usize = 2048;
 /// Slices at least this long are split across threads (rows that are few and long).
 const PAR_MIN: usize = 1 << 15;
 /// Elements per parallel piece when normalizing or writing `dx`.

@@ -214,50 +214,102 @@ pub(super) fn pairwise_sum(v: &[f32]) -> f32 {
     }
 }
 
-/// A leaf's moments (1 to [`CHUNK`] values, shifted by `pivot`; both passes read `x` itself,
+/// A leaf's moments (1 to [`LEAF`] values, shifted by `pivot`; both passes read `x` itself,
 /// from L1 the second time, eight values at a time converted in registers): exact two-pass
 /// for f32; for f16/bf16 one pass of shifted sums and squares where [`one_pass_m2`] accepts
 /// them, the second pass where it does not (the same mean either way:
 /// [`lane_sums_and_squares_of`]'s first sum has [`lane_sum_of`]'s bits).
 #[inline(always)]
 fn leaf_two_pass<T: Element, const SIMD: bool>(x: &[T], pivot: f32) -> Moments {
-    debug_assert!(!x.is_empty() && x.len() <= CHUNK);
+    debug_assert!(!x.is_empty() && x.len() <= LEAF);
     let n = x.len();
+    if T::DTYPE == crate::DType::F32 {
+        return leaf_f32::<T, SIMD>(x, pivot);
+    }
     // f16/bf16: one walk of sums and squares, kept where `one_pass_m2` accepts it; otherwise
-    // (and for f32) the sum of `x - p` and a second pass of squared deviations
-    let (s1, refused) = if T::DTYPE != crate::DType::F32 {
-        let (s1, s2) = lane_sums_and_squares_of::<T, SIMD>(x, pivot);
-        if let Some(m2) = one_pass_m2(s1, s2, n) {
-            return Moments {
-                count: n,
-                mean: f64::from(s1) / n as f64,
-                m2,
-            };
-        }
-        (s1, true)
-    } else {
-        (lane_sum_of::<T, SIMD>(x, |e| e - pivot), false)
-    };
+    // the corrected two-pass
+    let (s1, s2) = lane_sums_and_squares_of::<T, SIMD>(x, pivot);
+    if let Some(m2) = one_pass_m2(s1, s2, n) {
+        return Moments {
+            count: n,
+            mean: f64::from(s1) / n as f64,
+            m2,
+        };
+    }
     let mean = s1 / n as f32;
     let m2 = lane_sum_of::<T, SIMD>(x, |e| {
         let d = (e - pivot) - mean;
         d * d
     });
-    if refused {
-        // a far pivot: the corrected two-pass, as in the NHWC leaves (`forward_nhwc::nhwc_leaf`)
-        let cr = lane_sum_of::<T, SIMD>(x, |e| (e - pivot) - mean);
-        let (corr, m2) = corrected(cr, m2, n);
-        return Moments {
-            count: n,
-            mean: f64::from(s1) / n as f64 + corr,
-            m2,
-        };
-    }
+    // a far pivot: the corrected two-pass, as in the NHWC leaves (`forward_nhwc::nhwc_leaf`)
+    let cr = lane_sum_of::<T, SIMD>(x, |e| (e - pivot) - mean);
+    let (corr, m2) = corrected(cr, m2, n);
     Moments {
         count: n,
-        mean: f64::from(s1) / n as f64,
+        mean: f64::from(s1) / n as f64 + corr,
         m2,
     }
+}
+
+/// An f32 leaf: the exact two-pass, in the form that takes the fewest instructions.
+///
+/// The first pass sums `p - x` (its bits are those of `-sum(x - p)`: negation is exact and
+/// rounding to nearest is symmetric), so that each value is one subtraction with its load
+/// folded in and one addition. The second sums `(c - x)^2` about the leaf's centre
+/// `c = p + s1 / n` rounded to f32, one subtraction (load folded in), one product and one
+/// sum per value instead of two subtractions. `c` misses the exact centre `p + s1 / n` by
+/// `delta`, at most half an ulp of `c`, and `sum (x - c)^2 = m2 + n * delta^2` exactly, so
+/// the leaf's `m2` is that sum less `n * delta^2` (in f64). `x - c` is exact where `x` is
+/// within a factor two of `c` (rows with an offset) and otherwise rounds relative to
+/// `x - c` itself, as `(x - p) - s1 / n` did in two steps.
+#[inline(always)]
+fn leaf_f32<T: Element, const SIMD: bool>(x: &[T], pivot: f32) -> Moments {
+    let n = x.len();
+    let s1 = -wide_sum_of::<T, SIMD>(x, |e| pivot - e);
+    let mean = f64::from(s1) / n as f64;
+    let exact = f64::from(pivot) + mean;
+    let c = exact as f32;
+    let sq = wide_sum_of::<T, SIMD>(x, |e| {
+        let d = c - e;
+        d * d
+    });
+    let delta = exact - f64::from(c);
+    // (rounding may take it below 0; a NaN stays NaN, where `max` would drop it)
+    let m2 = f64::from(sq) - n as f64 * delta * delta;
+    Moments {
+        count: n,
+        mean,
+        m2: if m2 < 0.0 { 0.0 } else { m2 as f32 },
+    }
+}
+
+/// Lanes of [`wide_sum_of`]: eight rows of eight.
+const WIDE_LANES: usize = 64;
+
+/// [`lane_sum_of`] with [`WIDE_LANES`] lanes, for the f32 statistics leaves: each lane sums a
+/// 64th of the values (32 of a [`LEAF`]), and eight independent vector sums keep the loop
+/// from waiting on an addition's latency. Folded as [`fold_lanes`] folds eight rows.
+#[inline(always)]
+pub(super) fn wide_sum_of<T: Element, const SIMD: bool>(v: &[T], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [[0f32; 8]; WIDE_LANES / 8];
+    let mut chunks = v.chunks_exact(WIDE_LANES);
+    for c in &mut chunks {
+        for (a, c8) in acc.iter_mut().zip(c.chunks_exact(8)) {
+            let e = load8::<T, SIMD>(c8);
+            for (x, &e) in a.iter_mut().zip(&e) {
+                *x += f(e);
+            }
+        }
+    }
+    let rest = chunks.remainder().iter().fold(0f32, |a, e| a + f(load1(e)));
+    // rows r and r + 4 first, as `fold_lanes` begins with eight rows; then its four-row fold
+    let mut four = [[0f32; 8]; 4];
+    for (r, row) in four.iter_mut().enumerate() {
+        for (l, o) in row.iter_mut().enumerate() {
+            *o = acc[r][l] + acc[r + 4][l];
+        }
+    }
+    fold_lanes4::<SIMD>(&four) + rest
 }
 
 /// [`lane_sum`] over values of `T`, converted eight at a time in registers ([`load8`]): the same
@@ -326,7 +378,8 @@ const ONE_PASS_SPREAD: f64 = 9.0;
 ///
 /// Why this is accurate where it is accepted: the f32 sums carry a relative error of about
 /// `k u` at worst and `sqrt(k) u` typically (`u = 2^-24`, `k` the additions in sequence: at
-/// most [`CHUNK`] positions per channel plus the pairwise depth over channels), on
+/// most [`CHUNK`] positions per channel in an NHWC block, or 64 per lane in an NCHW leaf
+/// ([`LEAF`] over [`LANES`]), plus the pairwise depth over channels or lanes), on
 /// `s2 = m2 + s1^2 / n`. The two-pass pays the same on `m2` alone. Accepting only
 /// `s1^2 / n <= 9 m2` bounds `s2` by `10 m2`, so the one-pass error is at most ten times the
 /// two-pass's: about 3e-6 relative in rstd for errors that do not align (the tests hold every
@@ -343,10 +396,11 @@ pub(super) fn one_pass_m2(s1: f32, s2: f32, n: usize) -> Option<f32> {
     (spread <= ONE_PASS_SPREAD * m2).then_some(m2 as f32)
 }
 
-/// Where to cut a slice longer than [`CHUNK`]: half its chunks (rounded down) on the left.
+/// Where to cut a slice longer than `leaf` in a tree of `leaf`-value leaves: half its leaves
+/// (rounded down) on the left.
 #[inline]
-pub(super) fn split_point(len: usize) -> usize {
-    (len.div_ceil(CHUNK) / 2) * CHUNK
+pub(super) fn split_point(len: usize, leaf: usize) -> usize {
+    (len.div_ceil(leaf) / 2) * leaf
 }
 
 /// Moments of a contiguous run, shifted by `pivot`: a fixed pairwise tree of chunk states
@@ -360,7 +414,7 @@ pub(super) fn run_moments<T: Element>(x: &[T], pivot: f32) -> Moments {
     if x.len() < PAR_MIN || !may_split() {
         return serial_tree(x, pivot);
     }
-    let (a, b) = x.split_at(split_point(x.len()));
+    let (a, b) = x.split_at(split_point(x.len(), LEAF));
     let (ma, mb) = rayon::join(|| run_moments(a, pivot), || run_moments(b, pivot));
     ma.merge(mb)
 }
@@ -373,10 +427,10 @@ pub(super) fn run_moments<T: Element>(x: &[T], pivot: f32) -> Moments {
 /// instructions per value, a sixth of the f32 NCHW forward (cachegrind, 2x320x64x64).
 #[multiversion(targets("x86_64+avx2+fma+f16c"))]
 fn serial_tree<T: Element>(x: &[T], pivot: f32) -> Moments {
-    let k = x.len().div_ceil(CHUNK);
+    let k = x.len().div_ceil(LEAF);
     if k > WALK_MAX_LEAVES {
         // (rows of over 2^30 values) the top of the tree as a recursion, as `run_moments`
-        let (a, b) = x.split_at(split_point(x.len()));
+        let (a, b) = x.split_at(split_point(x.len(), LEAF));
         return serial_tree(a, pivot).merge(serial_tree(b, pivot));
     }
     if use_simd() {
@@ -397,10 +451,10 @@ fn serial_tree<T: Element>(x: &[T], pivot: f32) -> Moments {
 /// Leaves [`walk_tree`] takes at most (2^22 chunks: 2^30 values).
 const WALK_MAX_LEAVES: usize = 1 << 22;
 
-/// The values of chunk `i` of a run of `len`: [`CHUNK`] of them, fewer in the last.
+/// The values of leaf `i` of a run of `len`: [`LEAF`] of them, fewer in the last.
 #[inline(always)]
 fn chunk_range(i: usize, len: usize) -> Range<usize> {
-    i * CHUNK..((i + 1) * CHUNK).min(len)
+    i * LEAF..((i + 1) * LEAF).min(len)
 }
 
 /// Evaluates the pairwise tree over leaves `0..k` (`k >= 1`; a node `(lo, n)` of `n >= 2`

@@ -26,21 +26,49 @@ fn merge_matches_direct_moments() {
     assert!((m.m2 as f64 - direct_m2).abs() < 1e-5 * direct_m2);
 }
 
+/// Rows whose spread is one ulp of their offset: the f32 leaf's second pass sums about the
+/// centre rounded to f32, half the spread away from the true centre here, and must take the
+/// square of that rounding back out (`stats::leaf_f32`), or its `m2` comes out twice too big.
+#[test]
+fn f32_leaves_with_a_spread_of_one_ulp() {
+    let ulp = 1e4f32.to_bits() + 1;
+    for (len, pivot_at) in [(LEAF, 0), (1000, 1), (37, 0), (3 * LEAF + 5, 1)] {
+        let x: Vec<f32> = (0..len)
+            .map(|i| if i % 2 == 0 { 1e4 } else { f32::from_bits(ulp) })
+            .collect();
+        let mean = x.iter().map(|&e| f64::from(e)).sum::<f64>() / len as f64;
+        let m2: f64 = x.iter().map(|&e| (f64::from(e) - mean).powi(2)).sum();
+        let pivot = x[pivot_at];
+        let m = run_moments(&x, pivot);
+        let got_mean = f64::from(pivot) + m.mean;
+        assert!(
+            (got_mean - mean).abs() <= 1e-7 * (mean - 1e4),
+            "{len}: mean {got_mean} vs {mean}"
+        );
+        assert!(
+            (f64::from(m.m2) - m2).abs() <= 1e-6 * m2,
+            "{len}: m2 {} vs {m2}",
+            m.m2
+        );
+    }
+}
+
 #[test]
 fn split_point_keeps_whole_chunks_on_the_left() {
-    assert_eq!(split_point(257), 256);
-    assert_eq!(split_point(512), 256);
-    assert_eq!(split_point(1000), 512);
-    assert!(split_point(CHUNK + 1) < CHUNK + 1);
+    for l in [CHUNK, LEAF] {
+        assert_eq!(split_point(l + 1, l), l);
+        assert_eq!(split_point(2 * l, l), l);
+        assert_eq!(split_point(4 * l - 24, l), 2 * l);
+    }
 }
 
 /// The tree as a plain recursion (what `run_moments` computed before its serial part became
 /// one call, `walk_tree`): every length must give the same bits, for every dtype.
 fn recursive_tree<T: Element>(x: &[T], pivot: f32) -> Moments {
-    if x.len() <= CHUNK {
+    if x.len() <= LEAF {
         return run_moments(x, pivot); // one leaf
     }
-    let (a, b) = x.split_at(split_point(x.len()));
+    let (a, b) = x.split_at(split_point(x.len(), LEAF));
     recursive_tree(a, pivot).merge(recursive_tree(b, pivot))
 }
 
@@ -53,10 +81,10 @@ fn the_serial_tree_is_the_recursive_tree() {
             .wrapping_add(1442695040888963407);
         ((s >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 1.0
     };
-    let v: Vec<f32> = (0..PAR_MIN + 3 * CHUNK + 7).map(|_| next()).collect();
+    let c = LEAF;
+    let v: Vec<f32> = (0..PAR_MIN + 64 * c).map(|_| next()).collect();
     let h: Vec<f16> = v.iter().map(|&e| f16::from_f32(e)).collect();
     let b: Vec<bf16> = v.iter().map(|&e| bf16::from_f32(e)).collect();
-    let c = CHUNK;
     let lens = [
         1,
         7,
@@ -510,6 +538,55 @@ fn fused_forms_match_buffered<T: Element, const SIMD: bool>() {
         }
         map2_values::<T, T, SIMD>(&x, &d, &mut got_y, k);
         assert_eq!(bits(&got_y), bits(&want_y), "two-input map, len {len}");
+    }
+}
+
+/// The f32 statistics leaf's 64-lane sum and the f32 forward's explicit affine loop against
+/// plain loops: lane `i` sums values `i, i + 64, ...` in order, the lanes fold as
+/// `fold_lanes` folds eight rows, the remainder adds last; the affine gives the bits of
+/// `(v - hi) * scale + shift` per value.
+fn wide_forms_match_plain_loops<T: Element, const SIMD: bool>() {
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 3.0 + 1e4 * f32::from(rng % 5 == 0)
+    };
+    for len in (1..=140).chain([CHUNK, LEAF - 1, LEAF]) {
+        let x: Vec<T> = (0..len).map(|_| T::from_f32(next())).collect();
+        let pivot = x[len / 2].to_f32();
+        let f = |e: f32| (pivot - e) * (pivot - e);
+        let mut rows = [[0f32; 8]; 8];
+        let whole = len - len % 64;
+        for (i, e) in x[..whole].iter().enumerate() {
+            rows[(i % 64) / 8][i % 8] += f(load1(e));
+        }
+        let rest = x[whole..].iter().fold(0f32, |a, e| a + f(load1(e)));
+        let want = fold_lanes(&rows) + rest;
+        let got = wide_sum_of::<T, SIMD>(&x, f);
+        assert_eq!(got.to_bits(), want.to_bits(), "wide sum, len {len}");
+        let (hi, scale, shift) = (pivot + 0.5, 0.37f32, -1.25f32);
+        let mut want_y = vec![T::from_f32(0.0); len];
+        for (o, e) in want_y.iter_mut().zip(&x) {
+            store1((load1(e) - hi) * scale + shift, o);
+        }
+        let mut got_y = vec![T::from_f32(0.0); len];
+        affine_values::<T, SIMD>(&x, &mut got_y, hi, scale, shift);
+        let bits = |y: &[T]| y.iter().map(|e| e.to_f32().to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got_y), bits(&want_y), "affine, len {len}");
+    }
+}
+
+#[test]
+fn wide_sums_and_the_affine_loop_give_the_bits_of_plain_loops() {
+    wide_forms_match_plain_loops::<f32, false>();
+    wide_forms_match_plain_loops::<f16, false>();
+    wide_forms_match_plain_loops::<bf16, false>();
+    if use_simd() {
+        wide_forms_match_plain_loops::<f32, true>();
+        wide_forms_match_plain_loops::<f16, true>();
+        wide_forms_match_plain_loops::<bf16, true>();
     }
 }
 

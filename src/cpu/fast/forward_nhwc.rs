@@ -155,6 +155,47 @@ pub(super) fn accumulate_channels<T: Element, const SIMD: bool>(
     }
 }
 
+/// [`accumulate_channels`] over four positions' segments at once:
+/// `acc[j] += (f(x0[j]) + f(x1[j])) + (f(x2[j]) + f(x3[j]))`, so that each accumulator is
+/// loaded and stored once per four values instead of once per value.
+#[inline(always)]
+pub(super) fn accumulate_channels4<T: Element, const SIMD: bool>(
+    acc: &mut [f32],
+    x: [&[T]; 4],
+    p: &[f32],
+    m: &[f32],
+    f: impl Fn(f32, f32, f32) -> f32,
+) {
+    let n = x[0].len();
+    let (acc, p, m) = (&mut acc[..n], &p[..n], &m[..n]);
+    let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
+    let mut a8 = acc.chunks_exact_mut(8);
+    let (mut p8, mut m8) = (p.chunks_exact(8), m.chunks_exact(8));
+    let (mut c0, mut c1) = (x0.chunks_exact(8), x1.chunks_exact(8));
+    let (mut c2, mut c3) = (x2.chunks_exact(8), x3.chunks_exact(8));
+    let xs = (&mut c0).zip(&mut c1).zip((&mut c2).zip(&mut c3));
+    for ((a, (p, m)), ((u0, u1), (u2, u3))) in (&mut a8).zip((&mut p8).zip(&mut m8)).zip(xs) {
+        let (pv, mv) = (load8::<f32, SIMD>(p), load8::<f32, SIMD>(m));
+        let (e0, e1) = (load8::<T, SIMD>(u0), load8::<T, SIMD>(u1));
+        let (e2, e3) = (load8::<T, SIMD>(u2), load8::<T, SIMD>(u3));
+        let mut s = load8::<f32, SIMD>(a);
+        for (l, s) in s.iter_mut().enumerate() {
+            let (v0, v1) = (f(e0[l], pv[l], mv[l]), f(e1[l], pv[l], mv[l]));
+            let (v2, v3) = (f(e2[l], pv[l], mv[l]), f(e3[l], pv[l], mv[l]));
+            *s += (v0 + v1) + (v2 + v3);
+        }
+        store8::<f32, SIMD>(s, a);
+    }
+    let tail = a8.into_remainder().iter_mut().enumerate();
+    let (base, pt, mt) = (n - n % 8, p8.remainder(), m8.remainder());
+    for (k, a) in tail {
+        let (j, pv, mv) = (base + k, pt[k], mt[k]);
+        let (v0, v1) = (f(load1(&x0[j]), pv, mv), f(load1(&x1[j]), pv, mv));
+        let (v2, v3) = (f(load1(&x2[j]), pv, mv), f(load1(&x3[j]), pv, mv));
+        *a += (v0 + v1) + (v2 + v3);
+    }
+}
+
 /// `s1[j] += x[j] - p[j]` and `s2[j] += (x[j] - p[j])^2` over a segment of channels, eight at a
 /// time with the values converted in registers ([`load8`]), the tail one at a time.
 #[inline(always)]
@@ -184,6 +225,52 @@ pub(super) fn accumulate_channels_and_squares<T: Element, const SIMD: bool>(
         let d = load1(x) - *p;
         *a += d;
         *b += d * d;
+    }
+}
+
+/// [`accumulate_channels_and_squares`] over four positions' segments at once, with the sums
+/// of [`accumulate_channels4`]'s form: `s1[j] += (d0 + d1) + (d2 + d3)`, `s2[j]` likewise over
+/// the squares, `dk = xk[j] - p[j]`.
+#[inline(always)]
+pub(super) fn accumulate_channels_and_squares4<T: Element, const SIMD: bool>(
+    s1: &mut [f32],
+    s2: &mut [f32],
+    x: [&[T]; 4],
+    p: &[f32],
+) {
+    let n = x[0].len();
+    let (s1, s2, p) = (&mut s1[..n], &mut s2[..n], &p[..n]);
+    let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
+    let (mut a8, mut b8, mut p8) = (
+        s1.chunks_exact_mut(8),
+        s2.chunks_exact_mut(8),
+        p.chunks_exact(8),
+    );
+    let (mut c0, mut c1) = (x0.chunks_exact(8), x1.chunks_exact(8));
+    let (mut c2, mut c3) = (x2.chunks_exact(8), x3.chunks_exact(8));
+    let xs = (&mut c0).zip(&mut c1).zip((&mut c2).zip(&mut c3));
+    for (((a, b), p), ((u0, u1), (u2, u3))) in (&mut a8).zip(&mut b8).zip(&mut p8).zip(xs) {
+        let pv = load8::<f32, SIMD>(p);
+        let (e0, e1) = (load8::<T, SIMD>(u0), load8::<T, SIMD>(u1));
+        let (e2, e3) = (load8::<T, SIMD>(u2), load8::<T, SIMD>(u3));
+        let (mut u, mut v) = (load8::<f32, SIMD>(a), load8::<f32, SIMD>(b));
+        for l in 0..8 {
+            let (d0, d1) = (e0[l] - pv[l], e1[l] - pv[l]);
+            let (d2, d3) = (e2[l] - pv[l], e3[l] - pv[l]);
+            u[l] += (d0 + d1) + (d2 + d3);
+            v[l] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        }
+        store8::<f32, SIMD>(u, a);
+        store8::<f32, SIMD>(v, b);
+    }
+    let base = n - n % 8;
+    let tail = a8.into_remainder().iter_mut().zip(b8.into_remainder());
+    for (k, ((a, b), pv)) in tail.zip(p8.remainder()).enumerate() {
+        let j = base + k;
+        let (d0, d1) = (load1(&x0[j]) - pv, load1(&x1[j]) - pv);
+        let (d2, d3) = (load1(&x2[j]) - pv, load1(&x3[j]) - pv);
+        *a += (d0 + d1) + (d2 + d3);
+        *b += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
     }
 }
 
@@ -222,16 +309,20 @@ fn nhwc_leaf<T: Element, const SIMD: bool>(
     for (pg, p) in pc[..cb].chunks_mut(b.d).zip(pivots) {
         pg.fill(*p);
     }
+    let seg = |s: usize| &xs[s * b.c + col0..s * b.c + col0 + cb];
+    let quads = pos.start..pos.start + pos.len() / 4 * 4;
     if T::DTYPE != crate::DType::F32 {
         // f16/bf16: sums of `x - p` and of its square in one walk, accepted per group where
         // the check says they cannot have cancelled (`one_pass_m2`); a group that fails it
         // takes the exact second pass over its own channels (the same per-channel arithmetic
         // as the two-pass below).
         let mut sq = zero;
-        for s in pos.clone() {
-            let at = s * b.c + col0;
-            let seg = &xs[at..at + cb];
-            accumulate_channels_and_squares::<T, SIMD>(&mut acc, &mut sq, seg, &pc);
+        for s in quads.clone().step_by(4) {
+            let x4 = [seg(s), seg(s + 1), seg(s + 2), seg(s + 3)];
+            accumulate_channels_and_squares4::<T, SIMD>(&mut acc, &mut sq, x4, &pc);
+        }
+        for s in quads.end..pos.end {
+            accumulate_channels_and_squares::<T, SIMD>(&mut acc, &mut sq, seg(s), &pc);
         }
         for i in 0..b.gb {
             let g = i * b.d..(i + 1) * b.d;
@@ -266,11 +357,14 @@ fn nhwc_leaf<T: Element, const SIMD: bool>(
         }
         return out;
     }
-    // Each position's segment, walked in memory order, values converted in registers.
-    for s in pos.clone() {
-        let at = s * b.c + col0;
-        let seg = &xs[at..at + cb];
-        accumulate_channels::<T, SIMD>(&mut acc, seg, &pc, &pc, |e, p, _| e - p);
+    // Positions' segments, walked in memory order four at a time (each accumulator read and
+    // written once per four values), values converted in registers.
+    for s in quads.clone().step_by(4) {
+        let x4 = [seg(s), seg(s + 1), seg(s + 2), seg(s + 3)];
+        accumulate_channels4::<T, SIMD>(&mut acc, x4, &pc, &pc, |e, p, _| e - p);
+    }
+    for s in quads.end..pos.end {
+        accumulate_channels::<T, SIMD>(&mut acc, seg(s), &pc, &pc, |e, p, _| e - p);
     }
     for (i, mg) in mc[..cb].chunks_mut(b.d).enumerate() {
         let s1 = pairwise_sum(&acc[i * b.d..(i + 1) * b.d]);
@@ -278,13 +372,16 @@ fn nhwc_leaf<T: Element, const SIMD: bool>(
         mg.fill(s1 / out.count as f32);
     }
     acc = zero;
-    for s in pos {
-        let at = s * b.c + col0;
-        let seg = &xs[at..at + cb];
-        accumulate_channels::<T, SIMD>(&mut acc, seg, &pc, &mc, |e, p, m| {
-            let dv = (e - p) - m;
-            dv * dv
-        });
+    let sq = |e: f32, p: f32, m: f32| {
+        let dv = (e - p) - m;
+        dv * dv
+    };
+    for s in quads.clone().step_by(4) {
+        let x4 = [seg(s), seg(s + 1), seg(s + 2), seg(s + 3)];
+        accumulate_channels4::<T, SIMD>(&mut acc, x4, &pc, &mc, sq);
+    }
+    for s in quads.end..pos.end {
+        accumulate_channels::<T, SIMD>(&mut acc, seg(s), &pc, &mc, sq);
     }
     for i in 0..b.gb {
         out.m2[i] = pairwise_sum(&acc[i * b.d..(i + 1) * b.d]);

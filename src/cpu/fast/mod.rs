@@ -22,7 +22,8 @@
 //!   `gb * D <= 1024` channels (`forward_nhwc::BATCH_CHANNELS`: all of them up to C = 1024)
 //!   are a contiguous segment of every position; a chunk is a block of positions times one
 //!   group's channels, summed with one accumulator per channel while walking the segments in
-//!   memory order. Within a sample, batch after batch: its statistics, then the normalization
+//!   memory order, four positions at a time (`(v0 + v1) + (v2 + v3)` into the accumulator, so
+//!   that it is loaded and stored once per four values). Within a sample, batch after batch: its statistics, then the normalization
 //!   of its columns while they are in cache; samples, halves of long position ranges and
 //!   pieces of the normalization run in parallel. With `S = 1` the two layouts are the same
 //!   memory order and the NCHW code runs.

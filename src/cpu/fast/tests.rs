@@ -578,6 +578,59 @@ fn wide_forms_match_plain_loops<T: Element, const SIMD: bool>() {
     }
 }
 
+/// The NHWC statistics' four-position walks against plain loops in their stated order.
+fn four_position_sums_match_plain_loops<T: Element, const SIMD: bool>() {
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 3.0 + 1e4 * f32::from(rng % 7 == 0)
+    };
+    for len in (1..=40).chain([CHUNK - 1, CHUNK]) {
+        let xs: Vec<Vec<T>> = (0..4)
+            .map(|_| (0..len).map(|_| T::from_f32(next())).collect())
+            .collect();
+        let x4 = [&xs[0][..], &xs[1][..], &xs[2][..], &xs[3][..]];
+        let p: Vec<f32> = (0..len).map(|_| next()).collect();
+        let m: Vec<f32> = (0..len).map(|_| next() * 0.1).collect();
+        let start: Vec<f32> = (0..len).map(|_| next()).collect();
+        let f = |e: f32, p: f32, m: f32| ((e - p) - m) * ((e - p) - m);
+        let v = |k: usize, j: usize| load1(&xs[k][j]);
+        let mut want = start.clone();
+        for (j, w) in want.iter_mut().enumerate() {
+            let t = |k| f(v(k, j), p[j], m[j]);
+            *w += (t(0) + t(1)) + (t(2) + t(3));
+        }
+        let mut got = start.clone();
+        accumulate_channels4::<T, SIMD>(&mut got, x4, &p, &m, f);
+        let fbits = |v: &[f32]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+        assert_eq!(fbits(&got), fbits(&want), "four positions, len {len}");
+        let (mut w1, mut w2) = (start.clone(), m.clone());
+        for j in 0..len {
+            let d = |k| v(k, j) - p[j];
+            w1[j] += (d(0) + d(1)) + (d(2) + d(3));
+            w2[j] += (d(0) * d(0) + d(1) * d(1)) + (d(2) * d(2) + d(3) * d(3));
+        }
+        let (mut g1, mut g2) = (start.clone(), m.clone());
+        accumulate_channels_and_squares4::<T, SIMD>(&mut g1, &mut g2, x4, &p);
+        assert_eq!(fbits(&g1), fbits(&w1), "four positions' sums, len {len}");
+        assert_eq!(fbits(&g2), fbits(&w2), "four positions' squares, len {len}");
+    }
+}
+
+#[test]
+fn four_position_walks_give_the_bits_of_plain_loops() {
+    four_position_sums_match_plain_loops::<f32, false>();
+    four_position_sums_match_plain_loops::<f16, false>();
+    four_position_sums_match_plain_loops::<bf16, false>();
+    if use_simd() {
+        four_position_sums_match_plain_loops::<f32, true>();
+        four_position_sums_match_plain_loops::<f16, true>();
+        four_position_sums_match_plain_loops::<bf16, true>();
+    }
+}
+
 #[test]
 fn wide_sums_and_the_affine_loop_give_the_bits_of_plain_loops() {
     wide_forms_match_plain_loops::<f32, false>();

@@ -358,6 +358,17 @@ pub(crate) fn fits_bytes(count: usize, size: usize) -> bool {
 
 /// Returns a [`Error::LengthMismatch`] unless `got == expected`.
 pub(crate) fn check_len(name: &'static str, got: usize, expected: usize, what: &str) -> Result<()> {
+    check_len_with(name, got, expected, || what.to_string())
+}
+
+/// [`check_len`] with the description formatted only when the lengths differ (the checks run
+/// on every call, and a message formatted up front was an allocation per call).
+pub(crate) fn check_len_with(
+    name: &'static str,
+    got: usize,
+    expected: usize,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
     if got == expected {
         Ok(())
     } else {
@@ -365,7 +376,7 @@ pub(crate) fn check_len(name: &'static str, got: usize, expected: usize, what: &
             name,
             expected,
             got,
-            what: what.to_string(),
+            what: what(),
         })
     }
 }
@@ -416,19 +427,16 @@ impl Geometry {
 
     /// Checks that an activation buffer (`x`, `dy`, `y`, `dx`) has `N * C * S` elements.
     pub(crate) fn check_activation(&self, name: &'static str, len: usize) -> Result<()> {
-        check_len(
-            name,
-            len,
-            self.numel(),
-            &format!("the product of dims {:?}", self.dims),
-        )
+        check_len_with(name, len, self.numel(), || {
+            format!("the product of dims {:?}", self.dims)
+        })
     }
 
     /// Checks that `mean`/`rstd` have `N * G` elements.
     pub(crate) fn check_stats(&self, stats: &Stats) -> Result<()> {
-        let what = format!("N * G = {} * {}", self.n, self.g);
-        check_len("mean", stats.mean.len(), self.rows(), &what)?;
-        check_len("rstd", stats.rstd.len(), self.rows(), &what)
+        let what = || format!("N * G = {} * {}", self.n, self.g);
+        check_len_with("mean", stats.mean.len(), self.rows(), what)?;
+        check_len_with("rstd", stats.rstd.len(), self.rows(), what)
     }
 }
 

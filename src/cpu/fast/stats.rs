@@ -434,18 +434,21 @@ fn serial_tree<T: Element>(x: &[T], pivot: f32) -> Moments {
         return serial_tree(a, pivot).merge(serial_tree(b, pivot));
     }
     if use_simd() {
-        walk_tree(
-            k,
-            #[inline(always)]
-            |i| leaf_two_pass::<T, true>(&x[chunk_range(i, x.len())], pivot),
-        )
+        serial_tree_of::<T, true>(x, pivot)
     } else {
-        walk_tree(
-            k,
-            #[inline(always)]
-            |i| leaf_two_pass::<T, false>(&x[chunk_range(i, x.len())], pivot),
-        )
+        serial_tree_of::<T, false>(x, pivot)
     }
+}
+
+/// [`serial_tree`]'s walk with the vector forms already chosen (`SIMD`, [`use_simd`]), for
+/// callers compiled and dispatched as it is: a run of 1 to `WALK_MAX_LEAVES * LEAF` values.
+#[inline(always)]
+pub(super) fn serial_tree_of<T: Element, const SIMD: bool>(x: &[T], pivot: f32) -> Moments {
+    walk_tree(
+        x.len().div_ceil(LEAF),
+        #[inline(always)]
+        |i| leaf_two_pass::<T, SIMD>(&x[chunk_range(i, x.len())], pivot),
+    )
 }
 
 /// Leaves [`walk_tree`] takes at most (2^22 chunks: 2^30 values).

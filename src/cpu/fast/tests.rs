@@ -53,6 +53,63 @@ fn f32_leaves_with_a_spread_of_one_ulp() {
     }
 }
 
+/// The NCHW forward of rows of at most one leaf, which runs them in batches
+/// (`forward::forward_rows`), against one `run_moments` and one `normalize_piece` call per
+/// row: the same bits, with and without the activation, in every dtype.
+fn batched_rows_match_per_row_calls<T: Element>() {
+    use crate::config::GroupNorm;
+    let mut rng = 0x853c_49e6_748f_ea9bu64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 1.5
+    };
+    let cases: [(&[usize], usize); 4] = [
+        (&[4, 64, 16, 16], 32),
+        (&[3, 6, 35], 3),
+        (&[2, 8], 4),
+        (&[1, 4, 512], 1),
+    ];
+    for (dims, g) in cases {
+        let geo = GroupNorm::new(g, dims[1]).unwrap().geometry(dims).unwrap();
+        let (l, numel, eps) = (geo.row_len(), geo.numel(), 1e-5);
+        assert!(l <= LEAF);
+        let x: Vec<T> = (0..numel)
+            .map(|i| T::from_f32(next() + (i % 3) as f32))
+            .collect();
+        let w: Vec<f32> = (0..geo.c).map(|_| next()).collect();
+        let b: Vec<f32> = (0..geo.c).map(|_| next()).collect();
+        for act in [Activation::None, Activation::Silu] {
+            let mut y = vec![T::from_f32(0.0); numel];
+            let (mut mean, mut rstd) = (vec![0f32; geo.rows()], vec![0f32; geo.rows()]);
+            let (wo, bo) = (Some(&w[..]), Some(&b[..]));
+            forward::forward(&geo, eps, act, &x, wo, bo, &mut y, &mut mean, &mut rstd);
+            let mut want = vec![T::from_f32(0.0); numel];
+            let mut scr = Scratch::new();
+            for row in 0..geo.rows() {
+                let (xr, yr) = (&x[row * l..][..l], &mut want[row * l..][..l]);
+                let pivot = xr[0].to_f32();
+                let st = RowStats::from_moments(run_moments(xr, pivot), pivot, eps);
+                let c0 = (row % g) * geo.d;
+                forward::normalize_piece(xr, yr, &mut scr, 0, geo.s, c0, st, wo, bo, act);
+                let ctx = format!("{dims:?} row {row} {act:?}");
+                assert_eq!(mean[row].to_bits(), st.mean.to_bits(), "mean, {ctx}");
+                assert_eq!(rstd[row].to_bits(), st.rstd.to_bits(), "rstd, {ctx}");
+            }
+            let bits = |y: &[T]| y.iter().map(|e| e.to_f32().to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y), bits(&want), "y, {dims:?} {act:?}");
+        }
+    }
+}
+
+#[test]
+fn short_rows_in_batches_give_the_bits_of_per_row_calls() {
+    batched_rows_match_per_row_calls::<f32>();
+    batched_rows_match_per_row_calls::<f16>();
+    batched_rows_match_per_row_calls::<bf16>();
+}
+
 #[test]
 fn split_point_keeps_whole_chunks_on_the_left() {
     for l in [CHUNK, LEAF] {

@@ -223,6 +223,18 @@ pub(super) fn fold_lanes4<const SIMD: bool>(acc: &[[f32; 8]; 4]) -> f32 {
     fold_lanes(acc)
 }
 
+/// [`fold_lanes`] of two rows of eight: in vector registers when `SIMD` (the same additions
+/// in the same order), out of line otherwise.
+#[inline(always)]
+pub(super) fn fold_lanes2<const SIMD: bool>(acc: &[[f32; 8]; 2]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        // SAFETY: `SIMD` is only true when the CPU has AVX2 and F16C (`use_simd`).
+        return unsafe { f16c::fold2x8(acc) };
+    }
+    fold_lanes(acc)
+}
+
 /// Stores one value as [`store8`] rounds it (for the tails of its loops).
 #[inline(always)]
 pub(super) fn store1<T: Element>(v: f32, d: &mut T) {
@@ -466,6 +478,24 @@ mod f16c {
         unsafe {
             let r = |i: usize| _mm256_loadu_ps(acc[i].as_ptr());
             let v = _mm256_add_ps(_mm256_add_ps(r(0), r(2)), _mm256_add_ps(r(1), r(3)));
+            let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+        }
+    }
+
+    /// [`super::fold_lanes`] of two rows, in vector registers: their sum, then lanes `k + 4`,
+    /// `k + 2`, `k + 1` (the same additions in the same order, so the same bits).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 ([`available`]).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn fold2x8(acc: &[[f32; 8]; 2]) -> f32 {
+        // SAFETY: each row is 8 f32 (32 bytes), read unaligned; the CPU has AVX.
+        unsafe {
+            let r = |i: usize| _mm256_loadu_ps(acc[i].as_ptr());
+            let v = _mm256_add_ps(r(0), r(1));
             let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
             let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
             _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))

@@ -174,36 +174,6 @@ pub(super) fn fold_lanes<const R: usize>(acc: &[[f32; 8]; R]) -> f32 {
     v[0]
 }
 
-/// [`lane_sum_of`] of `f(a[i], b[i])` over two runs of the same length (values of `A` and `B`
-/// converted eight at a time in registers): the same lanes, order and fold.
-#[inline(always)]
-pub(super) fn lane_sum2_of<A: Element, B: Element, const SIMD: bool>(
-    a: &[A],
-    b: &[B],
-    f: impl Fn(f32, f32) -> f32,
-) -> f32 {
-    let mut acc = [[0f32; 8]; LANES / 8];
-    let mut ac = a.chunks_exact(LANES);
-    let mut bc = b[..a.len()].chunks_exact(LANES);
-    for (a32, b32) in (&mut ac).zip(&mut bc) {
-        for (acc8, (a8, b8)) in acc
-            .iter_mut()
-            .zip(a32.chunks_exact(8).zip(b32.chunks_exact(8)))
-        {
-            let (u, v) = (load8::<A, SIMD>(a8), load8::<B, SIMD>(b8));
-            for (l, x) in acc8.iter_mut().enumerate() {
-                *x += f(u[l], v[l]);
-            }
-        }
-    }
-    let rest = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .fold(0f32, |s, (u, v)| s + f(load1(u), load1(v)));
-    fold_lanes4::<SIMD>(&acc) + rest
-}
-
 /// Pairwise sum of a short slice (per-group sums of per-channel partials).
 pub(super) fn pairwise_sum(v: &[f32]) -> f32 {
     if v.len() <= 8 {

@@ -573,21 +573,32 @@ fn fused_forms_match_buffered<T: Element, const SIMD: bool>() {
             fbits(&want_s2),
             "channel squares, len {len}"
         );
-        // two-input forms (the backward): the same products in the same lanes and order
+        // two-input forms (the backward): the three sums of a leaf in 16 lanes each (lane
+        // `i % 16`, in order), folded pairwise, the remainder in order added last
         let d: Vec<T> = (0..len).map(|_| T::from_f32(next())).collect();
-        let h = |u: f32, v: f32| u * (v - pivot);
-        let products: Vec<f32> = d
-            .iter()
-            .zip(&x)
-            .map(|(u, v)| h(load1(u), load1(v)))
-            .collect();
-        let want = lane_sum_of::<f32, false>(&products, |e| e);
-        let got = lane_sum2_of::<T, T, SIMD>(&d, &x, h);
-        assert_eq!(
-            got.to_bits(),
-            want.to_bits(),
-            "two-input lane sum, len {len}"
-        );
+        let (mut ra, mut rb, mut rc) = ([[0f32; 8]; 2], [[0f32; 8]; 2], [[0f32; 8]; 2]);
+        let (mut ta, mut tb, mut tc) = (0f32, 0f32, 0f32);
+        let whole = len - len % 16;
+        for (i, (u, v)) in d.iter().zip(&x).enumerate() {
+            let (dv, xm) = (load1(u), load1(v) - pivot);
+            let (a, b, c) = if i < whole {
+                let (r, l) = ((i % 16) / 8, i % 8);
+                (&mut ra[r][l], &mut rb[r][l], &mut rc[r][l])
+            } else {
+                (&mut ta, &mut tb, &mut tc)
+            };
+            *a += dv;
+            *b += dv * xm;
+            *c += xm;
+        }
+        let got = leaf_sums_of::<T, T, SIMD>(&d, &x, pivot);
+        let want = [
+            fold_lanes(&ra) + ta,
+            fold_lanes(&rb) + tb,
+            fold_lanes(&rc) + tc,
+        ];
+        let got = [got.dy, got.dy_xm, got.xm];
+        assert_eq!(fbits(&got), fbits(&want), "backward leaf sums, len {len}");
         let k = |xi: f32, di: f32| 0.75 * di - 0.125 * (xi - pivot) - 0.5;
         let mut want_y = vec![T::from_f32(0.0); len];
         for ((o, xi), di) in want_y.iter_mut().zip(&x).zip(&d) {

@@ -4,6 +4,33 @@ use super::*;
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
 
+/// A xorshift stream of values in [-3, 5), offset by 1e4 where the state is a multiple of
+/// `outlier` (far values among near ones).
+fn xorshift_values(seed: u64, outlier: u64) -> impl FnMut() -> f32 {
+    let mut rng = seed;
+    move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 3.0 + 1e4 * f32::from(rng % outlier == 0)
+    }
+}
+
+/// Runs the generic check `$f::<T, SIMD>` for every dtype, in the plain form and, where the
+/// CPU has AVX2 and F16C, the vector form.
+macro_rules! every_dtype_and_form {
+    ($f:ident) => {{
+        $f::<f32, false>();
+        $f::<f16, false>();
+        $f::<bf16, false>();
+        if use_simd() {
+            $f::<f32, true>();
+            $f::<f16, true>();
+            $f::<bf16, true>();
+        }
+    }};
+}
+
 #[test]
 fn merge_short_circuits_empty_partners() {
     let a = Moments {
@@ -501,13 +528,7 @@ fn register_conversions_match_the_span_conversions() {
 /// fold) against `lane_sum` over the converted values, `map_values` against the same
 /// arithmetic through `read_f32`/`write_f32`, on lengths with every remainder.
 fn fused_forms_match_buffered<T: Element, const SIMD: bool>() {
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 3.0 + 1e4 * f32::from(rng % 7 == 0)
-    };
+    let mut next = xorshift_values(0x2545_f491_4f6c_dd1d, 7);
     for len in (1..=70).chain([CHUNK - 1, CHUNK]) {
         let x: Vec<T> = (0..len).map(|_| T::from_f32(next())).collect();
         let (pivot, scale, shift) = (x[0].to_f32(), 0.37f32, -1.25f32);
@@ -614,13 +635,7 @@ fn fused_forms_match_buffered<T: Element, const SIMD: bool>() {
 /// `fold_lanes` folds eight rows, the remainder adds last; the affine gives the bits of
 /// `(v - hi) * scale + shift` per value.
 fn wide_forms_match_plain_loops<T: Element, const SIMD: bool>() {
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 3.0 + 1e4 * f32::from(rng % 5 == 0)
-    };
+    let mut next = xorshift_values(0x9e37_79b9_7f4a_7c15, 5);
     for len in (1..=140).chain([CHUNK, LEAF - 1, LEAF]) {
         let x: Vec<T> = (0..len).map(|_| T::from_f32(next())).collect();
         let pivot = x[len / 2].to_f32();
@@ -648,13 +663,7 @@ fn wide_forms_match_plain_loops<T: Element, const SIMD: bool>() {
 
 /// The NHWC statistics' four-position walks against plain loops in their stated order.
 fn four_position_sums_match_plain_loops<T: Element, const SIMD: bool>() {
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 3.0 + 1e4 * f32::from(rng % 7 == 0)
-    };
+    let mut next = xorshift_values(0x2545_f491_4f6c_dd1d, 7);
     for len in (1..=40).chain([CHUNK - 1, CHUNK]) {
         let xs: Vec<Vec<T>> = (0..4)
             .map(|_| (0..len).map(|_| T::from_f32(next())).collect())
@@ -689,36 +698,15 @@ fn four_position_sums_match_plain_loops<T: Element, const SIMD: bool>() {
 
 #[test]
 fn four_position_walks_give_the_bits_of_plain_loops() {
-    four_position_sums_match_plain_loops::<f32, false>();
-    four_position_sums_match_plain_loops::<f16, false>();
-    four_position_sums_match_plain_loops::<bf16, false>();
-    if use_simd() {
-        four_position_sums_match_plain_loops::<f32, true>();
-        four_position_sums_match_plain_loops::<f16, true>();
-        four_position_sums_match_plain_loops::<bf16, true>();
-    }
+    every_dtype_and_form!(four_position_sums_match_plain_loops);
 }
 
 #[test]
 fn wide_sums_and_the_affine_loop_give_the_bits_of_plain_loops() {
-    wide_forms_match_plain_loops::<f32, false>();
-    wide_forms_match_plain_loops::<f16, false>();
-    wide_forms_match_plain_loops::<bf16, false>();
-    if use_simd() {
-        wide_forms_match_plain_loops::<f32, true>();
-        wide_forms_match_plain_loops::<f16, true>();
-        wide_forms_match_plain_loops::<bf16, true>();
-    }
+    every_dtype_and_form!(wide_forms_match_plain_loops);
 }
 
 #[test]
 fn fused_conversions_give_the_bits_of_the_buffered_ones() {
-    fused_forms_match_buffered::<f32, false>();
-    fused_forms_match_buffered::<f16, false>();
-    fused_forms_match_buffered::<bf16, false>();
-    if use_simd() {
-        fused_forms_match_buffered::<f32, true>();
-        fused_forms_match_buffered::<f16, true>();
-        fused_forms_match_buffered::<bf16, true>();
-    }
+    every_dtype_and_form!(fused_forms_match_buffered);
 }

@@ -84,8 +84,8 @@ use std::any::TypeId;
 use std::ops::Range;
 
 /// Values per conversion span and per leaf of the backward's and the NHWC passes' sums:
-/// small enough that a sequential f32 sum over a 32nd of it (the lanes of `stats::LANES`)
-/// is accurate and that two passes over it hit L1.
+/// small enough that each lane of their sums adds few values in sequence (8 to 16: 32 lanes,
+/// `stats::LANES`, or the backward leaf's 16) and that two passes over it hit L1.
 pub(crate) const CHUNK: usize = 256;
 /// Values per leaf of the NCHW statistics tree (the forward's mean and variance): the f32
 /// leaves sum in 64 lanes (`stats::wide_sum_of`), 32 values each; the f16/bf16 leaves in

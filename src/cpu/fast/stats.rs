@@ -399,7 +399,7 @@ pub(super) fn run_moments<T: Element>(x: &[T], pivot: f32) -> Moments {
 fn serial_tree<T: Element>(x: &[T], pivot: f32) -> Moments {
     let k = x.len().div_ceil(LEAF);
     if k > WALK_MAX_LEAVES {
-        // (rows of over 2^30 values) the top of the tree as a recursion, as `run_moments`
+        // (rows of over 2^33 values) the top of the tree as a recursion, as `run_moments`
         let (a, b) = x.split_at(split_point(x.len(), LEAF));
         return serial_tree(a, pivot).merge(serial_tree(b, pivot));
     }
@@ -421,7 +421,7 @@ pub(super) fn serial_tree_of<T: Element, const SIMD: bool>(x: &[T], pivot: f32) 
     )
 }
 
-/// Leaves [`walk_tree`] takes at most (2^22 chunks: 2^30 values).
+/// Leaves [`walk_tree`] takes at most (2^22 leaves: 2^33 values).
 const WALK_MAX_LEAVES: usize = 1 << 22;
 
 /// The values of leaf `i` of a run of `len`: [`LEAF`] of them, fewer in the last.

@@ -261,17 +261,7 @@ const WIDE_LANES: usize = 64;
 /// from waiting on an addition's latency. Folded as [`fold_lanes`] folds eight rows.
 #[inline(always)]
 pub(super) fn wide_sum_of<T: Element, const SIMD: bool>(v: &[T], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [[0f32; 8]; WIDE_LANES / 8];
-    let mut chunks = v.chunks_exact(WIDE_LANES);
-    for c in &mut chunks {
-        for (a, c8) in acc.iter_mut().zip(c.chunks_exact(8)) {
-            let e = load8::<T, SIMD>(c8);
-            for (x, &e) in a.iter_mut().zip(&e) {
-                *x += f(e);
-            }
-        }
-    }
-    let rest = chunks.remainder().iter().fold(0f32, |a, e| a + f(load1(e)));
+    let (acc, rest) = row_sums_of::<T, SIMD, { WIDE_LANES / 8 }>(v, f);
     // rows r and r + 4 first, as `fold_lanes` begins with eight rows; then its four-row fold
     let mut four = [[0f32; 8]; 4];
     for (r, row) in four.iter_mut().enumerate() {
@@ -282,12 +272,16 @@ pub(super) fn wide_sum_of<T: Element, const SIMD: bool>(v: &[T], f: impl Fn(f32)
     fold_lanes4::<SIMD>(&four) + rest
 }
 
-/// [`lane_sum`] over values of `T`, converted eight at a time in registers ([`load8`]): the same
-/// lanes, order and fold, so the same bits as [`lane_sum`] over the converted values.
+/// The sums of `f(v)` in `8 * R` lanes (lane `i` takes values `i, i + 8R, ...`, row `i % 8R / 8`
+/// of the result), values converted eight at a time in registers ([`load8`]), and the sum of the
+/// last `len % 8R` values in order: what [`lane_sum_of`] and [`wide_sum_of`] fold.
 #[inline(always)]
-pub(super) fn lane_sum_of<T: Element, const SIMD: bool>(v: &[T], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [[0f32; 8]; LANES / 8];
-    let mut chunks = v.chunks_exact(LANES);
+fn row_sums_of<T: Element, const SIMD: bool, const R: usize>(
+    v: &[T],
+    f: impl Fn(f32) -> f32,
+) -> ([[f32; 8]; R], f32) {
+    let mut acc = [[0f32; 8]; R];
+    let mut chunks = v.chunks_exact(8 * R);
     for c in &mut chunks {
         for (a, c8) in acc.iter_mut().zip(c.chunks_exact(8)) {
             let e = load8::<T, SIMD>(c8);
@@ -297,6 +291,14 @@ pub(super) fn lane_sum_of<T: Element, const SIMD: bool>(v: &[T], f: impl Fn(f32)
         }
     }
     let rest = chunks.remainder().iter().fold(0f32, |a, e| a + f(load1(e)));
+    (acc, rest)
+}
+
+/// [`lane_sum`] over values of `T`, converted eight at a time in registers ([`load8`]): the same
+/// lanes, order and fold, so the same bits as [`lane_sum`] over the converted values.
+#[inline(always)]
+pub(super) fn lane_sum_of<T: Element, const SIMD: bool>(v: &[T], f: impl Fn(f32) -> f32) -> f32 {
+    let (acc, rest) = row_sums_of::<T, SIMD, { LANES / 8 }>(v, f);
     fold_lanes4::<SIMD>(&acc) + rest
 }
 

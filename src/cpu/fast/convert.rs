@@ -477,11 +477,24 @@ mod f16c {
         // SAFETY: each row is 8 f32 (32 bytes), read unaligned; the CPU has AVX.
         unsafe {
             let r = |i: usize| _mm256_loadu_ps(acc[i].as_ptr());
-            let v = _mm256_add_ps(_mm256_add_ps(r(0), r(2)), _mm256_add_ps(r(1), r(3)));
-            let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
-            _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+            lanes8(_mm256_add_ps(
+                _mm256_add_ps(r(0), r(2)),
+                _mm256_add_ps(r(1), r(3)),
+            ))
         }
+    }
+
+    /// The fold of one row's eight lanes: `k + 4`, `k + 2`, `k + 1`, as [`super::fold_lanes`]
+    /// ends.
+    ///
+    /// # Safety
+    /// The CPU must have AVX ([`available`]).
+    #[target_feature(enable = "avx")]
+    #[inline]
+    unsafe fn lanes8(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
     }
 
     /// [`super::fold_lanes`] of two rows, in vector registers: their sum, then lanes `k + 4`,
@@ -495,10 +508,7 @@ mod f16c {
         // SAFETY: each row is 8 f32 (32 bytes), read unaligned; the CPU has AVX.
         unsafe {
             let r = |i: usize| _mm256_loadu_ps(acc[i].as_ptr());
-            let v = _mm256_add_ps(r(0), r(1));
-            let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
-            _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+            lanes8(_mm256_add_ps(r(0), r(1)))
         }
     }
 

@@ -222,20 +222,37 @@ pub(super) fn backward_nchw<T: Element, U: Element, P: Element>(
             dx_piece(xp, dyp, dp, off, s, g * d, r, m, k2, k3, weight);
         });
     };
-    if on_caller(geo) {
-        let mut scr = Scratch::new();
-        dx.chunks_mut(l)
-            .zip(x.chunks(l).zip(dy.chunks(l)))
-            .zip(sdy.chunks_mut(d).zip(sdyx.chunks_mut(d)))
-            .enumerate()
-            .for_each(|item| body(&mut scr, item));
-    } else {
-        dx.par_chunks_mut(l)
+    // rows `first..` of the tensor, one after the other
+    let rows_from =
+        |first: usize, dx: &mut [T], x: &[T], dy: &[U], sdy: &mut [f32], sdyx: &mut [f32]| {
+            let mut scr = Scratch::new();
+            dx.chunks_mut(l)
+                .zip(x.chunks(l).zip(dy.chunks(l)))
+                .zip(sdy.chunks_mut(d).zip(sdyx.chunks_mut(d)))
+                .enumerate()
+                .for_each(|(i, item)| body(&mut scr, (first + i, item)));
+        };
+    match sched(geo, geo.rows()) {
+        Sched::Caller => rows_from(0, dx, x, dy, sdy, sdyx),
+        Sched::Halves => {
+            let h = geo.rows() / 2;
+            let (dx0, dx1) = dx.split_at_mut(h * l);
+            let (x0, x1) = x.split_at(h * l);
+            let (dy0, dy1) = dy.split_at(h * l);
+            let (sdy0, sdy1) = sdy.split_at_mut(h * d);
+            let (sdyx0, sdyx1) = sdyx.split_at_mut(h * d);
+            in_halves(
+                || rows_from(0, dx0, x0, dy0, sdy0, sdyx0),
+                || rows_from(h, dx1, x1, dy1, sdy1, sdyx1),
+            );
+        }
+        Sched::Pool => dx
+            .par_chunks_mut(l)
             .zip(x.par_chunks(l).zip(dy.par_chunks(l)))
             .zip(sdy.par_chunks_mut(d).zip(sdyx.par_chunks_mut(d)))
             .enumerate()
             .with_min_len(min_rows_per_task(l))
-            .for_each_with(Scratch::new(), |scr, item| body(scr, item));
+            .for_each_with(Scratch::new(), |scr, item| body(scr, item)),
     }
 }
 

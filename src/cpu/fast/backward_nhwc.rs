@@ -19,7 +19,8 @@ pub(super) fn backward_nhwc<T: Element, U: Element, P: Element>(
     // Per sample: the block partials [block][sum dy (C) | sum dy*(x - mean) (C) |
     // sum (x - mean) (C)], and the per-channel dx coefficients k1, k2, k3, mean (4 C).
     let mut ws = vec![0f32; geo.n * (nb * 3 + 4) * c];
-    let par = !on_caller(geo);
+    let sch = sched(geo, geo.n);
+    let par = sch == Sched::Pool;
     let sample = s * c;
     type Item<'a, T, U> = (
         usize,
@@ -39,16 +40,14 @@ pub(super) fn backward_nhwc<T: Element, U: Element, P: Element>(
         );
     };
     let w = (nb * 3 + 4) * c;
-    if par {
-        dx.par_chunks_mut(sample)
-            .zip(x.par_chunks(sample).zip(dy.par_chunks(sample)))
-            .zip(
-                ws.par_chunks_mut(w)
-                    .zip(sdy.par_chunks_mut(c).zip(sdyx.par_chunks_mut(c))),
-            )
-            .enumerate()
-            .for_each(one);
-    } else {
+    // samples `first..`, one after the other
+    let samples_from = |first: usize,
+                        dx: &mut [T],
+                        x: &[T],
+                        dy: &[U],
+                        ws: &mut [f32],
+                        sdy: &mut [f32],
+                        sdyx: &mut [f32]| {
         dx.chunks_mut(sample)
             .zip(x.chunks(sample).zip(dy.chunks(sample)))
             .zip(
@@ -56,7 +55,32 @@ pub(super) fn backward_nhwc<T: Element, U: Element, P: Element>(
                     .zip(sdy.chunks_mut(c).zip(sdyx.chunks_mut(c))),
             )
             .enumerate()
-            .for_each(one);
+            .for_each(|(i, item)| one((first + i, item)))
+    };
+    match sch {
+        Sched::Caller => samples_from(0, dx, x, dy, &mut ws, sdy, sdyx),
+        Sched::Halves => {
+            let h = geo.n / 2;
+            let (dx0, dx1) = dx.split_at_mut(h * sample);
+            let (x0, x1) = x.split_at(h * sample);
+            let (dy0, dy1) = dy.split_at(h * sample);
+            let (ws0, ws1) = ws.split_at_mut(h * w);
+            let (sdy0, sdy1) = sdy.split_at_mut(h * c);
+            let (sdyx0, sdyx1) = sdyx.split_at_mut(h * c);
+            in_halves(
+                || samples_from(0, dx0, x0, dy0, ws0, sdy0, sdyx0),
+                || samples_from(h, dx1, x1, dy1, ws1, sdy1, sdyx1),
+            );
+        }
+        Sched::Pool => dx
+            .par_chunks_mut(sample)
+            .zip(x.par_chunks(sample).zip(dy.par_chunks(sample)))
+            .zip(
+                ws.par_chunks_mut(w)
+                    .zip(sdy.par_chunks_mut(c).zip(sdyx.par_chunks_mut(c))),
+            )
+            .enumerate()
+            .for_each(one),
     }
 }
 

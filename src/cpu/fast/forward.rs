@@ -58,17 +58,29 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
             weight,
             bias,
         };
-        if on_caller(geo) {
-            forward_rows(rows, 0, x, y, mean, rstd, &mut Scratch::new());
-        } else {
-            let k = min_rows_per_task(l);
-            y.par_chunks_mut(k * l)
-                .zip(x.par_chunks(k * l))
-                .zip(mean.par_chunks_mut(k).zip(rstd.par_chunks_mut(k)))
-                .enumerate()
-                .for_each_with(Scratch::new(), |scr, (i, ((yc, xc), (mc, rc)))| {
-                    forward_rows(rows, i * k, xc, yc, mc, rc, scr)
-                });
+        match sched(geo, geo.rows()) {
+            Sched::Caller => forward_rows(rows, 0, x, y, mean, rstd, &mut Scratch::new()),
+            Sched::Halves => {
+                let h = geo.rows() / 2;
+                let (x0, x1) = x.split_at(h * l);
+                let (y0, y1) = y.split_at_mut(h * l);
+                let (m0, m1) = mean.split_at_mut(h);
+                let (r0, r1) = rstd.split_at_mut(h);
+                in_halves(
+                    || forward_rows(rows, 0, x0, y0, m0, r0, &mut Scratch::new()),
+                    || forward_rows(rows, h, x1, y1, m1, r1, &mut Scratch::new()),
+                );
+            }
+            Sched::Pool => {
+                let k = min_rows_per_task(l);
+                y.par_chunks_mut(k * l)
+                    .zip(x.par_chunks(k * l))
+                    .zip(mean.par_chunks_mut(k).zip(rstd.par_chunks_mut(k)))
+                    .enumerate()
+                    .for_each_with(Scratch::new(), |scr, (i, ((yc, xc), (mc, rc)))| {
+                        forward_rows(rows, i * k, xc, yc, mc, rc, scr)
+                    });
+            }
         }
         return;
     }
@@ -84,20 +96,35 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
             normalize_piece(xp, yp, scr, off, s, g * d, st, weight, bias, act);
         });
     };
-    if on_caller(geo) {
+    // rows `first..` of the tensor, one after the other
+    let rows_from = |first: usize, x: &[T], y: &mut [T], mean: &mut [f32], rstd: &mut [f32]| {
         let mut scr = Scratch::new();
         y.chunks_mut(l)
             .zip(x.chunks(l))
             .zip(mean.iter_mut().zip(rstd.iter_mut()))
             .enumerate()
-            .for_each(|item| body(&mut scr, item));
-    } else {
-        y.par_chunks_mut(l)
+            .for_each(|(i, item)| body(&mut scr, (first + i, item)));
+    };
+    match sched(geo, geo.rows()) {
+        Sched::Caller => rows_from(0, x, y, mean, rstd),
+        Sched::Halves => {
+            let h = geo.rows() / 2;
+            let (x0, x1) = x.split_at(h * l);
+            let (y0, y1) = y.split_at_mut(h * l);
+            let (m0, m1) = mean.split_at_mut(h);
+            let (r0, r1) = rstd.split_at_mut(h);
+            in_halves(
+                || rows_from(0, x0, y0, m0, r0),
+                || rows_from(h, x1, y1, m1, r1),
+            );
+        }
+        Sched::Pool => y
+            .par_chunks_mut(l)
             .zip(x.par_chunks(l))
             .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
             .enumerate()
             .with_min_len(min_rows_per_task(l))
-            .for_each_with(Scratch::new(), |scr, item| body(scr, item));
+            .for_each_with(Scratch::new(), |scr, item| body(scr, item)),
     }
 }
 

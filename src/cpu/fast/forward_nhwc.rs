@@ -475,8 +475,9 @@ pub(super) fn forward_nhwc<T: Element, P: Element>(
     let sample = s * c;
     let gb = NhwcBatch::groups_per_batch(d, groups);
     let piece = nhwc_piece(c);
-    // Small tensors run on the calling thread.
-    let par = !on_caller(geo);
+    // Small tensors run on the calling thread, or in two halves of the samples.
+    let sch = sched(geo, geo.n);
+    let par = sch == Sched::Pool;
 
     let one_sample = |((ys, xs), (mean_n, rstd_n)): SampleItem<'_, T>| {
         for (bi, (mean_b, rstd_b)) in mean_n.chunks_mut(gb).zip(rstd_n.chunks_mut(gb)).enumerate() {
@@ -515,16 +516,27 @@ pub(super) fn forward_nhwc<T: Element, P: Element>(
             }
         }
     };
-    if par {
-        y.par_chunks_mut(sample)
-            .zip(x.par_chunks(sample))
-            .zip(mean.par_chunks_mut(groups).zip(rstd.par_chunks_mut(groups)))
-            .for_each(one_sample);
-    } else {
+    let samples = |y: &mut [T], x: &[T], mean: &mut [f32], rstd: &mut [f32]| {
         y.chunks_mut(sample)
             .zip(x.chunks(sample))
             .zip(mean.chunks_mut(groups).zip(rstd.chunks_mut(groups)))
-            .for_each(one_sample);
+            .for_each(one_sample)
+    };
+    match sch {
+        Sched::Caller => samples(y, x, mean, rstd),
+        Sched::Halves => {
+            let h = geo.n / 2;
+            let (y0, y1) = y.split_at_mut(h * sample);
+            let (x0, x1) = x.split_at(h * sample);
+            let (m0, m1) = mean.split_at_mut(h * groups);
+            let (r0, r1) = rstd.split_at_mut(h * groups);
+            in_halves(|| samples(y0, x0, m0, r0), || samples(y1, x1, m1, r1));
+        }
+        Sched::Pool => y
+            .par_chunks_mut(sample)
+            .zip(x.par_chunks(sample))
+            .zip(mean.par_chunks_mut(groups).zip(rstd.par_chunks_mut(groups)))
+            .for_each(one_sample),
     }
 }
 

@@ -70,8 +70,10 @@
 //! AVX2 copy is picked at run time where the CPU has it. Both run the same operations in the
 //! same order (Rust never contracts `a * b + c` into an FMA on its own), so results are the
 //! same bits on every machine. Tensors of at most `ON_CALLER_MAX` elements, and everything
-//! when rayon's pool has one thread, run on the calling thread (`schedule.rs`): handing them to
-//! the pool costs more than it gives back. The lane sums of the inner loops are written in the
+//! when rayon's pool has one thread, stay off rayon's parallel iterators (`schedule.rs`): they
+//! run on the calling thread, or in two halves: the first on the calling thread, the second on
+//! a helper thread if it is awake to take it (a run of calls keeps it so), else after the first
+//! (`handoff.rs`); waking a sleeping thread costs more than such a pass. The lane sums of the inner loops are written in the
 //! shape LLVM keeps in vector registers (`stats::add_lanes` says which shapes it did not).
 
 use crate::config::{Activation, Geometry, Layout};
@@ -119,6 +121,7 @@ mod backward_nhwc;
 mod convert;
 mod forward;
 mod forward_nhwc;
+mod handoff;
 mod schedule;
 mod stats;
 #[cfg(test)]
@@ -132,6 +135,7 @@ use backward::*;
 use backward_nhwc::*;
 use convert::*;
 use forward_nhwc::*;
+use handoff::in_halves;
 use schedule::*;
 use stats::*;
 

@@ -52,19 +52,64 @@ pub(super) fn nhwc_piece(c: usize) -> usize {
     (PIECE / c).max(1) * c
 }
 
-/// Tensors of at most this many elements run on the calling thread: handing them to the pool
-/// costs more than the second thread gives back. Measured with `groupnorm bench --device cpu`,
-/// f32 and f16 NCHW, `RAYON_NUM_THREADS=2`, this project's 2-core machine, on the calling thread
-/// against split, two alternating runs each: at 2^18 elements (2x128x32x32) 0.11-0.13 against
-/// 0.18-0.27 ms forward, 2^19 and 2^20 mixed, 2^21 (8x256x32x32) 1.3-1.9 against 0.6 ms.
+/// Tensors of at most this many elements do not go through rayon's parallel iterators: a
+/// caller outside the pool hands them the whole pass and sleeps until the pool wakes it, and
+/// those hand-offs cost more than the second thread gives back. Measured with `groupnorm bench
+/// --device cpu`, f32 and f16 NCHW, `RAYON_NUM_THREADS=2`, this project's 2-core machine, on
+/// the calling thread against split, two alternating runs each: at 2^18 elements
+/// (2x128x32x32) 0.11-0.13 against 0.18-0.27 ms forward, 2^19 and 2^20 mixed, 2^21
+/// (8x256x32x32) 1.3-1.9 against 0.6 ms. From [`HALVES_MIN`] elements they run in two halves
+/// instead ([`Sched::Halves`]).
 pub(super) const ON_CALLER_MAX: usize = 1 << 18;
 
-/// Whether a pass over `geo` runs on the calling thread: small tensors, and everything when
-/// the pool has one thread. NCHW rows of at least [`PAR_MIN`] values of a small tensor are
-/// still split (NHWC passes are told not to split).
-pub(super) fn on_caller(geo: &Geometry) -> bool {
-    !may_split()
-        || geo.numel() <= ON_CALLER_MAX && (geo.layout == Layout::Nhwc || geo.row_len() < PAR_MIN)
+/// Tensors of at least this many elements (and at most [`ON_CALLER_MAX`]) run in two halves,
+/// one on the calling thread and one on a helper thread when it is awake ([`Sched::Halves`]).
+pub(super) const HALVES_MIN: usize = 1 << 16;
+
+/// How a pass over a tensor is spread over threads.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Sched {
+    /// All of it on the calling thread: one thread in the pool, or a tensor too small to share.
+    Caller,
+    /// Two halves of its rows (NCHW) or samples (NHWC), the first on the calling thread and
+    /// the second on the helper thread if it takes it in time (`handoff::in_halves`).
+    Halves,
+    /// Rayon's parallel iterators over the whole pass.
+    Pool,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests force a schedule on their thread, to compare the results of all three.
+    pub(super) static FORCED: std::cell::Cell<Option<Sched>> = const { std::cell::Cell::new(None) };
+}
+
+/// How a pass over `geo`, cut into `units` independent rows or samples, runs: small tensors
+/// on the calling thread or in two halves, the rest on the pool. NCHW rows of at least
+/// [`PAR_MIN`] values of a small tensor still go to the pool, which splits inside them.
+///
+/// A small tensor runs in halves (`handoff::in_halves`): the first on the calling thread, the
+/// second on a helper thread if it is awake to take it, else after the first.
+pub(super) fn sched(geo: &Geometry, units: usize) -> Sched {
+    #[cfg(test)]
+    if let Some(s) = FORCED.with(|f| f.get()) {
+        return if s == Sched::Halves && units < 2 {
+            Sched::Caller
+        } else {
+            s
+        };
+    }
+    let small =
+        geo.numel() <= ON_CALLER_MAX && (geo.layout == Layout::Nhwc || geo.row_len() < PAR_MIN);
+    if !may_split() {
+        Sched::Caller
+    } else if !small {
+        Sched::Pool
+    } else if geo.numel() >= HALVES_MIN && units >= 2 {
+        Sched::Halves
+    } else {
+        Sched::Caller
+    }
 }
 
 /// Whether work may be split across rayon's pool: not when it has one thread. Handing work to

@@ -710,3 +710,70 @@ fn wide_sums_and_the_affine_loop_give_the_bits_of_plain_loops() {
 fn fused_conversions_give_the_bits_of_the_buffered_ones() {
     every_dtype_and_form!(fused_forms_match_buffered);
 }
+
+/// Forward and backward of `dims` under schedule `s` (forced on this thread): every output's
+/// bits.
+fn outputs_under<T: Element>(s: Sched, layout: Layout, dims: &[usize], groups: usize) -> Vec<u64> {
+    let c = dims[1];
+    let mut next = xorshift_values(0x5eed + c as u64, 97);
+    let numel: usize = dims.iter().product();
+    let x: Vec<T> = (0..numel).map(|_| T::from_f32(next())).collect();
+    let dy: Vec<T> = (0..numel).map(|_| T::from_f32(next() * 0.1)).collect();
+    let w: Vec<f32> = (0..c).map(|_| next() * 0.25).collect();
+    let b: Vec<f32> = (0..c).map(|_| next() * 0.25).collect();
+    let gn = crate::GroupNorm::new(groups, c)
+        .unwrap()
+        .with_layout(layout)
+        .with_activation(Activation::Silu);
+    FORCED.with(|f| f.set(Some(s)));
+    let affine = || crate::Affine::new().weight(&w).bias(&b);
+    let (y, stats) = gn.forward(&x, dims, affine()).unwrap();
+    let g = gn.backward(&dy, &x, dims, &stats, affine(), true).unwrap();
+    FORCED.with(|f| f.set(None));
+    let bits = |v: &[f32]| v.iter().map(|e| u64::from(e.to_bits())).collect::<Vec<_>>();
+    let tbits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
+    [
+        tbits(&y),
+        bits(&stats.mean),
+        bits(&stats.rstd),
+        tbits(&g.dx),
+        bits(&g.dweight.unwrap()),
+        bits(&g.dbias.unwrap()),
+    ]
+    .concat()
+}
+
+fn schedules_agree<T: Element>() {
+    // numel from HALVES_MIN to ON_CALLER_MAX; odd batches, so that the halves are unequal and
+    // the second does not start at a multiple of the groups
+    let cases: [(Layout, &[usize], usize); 5] = [
+        (Layout::Nchw, &[5, 64, 16, 16], 32), // rows of one leaf: in batches
+        (Layout::Nchw, &[3, 32, 48, 48], 16), // longer rows, one after the other
+        (Layout::Nchw, &[5, 24, 33, 29], 6),
+        (Layout::Nhwc, &[3, 40, 24, 24], 8),
+        (Layout::Nhwc, &[5, 96, 13, 11], 32),
+    ];
+    for (layout, dims, groups) in cases {
+        let numel: usize = dims.iter().product();
+        assert!((HALVES_MIN..=ON_CALLER_MAX).contains(&numel), "{dims:?}");
+        let caller = outputs_under::<T>(Sched::Caller, layout, dims, groups);
+        for s in [Sched::Halves, Sched::Pool] {
+            let got = outputs_under::<T>(s, layout, dims, groups);
+            assert!(
+                got == caller,
+                "{s:?} against Caller, {layout:?} {dims:?} {}",
+                T::DTYPE
+            );
+        }
+    }
+}
+
+#[test]
+fn every_schedule_gives_the_bits_of_the_calling_thread() {
+    let _turn = handoff::tests::MAILBOX_TESTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    schedules_agree::<f32>();
+    schedules_agree::<f16>();
+    schedules_agree::<bf16>();
+}

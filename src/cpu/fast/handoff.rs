@@ -12,8 +12,9 @@
 //! 0.09-0.26 ms against 0.033-0.036 on the calling thread alone).
 //!
 //! After each job the helper lingers for [`LINGER_NS`], yielding its core to any thread that
-//! wants it and watching the mailbox, then parks. A run of calls (two within [`BURST_NS`])
-//! unparks it, so that the calls after them find it awake; isolated calls leave it parked.
+//! wants it and watching the mailbox, then parks. A run of calls (one that starts within
+//! [`BURST_NS`] of the previous one's end) unparks it, so that the calls after them find it
+//! awake; isolated calls leave it parked.
 //!
 //! This is the CPU path's one piece of `unsafe` concurrency: the mailbox holds a pointer to the
 //! caller's stack, made `'static` by a cast. [`in_halves`] does not return, and does not unwind,
@@ -29,7 +30,8 @@ use std::time::Instant;
 /// After a job, the helper watches the mailbox this long before it parks. Yielding, not
 /// spinning: a core that another thread wants is given to it.
 const LINGER_NS: u64 = 1_000_000;
-/// Two calls this close together unpark a parked helper (one futex call by the caller).
+/// A call that posts this soon after the previous one ended unparks a parked helper (one futex
+/// call by the caller).
 const BURST_NS: u64 = 1_000_000;
 
 /// The mailbox is empty.
@@ -53,8 +55,8 @@ struct Mailbox {
     held: AtomicBool,
     /// Whether the helper parks (or is about to).
     parked: AtomicBool,
-    /// When the latest call posted ([`clock_ns`]).
-    last_post: AtomicU64,
+    /// When the latest call that posted ended ([`clock_ns`]; 0: none yet).
+    last_end: AtomicU64,
 }
 
 static MAILBOX: Mailbox = Mailbox {
@@ -62,7 +64,7 @@ static MAILBOX: Mailbox = Mailbox {
     job: AtomicPtr::new(std::ptr::null_mut()),
     held: AtomicBool::new(false),
     parked: AtomicBool::new(false),
-    last_post: AtomicU64::new(0),
+    last_end: AtomicU64::new(0),
 };
 
 /// A posted job: the second half, behind a `dyn` so that the helper can call any of them.
@@ -122,9 +124,8 @@ pub(super) fn in_halves(first: impl FnOnce() + Send, second: impl FnOnce() + Sen
     mb.job
         .store((&mut job as *mut Job<'_>).cast::<()>(), Ordering::Release);
     mb.state.store(POSTED, Ordering::SeqCst);
-    let now = clock_ns();
-    let last = mb.last_post.swap(now, Ordering::Relaxed);
-    if mb.parked.load(Ordering::SeqCst) && now.saturating_sub(last) < BURST_NS {
+    let last = mb.last_end.load(Ordering::Relaxed);
+    if mb.parked.load(Ordering::SeqCst) && last != 0 && clock_ns() - last < BURST_NS {
         helper.unpark();
     }
     let claim = Claim(mb);
@@ -188,6 +189,7 @@ impl Drop for Claim {
     fn drop(&mut self) {
         // unwinding out of `first` or the job: the job may still be posted or running
         let _ = self.settle();
+        self.0.last_end.store(clock_ns().max(1), Ordering::Relaxed);
         self.0.state.store(EMPTY, Ordering::Release);
         self.0.held.store(false, Ordering::Release);
     }

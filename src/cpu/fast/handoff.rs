@@ -125,7 +125,7 @@ pub(super) fn in_halves(first: impl FnOnce() + Send, second: impl FnOnce() + Sen
         .store((&mut job as *mut Job<'_>).cast::<()>(), Ordering::Release);
     mb.state.store(POSTED, Ordering::SeqCst);
     let last = mb.last_end.load(Ordering::Relaxed);
-    if mb.parked.load(Ordering::SeqCst) && last != 0 && clock_ns() - last < BURST_NS {
+    if mb.parked.load(Ordering::SeqCst) && last != 0 && clock_ns().saturating_sub(last) < BURST_NS {
         helper.unpark();
     }
     let claim = Claim(mb);
@@ -210,7 +210,7 @@ fn helper_loop() {
                 let job = mb.job.load(Ordering::Acquire).cast::<Job<'static>>();
                 // SAFETY: `job` points to the `Job` that the poster stored before it set
                 // POSTED; the poster does not return or unwind past that `Job` (nor the closure
-                // it borrows) until the state has left RUNNING (`Claim::take_back`), and this
+                // it borrows) until the state has left RUNNING (`Claim::settle`), and this
                 // thread is the only one that runs it, once: the compare-exchange from POSTED
                 // succeeds for one side only. The `'static` lifetime is never relied on beyond
                 // this call.

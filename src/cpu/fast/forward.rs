@@ -58,29 +58,20 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
             weight,
             bias,
         };
-        match sched(geo, geo.rows()) {
-            Sched::Caller => forward_rows(rows, 0, x, y, mean, rstd, &mut Scratch::new()),
-            Sched::Halves => {
-                let h = geo.rows() / 2;
-                let (x0, x1) = x.split_at(h * l);
-                let (y0, y1) = y.split_at_mut(h * l);
-                let (m0, m1) = mean.split_at_mut(h);
-                let (r0, r1) = rstd.split_at_mut(h);
-                in_halves(
-                    || forward_rows(rows, 0, x0, y0, m0, r0, &mut Scratch::new()),
-                    || forward_rows(rows, h, x1, y1, m1, r1, &mut Scratch::new()),
-                );
-            }
-            Sched::Pool => {
-                let k = min_rows_per_task(l);
-                y.par_chunks_mut(k * l)
-                    .zip(x.par_chunks(k * l))
-                    .zip(mean.par_chunks_mut(k).zip(rstd.par_chunks_mut(k)))
-                    .enumerate()
-                    .for_each_with(Scratch::new(), |scr, (i, ((yc, xc), (mc, rc)))| {
-                        forward_rows(rows, i * k, xc, yc, mc, rc, scr)
-                    });
-            }
+        let sch = sched(geo, geo.rows());
+        if sch == Sched::Pool {
+            let k = min_rows_per_task(l);
+            y.par_chunks_mut(k * l)
+                .zip(x.par_chunks(k * l))
+                .zip(mean.par_chunks_mut(k).zip(rstd.par_chunks_mut(k)))
+                .enumerate()
+                .for_each_with(Scratch::new(), |scr, (i, ((yc, xc), (mc, rc)))| {
+                    forward_rows(rows, i * k, xc, yc, mc, rc, scr)
+                });
+        } else {
+            on_caller_or_halves(sch, l, x, y, mean, rstd, |first, x, y, mean, rstd| {
+                forward_rows(rows, first, x, y, mean, rstd, &mut Scratch::new())
+            });
         }
         return;
     }
@@ -105,27 +96,39 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
             .enumerate()
             .for_each(|(i, item)| body(&mut scr, (first + i, item)));
     };
-    match sched(geo, geo.rows()) {
-        Sched::Caller => rows_from(0, x, y, mean, rstd),
-        Sched::Halves => {
-            let h = geo.rows() / 2;
-            let (x0, x1) = x.split_at(h * l);
-            let (y0, y1) = y.split_at_mut(h * l);
-            let (m0, m1) = mean.split_at_mut(h);
-            let (r0, r1) = rstd.split_at_mut(h);
-            in_halves(
-                || rows_from(0, x0, y0, m0, r0),
-                || rows_from(h, x1, y1, m1, r1),
-            );
-        }
-        Sched::Pool => y
-            .par_chunks_mut(l)
+    let sch = sched(geo, geo.rows());
+    if sch == Sched::Pool {
+        y.par_chunks_mut(l)
             .zip(x.par_chunks(l))
             .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
             .enumerate()
             .with_min_len(min_rows_per_task(l))
-            .for_each_with(Scratch::new(), |scr, item| body(scr, item)),
+            .for_each_with(Scratch::new(), |scr, item| body(scr, item));
+    } else {
+        on_caller_or_halves(sch, l, x, y, mean, rstd, rows_from);
     }
+}
+
+/// `rows(first row, x, y, mean, rstd)` over all rows (of `l` values each) on the calling
+/// thread ([`Sched::Caller`]), or over the two halves of them at once ([`Sched::Halves`]).
+fn on_caller_or_halves<T: Element>(
+    sch: Sched,
+    l: usize,
+    x: &[T],
+    y: &mut [T],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    rows: impl Fn(usize, &[T], &mut [T], &mut [f32], &mut [f32]) + Sync,
+) {
+    if sch == Sched::Caller {
+        return rows(0, x, y, mean, rstd);
+    }
+    let h = mean.len() / 2;
+    let (x0, x1) = x.split_at(h * l);
+    let (y0, y1) = y.split_at_mut(h * l);
+    let (m0, m1) = mean.split_at_mut(h);
+    let (r0, r1) = rstd.split_at_mut(h);
+    in_halves(|| rows(0, x0, y0, m0, r0), || rows(h, x1, y1, m1, r1));
 }
 
 /// What [`forward_rows`] needs of the call: row length and layout, eps, activation, affine.

@@ -9,7 +9,8 @@
 //! Small tensors (up to 2^18 elements) stay off rayon's pool, whose hand-off costs more than
 //! they take: with more than one thread in it, they run in two halves, the second on one helper
 //! thread of this crate (`groupnorm-helper`) when it is awake, which stays awake for about a
-//! millisecond after a run of such calls, yielding its core to any other thread.
+//! millisecond after a run of such calls, yielding its core to any other thread. With exactly
+//! two threads in the pool, larger tensors run in such halves too.
 //!
 //! Numerics, in short: each group row subtracts a pivot (its first value) before accumulating
 //! and before normalizing, so the error follows the spread of the row rather than its offset;

@@ -33,7 +33,7 @@ pub(crate) fn activation_grad<T: Element, P: Element>(
     // the calling thread, 0.72-0.98 of the time (4x64x16x16, 2x128x32x32, 2x320x64x64; f32,
     // f16; both layouts); two threads, small tensors on the calling thread measured 1.4-1.9x
     // slower than the pool, so they keep it.
-    let nchw = geo.layout == Layout::Nchw || s == 1;
+    let nchw = nchw_order(geo);
     let par = may_split();
     // Per-row corrected means, mean + delta, kept as (mean, delta) to stay exact.
     let mut delta = vec![0f32; geo.rows()];

@@ -167,8 +167,7 @@ pub(crate) fn backward<T: Element, U: Element, P: Element>(
     // Per-(n, c) partials: sum dy and sum dy*(x - mean).
     let mut sdy = vec![0f32; n_count * c];
     let mut sdyx = vec![0f32; n_count * c];
-    // With one spatial position the two layouts are the same memory order.
-    if geo.layout == Layout::Nchw || geo.s == 1 {
+    if nchw_order(geo) {
         backward_nchw(geo, dy, x, mean, rstd, weight, dx, &mut sdy, &mut sdyx);
     } else {
         backward_nhwc(geo, dy, x, mean, rstd, weight, dx, &mut sdy, &mut sdyx);

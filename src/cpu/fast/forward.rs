@@ -24,8 +24,7 @@ pub(crate) fn forward<T: Element, P: Element>(
         rstd.fill(e.rstd);
         return;
     }
-    // With one spatial position the two layouts are the same memory order.
-    if geo.layout == Layout::Nchw || geo.s == 1 {
+    if nchw_order(geo) {
         forward_nchw(geo, eps, act, x, weight, bias, y, mean, rstd)
     } else {
         forward_nhwc(geo, eps, act, x, weight, bias, y, mean, rstd)

@@ -73,8 +73,9 @@
 //! when rayon's pool has one thread, stay off rayon's parallel iterators (`schedule.rs`): they
 //! run on the calling thread, or in two halves: the first on the calling thread, the second on
 //! a helper thread if it is awake to take it (a run of calls keeps it so), else after the first
-//! (`handoff.rs`); waking a sleeping thread costs more than such a pass. The lane sums of the inner loops are written in the
-//! shape LLVM keeps in vector registers (`stats::add_lanes` says which shapes it did not).
+//! (`handoff.rs`); waking a sleeping thread costs more than such a pass. With two threads in
+//! the pool, larger tensors run in halves too. The lane sums of the inner loops are written in
+//! the shape LLVM keeps in vector registers (`stats::add_lanes` says which shapes it did not).
 
 use crate::config::{Activation, Geometry, Layout};
 use crate::dtype::Element;
@@ -148,6 +149,12 @@ pub(super) fn activate(act: Activation, v: &mut [f32]) {
             *o = act.apply_f32(*o);
         }
     }
+}
+
+/// Whether `geo`'s values are in NCHW memory order: NCHW, or NHWC with one spatial position
+/// (the two layouts are then the same order). Such tensors take the NCHW passes.
+pub(super) fn nchw_order(geo: &Geometry) -> bool {
+    geo.layout == Layout::Nchw || geo.s == 1
 }
 
 #[inline(always)]

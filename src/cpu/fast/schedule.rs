@@ -112,8 +112,9 @@ pub(super) fn sched(geo: &Geometry, units: usize) -> Sched {
             s
         };
     }
-    // rows or samples whose pass goes nowhere near the pool on its own
-    let short = geo.layout == Layout::Nhwc || geo.row_len() < PAR_MIN;
+    // rows or samples whose pass goes nowhere near the pool on its own (NHWC samples; NCHW
+    // rows below PAR_MIN, which NHWC tensors with one position take too)
+    let short = !nchw_order(geo) || geo.row_len() < PAR_MIN;
     let balanced = units % 2 == 0 || units >= 16;
     if !may_split() {
         Sched::Caller

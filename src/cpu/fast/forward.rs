@@ -68,9 +68,17 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
                     forward_rows(rows, i * k, xc, yc, mc, rc, scr)
                 });
         } else {
-            on_caller_or_halves(sch, l, x, y, mean, rstd, |first, x, y, mean, rstd| {
-                forward_rows(rows, first, x, y, mean, rstd, &mut Scratch::new())
-            });
+            on_caller_or_halves(
+                sch,
+                geo.rows(),
+                x,
+                y,
+                mean,
+                rstd,
+                |first, x, y, mean, rstd| {
+                    forward_rows(rows, first, x, y, mean, rstd, &mut Scratch::new())
+                },
+            );
         }
         return;
     }
@@ -104,30 +112,32 @@ pub(super) fn forward_nchw<T: Element, P: Element>(
             .with_min_len(min_rows_per_task(l))
             .for_each_with(Scratch::new(), |scr, item| body(scr, item));
     } else {
-        on_caller_or_halves(sch, l, x, y, mean, rstd, rows_from);
+        on_caller_or_halves(sch, geo.rows(), x, y, mean, rstd, rows_from);
     }
 }
 
-/// `rows(first row, x, y, mean, rstd)` over all rows (of `l` values each) on the calling
-/// thread ([`Sched::Caller`]), or over the two halves of them at once ([`Sched::Halves`]).
-fn on_caller_or_halves<T: Element>(
+/// A forward over `units` equal units (NCHW rows, NHWC samples) of `x`, `y` and the
+/// statistics: `run(first unit, x, y, mean, rstd)` over all of them on the calling thread
+/// ([`Sched::Caller`]), or over their two halves at once ([`Sched::Halves`]).
+pub(super) fn on_caller_or_halves<T: Element>(
     sch: Sched,
-    l: usize,
+    units: usize,
     x: &[T],
     y: &mut [T],
     mean: &mut [f32],
     rstd: &mut [f32],
-    rows: impl Fn(usize, &[T], &mut [T], &mut [f32], &mut [f32]) + Sync,
+    run: impl Fn(usize, &[T], &mut [T], &mut [f32], &mut [f32]) + Sync,
 ) {
     if sch == Sched::Caller {
-        return rows(0, x, y, mean, rstd);
+        return run(0, x, y, mean, rstd);
     }
-    let h = mean.len() / 2;
-    let (x0, x1) = x.split_at(h * l);
-    let (y0, y1) = y.split_at_mut(h * l);
-    let (m0, m1) = mean.split_at_mut(h);
-    let (r0, r1) = rstd.split_at_mut(h);
-    in_halves(|| rows(0, x0, y0, m0, r0), || rows(h, x1, y1, m1, r1));
+    let h = units / 2;
+    let (values, stats) = (h * (x.len() / units), h * (mean.len() / units));
+    let (x0, x1) = x.split_at(values);
+    let (y0, y1) = y.split_at_mut(values);
+    let (m0, m1) = mean.split_at_mut(stats);
+    let (r0, r1) = rstd.split_at_mut(stats);
+    in_halves(|| run(0, x0, y0, m0, r0), || run(h, x1, y1, m1, r1));
 }
 
 /// What [`forward_rows`] needs of the call: row length and layout, eps, activation, affine.

@@ -1,5 +1,6 @@
 //! The channels-last forward pass.
 
+use super::forward::on_caller_or_halves;
 use super::*;
 
 /// Channels per NHWC statistics batch at most: per-channel accumulators for all of them sit on
@@ -516,27 +517,18 @@ pub(super) fn forward_nhwc<T: Element, P: Element>(
             }
         }
     };
-    let samples = |y: &mut [T], x: &[T], mean: &mut [f32], rstd: &mut [f32]| {
-        y.chunks_mut(sample)
-            .zip(x.chunks(sample))
-            .zip(mean.chunks_mut(groups).zip(rstd.chunks_mut(groups)))
-            .for_each(one_sample)
-    };
-    match sch {
-        Sched::Caller => samples(y, x, mean, rstd),
-        Sched::Halves => {
-            let h = geo.n / 2;
-            let (y0, y1) = y.split_at_mut(h * sample);
-            let (x0, x1) = x.split_at(h * sample);
-            let (m0, m1) = mean.split_at_mut(h * groups);
-            let (r0, r1) = rstd.split_at_mut(h * groups);
-            in_halves(|| samples(y0, x0, m0, r0), || samples(y1, x1, m1, r1));
-        }
-        Sched::Pool => y
-            .par_chunks_mut(sample)
+    if par {
+        y.par_chunks_mut(sample)
             .zip(x.par_chunks(sample))
             .zip(mean.par_chunks_mut(groups).zip(rstd.par_chunks_mut(groups)))
-            .for_each(one_sample),
+            .for_each(one_sample);
+    } else {
+        on_caller_or_halves(sch, geo.n, x, y, mean, rstd, |_, x, y, mean, rstd| {
+            y.chunks_mut(sample)
+                .zip(x.chunks(sample))
+                .zip(mean.chunks_mut(groups).zip(rstd.chunks_mut(groups)))
+                .for_each(one_sample)
+        });
     }
 }
 

@@ -129,6 +129,7 @@ mod stats;
 mod tests;
 
 pub(crate) use activation::activation_grad;
+use activation::silu_in_place;
 pub(crate) use backward::backward;
 pub(crate) use forward::forward;
 
@@ -144,10 +145,9 @@ use stats::*;
 /// stays vectorized when there is no activation).
 #[inline(always)]
 pub(super) fn activate(act: Activation, v: &mut [f32]) {
-    if act != Activation::None {
-        for o in v {
-            *o = act.apply_f32(*o);
-        }
+    match act {
+        Activation::None => {}
+        Activation::Silu => silu_in_place(v),
     }
 }
 

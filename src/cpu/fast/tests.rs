@@ -777,3 +777,85 @@ fn every_schedule_gives_the_bits_of_the_calling_thread() {
     schedules_agree::<f16>();
     schedules_agree::<bf16>();
 }
+
+/// Distance in representable f32 values between two finite non-negative floats.
+fn ulps_apart(a: f32, b: f32) -> u32 {
+    a.to_bits().abs_diff(b.to_bits())
+}
+
+#[test]
+fn exp_matches_f64_within_two_ulp() {
+    use activation::exp_f32;
+    // every 97th float from -104 to 89 (about 6 million), subnormal and overflow edges
+    // included
+    let (lo, hi) = ((-104f32).to_bits(), 89f32.to_bits());
+    let negatives = (0..=lo).step_by(97).map(f32::from_bits).map(|v| -v.abs());
+    let positives = (0..=hi).step_by(97).map(f32::from_bits);
+    let mut worst = (0, 0f32);
+    for x in negatives.chain(positives) {
+        let want = (x as f64).exp() as f32;
+        let got = exp_f32(x);
+        if want.is_infinite() {
+            assert!(got == f32::INFINITY, "exp({x}) = {got}, want inf");
+            continue;
+        }
+        let d = ulps_apart(got, want);
+        if d > worst.0 {
+            worst = (d, x);
+        }
+    }
+    assert!(worst.0 <= 2, "exp({}) is {} ulp off", worst.1, worst.0);
+    // the edges and non-finite inputs
+    assert!(exp_f32(f32::NAN).is_nan());
+    assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+    assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+    assert_eq!(exp_f32(-105.0), 0.0);
+    assert_eq!(exp_f32(88.8), f32::INFINITY);
+    assert!(exp_f32(88.72).is_finite());
+    assert_eq!(exp_f32(0.0), 1.0);
+}
+
+#[test]
+fn fast_silu_and_its_derivative_match_the_libm_forms() {
+    // the same formulas with libm's expf (Activation::apply_f32, derivative_f32): a few ulp
+    // apart where the values are well away from zero, equal at the ends
+    let act = Activation::Silu;
+    let mut next = xorshift_values(7, u64::MAX);
+    for i in 0..200_000 {
+        let z = if i % 2 == 0 {
+            next() * 4.0
+        } else {
+            next() * 30.0 - 60.0
+        };
+        let (got, want) = (activation::act_f32(act, z), act.apply_f32(z));
+        assert!(
+            (got - want).abs() <= 4.0 * f32::EPSILON * want.abs().max(f32::MIN_POSITIVE),
+            "silu({z}): {got} against {want}"
+        );
+        // sig (1 + z (1 - sig)) cancels near its zero (z = -1.28): bound the difference by
+        // the size of its terms, sig (1 + |z|), not by the result
+        let (got, want) = (
+            activation::act_derivative_f32(act, z),
+            act.derivative_f32(z),
+        );
+        let sig = 1.0 / (1.0 + (-z).exp());
+        assert!(
+            (got - want).abs() <= 8.0 * f32::EPSILON * sig * (1.0 + z.abs()),
+            "silu'({z}): {got} against {want}"
+        );
+    }
+    for z in [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        100.0,
+        -100.0,
+        0.0,
+    ] {
+        let (got, want) = (activation::act_f32(act, z), act.apply_f32(z));
+        assert!(
+            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+            "silu({z})"
+        );
+    }
+}

@@ -20,13 +20,13 @@
 //   cluster, each with its chunk of x and dy on chip. Each writes its per-(n, c, piece) sums as
 //   `partial` does and puts its chunk's share of the row's weighted sums in shared memory; every
 //   block adds the K shares in rank order (distributed shared memory), so all hold the same
-//   record, and writes dx from its on-chip copy: x and dy read once, one launch (plus `params`
-//   when N > 1).
+//   record, and writes dx from its on-chip copy: x and dy read once, one launch.
 // - `params` reduces the sums over n and pieces, in a fixed order, into dweight and dbias. With
-//   N == 1 the fused and cluster kernels do it themselves (row_kernel_param_grads), and on the
-//   split path `dx` does it for any N (split_param_grads): only the fused and cluster paths with
-//   N > 1 launch `params`.
-// No atomics: the same inputs give the same bits.
+//   N == 1 the fused and cluster kernels do it themselves (row_kernel_param_grads); with N > 1
+//   they do when the host gives them tickets (ticket_param_grads: the last block of a channel's
+//   N reduces it); on the split path `dx` does it for any N (split_param_grads). Only the fused
+//   and cluster paths with N > 1 and no tickets launch `params`.
+// No float atomics (the tickets are an integer count): the same inputs give the same bits.
 //
 // SiLU (GnBwdParams::activation): dy is the gradient of y = silu(z), z = xhat * w + b. The
 // kernels recompute z from x, the saved statistics, the weight and the bias, and take the sums
@@ -276,6 +276,7 @@ __device__ void bwd_fused(const GnBwdParams& p) {
     r[2] = rec.z;
   }
   row_kernel_param_grads<P>(p, chan0, p.d, [&](uint32_t) { return rec.z * rstd; });
+  ticket_param_grads<P>(p, chan0, p.d);
   dx_chunk<T, P, VEC, SILU>(xs, dys, static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, rec, w, b);
 }
 
@@ -418,7 +419,11 @@ __device__ void bwd_cluster(const GnBwdParams& p) {
     row_kernel_param_grads<P>(p, chan0 + c.c0, c.nseg, [&](uint32_t) { return rec.z * rstd; });
   }
   dx_chunk<T, P, VEC, SILU>(xs, dys, static_cast<T*>(p.dx) + off, c, chan0, mean, rstd, rec, w, b);
+  // with N > 1, the ticket of a channel's piece-0 block follows the cluster's partials and its
+  // row record (written by rank 0): fenced by every block before this barrier
+  if (uses_tickets(p)) __threadfence();
   cluster_sync();  // no block exits (taking its slot with it) before all have read the slots
+  if (piece == 0) ticket_param_grads<P>(p, chan0 + c.c0, c.nseg);
 }
 #endif
 

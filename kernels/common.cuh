@@ -574,6 +574,43 @@ __device__ __forceinline__ void row_kernel_param_grads(const GnBwdParams& p, uin
   }
 }
 
+// Whether the fused and cluster kernels reduce dweight and dbias over N > 1 samples themselves
+// (ticket_param_grads), so that no bwd_params launch follows: the host gave them tickets.
+// Plan::param_grads_in_row_kernel (src/gpu/launch.rs) is the host's half of this rule.
+__device__ __forceinline__ bool uses_tickets(const GnBwdParams& p) {
+  return p.batch > 1 && p.tickets != nullptr && (p.dweight || p.dbias);
+}
+
+// With N > 1 samples, channel c's sums come from N blocks (fused) or N clusters (cluster), one
+// per sample. With tickets, the last of them to finish reduces channels [first, first + count)
+// over n: channel_param_grads, as bwd_params runs it, so the bits are bwd_params' whichever
+// block comes last. Blocks are numbered sample-major, so the blocks holding the same channels in
+// each sample share the word tickets[blockIdx.x % (gridDim.x / N)]. Each adds 1 to it (an
+// integer count: no float atomics, the sums' order stays fixed); the one that reads N - 1 is
+// the last and puts the word back to 0 for the next call, so the words are zero on entry and on
+// exit. Memory order, the usual last-block pattern: every thread's partials and records are
+// fenced device-wide before the barrier that precedes the ticket, and the last block fences
+// after reading it, before it reads the other samples' sums. On the cluster paths the caller
+// also fences before the cluster barrier that follows its peers' writes. Called by every thread
+// of a block (a block-uniform branch), once per kernel.
+template <typename P>
+__device__ __forceinline__ void ticket_param_grads(const GnBwdParams& p, uint32_t first,
+                                                   uint32_t count) {
+  if (!uses_tickets(p)) return;
+  __shared__ uint32_t last;
+  __threadfence();  // this thread's partials and records, before the ticket
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t* ticket = p.tickets + blockIdx.x % (gridDim.x / p.batch);
+    last = atomicAdd(ticket, 1u) == p.batch - 1;
+    if (last) *ticket = 0u;  // every block of these channels has counted
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // the other samples' sums, after the ticket
+  for (uint32_t j = threadIdx.x; j < count; j += blockDim.x) channel_param_grads<P>(p, first + j);
+}
+
 
 }  // namespace gn
 

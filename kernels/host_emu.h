@@ -116,6 +116,18 @@ uint32_t shfl_xor_u32(unsigned mask, uint32_t v, int lane_mask);
 
 inline void __syncthreads() { gn_emu::sync_block(); }
 
+// Device-scope atomics and fences, for the backward's integer tickets (common.cuh): a sequentially
+// consistent read-modify-write and fence on the host (the blocks of a cluster run on OS threads).
+namespace gn_emu {
+uint32_t atomic_add_u32(uint32_t* address, uint32_t value);
+void thread_fence();
+}  // namespace gn_emu
+
+inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
+  return gn_emu::atomic_add_u32(address, value);
+}
+inline void __threadfence() { gn_emu::thread_fence(); }
+
 // Thread-block clusters (one-dimensional): see tests/emu/emu_runtime.cpp.
 namespace gn_emu {
 void sync_cluster();

@@ -18,12 +18,14 @@
 //   statistics, per-channel sums and the output all come from the on-chip copy;
 // - cluster (sm_90+): the pieces of a tile's rows are the blocks of one cluster, each with its
 //   piece on chip (x, or x and dy); statistics and sums merged through distributed shared
-//   memory; read once, one launch (plus bwd_params when N > 1);
+//   memory; read once, one launch (plus bwd_params when N > 1 without tickets);
 // - split: forward `partial` (tile on chip, per-group (mean about the pivot, m2)) -> `merge`
 //   (one warp per row) -> `apply` (re-reads x); backward [`center` with SiLU] -> `partial`
 //   (per-(n, c, piece) sums, streamed) -> bwd_rows (backward.cu) -> `dx` (streamed, which also
 //   writes dweight and dbias: split_param_grads, common.cuh); the fused and cluster kernels with
-//   N > 1 leave them to bwd_params (backward.cu): the workspace layouts are the NCHW ones.
+//   N > 1 reduce them in the last block of each tile's N (ticket_param_grads, common.cuh) when
+//   given tickets, else leave them to bwd_params (backward.cu): the workspace layouts are the
+//   NCHW ones.
 #include "cluster.cuh"
 #include "common.cuh"
 
@@ -535,7 +537,8 @@ __device__ __forceinline__ void write_sums(const GnBwdParams& p, const Tile& t, 
 }
 
 // Fused path: each row's record (m1, m2, delta) from the tile's column sums (whole rows), into
-// garr (m1 at 3 ng, m2 at 4 ng, delta at 2 ng) and the workspace (for bwd_params).
+// garr (m1 at 3 ng, m2 at 4 ng, delta at 2 ng) and the workspace (for the parameter gradients
+// over N > 1 samples).
 template <typename P>
 __device__ __forceinline__ void tile_records(const GnBwdParams& p, const Tile& t,
                                              const float* part, uint32_t stride, float* garr,
@@ -613,6 +616,7 @@ __device__ void nhwc_bwd_fused(const GnBwdParams& p) {
     const uint32_t j = col / p.d;
     return garr[2 * t.ng + j] * garr[t.ng + j];  // delta * rstd of the column's row
   });
+  ticket_param_grads<P>(p, t.g0 * p.d, t.w);
   dx_tile<T, P, VEC, SILU, true>(xs, dys, static_cast<T*>(p.dx), t, c, p.d, garr, w, b);
 }
 
@@ -624,7 +628,8 @@ __device__ void nhwc_bwd_fused(const GnBwdParams& p) {
 // same bits. garr: mean (0), rstd (ng), delta (2 ng), m1 (3 ng), m2 (4 ng) as the fused
 // kernel; the shares the peers read: the piece's centered sum (5 ng, SiLU), its weighted sums
 // (6 ng, 7 ng, 8 ng). The per-(n, c, piece) partials go to the workspace for the parameter
-// gradients (by the blocks of piece 0 when N == 1, else bwd_params).
+// gradients (by the blocks of piece 0: with N == 1 at once, with N > 1 the last of the N clusters
+// of a tile through its ticket, else bwd_params).
 template <typename T, typename P, bool VEC, bool SILU>
 __device__ void nhwc_bwd_cluster(const GnBwdParams& p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -700,7 +705,11 @@ __device__ void nhwc_bwd_cluster(const GnBwdParams& p) {
     });
   }
   dx_tile<T, P, VEC, SILU, true>(xs, dys, static_cast<T*>(p.dx), t, c, p.d, garr, w, b);
+  // with N > 1, the ticket of rank 0 follows every piece's partials: fenced by every block
+  // before this barrier
+  if (uses_tickets(p)) __threadfence();
   cluster_sync();  // no block exits (taking its shares with it) before all have read them
+  if (t.k == 0) ticket_param_grads<P>(p, ch0, t.w);
 }
 #endif
 
@@ -810,10 +819,13 @@ __device__ void nhwc_bwd_dx(const GnBwdParams& p) {
     GN_IF_CLUSTERS(GN_DISPATCH_ACT(gn::nhwc_bwd_cluster, T, P, VEC))                               \
   }
 
+// bwd_partial streams x and dy with little shared memory: two blocks per SM (at most 64
+// registers a thread) double its loads in flight. Left to itself ptxas gave it 56 registers,
+// then 64-72 after an unrelated change to GnBwdParams (one block per SM): the bound keeps it.
 #define GN_NHWC_TP(NAME, T, P)                                                                 \
   GN_NHWC_TPV(NAME##_vec, T, P, true)                                                          \
   GN_NHWC_TPV(NAME##_scalar, T, P, false)                                                      \
-  extern "C" __global__ void __launch_bounds__(gn::kNhwcThreads, 1)                            \
+  extern "C" __global__ void __launch_bounds__(gn::kNhwcThreads, 2)                            \
       groupnorm_nhwc_bwd_partial_##NAME(const GnBwdParams p) {                                 \
     GN_DISPATCH_ACT(gn::nhwc_bwd_partial, T, P)                                                    \
   }

@@ -60,6 +60,9 @@ typedef struct GnBwdParams {
   GnChunking chunking;
   uint32_t activation; // the forward pass's activation; dy is the gradient of act's output
   const void* bias;    // (C) P, or NULL: read only with an activation, to recompute z
+  uint32_t* tickets;   // fused and cluster paths with N > 1: (blocks / N) words, zero on entry
+                       // and left zero on exit, one per block of a sample; or NULL (then the
+                       // host launches bwd_params). See ticket_param_grads in common.cuh.
 } GnBwdParams;
 
 // Activations (GnFwdParams::activation, GnBwdParams::activation).
@@ -73,9 +76,10 @@ static_assert(offsetof(GnFwdParams, activation) == 96, "GnFwdParams layout is mi
 static_assert(offsetof(GnFwdParams, rows) == 56, "GnFwdParams layout is mirrored in Rust");
 static_assert(offsetof(GnFwdParams, eps) == 76, "GnFwdParams layout is mirrored in Rust");
 static_assert(offsetof(GnFwdParams, chunking) == 80, "GnFwdParams layout is mirrored in Rust");
-static_assert(sizeof(GnBwdParams) == 128, "GnBwdParams layout is mirrored in Rust");
+static_assert(sizeof(GnBwdParams) == 136, "GnBwdParams layout is mirrored in Rust");
 static_assert(offsetof(GnBwdParams, activation) == 116, "GnBwdParams layout is mirrored in Rust");
 static_assert(offsetof(GnBwdParams, bias) == 120, "GnBwdParams layout is mirrored in Rust");
+static_assert(offsetof(GnBwdParams, tickets) == 128, "GnBwdParams layout is mirrored in Rust");
 static_assert(offsetof(GnBwdParams, rows) == 72, "GnBwdParams layout is mirrored in Rust");
 static_assert(offsetof(GnBwdParams, chunking) == 100, "GnBwdParams layout is mirrored in Rust");
 #endif

@@ -777,6 +777,9 @@ mod cuda {
                 dweight: dwp.unwrap_or(0),
                 dbias: dbp.unwrap_or(0),
                 bias: 0, // no activation through this interface yet
+                // no tickets: the op keeps no device state between calls, so bwd_params runs
+                tickets: 0,
+                ticket_words: 0,
             };
             // SAFETY: dy and x are views of N * C * S activations of T (the shapes of the
             // recorded op's input and output, checked equal), weight of C parameters of P; mean

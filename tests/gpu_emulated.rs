@@ -584,6 +584,153 @@ fn schedule_determinism(dims: &[usize], groups: usize, layout: Layout, act: Acti
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The backward's tickets (`BackwardPtrs::with_tickets`): with N > 1 samples the fused and
+/// cluster kernels (NCHW and NHWC, with and without SiLU, channels in pieces or whole) reduce
+/// dweight and dbias in the last block of each channel's N instead of a `bwd_params` launch.
+/// The bits must be those of `bwd_params` (same order of sums), whichever block comes last
+/// (every schedule), and the words must be zero again after each call (the emulator checks
+/// that on every call).
+#[test]
+fn tickets_give_the_bits_of_the_params_launch() {
+    let (nchw, nhwc, clusters) = (Layout::Nchw, Layout::Nhwc, SMALL_CLUSTERS);
+    let mut pieces_seen = false;
+    for (dims, groups, layout, path, limits) in [
+        (&[3usize, 16, 10, 10][..], 4, nchw, Path::Fused, MEDIUM),
+        (&[2, 8, 300][..], 2, nchw, Path::Cluster, clusters),
+        (&[3, 4, 1500][..], 2, nchw, Path::Cluster, clusters),
+        (&[3, 24, 3, 11][..], 6, nhwc, Path::Fused, MEDIUM),
+        (&[2, 8, 7, 9][..], 2, nhwc, Path::Cluster, clusters),
+        (&[3, 8, 11, 9][..], 2, nhwc, Path::Cluster, clusters),
+    ] {
+        for act in [Activation::None, Activation::Silu] {
+            let pieces = tickets_case::<f32, f32>(dims, groups, layout, act, path, limits);
+            pieces_seen |= pieces && layout == nchw;
+            tickets_case::<f16, f32>(dims, groups, layout, act, path, limits);
+            tickets_case::<bf16, bf16>(dims, groups, layout, act, path, limits);
+        }
+    }
+    assert!(pieces_seen, "no NCHW case cut its channels into pieces");
+}
+
+/// One case of [`tickets_give_the_bits_of_the_params_launch`]: whether the plan cut channels
+/// into pieces (on NCHW only the blocks of piece 0 take a ticket then).
+fn tickets_case<T: Element, P: Element>(
+    dims: &[usize],
+    groups: usize,
+    layout: Layout,
+    act: Activation,
+    path: Path,
+    limits: DeviceLimits,
+) -> bool {
+    let c = dims[1];
+    let gn = GroupNorm::new(groups, c)
+        .unwrap()
+        .with_layout(layout)
+        .with_activation(act);
+    let mut r = rng(950 + dims.iter().sum::<usize>() as u64);
+    let numel: usize = dims.iter().product();
+    let x: Vec<T> = normal_vec(&mut r, numel, 0.5, 1.0);
+    let dy: Vec<T> = normal_vec(&mut r, numel, 0.0, 1.0);
+    let w: Vec<P> = uniform_vec(&mut r, c, 0.5, 1.5);
+    let b: Vec<P> = normal_vec(&mut r, c, 0.0, 0.5);
+    let (_, stats) = emulate::forward(
+        &gn,
+        Path::Auto,
+        &x,
+        dims,
+        Some(&w[..]),
+        Some(&b[..]),
+        4,
+        48 * 1024,
+    )
+    .expect("forward");
+    let what = format!(
+        "{dims:?} {} {act:?} {path:?} {}/{}",
+        layout.name(),
+        T::DTYPE,
+        P::DTYPE
+    );
+    let run = |tickets: bool, schedule: Schedule| {
+        emulate::set_tickets(tickets);
+        emulate::set_schedule(schedule);
+        let mut dx = vec![T::from_f32(f32::NAN); numel];
+        let mut dweight = vec![P::from_f32(f32::NAN); c];
+        let mut dbias = vec![P::from_f32(f32::NAN); c];
+        let trace = emulate::backward_into(
+            &gn,
+            path,
+            limits,
+            &dy,
+            &x,
+            dims,
+            &stats,
+            Some(&w[..]),
+            Some(&b[..]),
+            &mut dx,
+            Some(&mut dweight[..]),
+            Some(&mut dbias[..]),
+        );
+        emulate::set_tickets(true);
+        emulate::set_schedule(Schedule::Forward);
+        let trace = trace.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let bits = |v: &[T]| v.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>();
+        let pbits = |v: &[P]| v.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>();
+        (trace, (bits(&dx), pbits(&dweight), pbits(&dbias)))
+    };
+    let (plain, want) = run(false, Schedule::Forward);
+    let params = |t: &emulate::Trace| {
+        t.launches
+            .iter()
+            .filter(|l| l.kernel.contains("bwd_params"))
+            .count()
+    };
+    assert_eq!(
+        params(&plain),
+        1,
+        "{what}: without tickets: {:?}",
+        plain.launches
+    );
+    assert!(
+        want.1
+            .iter()
+            .chain(&want.2)
+            .all(|&v| f32::from_bits(v).is_finite()),
+        "{what}: parameter gradients not all written"
+    );
+    for schedule in [
+        Schedule::Forward,
+        Schedule::Reverse,
+        Schedule::Shuffled(5),
+        Schedule::RoundRobin,
+    ] {
+        let (trace, got) = run(true, schedule);
+        assert_eq!(
+            (
+                trace.fused,
+                trace.cluster > 1,
+                trace.launches.len(),
+                params(&trace)
+            ),
+            (path == Path::Fused, path == Path::Cluster, 1, 0),
+            "{what} {schedule:?}: one launch with tickets: {:?}",
+            trace.launches
+        );
+        assert!(
+            got.0 == want.0,
+            "{what} {schedule:?}: dx differs with tickets"
+        );
+        assert!(
+            got.1 == want.1,
+            "{what} {schedule:?}: dweight differs with tickets"
+        );
+        assert!(
+            got.2 == want.2,
+            "{what} {schedule:?}: dbias differs with tickets"
+        );
+    }
+    plain.pieces > 1
+}
+
 // ---------------------------------------------------------------------------------------------
 // Channels-last
 // ---------------------------------------------------------------------------------------------
@@ -858,7 +1005,7 @@ fn cluster_path_refusals() {
 /// distributed shared memory), forward and backward, every dtype pair: pieces with a shorter
 /// last one, tiles of several groups, vector and scalar kernels, no affine parameters,
 /// misaligned buffers, SiLU, rows offset by 1e4, and the planner taking them on its own. The
-/// traces prove one cluster launch ran (and no bwd_params with one sample).
+/// traces prove one cluster launch ran (and no bwd_params: with tickets for N > 1).
 #[test]
 fn nhwc_cluster_parity() {
     // 32 KiB per block: the backward's two tiles and three column-partial arrays fit clusters
@@ -903,11 +1050,12 @@ fn nhwc_cluster_parity() {
             .as_ref()
             .unwrap_or_else(|| panic!("{what}: backward refused"));
         check(bwd, "nhwc_bwd_cluster", what);
-        // one sample: the blocks of piece 0 write dweight and dbias, no serial tail
+        // the blocks of piece 0 write dweight and dbias: at once with one sample, through the
+        // tickets (the emulator's default, as GpuGroupNorm's) with more; no serial tail
         assert_eq!(
-            bwd.launches.len() == 1,
-            n == 1,
-            "{what}: {:?}",
+            bwd.launches.len(),
+            1,
+            "{what} (N = {n}): {:?}",
             bwd.launches
         );
         tr.vec && bwd.vec

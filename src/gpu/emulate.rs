@@ -93,6 +93,18 @@ pub fn set_schedule(schedule: Schedule) {
     debug_assert_eq!(rc, 0);
 }
 
+thread_local! {
+    static TICKETS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Whether emulated backward calls from the calling OS thread hand the kernels ticket words
+/// (`raw::BackwardPtrs::with_tickets`, as [`GpuGroupNorm`](super::GpuGroupNorm) does; the
+/// default), so that the fused and cluster paths reduce dweight and dbias over `N > 1` samples
+/// in their own launch, or none (as the C ABI and the candle op), so that `bwd_params` follows.
+pub fn set_tickets(on: bool) {
+    TICKETS.with(|t| t.set(on));
+}
+
 /// One kernel launch an emulated call made.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Launch {
@@ -344,6 +356,26 @@ fn check_workspace(ws: &HostBuffer<f32>) {
     );
 }
 
+/// `words` zeroed ticket words between guard zones (u32 words in an f32 buffer: the zero of
+/// both is all bits clear).
+fn tickets(words: usize) -> HostBuffer<f32> {
+    HostBuffer::filled(words, 0.0, 0)
+}
+
+/// The kernels' contract for the ticket words: back to zero after every call, none written
+/// outside them.
+fn check_tickets(t: &HostBuffer<f32>) {
+    assert!(
+        t.guards_intact(),
+        "a kernel wrote outside the ticket words the plan sized"
+    );
+    let left: Vec<u32> = t.as_slice().iter().map(|v| v.to_bits()).collect();
+    assert!(
+        left.iter().all(|&w| w == 0),
+        "the kernels left ticket words that are not zero: {left:?}"
+    );
+}
+
 /// Forward pass of the kernels on the host into caller-owned buffers, as
 /// [`GpuGroupNorm::forward_into`](super::GpuGroupNorm::forward_into) with `path` forced and a
 /// device of `limits`. The vector kernels run when `x` and `y` are 16-byte aligned (and the
@@ -494,6 +526,17 @@ pub fn backward_into<T: Element, P: Element>(
     };
     let ws_bytes = ws.as_slice().len() * 4;
     watch_if_counting("workspace", ws_ptr as usize, ws_bytes);
+    let words = if TICKETS.with(|t| t.get()) {
+        raw::ticket_words(limits, &problem)?
+    } else {
+        0
+    };
+    let mut tk = tickets(words);
+    let tk_ptr = if words == 0 {
+        0
+    } else {
+        addr_mut(tk.as_mut_slice())
+    };
     let ptrs = BackwardPtrs {
         dy: addr(dy),
         x: addr(x),
@@ -504,6 +547,8 @@ pub fn backward_into<T: Element, P: Element>(
         dweight: dweight.map_or(0, addr_mut),
         dbias: dbias.map_or(0, addr_mut),
         bias: bias.map_or(0, addr),
+        tickets: tk_ptr,
+        ticket_words: words,
     };
     let (plan, params, _) =
         raw::prepare_backward(limits, &problem, &ptrs, ws_ptr, ws_bytes, false)?;
@@ -517,6 +562,7 @@ pub fn backward_into<T: Element, P: Element>(
         launcher(limits, &mut trace),
     )?;
     check_workspace(&ws);
+    check_tickets(&tk);
     Ok(trace)
 }
 

@@ -129,11 +129,14 @@ impl Plan {
     /// - the fused and cluster kernels (NCHW and NHWC) with one sample, where all of a
     ///   channel's sums are in one block or one cluster (`row_kernel_param_grads` in
     ///   kernels/common.cuh holds the kernel's half of this rule);
+    /// - the fused and cluster kernels with more samples when `tickets` (the launch's ticket
+    ///   words, [`Plan::ticket_words`] of them, zeroed) is not 0: the last block of each
+    ///   channel's N reduces it (`uses_tickets` and `ticket_param_grads` in common.cuh);
     /// - the split path's `dx` kernels (NCHW and NHWC) with any number of samples: they run
     ///   after every sum and row record exists (`split_param_grads`).
-    pub(crate) fn param_grads_in_row_kernel(&self, batch: u32, rows: u64) -> bool {
+    pub(crate) fn param_grads_in_row_kernel(&self, batch: u32, rows: u64, tickets: u64) -> bool {
         let split = !self.fused && self.cluster <= 1;
-        rows > 0 && (split || batch == 1)
+        rows > 0 && (split || batch == 1 || tickets != 0)
     }
 }
 
@@ -284,7 +287,7 @@ where
         }
     }
     let wanted = params.dweight != 0 || params.dbias != 0;
-    if wanted && !plan.param_grads_in_row_kernel(params.batch, params.rows) {
+    if wanted && !plan.param_grads_in_row_kernel(params.batch, params.rows, params.tickets) {
         let id = KernelId::new(Kind::BwdParams, p, None, None);
         let blocks = channels.div_ceil(PARAM_THREADS as usize) as u32;
         launch(id, Grid::new(blocks, PARAM_THREADS, 0), params)?;

@@ -37,6 +37,9 @@ pub struct GpuGroupNorm {
     gpu: Gpu,
     path: Path,
     workspace: Option<CudaSlice<f32>>,
+    /// The backward's ticket words (`raw::BackwardPtrs::with_tickets`): zero-filled when
+    /// allocated, and every backward call leaves them zero.
+    tickets: Option<CudaSlice<u32>>,
 }
 
 impl GroupNorm {
@@ -47,6 +50,7 @@ impl GroupNorm {
             gpu: gpu.clone(),
             path: Path::Auto,
             workspace: None,
+            tickets: None,
         }
     }
 }
@@ -196,6 +200,16 @@ impl GpuGroupNorm {
         if floats > 0 && self.workspace.as_ref().is_none_or(|w| w.len() < floats) {
             self.workspace = None; // free the old one before asking for the larger one
             self.workspace = Some(zeros(self.gpu.stream(), floats)?);
+        }
+        Ok(())
+    }
+
+    /// Makes the ticket words at least `words` long (zero-filled when allocated; the kernels
+    /// leave them zero after every call, so a grown set starts zero too).
+    fn reserve_tickets(&mut self, words: usize) -> Result<()> {
+        if words > 0 && self.tickets.as_ref().is_none_or(|t| t.len() < words) {
+            self.tickets = None;
+            self.tickets = Some(zeros(self.gpu.stream(), words)?);
         }
         Ok(())
     }
@@ -437,6 +451,10 @@ impl GpuGroupNorm {
         let ws_bytes = raw::backward_workspace_bytes(&self.gpu, &problem)?;
         self.reserve_workspace(ws_bytes / 4)?;
         let ws_len = self.workspace.as_ref().map_or(0, |w| w.len() * 4);
+        if !baseline {
+            self.reserve_tickets(raw::backward_ticket_words(&self.gpu, &problem)?)?;
+        }
+        let ticket_words = self.tickets.as_ref().map_or(0, |t| t.len());
         let stream = self.gpu.stream().clone();
         let (dyp, _gdy) = dy.buffer().device_ptr(&stream);
         let (xp, _gx) = x.buffer().device_ptr(&stream);
@@ -453,6 +471,11 @@ impl GpuGroupNorm {
             .as_mut()
             .map(|w| w.device_ptr_mut(&stream))
             .unzip();
+        let (tk, _gtk) = self
+            .tickets
+            .as_mut()
+            .map(|t| t.device_ptr_mut(&stream))
+            .unzip();
         let ptrs = BackwardPtrs {
             dy: ptr::<T>(dyp, dy.offset()),
             x: ptr::<T>(xp, x.offset()),
@@ -463,9 +486,12 @@ impl GpuGroupNorm {
             dweight: dwp.unwrap_or(0),
             dbias: dbp.unwrap_or(0),
             bias: bp.unwrap_or(0),
+            tickets: tk.unwrap_or(0),
+            ticket_words,
         };
         // SAFETY: as in `run_forward`: buffers of this context, lengths checked, guards held
-        // until after the launch, outputs borrowed mutably.
+        // until after the launch, outputs borrowed mutably; the tickets are zero (allocated so,
+        // left so by every call) and used by this object's calls only, on its one stream.
         unsafe {
             if baseline {
                 raw::backward_baseline(

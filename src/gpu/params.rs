@@ -64,6 +64,9 @@ pub struct BwdParams {
     pub chunking: Chunking,
     pub activation: u32,
     pub bias: CUdeviceptr,
+    /// Zeroed `u32` words (`Plan::ticket_words`) that let the fused and cluster kernels reduce
+    /// dweight and dbias over N > 1 samples themselves, or 0 (then `bwd_params` runs after them).
+    pub tickets: CUdeviceptr,
 }
 
 /// `GN_ACT_NONE`, `GN_ACT_SILU` of params.h.
@@ -88,9 +91,10 @@ const _: () = {
     assert!(offset_of!(FwdParams, rows) == 56);
     assert!(offset_of!(FwdParams, eps) == 76);
     assert!(offset_of!(FwdParams, chunking) == 80);
-    assert!(size_of::<BwdParams>() == 128);
+    assert!(size_of::<BwdParams>() == 136);
     assert!(offset_of!(BwdParams, activation) == 116);
     assert!(offset_of!(BwdParams, bias) == 120);
+    assert!(offset_of!(BwdParams, tickets) == 128);
     assert!(offset_of!(BwdParams, rows) == 72);
     assert!(offset_of!(BwdParams, chunking) == 100);
 };

@@ -141,6 +141,20 @@ pub(crate) struct Plan {
     pub cluster: u32,
 }
 
+impl Plan {
+    /// `u32` ticket words the backward's fused and cluster kernels use to reduce dweight and
+    /// dbias over `batch > 1` samples in the kernel (one per block of a sample:
+    /// `ticket_param_grads` in kernels/common.cuh); 0 for the split path and for one sample,
+    /// which need none.
+    pub(crate) fn ticket_words(&self, batch: usize) -> usize {
+        if (self.fused || self.cluster > 1) && batch > 1 {
+            self.blocks as usize / batch
+        } else {
+            0
+        }
+    }
+}
+
 /// The shape of one call, as the planner sees it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Shape {

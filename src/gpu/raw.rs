@@ -190,6 +190,10 @@ pub struct BackwardPtrs {
     /// `C` parameters: the forward pass's bias, or 0 if it had none. Read only when the
     /// problem has an activation (to recompute its input); ignored otherwise.
     pub bias: CUdeviceptr,
+    /// `ticket_words` `u32` words, zero-filled, or 0: see [`BackwardPtrs::with_tickets`].
+    pub tickets: CUdeviceptr,
+    /// Length of `tickets` in `u32` words.
+    pub ticket_words: usize,
 }
 
 impl ForwardPtrs {
@@ -251,6 +255,26 @@ impl BackwardPtrs {
         self.dbias = dbias;
         self
     }
+
+    /// The same pointers with `words` `u32` ticket words at `tickets`, which save a kernel
+    /// launch: with them, the one-launch backward paths (fused and cluster) reduce `dweight`
+    /// and `dbias` over `N > 1` samples inside that launch (the last block of each channel's N
+    /// does it, counted by an integer ticket: the bits are the same as without). Without
+    /// tickets a second, serial launch does it.
+    ///
+    /// The contract: the words are zero-filled before their first use (e.g. `cuMemsetD32` once,
+    /// when allocated); every backward call leaves them zero again when its work completes, so
+    /// they are reused as they are; calls that use the same words run one after another (one
+    /// stream, or ordered by events), never at the same time. `words` must be at least
+    /// [`backward_ticket_words`] for the problem ([`Error::LengthMismatch`] otherwise). Words
+    /// that are not zero on entry give wrong parameter gradients: do not share them with
+    /// anything else.
+    #[must_use]
+    pub fn with_tickets(mut self, tickets: CUdeviceptr, words: usize) -> Self {
+        self.tickets = tickets;
+        self.ticket_words = words;
+        self
+    }
 }
 
 const F32: usize = std::mem::size_of::<f32>();
@@ -282,6 +306,20 @@ pub fn backward_workspace_bytes(gpu: &Gpu, problem: &Problem) -> Result<usize> {
         workspace_floats(gpu.limits(), problem, Pass::Backward)?,
         problem,
     )
+}
+
+/// `u32` ticket words ([`BackwardPtrs::with_tickets`]) a backward pass of `problem` uses on
+/// `gpu`: 0 where its path needs none (one sample, or the split path), so that a caller may
+/// skip them. The same for every alignment of the buffers.
+pub fn backward_ticket_words(gpu: &Gpu, problem: &Problem) -> Result<usize> {
+    ticket_words(gpu.limits(), problem)
+}
+
+/// [`backward_ticket_words`] on a device of `dev` (the split fallback of a refused cluster
+/// needs none).
+pub(crate) fn ticket_words(dev: DeviceLimits, problem: &Problem) -> Result<usize> {
+    let (geo, plan) = plan_of(dev, problem, Pass::Backward)?;
+    Ok(plan.ticket_words(geo.n))
 }
 
 /// f32 workspace values a pass of `problem` needs on a device of `dev`.
@@ -746,6 +784,21 @@ pub(crate) fn prepare_backward(
     }
     let floats = backward_floats(&geo, &plan, baseline, problem)?;
     check_workspace(floats, workspace, workspace_bytes)?;
+    let words = if baseline || ptrs.tickets == 0 {
+        0
+    } else {
+        plan.ticket_words(geo.n)
+    };
+    if words > 0 && ptrs.ticket_words < words {
+        return Err(Error::LengthMismatch {
+            name: "tickets",
+            expected: words,
+            got: ptrs.ticket_words,
+            what: "u32 words, zero-filled, from backward_ticket_words".into(),
+        });
+    }
+    let tickets = if words > 0 { ptrs.tickets } else { 0 };
+    check_align("tickets", tickets, 4)?;
     let (act_bytes, stat_bytes, param_bytes) = (geo.numel() * t, geo.rows() * F32, geo.c * p);
     check_aliasing(
         &[
@@ -753,6 +806,7 @@ pub(crate) fn prepare_backward(
             ("dweight", ptrs.dweight, param_bytes),
             ("dbias", ptrs.dbias, param_bytes),
             ("workspace", workspace, floats * F32),
+            ("tickets", tickets, words * 4),
         ],
         &[
             ("dy", ptrs.dy, act_bytes),
@@ -789,6 +843,7 @@ pub(crate) fn prepare_backward(
         chunking: plan.chunking,
         activation: activation_code(problem.activation),
         bias,
+        tickets,
     };
     Ok((plan, params, geo.c))
 }
@@ -865,6 +920,8 @@ mod tests {
             dweight: 0x7000_0000,
             dbias: 0x8000_0000,
             bias: 0,
+            tickets: 0,
+            ticket_words: 0,
         }
     }
 
@@ -1047,6 +1104,76 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Tickets reach the kernels only where they replace the `bwd_params` launch (fused or
+    /// cluster, N > 1), and are checked like every other buffer: long enough, aligned, apart.
+    #[test]
+    fn tickets_are_checked_and_used_only_where_they_save_a_launch() {
+        const TK: u64 = 0xE000_0000;
+        let dims = [2usize, 8, 16];
+        let mut problem = Problem::new(&dims, 4, DType::F32, DType::F32);
+        problem.path = Path::Fused;
+        let ws = ws_bytes(SMALL, &problem, Pass::Backward);
+        let words = ticket_words(SMALL, &problem).unwrap();
+        assert_eq!(words, 4, "one word per block of a sample: G fused rows");
+        let with = |tk: u64, words: usize| bwd_ptrs().with_tickets(tk, words);
+        let (plan, params, _) =
+            prepare_backward(SMALL, &problem, &with(TK, words), WS, ws, false).unwrap();
+        assert_eq!(params.tickets, TK);
+        assert!(plan.param_grads_in_row_kernel(params.batch, params.rows, params.tickets));
+        let (plan, params, _) =
+            prepare_backward(SMALL, &problem, &bwd_ptrs(), WS, ws, false).unwrap();
+        assert!(!plan.param_grads_in_row_kernel(params.batch, params.rows, params.tickets));
+        let e = prepare_backward(SMALL, &problem, &with(TK, words - 1), WS, ws, false);
+        assert!(
+            matches!(
+                e,
+                Err(Error::LengthMismatch {
+                    name: "tickets",
+                    expected: 4,
+                    got: 3,
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        let e = prepare_backward(SMALL, &problem, &with(TK + 2, words), WS, ws, false);
+        assert!(
+            matches!(
+                e,
+                Err(Error::Misaligned {
+                    name: "tickets",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        let e = prepare_backward(SMALL, &problem, &with(WS + 4, words), WS, ws, false);
+        assert!(
+            matches!(
+                e,
+                Err(Error::Aliased {
+                    output: "workspace",
+                    input: "tickets",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        // the baseline, the split path and one sample need none: given ones are not used
+        let (_, params, _) =
+            prepare_backward(SMALL, &problem, &with(TK, words), WS, ws * 4, true).unwrap();
+        assert_eq!(params.tickets, 0);
+        problem.path = Path::Split;
+        assert_eq!(ticket_words(SMALL, &problem).unwrap(), 0);
+        let ws = ws_bytes(SMALL, &problem, Pass::Backward);
+        let (_, params, _) =
+            prepare_backward(SMALL, &problem, &with(TK, 1), WS, ws, false).unwrap();
+        assert_eq!(params.tickets, 0);
+        let one = [1usize, 8, 16];
+        let problem = Problem::new(&one, 4, DType::F32, DType::F32).with_path(Path::Fused);
+        assert_eq!(ticket_words(SMALL, &problem).unwrap(), 0);
     }
 
     #[test]

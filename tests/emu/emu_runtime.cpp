@@ -439,6 +439,12 @@ __attribute__((noinline)) void sync_block() {
   asm volatile("" ::: "memory");
 }
 
+uint32_t atomic_add_u32(uint32_t* address, uint32_t value) {
+  return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST);
+}
+
+void thread_fence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
 void check_align16(const void* p) {
   if (((uintptr_t)p & 15u) == 0) return;
   Block* b = g_block;

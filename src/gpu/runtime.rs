@@ -136,8 +136,10 @@ impl Gpu {
         let mut limits = DeviceLimits {
             sms: sms.max(1) as usize,
             // The planner's budget for dynamic shared memory: 1 KiB under the device's limit
-            // leaves room for the kernels' static shared memory (at most 384 bytes of reduction
-            // scratch), which the same limit covers.
+            // leaves room for the kernels' static shared memory (reduction scratch and flags: at
+            // most 784 bytes, bwd_fused on sm_80 in docs/kernel-report.md; sm_90+ figures there
+            // include 1 KiB more, the reservation the opt-in limit already excludes), which the
+            // same limit covers.
             smem_per_block: smem_optin.saturating_sub(1024),
             max_cluster: 0,
         };

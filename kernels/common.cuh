@@ -2,7 +2,8 @@
 // vector access, Welford/Chan statistics, warp and block reductions, fast division.
 //
 // Every reduction here combines in a fixed order (lane order, then warp order), so the same
-// inputs give the same bits on every run: no atomics anywhere.
+// inputs give the same bits on every run: no float atomics anywhere (the backward's tickets are
+// an integer count that only picks which block runs a fixed-order reduction).
 #pragma once
 // --- host emulation switch (cargo feature `emulate`, tests/emu/): see host_emu.h ---
 #ifdef GN_HOST_EMULATION
@@ -585,29 +586,30 @@ __device__ __forceinline__ bool uses_tickets(const GnBwdParams& p) {
 // per sample. With tickets, the last of them to finish reduces channels [first, first + count)
 // over n: channel_param_grads, as bwd_params runs it, so the bits are bwd_params' whichever
 // block comes last. Blocks are numbered sample-major, so the blocks holding the same channels in
-// each sample share the word tickets[blockIdx.x % (gridDim.x / N)]. Each adds 1 to it (an
-// integer count: no float atomics, the sums' order stays fixed); the one that reads N - 1 is
-// the last and puts the word back to 0 for the next call, so the words are zero on entry and on
-// exit. Memory order, the usual last-block pattern: every thread's partials and records are
-// fenced device-wide before the barrier that precedes the ticket, and the last block fences
-// after reading it, before it reads the other samples' sums. On the cluster paths the caller
-// also fences before the cluster barrier that follows its peers' writes. Called by every thread
-// of a block (a block-uniform branch), once per kernel.
+// each sample share the word tickets[blockIdx.x % (gridDim.x / N)]. Each counts itself with
+// atomicInc(word, N - 1) (an integer count: no float atomics, the sums' order stays fixed),
+// which wraps the word back to 0 at the N-th: the one that reads N - 1 is the last, and the
+// words are zero on entry and on exit without a separate store. Memory order, as cooperative
+// groups' grid barrier orders it: the block's barrier, then thread 0 fences (release: every
+// thread's partials and records, ordered before it by the barrier, before the ticket), takes
+// the ticket, fences again (acquire: the other samples' sums after it), and a second barrier
+// hands the verdict to the block. On the cluster paths every thread also fences before the
+// cluster barrier that follows its block's writes (the peers' partials, rank 0's record).
+// Called by every thread of a block (a block-uniform branch), once per kernel.
 template <typename P>
 __device__ __forceinline__ void ticket_param_grads(const GnBwdParams& p, uint32_t first,
                                                    uint32_t count) {
   if (!uses_tickets(p)) return;
   __shared__ uint32_t last;
-  __threadfence();  // this thread's partials and records, before the ticket
-  __syncthreads();
+  __syncthreads();  // every thread's partials and records are written
   if (threadIdx.x == 0) {
-    uint32_t* ticket = p.tickets + blockIdx.x % (gridDim.x / p.batch);
-    last = atomicAdd(ticket, 1u) == p.batch - 1;
-    if (last) *ticket = 0u;  // every block of these channels has counted
+    __threadfence();
+    const uint32_t seen = atomicInc(p.tickets + blockIdx.x % (gridDim.x / p.batch), p.batch - 1);
+    __threadfence();
+    last = seen == p.batch - 1;
   }
   __syncthreads();
   if (!last) return;
-  __threadfence();  // the other samples' sums, after the ticket
   for (uint32_t j = threadIdx.x; j < count; j += blockDim.x) channel_param_grads<P>(p, first + j);
 }
 

@@ -119,12 +119,13 @@ inline void __syncthreads() { gn_emu::sync_block(); }
 // Device-scope atomics and fences, for the backward's integer tickets (common.cuh): a sequentially
 // consistent read-modify-write and fence on the host (the blocks of a cluster run on OS threads).
 namespace gn_emu {
-uint32_t atomic_add_u32(uint32_t* address, uint32_t value);
+uint32_t atomic_inc_u32(uint32_t* address, uint32_t limit);
 void thread_fence();
 }  // namespace gn_emu
 
-inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
-  return gn_emu::atomic_add_u32(address, value);
+// CUDA's atomicInc: old >= limit ? 0 : old + 1 stored, old returned.
+inline unsigned int atomicInc(unsigned int* address, unsigned int limit) {
+  return gn_emu::atomic_inc_u32(address, limit);
 }
 inline void __threadfence() { gn_emu::thread_fence(); }
 

@@ -603,17 +603,30 @@ fn tickets_give_the_bits_of_the_params_launch() {
         (&[3, 8, 11, 9][..], 2, nhwc, Path::Cluster, clusters),
     ] {
         for act in [Activation::None, Activation::Silu] {
-            let pieces = tickets_case::<f32, f32>(dims, groups, layout, act, path, limits);
+            let both = (true, true);
+            let pieces = tickets_case::<f32, f32>(dims, groups, layout, act, path, limits, both);
             pieces_seen |= pieces && layout == nchw;
-            tickets_case::<f16, f32>(dims, groups, layout, act, path, limits);
-            tickets_case::<bf16, bf16>(dims, groups, layout, act, path, limits);
+            tickets_case::<f16, f32>(dims, groups, layout, act, path, limits, both);
+            tickets_case::<bf16, bf16>(dims, groups, layout, act, path, limits, both);
         }
     }
     assert!(pieces_seen, "no NCHW case cut its channels into pieces");
+    // more samples, and one parameter gradient without the other
+    for (dims, layout, path, limits) in [
+        (&[9usize, 8, 6, 6][..], nchw, Path::Fused, MEDIUM),
+        (&[9, 8, 3, 5][..], nhwc, Path::Fused, MEDIUM),
+        (&[5, 8, 300][..], nchw, Path::Cluster, clusters),
+        (&[5, 8, 7, 9][..], nhwc, Path::Cluster, clusters),
+    ] {
+        for grads in [(true, false), (false, true)] {
+            tickets_case::<f32, f32>(dims, 2, layout, Activation::None, path, limits, grads);
+        }
+    }
 }
 
-/// One case of [`tickets_give_the_bits_of_the_params_launch`]: whether the plan cut channels
-/// into pieces (on NCHW only the blocks of piece 0 take a ticket then).
+/// One case of [`tickets_give_the_bits_of_the_params_launch`], asking for (dweight, dbias) as
+/// `grads` says: whether the plan cut channels into pieces (on NCHW only the blocks of piece 0
+/// take a ticket then).
 fn tickets_case<T: Element, P: Element>(
     dims: &[usize],
     groups: usize,
@@ -621,6 +634,7 @@ fn tickets_case<T: Element, P: Element>(
     act: Activation,
     path: Path,
     limits: DeviceLimits,
+    grads: (bool, bool),
 ) -> bool {
     let c = dims[1];
     let gn = GroupNorm::new(groups, c)
@@ -645,7 +659,7 @@ fn tickets_case<T: Element, P: Element>(
     )
     .expect("forward");
     let what = format!(
-        "{dims:?} {} {act:?} {path:?} {}/{}",
+        "{dims:?} {} {act:?} {path:?} {}/{} (dweight, dbias) {grads:?}",
         layout.name(),
         T::DTYPE,
         P::DTYPE
@@ -667,8 +681,8 @@ fn tickets_case<T: Element, P: Element>(
             Some(&w[..]),
             Some(&b[..]),
             &mut dx,
-            Some(&mut dweight[..]),
-            Some(&mut dbias[..]),
+            grads.0.then_some(&mut dweight[..]),
+            grads.1.then_some(&mut dbias[..]),
         );
         emulate::set_tickets(true);
         emulate::set_schedule(Schedule::Forward);
@@ -690,12 +704,11 @@ fn tickets_case<T: Element, P: Element>(
         "{what}: without tickets: {:?}",
         plain.launches
     );
+    let written =
+        |v: &[u32], asked: bool| v.iter().all(|&v| f32::from_bits(v).is_finite() == asked);
     assert!(
-        want.1
-            .iter()
-            .chain(&want.2)
-            .all(|&v| f32::from_bits(v).is_finite()),
-        "{what}: parameter gradients not all written"
+        written(&want.1, grads.0) && written(&want.2, grads.1),
+        "{what}: the parameter gradients asked for, and only they, are written"
     );
     for schedule in [
         Schedule::Forward,

@@ -135,12 +135,14 @@ impl Gpu {
         let smem_optin = smem.max(0) as usize;
         let mut limits = DeviceLimits {
             sms: sms.max(1) as usize,
-            // The planner's budget for dynamic shared memory: 1 KiB under the device's limit
-            // leaves room for the kernels' static shared memory (reduction scratch and flags: at
-            // most 784 bytes, bwd_fused on sm_80 in docs/kernel-report.md; sm_90+ figures there
-            // include 1 KiB more, the reservation the opt-in limit already excludes), which the
-            // same limit covers.
-            smem_per_block: smem_optin.saturating_sub(1024),
+            // The planner's budget for dynamic shared memory: 2 KiB under the device's limit
+            // leaves room for the kernels' static shared memory, which the same limit covers
+            // (`Kernels::resolve` lets each kernel have the rest). Reduction scratch and flags
+            // are at most 784 bytes (bwd_fused; sm_80 figures in docs/kernel-report.md), but the
+            // sm_90+ figures there are 1 KiB higher (up to 1808 bytes): the system's reservation.
+            // Whether the driver counts that in a kernel's static size has not been seen on a
+            // GPU; 2 KiB covers both readings, so a plan never asks for more than a kernel may.
+            smem_per_block: smem_optin.saturating_sub(2048),
             max_cluster: 0,
         };
         let kernels = Kernels::for_context(&ctx, (major, minor), smem_optin)?;
@@ -502,7 +504,7 @@ impl Kernels {
             match module.load_function(&name) {
                 Ok(f) => {
                     // Let the kernel use all the dynamic shared memory the device allows a block
-                    // beside its static scratch (the planner stays 1 KiB under this); each launch
+                    // beside its static scratch (the planner stays 2 KiB under this); each launch
                     // still asks only for what its plan needs.
                     let static_smem = f.shared_size_bytes().unwrap_or(0).max(0) as usize;
                     let dynamic = self.smem_optin.saturating_sub(static_smem);

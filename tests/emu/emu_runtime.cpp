@@ -439,8 +439,12 @@ __attribute__((noinline)) void sync_block() {
   asm volatile("" ::: "memory");
 }
 
-uint32_t atomic_add_u32(uint32_t* address, uint32_t value) {
-  return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST);
+uint32_t atomic_inc_u32(uint32_t* address, uint32_t limit) {
+  uint32_t old = __atomic_load_n(address, __ATOMIC_SEQ_CST);
+  while (!__atomic_compare_exchange_n(address, &old, old >= limit ? 0u : old + 1u, false,
+                                      __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
 }
 
 void thread_fence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }

@@ -448,11 +448,12 @@ impl GpuGroupNorm {
         }
         check_stats(&self.gpu, &geo, stats)?;
         let problem = self.problem::<T, P>(&geo);
-        let ws_bytes = raw::backward_workspace_bytes(&self.gpu, &problem)?;
+        // one plan for both sizes (the launch plans once more, with the buffers' alignment)
+        let (ws_bytes, words) = raw::backward_needs(&self.gpu, &problem)?;
         self.reserve_workspace(ws_bytes / 4)?;
         let ws_len = self.workspace.as_ref().map_or(0, |w| w.len() * 4);
         if !baseline {
-            self.reserve_tickets(raw::backward_ticket_words(&self.gpu, &problem)?)?;
+            self.reserve_tickets(words)?;
         }
         let ticket_words = self.tickets.as_ref().map_or(0, |t| t.len());
         let stream = self.gpu.stream().clone();

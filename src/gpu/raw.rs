@@ -330,7 +330,27 @@ pub(crate) fn ticket_words(dev: DeviceLimits, problem: &Problem) -> Result<usize
 /// does not fall back: the refusal is its error.
 pub(crate) fn workspace_floats(dev: DeviceLimits, problem: &Problem, pass: Pass) -> Result<usize> {
     let (geo, plan) = plan_of(dev, problem, pass)?;
-    let mut floats = pass_floats(&geo, &plan, pass, problem)?;
+    workspace_floats_of(dev, problem, pass, &geo, &plan)
+}
+
+/// The backward's workspace bytes and ticket words for `problem` on `gpu`, as
+/// [`backward_workspace_bytes`] and [`backward_ticket_words`] give them, from one plan.
+pub(crate) fn backward_needs(gpu: &Gpu, problem: &Problem) -> Result<(usize, usize)> {
+    let dev = gpu.limits();
+    let (geo, plan) = plan_of(dev, problem, Pass::Backward)?;
+    let floats = workspace_floats_of(dev, problem, Pass::Backward, &geo, &plan)?;
+    Ok((floats_to_bytes(floats, problem)?, plan.ticket_words(geo.n)))
+}
+
+/// [`workspace_floats`] with the pass's plan on `dev` already made.
+fn workspace_floats_of(
+    dev: DeviceLimits,
+    problem: &Problem,
+    pass: Pass,
+    geo: &Geometry,
+    plan: &Plan,
+) -> Result<usize> {
+    let mut floats = pass_floats(geo, plan, pass, problem)?;
     // (a forced cluster path never falls back: it fails instead)
     if plan.cluster > 1 && problem.path == Path::Auto {
         let no_clusters = DeviceLimits {
